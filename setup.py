@@ -1,0 +1,11 @@
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "gotcha_async._meter",
+            sources=["src/gotcha_async/_meter.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wno-missing-braces"],
+        )
+    ]
+)

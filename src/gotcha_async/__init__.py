@@ -1,0 +1,47 @@
+"""gotcha_async: per-task allocation budgets for asyncio and trio.
+
+Layout: ``_meter`` (C) hooks the allocators and keeps the counters; ``_context`` is
+the scope API on top of it; ``_units`` parses sizes; ``_memory`` reads held memory
+and allocation sites; ``asgi`` and ``pytest_plugin`` are the integrations.
+"""
+
+from ._context import Context as Context
+from ._context import LimitExceeded as LimitExceeded
+from ._context import Memory as Memory
+from ._context import Usage as Usage
+from ._context import current as current
+from ._context import limit as limit
+from ._context import move_on_limit as move_on_limit
+from ._context import run as run
+from ._units import EB as EB
+from ._units import GB as GB
+from ._units import KB as KB
+from ._units import MB as MB
+from ._units import PB as PB
+from ._units import TB as TB
+from ._units import EiB as EiB
+from ._units import Exa as Exa
+from ._units import GiB as GiB
+from ._units import Giga as Giga
+from ._units import KiB as KiB
+from ._units import Kilo as Kilo
+from ._units import Mega as Mega
+from ._units import MiB as MiB
+from ._units import Peta as Peta
+from ._units import PiB as PiB
+from ._units import Tera as Tera
+from ._units import TiB as TiB
+from ._units import parse_size as parse_size
+
+__all__ = [
+    "EB", "GB", "KB", "MB", "PB", "TB",
+    "Context", "EiB", "Exa", "GiB", "Giga", "KiB", "Kilo", "LimitExceeded", "Mega",
+    "Memory", "MiB", "Peta", "PiB", "Tera", "TiB", "Usage",
+    "current", "limit", "move_on_limit", "parse_size", "run",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("gotcha_async."):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -1,0 +1,584 @@
+"""Context, limit, move_on_limit, run, current and LimitExceeded.
+
+The C core (``_meter``) charges every allocation to the innermost :class:`Context` of
+the task that makes it, found through the ContextVar below. Everything about what a
+broken limit *means* -- cancellation, exceptions, messages -- lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import importlib.util
+import math
+import os
+import sys
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, Generic, NamedTuple, TypeVar
+
+import anyio
+
+from . import _meter
+from ._units import Limit, check_limit
+
+__all__ = [
+    "Context",
+    "LimitExceeded",
+    "Usage",
+    "current",
+    "limit",
+    "move_on_limit",
+    "run",
+]
+
+T = TypeVar("T")
+N = TypeVar("N", int, "int | None")
+
+RESOURCES = ("bytes", "objects", "calls", "memory")
+
+# The innermost scope of the running task. Tasks and worker threads inherit it with
+# the rest of their contextvars: that is what makes charges follow the work.
+_scope_var: contextvars.ContextVar[Context] = contextvars.ContextVar("gotcha_async.scope")
+_get_running_loop = asyncio.events._get_running_loop
+# The awaitables __aexit__ hands back: made once, so that leaving a scope allocates
+# nothing while the scope is still current.
+_READY_TRUE = _meter.Ready(True)
+_READY_NONE = _meter.Ready(None)
+
+
+class Usage(NamedTuple, Generic[N]):
+    """Bytes, objects and calls: what a scope used, its limits, or what remains.
+
+    ``b, o, c = ctx.used()``. In :meth:`Context.limits` and :meth:`Context.remains`
+    a field is ``None`` where no limit applies.
+    """
+
+    bytes: N
+    objects: N
+    calls: N
+
+
+class Memory(NamedTuple):
+    """Memory a scope holds: allocated inside it and not yet freed, now and at peak."""
+
+    current: int
+    peak: int
+
+
+class LimitExceeded(Exception):
+    """Raised by :func:`limit` and :func:`run` when the scope's own limit was exceeded.
+
+    The scope whose limit broke is the one that raises: a scope cancelled because an
+    *ancestor* broke its limit lets the cancellation through, and the ancestor raises.
+
+    :ivar context: the :class:`Context` whose limit broke
+    :ivar resource: ``"bytes"``, ``"objects"``, ``"calls"`` or ``"memory"``
+    :ivar used: what the scope had used of that resource (for a refused hard
+        allocation: what it would have reached)
+    :ivar limit: the limit
+    """
+
+    def __init__(
+        self, context: Context | None, resource: str, used: int, limit: int, details: str = ""
+    ) -> None:
+        self.context = context
+        self.resource = resource
+        self.used = used
+        self.limit = limit
+        self.details = details
+        unit = "bytes held" if resource == "memory" else resource
+        super().__init__(
+            f"{resource} limit exceeded: {used:,} {unit} used, limit {limit:,}{details}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # the Context does not travel: it lives in one process's allocator
+        return (type(self), (None, self.resource, self.used, self.limit, self.details))
+
+
+def _machinery_dirs() -> tuple[str, ...]:
+    """Where the event loops, anyio and this package live.
+
+    A hard limit refuses allocations only while user code runs: a MemoryError in
+    the middle of asyncio's task step would break the loop for every task.
+    """
+    paths = []
+    for name in ("asyncio", "concurrent.futures", "logging", "anyio", "sniffio",
+                 "trio", "outcome", "uvloop", "gotcha_async"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.submodule_search_locations:
+            paths.extend(os.path.join(p, "") for p in spec.submodule_search_locations)
+    for name in ("threading", "selectors", "contextlib", "traceback", "linecache", "weakref"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            paths.append(spec.origin)
+    return tuple(paths)
+
+
+def _deliver(ctx: Context) -> None:
+    # Called from a pending call of the main thread, at whatever point it had
+    # reached: only hand the work to the scope's own loop from here.
+    ctx._on_trip()
+
+
+_meter.install(_scope_var, _deliver, _machinery_dirs())
+_meter.set_types(Usage, Memory)
+
+
+def _loop_waker() -> Any:
+    """A thread-safe way to run a callback on the current event loop, or None."""
+    loop = _get_running_loop()
+    if loop is not None:
+        return loop
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+    return None
+
+
+def _call_soon(waker: Any, callback: Callable[[], object]) -> None:
+    try:
+        if isinstance(waker, asyncio.AbstractEventLoop):
+            # a fresh context: the callback's own allocations are nobody's work
+            waker.call_soon_threadsafe(callback, context=contextvars.Context())
+        else:
+            waker.run_sync_soon(callback)
+    except RuntimeError:
+        pass  # that loop is closed: nothing is left to cancel there
+
+
+def _is_cancellation(exc: BaseException | None) -> bool:
+    if isinstance(exc, asyncio.CancelledError):
+        return True
+    trio = sys.modules.get("trio")
+    return trio is not None and isinstance(exc, trio.Cancelled)
+
+
+def _only_refusals(exc: BaseException | None) -> bool:
+    """Is exc a hard refusal's MemoryError (alone or in a group with cancellations)?"""
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_refusals(e) or _is_cancellation(e) for e in exc.exceptions)
+    return False
+
+
+class Context(_meter.Meter, anyio.CancelScope):
+    """A cancel scope that counts what its work allocates, with optional limits.
+
+    Everything that runs in the task while it is inside the scope is charged to it,
+    with every task started from inside it and every worker thread those tasks use
+    (``anyio.to_thread``, ``asyncio.to_thread``): they inherit the scope with the
+    rest of their contextvars. Charges also go to every enclosing scope. No other
+    task is ever charged.
+
+    **When a limit is delivered.** A limit is exceeded when usage goes strictly
+    above it. A *soft* limit (the default) lets the allocation that breaks it
+    through and cancels the scope at the task's next checkpoint (the next ``await``
+    that yields). A *hard* limit (``hard=True``) refuses the allocation before it is
+    made: the allocating code gets a ``MemoryError`` right there, and the scope is
+    cancelled as for a soft limit. After a refusal a grace of
+    :data:`GRACE <gotcha_async.GRACE>` lets ``except``/``finally`` blocks run; code
+    that keeps allocating is refused again past it. Allocations made by the event
+    loop, anyio or this package on the task's behalf are never refused (they would
+    break the loop), only counted.
+
+    **What propagates.** A plain ``Context`` used as a context manager behaves like
+    :func:`move_on_limit`: it catches its own cancellation and a hard refusal's
+    ``MemoryError``, and :meth:`exceeded` says what happened. :func:`limit` raises
+    :class:`LimitExceeded` instead. Another exception from the body propagates
+    unchanged. A cancellation from an enclosing scope (a deadline, a cancelled task
+    group, an ancestor's broken limit) always passes through untouched.
+
+    **Nesting.** A scope entered inside another one, in the same task or in a task
+    started from it, is its child; ``parent`` may also be given explicitly for pure
+    accounting. Exceeding an ancestor's limit cancels the ancestor, which cancels
+    everything inside it.
+
+    **Shield and deadline** work as on :class:`anyio.CancelScope`. A shield keeps
+    outer cancellation out; it does not stop the scope's own limits.
+
+    **Outside an event loop** a Context can be created and used for pure accounting
+    (:meth:`add`, :meth:`used`) and entered with a plain ``with`` in synchronous code:
+    allocations are counted and hard limits refused, but there is nothing to cancel.
+
+    A Context can be entered only once (:class:`RuntimeError` otherwise).
+
+    :param bytes: limit on bytes allocated (int, size string such as ``"64 MiB"``, or None)
+    :param objects: limit on object allocations
+    :param calls: limit on allocator calls
+    :param memory: limit on the peak of memory held (allocated here and not yet freed)
+    :param hard: refuse the allocation that would break a limit instead of letting
+        it through and cancelling at the next checkpoint
+    :param parent: the Context to charge as well; by default the scope current when
+        this one is entered
+    :param shield: shield the scope from cancellation by enclosing scopes
+    :param track_memory: count memory held even without a ``memory`` limit
+        (see :meth:`memory`)
+    :raises TypeError: for a limit of the wrong type
+    :raises ValueError: for a negative or malformed limit
+    """
+
+    __slots__ = (
+        "_cancel_pending",
+        "_deadline",
+        "_done",
+        "_fail",
+        "_hard",
+        "_limits",
+        "_scope",
+        "_shield",
+        "_state",
+        "_waker",
+    )
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Context:
+        # anyio.CancelScope.__new__ would hand back the backend's own class
+        return _meter.Meter.__new__(cls)
+
+    def __init__(
+        self,
+        *,
+        bytes: Limit = None,  # noqa: A002 - the contract's names
+        objects: Limit = None,
+        calls: Limit = None,
+        memory: Limit = None,
+        hard: bool = False,
+        parent: Context | None = None,
+        shield: bool = False,
+        track_memory: bool = False,
+    ) -> None:
+        if bytes is None and objects is None and calls is None and memory is None:
+            limits: tuple[int | None, ...] = (None, None, None, None)
+        else:
+            limits = (
+                check_limit("bytes", bytes),
+                check_limit("objects", objects),
+                check_limit("calls", calls),
+                check_limit("memory", memory),
+            )
+        if type(hard) is not bool:
+            raise TypeError(f"hard must be True or False, not {hard!r}")
+        if type(shield) is not bool:
+            raise TypeError(f"shield must be True or False, not {shield!r}")
+        if parent is not None and not isinstance(parent, Context):
+            raise TypeError(f"parent must be a Context or None, not {parent!r}")
+        self._limits = limits
+        self._hard = hard
+        self._setup(parent, *limits, hard, track_memory)
+        self._shield = shield
+        self._deadline = math.inf
+        self._cancel_pending = False
+        self._fail = False
+        self._scope: Any = None
+        self._state = 0  # 0 new, 1 entered, 2 exited
+        self._waker: Any = None
+        self._done: tuple[Any, Any] | None = None
+
+    # -- entering and leaving --------------------------------------------------------
+
+    def __enter__(self) -> Context:
+        if self._state:
+            raise RuntimeError(
+                "this Context has already been entered; a Context can be used only once"
+            )
+        if self.parent is None:
+            outer = _scope_var.get(None)
+            if outer is not None:
+                self._set_parent(outer)
+        try:
+            scope = anyio.CancelScope(deadline=self._deadline, shield=self._shield)
+        except anyio.NoEventLoopError:
+            scope = None  # synchronous code: count, refuse, but nothing to cancel
+        else:
+            if self._cancel_pending:
+                scope.cancel()
+            scope.__enter__()
+            self._waker = _loop_waker()
+        self._scope = scope
+        self._state = 1
+        # last: from here on, every allocation is the body's
+        _meter.enter(self)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if self._state != 1:
+            raise RuntimeError("this Context is not active: exit without a matching enter")
+        # first: nothing below is the body's work
+        try:
+            _meter.exit(self)
+        except ValueError:
+            raise RuntimeError(
+                "a Context must be exited in the task (the contextvars context) that "
+                "entered it"
+            ) from None
+        self._state = 2
+        scope = self._scope
+        swallowed = bool(scope.__exit__(exc_type, exc, tb)) if scope is not None else False
+        if self._done is not None:
+            self._signal_done()
+        broken = self._broken()
+        if broken is None:
+            return swallowed
+        if exc is not None and not swallowed and _is_cancellation(exc):
+            return False  # an enclosing scope's cancellation: not ours to turn
+        if not self._fail:
+            return swallowed or exc is None or _only_refusals(exc)
+        error = self._limit_exceeded(*broken)
+        if exc is None or swallowed:
+            raise error from None
+        raise error from exc
+
+    def __aenter__(self) -> Awaitable[Context]:
+        ready = _meter.Ready(self)
+        self.__enter__()
+        return ready
+
+    def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Awaitable[Any]:
+        return _READY_TRUE if self.__exit__(exc_type, exc, tb) else _READY_NONE
+
+    # -- what it used ----------------------------------------------------------------
+
+    def used(self) -> Usage[int]:
+        """Bytes, objects and allocator calls charged to this scope so far."""
+        return self._counts()  # type: ignore[no-any-return]
+
+    def limits(self) -> Usage[int | None]:
+        """This scope's own limits on bytes, objects and calls (``None``: unlimited)."""
+        return Usage(*self._limits[:3])
+
+    def remains(self) -> Usage[int | None]:
+        """What can still be allocated before a limit breaks, field by field.
+
+        A field is the smaller of this scope's own remainder and its parent's; with no
+        own limit it is the parent's, and ``None`` where no scope in the chain limits
+        it. Every field with a limit is 0 once the scope (or an ancestor) is exceeded.
+        """
+        inherited = self.parent.remains() if self.parent is not None else Usage(None, None, None)
+        exceeded = self.exceeded()
+        out = []
+        for lim, used, up in zip(self._limits[:3], self._counts(), inherited, strict=True):
+            own = None if lim is None else max(lim - used, 0)
+            value = own if up is None else up if own is None else min(own, up)
+            out.append(0 if exceeded and value is not None else value)
+        return Usage(*out)
+
+    def exceeded(self) -> bool:
+        """Whether this scope's own limit or any ancestor's has been exceeded."""
+        ctx: Context | None = self
+        while ctx is not None:
+            if ctx._broken() is not None:
+                return True
+            ctx = ctx.parent
+        return False
+
+    def memory(self) -> Memory | None:
+        """Memory this scope holds: allocated inside it and not freed yet, and the peak.
+
+        Memory freed by another task or thread is credited back to this scope. Only
+        scopes with a ``memory`` limit, ``track_memory=True``, or inside such a scope
+        track held memory; for the others this returns ``None``.
+        """
+        return self._memory()  # type: ignore[no-any-return]
+
+    def add(self, bytes: int = 0, objects: int = 0, calls: int = 0) -> None:  # noqa: A002
+        """Charge this scope and every ancestor by hand.
+
+        :raises TypeError: for a value that is not an int
+        :raises ValueError: for a negative value
+        """
+        for name, value in (("bytes", bytes), ("objects", objects), ("calls", calls)):
+            if type(value) is not int:
+                raise TypeError(f"{name} must be an int, not {value!r}")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        self._add(bytes, objects, calls)
+
+    def reset(self) -> None:
+        """Zero this scope's own counters (not its ancestors'), and its held-memory peak."""
+        self._reset()
+
+    # -- the cancel scope ------------------------------------------------------------
+
+    def cancel(self, reason: str | None = None) -> None:
+        """Cancel this scope now (before it is entered: as soon as it is entered)."""
+        if self._scope is not None:
+            self._scope.cancel()
+        else:
+            self._cancel_pending = True
+        self._signal_done()
+
+    @property
+    def cancel_called(self) -> bool:
+        """Whether :meth:`cancel` was called, by the user or by a broken limit (read-only)."""
+        return self._scope.cancel_called if self._scope is not None else self._cancel_pending
+
+    @property
+    def cancelled_caught(self) -> bool:
+        """Whether this scope caught its own cancellation on exit (read-only)."""
+        return self._scope.cancelled_caught if self._scope is not None else False
+
+    @property
+    def shield(self) -> bool:
+        """Whether cancellation from enclosing scopes is kept out (read-write)."""
+        return self._scope.shield if self._scope is not None else self._shield
+
+    @shield.setter
+    def shield(self, value: bool) -> None:
+        self._shield = value
+        if self._scope is not None:
+            self._scope.shield = value
+
+    @property
+    def deadline(self) -> float:
+        """When the scope is cancelled automatically, on the loop's clock (read-write)."""
+        return self._scope.deadline if self._scope is not None else self._deadline
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        self._deadline = value
+        if self._scope is not None:
+            self._scope.deadline = value
+
+    # -- being done ------------------------------------------------------------------
+
+    def __await__(self) -> Generator[Any, None, None]:
+        """Wait until the scope is done: exceeded, cancelled, past its deadline or exited.
+
+        Like Go's ``<-ctx.Done()``. Returns at once if it is done already.
+        """
+        return self._wait().__await__()
+
+    def _is_done(self) -> bool:
+        return self._state == 2 or self.cancel_called or self.exceeded()
+
+    async def _wait(self) -> None:
+        if self._is_done():
+            return
+        if self._done is None:
+            self._done = (anyio.Event(), _loop_waker())
+        with anyio.CancelScope(deadline=self.deadline):
+            await self._done[0].wait()
+
+    def _signal_done(self) -> None:
+        if self._done is not None:
+            event, waker = self._done
+            _call_soon(waker, event.set)
+
+    def _on_trip(self) -> None:
+        if self._state == 1 and self._waker is not None:
+            _call_soon(self._waker, self._cancel_for_limit)
+        elif self._done is not None:
+            self._signal_done()
+
+    def _cancel_for_limit(self) -> None:
+        # on the scope's own loop, as a callback: never in the middle of a step
+        if self._state == 1:
+            self._scope.cancel()
+        self._signal_done()
+
+    def _limit_exceeded(self, resource: int, used: int) -> LimitExceeded:
+        name = RESOURCES[resource]
+        limit = self._limits[resource]
+        assert limit is not None
+        from ._memory import sites_report
+
+        return LimitExceeded(self, name, used, limit, sites_report(self))
+
+    # -- display ---------------------------------------------------------------------
+
+    def __str__(self) -> str:
+        b, o, c = self._counts()
+        text = f"{o} objects allocated, {b} bytes, {c} calls"
+        held = self._memory()
+        if held is not None:
+            text += f", {held[0]} bytes held (peak {held[1]})"
+        if self.exceeded():
+            text += " (exceeded)"
+        return text
+
+    def __repr__(self) -> str:
+        parts = []
+        for name, used, lim in zip(RESOURCES, self._counts(), self._limits, strict=False):
+            parts.append(f"{name}={used}" + ("" if lim is None else f"/{lim}"))
+        state = ("new", "active", "exited")[self._state]
+        flags = " hard" if self._hard else ""
+        return f"<gotcha_async.Context {' '.join(parts)} {state}{flags}>"
+
+
+def limit(
+    *,
+    bytes: Limit = None,  # noqa: A002
+    objects: Limit = None,
+    calls: Limit = None,
+    memory: Limit = None,
+    hard: bool = False,
+    shield: bool = False,
+    track_memory: bool = False,
+) -> Context:
+    """A scope that raises :class:`LimitExceeded` on exit if its own limit was exceeded.
+
+    ``async with gotcha.limit(bytes=10 * gotcha.MiB) as ctx:`` (a plain ``with``
+    works too). It is :func:`move_on_limit` plus a raise: the body is cancelled at its
+    next checkpoint once a limit breaks (or, with ``hard=True``, the allocation is
+    refused), and the exit raises even if no checkpoint came. The parent is the scope
+    current when it is entered. See :class:`Context` for the parameters.
+    """
+    ctx = Context(
+        bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard,
+        shield=shield, track_memory=track_memory,
+    )
+    ctx._fail = True
+    return ctx
+
+
+def move_on_limit(
+    *,
+    bytes: Limit = None,  # noqa: A002
+    objects: Limit = None,
+    calls: Limit = None,
+    memory: Limit = None,
+    hard: bool = False,
+    shield: bool = False,
+    track_memory: bool = False,
+) -> Context:
+    """A scope whose body is cancelled when a limit breaks, and which never raises for it.
+
+    After the block, ``ctx.exceeded()`` tells whether it was cut short. See
+    :class:`Context` for the parameters.
+    """
+    return Context(
+        bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard,
+        shield=shield, track_memory=track_memory,
+    )
+
+
+async def run(
+    async_fn: Callable[..., Awaitable[T]],
+    *args: Any,
+    bytes: Limit = None,  # noqa: A002
+    objects: Limit = None,
+    calls: Limit = None,
+    memory: Limit = None,
+    hard: bool = False,
+) -> T:
+    """Await ``async_fn(*args)`` inside :func:`limit`; return its result.
+
+    The counterpart of Go gotcha's ``Trace``.
+
+    :raises LimitExceeded: if the call exceeded one of the limits
+    """
+    with limit(bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard):
+        return await async_fn(*args)
+    raise AssertionError("unreachable")  # pragma: no cover - limit() never swallows
+
+
+def current() -> Context | None:
+    """The innermost scope of the calling task (or thread), or ``None``."""
+    return _scope_var.get(None)

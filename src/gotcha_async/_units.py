@@ -1,0 +1,75 @@
+"""Unit constants, size strings and limit validation."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+KiB, MiB, GiB, TiB, PiB, EiB = (1024**n for n in range(1, 7))
+KB, MB, GB, TB, PB, EB = (1000**n for n in range(1, 7))
+Kilo, Mega, Giga, Tera, Peta, Exa = KB, MB, GB, TB, PB, EB
+
+_PREFIXES = "kmgtpe"
+# "64 MiB", "1.5GB", "10k", "512": a number, a decimal or binary prefix, an optional B
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgtpe])(i?))?b?\s*", re.IGNORECASE)
+# the counters are 64-bit in C
+_MAX = 2**64 - 2
+
+Limit = int | str | None
+
+
+def parse_size(text: str) -> int:
+    """Parse a size string such as ``"64 MiB"``, ``"1.5GB"`` or ``"10k"`` into an int.
+
+    Decimal prefixes (k, M, G, T, P, E, with or without B) are powers of 1000, binary
+    ones (KiB, MiB, ...) powers of 1024, case-insensitively. The result must be a whole
+    number.
+
+    :raises ValueError: if the string is not a size or not a whole number.
+    """
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"not a size: {text!r} (expected e.g. '64 MiB', '1.5GB', '10k')")
+    number, prefix, binary = m.groups()
+    scale = 1
+    if prefix:
+        scale = (1024 if binary else 1000) ** (_PREFIXES.index(prefix.lower()) + 1)
+    value = Fraction(number) * scale
+    if value.denominator != 1:
+        raise ValueError(f"not a whole number of units: {text!r}")
+    return int(value)
+
+
+def check_limit(name: str, value: object) -> int | None:
+    """Validate one limit argument; return it as an int, or None for no limit.
+
+    :raises TypeError: for a value that is not an int, an integral float, a size
+        string or None.
+    :raises ValueError: for a negative, non-integral or unparsable value.
+    """
+    if value is None:
+        return None
+    if type(value) is int:
+        result = value
+    elif isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, a size string or None, not {value!r}")
+    elif isinstance(value, int):
+        result = int(value)
+    elif isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        result = int(value)
+    elif isinstance(value, str):
+        try:
+            result = parse_size(value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    else:
+        raise TypeError(
+            f"{name} must be an int, a size string or None, not {type(value).__name__} {value!r}"
+        )
+    if result < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if result > _MAX:
+        raise ValueError(f"{name} is too large: {value!r}")
+    return result
