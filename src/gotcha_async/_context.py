@@ -142,6 +142,34 @@ def _loop_waker() -> Any:
     return None
 
 
+# anyio's backend cancel-scope classes, learnt from anyio itself on first use.
+# anyio.CancelScope() finds the backend through sniffio on every call, which is
+# most of its cost; which loop runs here is cheaper to see directly.
+_scope_classes: dict[str, Any] = {}
+
+
+def _new_cancel_scope(deadline: float, shield: bool) -> tuple[Any, Any]:
+    """(an anyio cancel scope, the loop's waker), or (None, None) outside a loop."""
+    loop = _get_running_loop()
+    if loop is not None:
+        cls = _scope_classes.get("asyncio")
+        if cls is not None:
+            return cls(deadline=deadline, shield=shield), loop
+    else:
+        trio = sys.modules.get("trio")
+        in_task = getattr(trio.lowlevel, "in_trio_task", None) if trio is not None else None
+        cls = _scope_classes.get("trio")
+        if in_task is not None and cls is not None and in_task():
+            return cls(deadline=deadline, shield=shield), trio.lowlevel.current_trio_token()
+    try:
+        scope = anyio.CancelScope(deadline=deadline, shield=shield)
+    except anyio.NoEventLoopError:
+        return None, None
+    waker = _loop_waker()
+    _scope_classes.setdefault("asyncio" if loop is not None else "trio", type(scope))
+    return scope, waker
+
+
 def _call_soon(waker: Any, callback: Callable[[], object]) -> None:
     try:
         if isinstance(waker, asyncio.AbstractEventLoop):
@@ -238,9 +266,8 @@ class Context(_meter.Meter, anyio.CancelScope):
         "_waker",
     )
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Context:
-        # anyio.CancelScope.__new__ would hand back the backend's own class
-        return _meter.Meter.__new__(cls)
+    # No __new__ here: Meter's comes first in the MRO, so anyio.CancelScope.__new__
+    # (which would hand back the backend's own class) is never reached.
 
     def __init__(
         self,
@@ -271,7 +298,9 @@ class Context(_meter.Meter, anyio.CancelScope):
             raise TypeError(f"parent must be a Context or None, not {parent!r}")
         self._limits = limits
         self._hard = hard
-        self._setup(parent, *limits, hard, track_memory)
+        if parent is not None or hard or track_memory or limits[0] is not None \
+                or limits[1] is not None or limits[2] is not None or limits[3] is not None:
+            self._setup(parent, *limits, hard, track_memory)
         self._shield = shield
         self._deadline = math.inf
         self._cancel_pending = False
@@ -292,15 +321,12 @@ class Context(_meter.Meter, anyio.CancelScope):
             outer = _scope_var.get(None)
             if outer is not None:
                 self._set_parent(outer)
-        try:
-            scope = anyio.CancelScope(deadline=self._deadline, shield=self._shield)
-        except anyio.NoEventLoopError:
-            scope = None  # synchronous code: count, refuse, but nothing to cancel
-        else:
+        # outside a loop (synchronous code) scope is None: count, refuse, cancel nothing
+        scope, self._waker = _new_cancel_scope(self._deadline, self._shield)
+        if scope is not None:
             if self._cancel_pending:
                 scope.cancel()
             scope.__enter__()
-            self._waker = _loop_waker()
         self._scope = scope
         self._state = 1
         # last: from here on, every allocation is the body's

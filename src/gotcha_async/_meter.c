@@ -167,7 +167,7 @@ static PyObject *Meter_set_parent(struct Meter *m, PyObject *p);
 static PyObject *scope_var;    /* the ContextVar holding the innermost scope */
 static PyObject *deliver_cb;   /* Python callable taking a tripped scope */
 static Py_ssize_t active;      /* entered scopes, anywhere */
-static _Thread_local int paused;
+static _Thread_local int paused __attribute__((tls_model("initial-exec")));
 static Meter *queue;           /* tripped scopes waiting for delivery */
 static int scheduled;          /* a pending call is on its way */
 static PyObject *usage_type, *memory_type;  /* the NamedTuples to return */
@@ -334,63 +334,81 @@ hold(Meter *n, void *p, size_t size)
 /* ------------------------------------------------------------------------ */
 /* The hook                                                                 */
 
-static inline Meter *
-metered(void)
-{
-    if (active == 0 || paused) {
-        return NULL;
-    }
-    return current_meter();
-}
+/* The hooks. With no scope entered anywhere they add one load and a branch. */
 
 static void *
-hook_alloc(Domain *d, void *ptr, size_t nelem, size_t size, int kind)
+hook_malloc(void *ctx, size_t size)
 {
-    /* kind: 0 malloc, 1 calloc, 2 realloc */
-    Meter *n = metered();
-    uint64_t bytes = kind == 1 ? (uint64_t)nelem * size : size;
-    uint64_t objects = kind == 2 ? 0 : (uint64_t)d->is_obj;
-    if (n != NULL && n->hard_chain && refuse(n, bytes, objects)) {
+    Domain *d = ctx;
+    if (active == 0 || paused) {
+        return d->prev.malloc(d->prev.ctx, size);
+    }
+    Meter *n = current_meter();
+    if (n == NULL) {
+        return d->prev.malloc(d->prev.ctx, size);
+    }
+    if (n->hard_chain && refuse(n, size, d->is_obj)) {
         return NULL;
     }
-    void *p;
-    if (kind == 0) {
-        p = d->prev.malloc(d->prev.ctx, size);
-    }
-    else if (kind == 1) {
-        p = d->prev.calloc(d->prev.ctx, nelem, size);
-    }
-    else {
-        p = d->prev.realloc(d->prev.ctx, ptr, size);
-        if (p != NULL && ptr != NULL && table_count) {
-            table_remove((uintptr_t)ptr);
-        }
-    }
-    if (p != NULL && n != NULL) {
-        charge(n, bytes, objects, 1);
+    void *p = d->prev.malloc(d->prev.ctx, size);
+    if (p != NULL) {
+        charge(n, size, d->is_obj, 1);
         if (n->held != NULL) {
-            hold(n, p, (size_t)bytes);
+            hold(n, p, size);
         }
     }
     return p;
 }
 
 static void *
-hook_malloc(void *ctx, size_t size)
-{
-    return hook_alloc(ctx, NULL, 1, size, 0);
-}
-
-static void *
 hook_calloc(void *ctx, size_t nelem, size_t elsize)
 {
-    return hook_alloc(ctx, NULL, nelem, elsize, 1);
+    Domain *d = ctx;
+    if (active == 0 || paused) {
+        return d->prev.calloc(d->prev.ctx, nelem, elsize);
+    }
+    Meter *n = current_meter();
+    if (n == NULL) {
+        return d->prev.calloc(d->prev.ctx, nelem, elsize);
+    }
+    size_t size = nelem * elsize;   /* on overflow the allocator refuses anyway */
+    if (n->hard_chain && refuse(n, size, d->is_obj)) {
+        return NULL;
+    }
+    void *p = d->prev.calloc(d->prev.ctx, nelem, elsize);
+    if (p != NULL) {
+        charge(n, size, d->is_obj, 1);
+        if (n->held != NULL) {
+            hold(n, p, size);
+        }
+    }
+    return p;
 }
 
+/* A realloc is one call, charges its new size as a fresh allocation would, and
+ * no object. For held memory the old block is forgotten and the new one held. */
 static void *
 hook_realloc(void *ctx, void *ptr, size_t size)
 {
-    return hook_alloc(ctx, ptr, 1, size, 2);
+    Domain *d = ctx;
+    Meter *n = (active == 0 || paused) ? NULL : current_meter();
+    if (n != NULL && n->hard_chain && refuse(n, size, 0)) {
+        return NULL;
+    }
+    void *p = d->prev.realloc(d->prev.ctx, ptr, size);
+    if (p == NULL) {
+        return NULL;
+    }
+    if (ptr != NULL && table_count) {
+        table_remove((uintptr_t)ptr);
+    }
+    if (n != NULL) {
+        charge(n, size, 0, 1);
+        if (n->held != NULL) {
+            hold(n, p, size);
+        }
+    }
+    return p;
 }
 
 static void
@@ -911,6 +929,32 @@ mod_hooked(PyObject *mod, PyObject *unused)
     return PyBool_FromLong(installed && domain_hooked(&dom_mem) && domain_hooked(&dom_obj));
 }
 
+/* For benchmarks and tests: take the hook out (only if it is on top), or put
+ * it back. Blocks allocated meanwhile were never seen; frees of held blocks
+ * made meanwhile are missed (their table entries are replaced on reuse). */
+static PyObject *
+mod_set_hooked(PyObject *mod, PyObject *flag)
+{
+    int on = PyObject_IsTrue(flag);
+    if (on < 0 || scope_var == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "install() first");
+        return NULL;
+    }
+    if (on) {
+        installed = 1;
+        ensure_hooked();
+        Py_RETURN_NONE;
+    }
+    if (!domain_hooked(&dom_mem) || !domain_hooked(&dom_obj)) {
+        PyErr_SetString(PyExc_RuntimeError, "another allocator hook sits on top of ours");
+        return NULL;
+    }
+    PyMem_SetAllocator(dom_mem.domain, &dom_mem.prev);
+    PyMem_SetAllocator(dom_obj.domain, &dom_obj.prev);
+    installed = 0;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 mod_enter(PyObject *mod, PyObject *arg)
 {
@@ -988,6 +1032,8 @@ static PyMethodDef mod_methods[] = {
      "install(var, deliver, exempt_dirs): hook the allocators; once per process."},
     {"set_types", mod_set_types, METH_VARARGS,
      "set_types(Usage, Memory): the classes counters are returned as."},
+    {"set_hooked", mod_set_hooked, METH_O,
+     "set_hooked(flag): take the hook out or put it back (benchmarks, tests)."},
     {"ensure", mod_ensure, METH_NOARGS,
      "Re-install the hook if tracemalloc.stop() removed it; True if it had to."},
     {"hooked", mod_hooked, METH_NOARGS, "Is the hook in place on both domains?"},

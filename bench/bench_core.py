@@ -1,0 +1,192 @@
+"""Core benchmarks: what gotcha costs, as ratios measured side by side in one run.
+
+    python bench/bench_core.py            # the full table (about a minute)
+    python bench/bench_core.py --quick    # fewer repeats
+
+Each variant runs interleaved with its baseline, several times; the table shows the
+median of the per-round ratios, so a burst of noise on this shared machine hits
+both sides of a ratio alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import statistics
+import sys
+import time
+import tracemalloc
+
+import anyio
+
+import gotcha_async as gotcha
+from gotcha_async import _meter
+
+BODY = json.dumps([{"id": i, "name": f"item-{i}", "price": i * 1.5} for i in range(50)])
+
+
+async def handler(body: str) -> str:
+    """The JSON request handler of DESIGN §5."""
+    items = json.loads(body)
+    total = sum(item["price"] for item in items)
+    names = [item["name"].upper() for item in items]
+    await asyncio.sleep(0)
+    return json.dumps({"total": total, "names": names})
+
+
+async def handler_in(scope_factory, body: str) -> str:
+    async with scope_factory():
+        return await handler(body)
+
+
+async def serve(rounds: int, concurrency: int, wrap) -> None:
+    for _ in range(rounds):
+        if wrap is None:
+            await asyncio.gather(*(handler(BODY) for _ in range(concurrency)))
+        else:
+            await asyncio.gather(*(handler_in(wrap, BODY) for _ in range(concurrency)))
+
+
+def time_workload(wrap, rounds: int = 20, concurrency: int = 500, setup=None, teardown=None):
+    gc.collect()
+    if setup:
+        setup()
+    try:
+        t = time.perf_counter()
+        asyncio.run(serve(rounds, concurrency, wrap))
+        return time.perf_counter() - t
+    finally:
+        if teardown:
+            teardown()
+
+
+def tm_start():
+    tracemalloc.start(1)
+
+
+def side_by_side(variants: dict, repeats: int) -> dict[str, float]:
+    """Median over rounds of each variant's time / the first variant's time."""
+    names = list(variants)
+    ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
+    for _ in range(repeats):
+        times = {n: variants[n]() for n in names}
+        for n in names[1:]:
+            ratios[n].append(times[n] / times[names[0]])
+    return {n: statistics.median(r) for n, r in ratios.items()}
+
+
+# -- scope enter+exit --------------------------------------------------------------
+
+N_SCOPES = 20_000
+
+
+async def cancel_scopes() -> float:
+    t = time.perf_counter()
+    for _ in range(N_SCOPES):
+        with anyio.CancelScope():
+            pass
+    return time.perf_counter() - t
+
+
+async def limit_scopes() -> float:
+    t = time.perf_counter()
+    for _ in range(N_SCOPES):
+        async with gotcha.limit():
+            pass
+    return time.perf_counter() - t
+
+
+async def limited_scopes() -> float:
+    t = time.perf_counter()
+    for _ in range(N_SCOPES):
+        async with gotcha.limit(bytes=gotcha.MiB, objects=10_000, calls=10_000):
+            pass
+    return time.perf_counter() - t
+
+
+def scope_costs(backend: str, repeats: int) -> tuple[float, float, float, float]:
+    async def measure():
+        await cancel_scopes()  # warm up
+        base, plain, limited = [], [], []
+        for _ in range(repeats):
+            base.append(await cancel_scopes())
+            plain.append(await limit_scopes())
+            limited.append(await limited_scopes())
+        ratios = [p / b for p, b in zip(plain, base, strict=True)]
+        ratios_l = [p / b for p, b in zip(limited, base, strict=True)]
+        us = statistics.median(base) / N_SCOPES * 1e6
+        return us, statistics.median(plain) / N_SCOPES * 1e6, statistics.median(ratios), \
+            statistics.median(ratios_l)
+
+    return anyio.run(measure, backend=backend)
+
+
+# -- allocation loop with the hook in, no scope active --------------------------------
+
+def alloc_loop(n: int = 1_000_000) -> float:
+    t = time.perf_counter()
+    keep = []
+    for i in range(n):
+        keep.append((i, i + 1))  # a million small objects
+        if len(keep) > 1000:
+            keep.clear()
+    return time.perf_counter() - t
+
+
+def hooked_vs_bare(repeats: int) -> float:
+    ratios = []
+    alloc_loop(100_000)
+    for _ in range(repeats):
+        _meter.set_hooked(False)
+        bare = alloc_loop()
+        _meter.set_hooked(True)
+        hooked = alloc_loop()
+        ratios.append(hooked / bare)
+    return statistics.median(ratios)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 7
+
+    rows = []
+    handler_ratios = side_by_side(
+        {
+            "bare": lambda: time_workload(None),
+            "limit()": lambda: time_workload(gotcha.limit),
+            "limit(bytes, objects, calls)": lambda: time_workload(
+                lambda: gotcha.limit(bytes=gotcha.MiB, objects=100_000, calls=100_000)
+            ),
+            "tracemalloc.start(1) alone": lambda: time_workload(
+                None, setup=tm_start, teardown=tracemalloc.stop
+            ),
+        },
+        repeats,
+    )
+    for name, ratio in handler_ratios.items():
+        goal = "<= 1.15" if name.startswith("limit") else "(reference)"
+        rows.append((f"JSON handler, every request in {name}" if name.startswith("limit")
+                     else f"JSON handler, {name}", ratio, goal))
+    for backend in ("asyncio", "trio"):
+        base_us, ours_us, ratio, ratio_l = scope_costs(backend, repeats)
+        rows.append((f"limit() enter+exit vs anyio.CancelScope() [{backend}: "
+                     f"{ours_us:.2f} us vs {base_us:.2f} us]", ratio, "<= 1.5"))
+        rows.append((f"limit(bytes, objects, calls) enter+exit vs CancelScope() [{backend}]",
+                     ratio_l, "<= 1.5"))
+    rows.append(("1M small objects, hook installed, no scope active vs hook out",
+                 hooked_vs_bare(repeats), "<= 1.02"))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"Python {sys.version.split()[0]}, median of {repeats} side-by-side rounds")
+    print(f"| {'measurement'.ljust(width)} | ratio | goal |")
+    print(f"|{'-' * (width + 2)}|-------|------|")
+    for name, ratio, goal in rows:
+        print(f"| {name.ljust(width)} | {ratio:5.2f} | {goal} |")
+
+
+if __name__ == "__main__":
+    main()
