@@ -5,7 +5,7 @@ setup(
         Extension(
             "gotcha_async._meter",
             sources=["src/gotcha_async/_meter.c"],
-            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wno-missing-braces"],
+            extra_compile_args=["-std=c11", "-Wall", "-Wno-missing-braces"],
         )
     ]
 )

@@ -124,8 +124,8 @@ def _deliver(ctx: Context) -> None:
     ctx._on_trip()
 
 
-_meter.install(_scope_var, _deliver, _machinery_dirs())
-_meter.set_types(Usage, Memory)
+_MACHINERY = _machinery_dirs()
+_meter.install(_scope_var, _deliver, _MACHINERY)
 
 
 def _loop_waker() -> Any:
@@ -498,10 +498,35 @@ class Context(_meter.Meter, anyio.CancelScope):
             _call_soon(waker, event.set)
 
     def _on_trip(self) -> None:
-        if self._state == 1 and self._waker is not None:
-            _call_soon(self._waker, self._cancel_for_limit)
-        elif self._done is not None:
+        if self._state != 1 or self._waker is None:
             self._signal_done()
+        elif self._interrupted_own_work():
+            # a task of ours, at a bytecode boundary of user code: cancel() is what
+            # that code could have called itself, and delivery is at its very next
+            # checkpoint on every backend
+            self._cancel_for_limit()
+        else:
+            _call_soon(self._waker, self._cancel_for_limit)
+
+    def _interrupted_own_work(self) -> bool:
+        """Did the pending call interrupt user code of this scope's work, on its loop?"""
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename == __file__:
+            frame = frame.f_back
+        if frame is None or frame.f_code.co_filename.startswith(_MACHINERY):
+            return False
+        scope = _scope_var.get(None)
+        while scope is not None and scope is not self:
+            scope = scope.parent
+        if scope is None:
+            return False
+        waker = self._waker
+        if isinstance(waker, asyncio.AbstractEventLoop):
+            return _get_running_loop() is waker
+        try:
+            return bool(waker == sys.modules["trio"].lowlevel.current_trio_token())
+        except RuntimeError:
+            return False
 
     def _cancel_for_limit(self) -> None:
         # on the scope's own loop, as a callback: never in the middle of a step
@@ -536,6 +561,9 @@ class Context(_meter.Meter, anyio.CancelScope):
         state = ("new", "active", "exited")[self._state]
         flags = " hard" if self._hard else ""
         return f"<gotcha_async.Context {' '.join(parts)} {state}{flags}>"
+
+
+_meter.set_types(Usage, Memory, Context)
 
 
 def limit(

@@ -171,6 +171,7 @@ static _Thread_local int paused __attribute__((tls_model("initial-exec")));
 static Meter *queue;           /* tripped scopes waiting for delivery */
 static int scheduled;          /* a pending call is on its way */
 static PyObject *usage_type, *memory_type;  /* the NamedTuples to return */
+static PyTypeObject *context_type;          /* gotcha_async.Context: the fast check */
 static char **exempt;          /* path prefixes of loop machinery */
 static Py_ssize_t n_exempt;
 
@@ -185,6 +186,7 @@ static Domain dom_obj = {.domain = PYMEM_DOMAIN_OBJ, .is_obj = 1};
 static int installed;
 
 static int deliver_pending(void *);
+static void step_aside(void);
 
 static void
 schedule(void)
@@ -221,7 +223,10 @@ current_meter(void)
     }
     /* the context holds a reference: this never drops to zero here */
     Py_DECREF(v);
-    return PyObject_TypeCheck(v, &MeterType) ? (Meter *)v : NULL;
+    if (Py_TYPE(v) == context_type || PyObject_TypeCheck(v, &MeterType)) {
+        return (Meter *)v;
+    }
+    return NULL;
 }
 
 /* Is the innermost Python frame user code, as opposed to the event loop's,
@@ -419,6 +424,9 @@ hook_free(void *ctx, void *ptr)
      * wrong scope when the address comes back */
     if (ptr != NULL && table_count) {
         table_remove((uintptr_t)ptr);
+        if (table_count == 0 && active == 0) {
+            step_aside();
+        }
     }
     d->prev.free(d->prev.ctx, ptr);
 }
@@ -458,6 +466,18 @@ ensure_hooked(void)
         again = 1;
     }
     return again;
+}
+
+/* With no scope entered and no held block to credit, the hook has nothing to
+ * do: it leaves the allocator chain (if it is on top) so that an idle process
+ * pays nothing, and enter() puts it back. */
+static void
+step_aside(void)
+{
+    if (installed && domain_hooked(&dom_mem) && domain_hooked(&dom_obj)) {
+        PyMem_SetAllocator(dom_mem.domain, &dom_mem.prev);
+        PyMem_SetAllocator(dom_obj.domain, &dom_obj.prev);
+    }
 }
 
 /* ------------------------------------------------------------------------ */
@@ -899,19 +919,18 @@ mod_install(PyObject *mod, PyObject *args)
     n_exempt = n;
     scope_var = Py_NewRef(var);
     deliver_cb = Py_NewRef(cb);
-    domain_hook(&dom_mem);
-    domain_hook(&dom_obj);
-    installed = 1;
+    installed = 1;   /* the first enter() puts the hook in the chain */
     Py_RETURN_NONE;
 }
 
 static PyObject *
 mod_set_types(PyObject *mod, PyObject *args)
 {
-    PyObject *u, *m;
-    if (!PyArg_ParseTuple(args, "OO", &u, &m)) {
+    PyObject *u, *m, *c;
+    if (!PyArg_ParseTuple(args, "OOO!", &u, &m, &PyType_Type, &c)) {
         return NULL;
     }
+    Py_XSETREF(context_type, (PyTypeObject *)Py_NewRef(c));
     Py_XSETREF(usage_type, Py_NewRef(u));
     Py_XSETREF(memory_type, Py_NewRef(m));
     Py_RETURN_NONE;
@@ -944,6 +963,10 @@ mod_set_hooked(PyObject *mod, PyObject *flag)
         installed = 1;
         ensure_hooked();
         Py_RETURN_NONE;
+    }
+    if (!domain_hooked(&dom_mem) && !domain_hooked(&dom_obj)) {
+        installed = 0;
+        Py_RETURN_NONE;   /* already out of the chain */
     }
     if (!domain_hooked(&dom_mem) || !domain_hooked(&dom_obj)) {
         PyErr_SetString(PyExc_RuntimeError, "another allocator hook sits on top of ours");
@@ -998,7 +1021,9 @@ mod_exit(PyObject *mod, PyObject *arg)
         return NULL;
     }
     Py_CLEAR(m->token);
-    active--;
+    if (--active == 0 && table_count == 0) {
+        step_aside();
+    }
     Py_RETURN_NONE;
 }
 
@@ -1029,9 +1054,9 @@ mod_deliver(PyObject *mod, PyObject *unused)
 
 static PyMethodDef mod_methods[] = {
     {"install", mod_install, METH_VARARGS,
-     "install(var, deliver, exempt_dirs): hook the allocators; once per process."},
+     "install(var, deliver, exempt_dirs): set the hook up; once per process."},
     {"set_types", mod_set_types, METH_VARARGS,
-     "set_types(Usage, Memory): the classes counters are returned as."},
+     "set_types(Usage, Memory, Context): the classes the module works with."},
     {"set_hooked", mod_set_hooked, METH_O,
      "set_hooked(flag): take the hook out or put it back (benchmarks, tests)."},
     {"ensure", mod_ensure, METH_NOARGS,
