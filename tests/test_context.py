@@ -247,26 +247,6 @@ async def test_tasks_outside_the_scope_are_never_charged() -> None:
     assert ctx.used().bytes < SLACK
 
 
-@pytest.mark.asyncio
-async def test_asyncio_to_thread_and_create_task_are_charged() -> None:
-    async with gotcha.limit() as ctx:
-        await asyncio.to_thread(big, 2 * MB)
-        await asyncio.create_task(asyncio.to_thread(big, 2 * MB))
-    assert 4 * MB <= ctx.used().bytes < 4 * MB + SLACK
-
-
-@pytest.mark.asyncio
-async def test_empty_scope_on_asyncio_and_uvloop() -> None:
-    async with gotcha.limit() as ctx:
-        pass
-    assert ctx.used() == (0, 0, 0)
-    with pytest.raises(gotcha.LimitExceeded):
-        async with gotcha.limit(bytes=MB):
-            big(2 * MB)
-            await asyncio.sleep(0)
-            pytest.fail("not cancelled at the checkpoint")
-
-
 def test_plain_threads_inherit_nothing() -> None:
     def work() -> None:
         big(4 * MB)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import importlib.util
 import math
 import os
 import sys
+import tracemalloc
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -126,6 +128,31 @@ def _deliver(ctx: Context) -> None:
 
 _MACHINERY = _machinery_dirs()
 _meter.install(_scope_var, _deliver, _MACHINERY)
+
+
+def _keep_hook_through_tracemalloc_stop() -> None:
+    """Re-install the hook as soon as tracemalloc.stop() has removed it.
+
+    tracemalloc.stop() puts back the allocator it found at start(): if the hook went
+    in after that, it silently drops out of the chain. Wrapping the public function
+    lets the accounting of running scopes go on without a gap.
+    """
+    original = tracemalloc.stop
+    if getattr(original, "__gotcha_wrapped__", False):
+        return
+
+    @functools.wraps(original)
+    def stop() -> None:
+        try:
+            original()
+        finally:
+            _meter.tracemalloc_stopped()
+
+    stop.__gotcha_wrapped__ = True  # type: ignore[attr-defined]
+    tracemalloc.stop = stop
+
+
+_keep_hook_through_tracemalloc_stop()
 
 
 def _loop_waker() -> Any:

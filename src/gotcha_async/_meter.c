@@ -179,6 +179,7 @@ typedef struct {
     PyMemAllocatorEx prev;
     PyMemAllocatorDomain domain;
     int is_obj;
+    int in_chain;
 } Domain;
 
 static Domain dom_mem = {.domain = PYMEM_DOMAIN_MEM, .is_obj = 0};
@@ -431,8 +432,12 @@ hook_free(void *ctx, void *ptr)
     d->prev.free(d->prev.ctx, ptr);
 }
 
+/* Where the hook stands. The allocator chain cannot be read back beyond its
+ * top, so each domain remembers whether the hook is in it: on top, or wrapped
+ * by something started later (tracemalloc). */
+
 static int
-domain_hooked(Domain *d)
+on_top(Domain *d)
 {
     PyMemAllocatorEx now;
     PyMem_GetAllocator(d->domain, &now);
@@ -440,32 +445,41 @@ domain_hooked(Domain *d)
 }
 
 static void
-domain_hook(Domain *d)
+join_chain(Domain *d)
 {
-    PyMemAllocatorEx ours = {d, hook_malloc, hook_calloc, hook_realloc, hook_free};
-    /* wrap whatever is there now: pymalloc, tracemalloc, a debug hook */
-    PyMem_GetAllocator(d->domain, &d->prev);
-    PyMem_SetAllocator(d->domain, &ours);
+    if (!d->in_chain) {
+        PyMemAllocatorEx ours = {d, hook_malloc, hook_calloc, hook_realloc, hook_free};
+        /* wrap whatever is there now: pymalloc, tracemalloc, a debug hook */
+        PyMem_GetAllocator(d->domain, &d->prev);
+        PyMem_SetAllocator(d->domain, &ours);
+        d->in_chain = 1;
+    }
 }
 
-/* tracemalloc.stop() restores the allocator it found at start(): a hook
- * installed in between disappears. Put it back. Returns 1 if it had to. */
+/* Leave the chain, which only the top of it can do. */
 static int
+leave_chain(Domain *d)
+{
+    if (d->in_chain && on_top(d)) {
+        PyMem_SetAllocator(d->domain, &d->prev);
+        d->in_chain = 0;
+    }
+    return !d->in_chain;
+}
+
+static int
+needed(void)
+{
+    return installed && (active > 0 || table_count > 0);
+}
+
+static void
 ensure_hooked(void)
 {
-    int again = 0;
-    if (!installed) {
-        return 0;
+    if (needed()) {
+        join_chain(&dom_mem);
+        join_chain(&dom_obj);
     }
-    if (!domain_hooked(&dom_mem)) {
-        domain_hook(&dom_mem);
-        again = 1;
-    }
-    if (!domain_hooked(&dom_obj)) {
-        domain_hook(&dom_obj);
-        again = 1;
-    }
-    return again;
 }
 
 /* With no scope entered and no held block to credit, the hook has nothing to
@@ -474,10 +488,8 @@ ensure_hooked(void)
 static void
 step_aside(void)
 {
-    if (installed && domain_hooked(&dom_mem) && domain_hooked(&dom_obj)) {
-        PyMem_SetAllocator(dom_mem.domain, &dom_mem.prev);
-        PyMem_SetAllocator(dom_obj.domain, &dom_obj.prev);
-    }
+    leave_chain(&dom_mem);
+    leave_chain(&dom_obj);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -936,45 +948,51 @@ mod_set_types(PyObject *mod, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* tracemalloc.stop() puts back the allocator it found at start(). If the hook
+ * joined the chain after that, it is gone now: take note, and join again if a
+ * scope needs it. Returns True if the hook had been dropped. */
 static PyObject *
-mod_ensure(PyObject *mod, PyObject *unused)
+mod_tracemalloc_stopped(PyObject *mod, PyObject *unused)
 {
-    return PyBool_FromLong(ensure_hooked());
+    int dropped = 0;
+    Domain *doms[2] = {&dom_mem, &dom_obj};
+    for (int i = 0; i < 2; i++) {
+        if (doms[i]->in_chain && !on_top(doms[i])) {
+            doms[i]->in_chain = 0;
+            dropped = 1;
+        }
+    }
+    ensure_hooked();
+    return PyBool_FromLong(dropped);
 }
 
 static PyObject *
 mod_hooked(PyObject *mod, PyObject *unused)
 {
-    return PyBool_FromLong(installed && domain_hooked(&dom_mem) && domain_hooked(&dom_obj));
+    return PyBool_FromLong(dom_mem.in_chain && dom_obj.in_chain);
 }
 
-/* For benchmarks and tests: take the hook out (only if it is on top), or put
- * it back. Blocks allocated meanwhile were never seen; frees of held blocks
- * made meanwhile are missed (their table entries are replaced on reuse). */
+/* For benchmarks: take the hook out of the chain (it must be on top), or force
+ * it in while no scope needs it. */
 static PyObject *
 mod_set_hooked(PyObject *mod, PyObject *flag)
 {
     int on = PyObject_IsTrue(flag);
-    if (on < 0 || scope_var == NULL) {
+    if (on < 0) {
+        return NULL;
+    }
+    if (!installed) {
         PyErr_SetString(PyExc_RuntimeError, "install() first");
         return NULL;
     }
     if (on) {
-        installed = 1;
-        ensure_hooked();
-        Py_RETURN_NONE;
+        join_chain(&dom_mem);
+        join_chain(&dom_obj);
     }
-    if (!domain_hooked(&dom_mem) && !domain_hooked(&dom_obj)) {
-        installed = 0;
-        Py_RETURN_NONE;   /* already out of the chain */
-    }
-    if (!domain_hooked(&dom_mem) || !domain_hooked(&dom_obj)) {
+    else if (!leave_chain(&dom_mem) || !leave_chain(&dom_obj)) {
         PyErr_SetString(PyExc_RuntimeError, "another allocator hook sits on top of ours");
         return NULL;
     }
-    PyMem_SetAllocator(dom_mem.domain, &dom_mem.prev);
-    PyMem_SetAllocator(dom_obj.domain, &dom_obj.prev);
-    installed = 0;
     Py_RETURN_NONE;
 }
 
@@ -990,15 +1008,18 @@ mod_enter(PyObject *mod, PyObject *arg)
         PyErr_SetString(PyExc_RuntimeError, "this Context is already active");
         return NULL;
     }
+    active++;
     ensure_hooked();
     paused++;
     PyObject *token = PyContextVar_Set(scope_var, arg);
     paused--;
     if (token == NULL) {
+        if (--active == 0 && table_count == 0) {
+            step_aside();
+        }
         return NULL;
     }
     m->token = token;
-    active++;
     Py_RETURN_NONE;
 }
 
@@ -1059,8 +1080,8 @@ static PyMethodDef mod_methods[] = {
      "set_types(Usage, Memory, Context): the classes the module works with."},
     {"set_hooked", mod_set_hooked, METH_O,
      "set_hooked(flag): take the hook out or put it back (benchmarks, tests)."},
-    {"ensure", mod_ensure, METH_NOARGS,
-     "Re-install the hook if tracemalloc.stop() removed it; True if it had to."},
+    {"tracemalloc_stopped", mod_tracemalloc_stopped, METH_NOARGS,
+     "Call after tracemalloc.stop(): rejoin the chain if it dropped the hook."},
     {"hooked", mod_hooked, METH_NOARGS, "Is the hook in place on both domains?"},
     {"enter", mod_enter, METH_O, "Make a Context the current scope (hook paused)."},
     {"exit", mod_exit, METH_O, "Restore the scope that was current before enter()."},

@@ -1,0 +1,132 @@
+"""The C core: the hook's place in the allocator chain, tracemalloc, leaks."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import tracemalloc
+import weakref
+
+import anyio
+import pytest
+
+import gotcha_async as gotcha
+from gotcha_async import _meter
+
+MB = 10**6
+SLACK = 64 * 1024
+
+
+def big(n: int) -> bytearray:
+    return bytearray(n)
+
+
+def test_hook_is_in_the_chain_only_while_a_scope_is_active() -> None:
+    assert _meter.active() == 0
+    assert not _meter.hooked()
+    with gotcha.limit():
+        assert _meter.hooked()
+        assert _meter.active() == 1
+        with gotcha.limit():
+            assert _meter.active() == 2
+    assert _meter.active() == 0
+    assert not _meter.hooked()
+
+
+def test_tracemalloc_started_first_and_stopped_inside_a_scope() -> None:
+    tracemalloc.start()
+    try:
+        with gotcha.limit() as ctx:
+            big(MB)
+            assert tracemalloc.get_traced_memory()[1] >= MB  # tracemalloc still sees it
+            tracemalloc.stop()  # drops the allocator tracemalloc saved, our hook with it
+            assert _meter.hooked()
+            big(2 * MB)
+    finally:
+        tracemalloc.stop()
+    assert 3 * MB <= ctx.used().bytes < 3 * MB + SLACK
+
+
+def test_tracemalloc_started_and_stopped_inside_a_scope() -> None:
+    with gotcha.limit() as ctx:
+        tracemalloc.start()
+        try:
+            big(MB)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        big(MB)
+    assert peak >= MB
+    assert 2 * MB <= ctx.used().bytes < 2 * MB + SLACK
+
+
+def test_tracemalloc_spanning_scopes() -> None:
+    with gotcha.limit() as first:
+        tracemalloc.start()
+    try:
+        with gotcha.limit() as second:
+            big(MB)
+    finally:
+        tracemalloc.stop()
+    with gotcha.limit() as third:
+        big(MB)
+    assert first.used().bytes < SLACK
+    assert MB <= second.used().bytes < MB + SLACK
+    assert MB <= third.used().bytes < MB + SLACK
+    assert tracemalloc.stop.__gotcha_wrapped__  # type: ignore[attr-defined]
+
+
+def test_ready_is_an_allocation_free_awaitable() -> None:
+    marker = object()
+
+    async def main() -> object:
+        return await _meter.Ready(marker)
+
+    assert anyio.run(main) is marker
+    it = _meter.Ready(5).__await__()
+    with pytest.raises(StopIteration) as info:
+        next(it)
+    assert info.value.value == 5
+
+
+def test_contexts_are_collected() -> None:
+    async def main() -> list[weakref.ref[gotcha.Context]]:
+        refs = []
+        for _ in range(100):
+            async with gotcha.limit() as ctx, gotcha.move_on_limit(bytes=10) as inner:
+                big(100)
+            refs.append(weakref.ref(ctx))
+            refs.append(weakref.ref(inner))
+        return refs
+
+    refs = anyio.run(main)
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_scope_cycles_leak_nothing(backend: str) -> None:
+    async def cycles(n: int) -> None:
+        for _ in range(n):
+            async with gotcha.limit():
+                pass
+            try:
+                async with gotcha.limit(bytes=10):
+                    big(100)
+            except gotcha.LimitExceeded:
+                pass
+            # let the loop run what cancelling scheduled, as a real program would
+            await anyio.sleep(0)
+
+    async def main() -> tuple[int, int]:
+        await cycles(1000)
+        gc.collect()
+        before = len(gc.get_objects()), sys.getallocatedblocks()
+        await cycles(10_000)
+        gc.collect()
+        return len(gc.get_objects()) - before[0], sys.getallocatedblocks() - before[1]
+
+    objects, blocks = anyio.run(main, backend=backend)
+    # 20,000 scopes, half of them exceeded: a leak of one object per scope would show
+    assert objects < 200
+    assert blocks < 2000

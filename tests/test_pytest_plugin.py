@@ -1,0 +1,475 @@
+"""The pytest plugin: ``@pytest.mark.gotcha``, ``--gotcha-report``, ``gotcha_context``.
+
+Every test runs an inner pytest session in a subprocess: the allocator hook is
+process-global, and an inner session in this process would be measured by (and would
+measure) whatever this one does. A subprocess costs about a second, so each test
+checks one behaviour across a few inner tests rather than one inner test each.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+import pytest
+
+# The configuration the project itself uses (DESIGN §4: pytest-asyncio and anyio's
+# plugin only coexist in strict mode).
+INI = """\
+[pytest]
+asyncio_mode = strict
+anyio_mode = strict
+asyncio_default_fixture_loop_scope = function
+filterwarnings = error
+"""
+
+CONFTEST = """\
+import pytest
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    return request.param
+"""
+
+SUMMARY = re.compile(r"^(PASSED|FAILED|ERROR|XFAIL|XPASS) \S+?::(\S+)", re.MULTILINE)
+# the first line of a failure: its one-line reason when the budget failed it
+REASON = re.compile(r"^_{3,} (\S+) _{3,}\n(.*)$", re.MULTILINE)
+OVER = re.compile(
+    r"Test was limited to (?P<limit>[\d,]+) (?P<unit>[a-z ]+?)(?P<hard> \(hard\))? "
+    r"but (?:allocated|made|held) (?P<used>[\d,]+) (?P<resource>[a-z]+)(?: at peak)?"
+)
+
+
+def run(pytester: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
+    pytester.makefile(".ini", pytest=INI)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_inner=textwrap.dedent(source))
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", *args, timeout=120)
+
+
+def outcomes(result: pytest.RunResult) -> dict[str, str]:
+    """{test name: PASSED/FAILED/...} from the short summary (``-rA``)."""
+    return {name: word for word, name in SUMMARY.findall(result.stdout.str())}
+
+
+def over_budget(result: pytest.RunResult) -> dict[str, dict[str, str]]:
+    """{test name: the parts of its budget failure} for tests failed by their budget."""
+    found = {}
+    for name, line in REASON.findall(result.stdout.str()):
+        m = OVER.fullmatch(line)
+        if m is not None:
+            found[name] = m.groupdict()
+    return found
+
+
+def number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def test_sync_budgets_charge_the_body_only(pytester: pytest.Pytester) -> None:
+    result = run(
+        pytester,
+        """
+        import itertools
+
+        import pytest
+
+        @pytest.fixture
+        def ten_mb():
+            return bytearray(10_000_000)
+
+        @pytest.mark.gotcha(bytes="1 MB")
+        def test_over(ten_mb):
+            data = bytearray(2_000_000)
+
+        @pytest.mark.gotcha(bytes="4 MB")
+        def test_under(ten_mb):
+            data = bytearray(2_000_000)
+
+        @pytest.mark.gotcha(bytes="1 MB")
+        def test_fixture_only(ten_mb):
+            assert len(ten_mb) == 10_000_000
+
+        @pytest.mark.gotcha(objects=10)
+        def test_objects():
+            data = [object() for _ in itertools.repeat(None, 1000)]
+
+        @pytest.mark.gotcha(calls=10)
+        def test_calls():
+            data = [object() for _ in itertools.repeat(None, 1000)]
+
+        @pytest.mark.gotcha(memory="1 MB")
+        def test_memory():
+            data = bytearray(2_000_000)
+
+        @pytest.mark.gotcha(bytes="1 MB")
+        class TestClass:
+            def test_class_mark(self):
+                data = bytearray(2_000_000)
+
+            @pytest.mark.gotcha(bytes="4 MB")
+            def test_closest_mark_wins(self):
+                data = bytearray(2_000_000)
+
+        def test_unmarked():
+            data = bytearray(20_000_000)
+        """,
+    )
+    assert outcomes(result) == {
+        "test_over": "FAILED",
+        "test_under": "PASSED",
+        "test_fixture_only": "PASSED",
+        "test_objects": "FAILED",
+        "test_calls": "FAILED",
+        "test_memory": "FAILED",
+        "TestClass::test_class_mark": "FAILED",
+        "TestClass::test_closest_mark_wins": "PASSED",
+        "test_unmarked": "PASSED",
+    }
+    over = over_budget(result)
+    assert over.keys() == {
+        "test_over", "test_objects", "test_calls", "test_memory", "TestClass.test_class_mark",
+    }
+    # the body's 2 MB, not the fixture's 10 MB
+    assert over["test_over"]["limit"] == "1,000,000"
+    assert over["test_over"]["unit"] == over["test_over"]["resource"] == "bytes"
+    assert 2_000_000 <= number(over["test_over"]["used"]) < 2_100_000
+    assert over["test_objects"]["limit"] == "10"
+    assert over["test_objects"]["resource"] == "objects"
+    assert 1000 <= number(over["test_objects"]["used"]) < 1100
+    assert over["test_calls"]["unit"] == "allocator calls"
+    assert over["test_calls"]["resource"] == "calls"
+    assert 1000 <= number(over["test_calls"]["used"]) < 1200
+    assert over["test_memory"]["unit"] == "bytes of memory held"
+    assert 2_000_000 <= number(over["test_memory"]["used"]) < 2_100_000
+    # the reason is the short summary's message too
+    result.stdout.fnmatch_lines(["FAILED test_inner.py::test_over - Failed: Test was limited*"])
+    # no report without the flag
+    assert "gotcha: allocations" not in result.stdout.str()
+
+
+def test_budget_failure_and_other_outcomes(pytester: pytest.Pytester) -> None:
+    result = run(
+        pytester,
+        """
+        import pathlib
+
+        import pytest
+
+        @pytest.mark.gotcha(bytes="1 MB")
+        def test_own_failure_wins():
+            size = len(bytearray(2_000_000))
+            assert size == 0
+
+        @pytest.mark.xfail(reason="allocates too much", strict=True)
+        @pytest.mark.gotcha(bytes="1 MB")
+        def test_xfail_over_budget():
+            data = bytearray(2_000_000)
+
+        @pytest.mark.gotcha(bytes="1 MB", hard=True)
+        def test_hard_refuses():
+            try:
+                data = bytearray(2_000_000)
+            except MemoryError:
+                pathlib.Path("refused").touch()
+                raise
+        """,
+    )
+    assert outcomes(result) == {
+        "test_own_failure_wins": "FAILED",
+        "test_xfail_over_budget": "XFAIL",
+        "test_hard_refuses": "FAILED",
+    }
+    # the test's own error is the report; the budget gets a section of its own
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_own_failure_wins _*",
+            "E       assert 2000000 == 0",
+            "*- gotcha -*",
+            "Test was limited to 1,000,000 bytes but allocated 2,0*,* bytes",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_hard_refuses _*",
+            "Test was limited to 1,000,000 bytes (hard) but an allocation that would have "
+            "reached 2,000,* bytes was refused",
+        ]
+    )
+    assert (pytester.path / "refused").exists()
+
+
+def test_pytest_asyncio_budget(pytester: pytest.Pytester) -> None:
+    result = run(
+        pytester,
+        """
+        import asyncio
+        import pathlib
+
+        import pytest
+        import pytest_asyncio
+        from hypothesis import given, settings, strategies as st
+
+        @pytest_asyncio.fixture
+        async def ten_mb():
+            await asyncio.sleep(0)
+            return bytearray(10_000_000)
+
+        @pytest.mark.gotcha(bytes="1 MB")
+        @pytest.mark.asyncio
+        async def test_over(ten_mb):
+            data = bytearray(2_000_000)
+            await asyncio.sleep(0)
+            # a soft limit cancels the body at its next checkpoint
+            pathlib.Path("not-cancelled").touch()
+
+        @pytest.mark.gotcha(bytes="4 MB")
+        @pytest.mark.asyncio
+        async def test_under(ten_mb):
+            data = bytearray(2_000_000)
+            await asyncio.sleep(0)
+
+        @pytest.mark.gotcha(bytes="1 MB")
+        @pytest.mark.asyncio
+        async def test_child_task_is_charged():
+            async def child():
+                return bytearray(2_000_000)
+            data = await asyncio.create_task(child())
+
+        @pytest.mark.gotcha(bytes="1 MB")
+        @pytest.mark.asyncio
+        @settings(max_examples=2, database=None)
+        @given(st.integers())
+        async def test_hypothesis_examples_are_charged(n):
+            data = bytearray(2_000_000)
+            await asyncio.sleep(0)
+        """,
+    )
+    assert outcomes(result) == {
+        "test_over": "FAILED",
+        "test_under": "PASSED",
+        "test_child_task_is_charged": "FAILED",
+        "test_hypothesis_examples_are_charged": "FAILED",
+    }
+    over = over_budget(result)
+    assert 2_000_000 <= number(over["test_over"]["used"]) < 2_100_000
+    assert 2_000_000 <= number(over["test_child_task_is_charged"]["used"]) < 2_100_000
+    assert number(over["test_hypothesis_examples_are_charged"]["used"]) >= 4_000_000
+    assert not (pytester.path / "not-cancelled").exists()
+
+
+def test_anyio_budget_on_asyncio_and_trio(pytester: pytest.Pytester) -> None:
+    result = run(
+        pytester,
+        """
+        import anyio
+        import pytest
+
+        @pytest.fixture
+        async def ten_mb():
+            await anyio.sleep(0)
+            return bytearray(10_000_000)
+
+        @pytest.mark.gotcha(bytes="1 MB")
+        @pytest.mark.anyio
+        async def test_over(ten_mb):
+            data = bytearray(2_000_000)
+            await anyio.sleep(0)
+
+        @pytest.mark.gotcha(bytes="4 MB")
+        @pytest.mark.anyio
+        async def test_under(ten_mb):
+            data = bytearray(2_000_000)
+            await anyio.sleep(0)
+
+        @pytest.mark.gotcha(bytes="1 MB")
+        @pytest.mark.anyio
+        async def test_worker_thread_is_charged():
+            data = await anyio.to_thread.run_sync(bytearray, 2_000_000)
+        """,
+    )
+    assert outcomes(result) == {
+        "test_over[asyncio]": "FAILED",
+        "test_over[trio]": "FAILED",
+        "test_under[asyncio]": "PASSED",
+        "test_under[trio]": "PASSED",
+        "test_worker_thread_is_charged[asyncio]": "FAILED",
+        "test_worker_thread_is_charged[trio]": "FAILED",
+    }
+    for name, parts in over_budget(result).items():
+        assert parts["limit"] == "1,000,000", name
+        assert 2_000_000 <= number(parts["used"]) < 2_100_000, name
+
+
+def test_gotcha_context_fixture(pytester: pytest.Pytester) -> None:
+    result = run(
+        pytester,
+        """
+        import asyncio
+
+        import anyio
+        import pytest
+        import pytest_asyncio
+
+        import gotcha_async as gotcha
+
+        def test_unmarked_test_is_not_measured():
+            assert gotcha.current() is None
+
+        def test_unmarked_gets_an_unlimited_context(gotcha_context):
+            assert gotcha.current() is gotcha_context
+            assert gotcha_context.limits() == (None, None, None)
+            before = gotcha_context.used().bytes
+            data = bytearray(1_000_000)
+            assert gotcha_context.used().bytes - before >= 1_000_000
+
+        @pytest.mark.gotcha(bytes="4 MB", calls=10_000)
+        def test_marked_gets_the_measuring_context(gotcha_context):
+            assert gotcha.current() is gotcha_context
+            assert gotcha_context.limits() == (4_000_000, None, 10_000)
+
+        @pytest.fixture
+        def final(gotcha_context):
+            setup = bytearray(5_000_000)
+            yield
+            # fixture teardown sees the body's final total
+            assert 1_000_000 <= gotcha_context.used().bytes < 1_100_000
+
+        def test_fixtures_are_not_charged(final, gotcha_context):
+            assert gotcha_context.used().bytes < 10_000
+            data = bytearray(1_000_000)
+
+        @pytest.mark.asyncio
+        async def test_asyncio(gotcha_context):
+            assert gotcha.current() is gotcha_context
+            await asyncio.create_task(asyncio.to_thread(bytearray, 1_000_000))
+            assert gotcha_context.used().bytes >= 1_000_000
+
+        @pytest.mark.anyio
+        async def test_anyio(gotcha_context):
+            assert gotcha.current() is gotcha_context
+            await anyio.to_thread.run_sync(bytearray, 1_000_000)
+            assert gotcha_context.used().bytes >= 1_000_000
+        """,
+    )
+    assert outcomes(result) == {
+        "test_unmarked_test_is_not_measured": "PASSED",
+        "test_unmarked_gets_an_unlimited_context": "PASSED",
+        "test_marked_gets_the_measuring_context": "PASSED",
+        "test_fixtures_are_not_charged": "PASSED",
+        "test_asyncio": "PASSED",
+        "test_anyio[asyncio]": "PASSED",
+        "test_anyio[trio]": "PASSED",
+    }
+
+
+REPORT_SUITE = """
+import asyncio
+
+import pytest
+
+def test_small():
+    data = bytearray(1_000_000)
+
+def test_big():
+    data = bytearray(3_000_000)
+
+@pytest.mark.gotcha(bytes="1 MB")
+def test_failing_mid():
+    data = bytearray(2_000_000)
+
+@pytest.mark.asyncio
+async def test_async():
+    data = bytearray(1_500_000)
+    await asyncio.sleep(0)
+"""
+
+ROW = re.compile(r"^ *([\d,]+) +([\d,]+) +([\d,]+)  test_inner\.py::(\S+)$")
+
+
+def report_rows(result: pytest.RunResult) -> list[tuple[str, int, int, int]]:
+    """(test, bytes, objects, calls) of the report table, in its order."""
+    lines = result.stdout.lines
+    start = next(i for i, line in enumerate(lines) if "gotcha: allocations per test" in line)
+    assert re.fullmatch(r" *bytes +objects +calls  test", lines[start + 1])
+    rows = []
+    for line in lines[start + 2 :]:
+        m = ROW.match(line)
+        if m is None:
+            break
+        rows.append((m[4], number(m[1]), number(m[2]), number(m[3])))
+    return rows
+
+
+def test_report_flag_lists_every_test_biggest_first(pytester: pytest.Pytester) -> None:
+    result = run(pytester, REPORT_SUITE, "--gotcha-report")
+    rows = report_rows(result)
+    assert [name for name, *_ in rows] == [
+        "test_big", "test_failing_mid", "test_async", "test_small",
+    ]
+    sizes = dict(zip(["test_big", "test_failing_mid", "test_async", "test_small"],
+                     [3_000_000, 2_000_000, 1_500_000, 1_000_000], strict=True))
+    for name, b, objects, calls in rows:
+        assert sizes[name] <= b < sizes[name] + 100_000, name
+        assert 1 <= objects <= calls < 1000, name
+    assert outcomes(result)["test_failing_mid"] == "FAILED"
+
+
+def test_report_ini_option(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_inner="def test_one():\n    data = bytearray(1_000_000)\n")
+    pytester.makefile(".ini", pytest=INI + "gotcha_report = true\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    assert [name for name, *_ in report_rows(result)] == ["test_one"]
+
+
+def test_bad_marker_arguments_are_a_usage_error(pytester: pytest.Pytester) -> None:
+    result = run(
+        pytester,
+        """
+        import pytest
+
+        @pytest.mark.gotcha(byts="1 MB")
+        def test_unknown():
+            pass
+
+        @pytest.mark.gotcha(bytes="lots")
+        def test_bad_size():
+            pass
+
+        @pytest.mark.gotcha(objects=-1)
+        def test_negative():
+            pass
+
+        @pytest.mark.gotcha(calls=True)
+        def test_bool():
+            pass
+
+        @pytest.mark.gotcha(hard="yes")
+        def test_hard():
+            pass
+
+        @pytest.mark.gotcha("1 MB")
+        def test_positional():
+            pass
+
+        @pytest.mark.gotcha(bytes="1 MB")
+        def test_good():
+            pass
+        """,
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    prefix = "ERROR: test_inner.py::"
+    result.stderr.fnmatch_lines(
+        [
+            f"{prefix}test_unknown: bad @pytest.mark.gotcha arguments: unknown argument 'byts'*",
+            f"{prefix}test_bad_size: bad @pytest.mark.gotcha arguments: bytes: not a size: 'lots'*",
+            f"{prefix}test_negative: bad @pytest.mark.gotcha arguments: objects must be >= 0*",
+            f"{prefix}test_bool: bad @pytest.mark.gotcha arguments: calls must be an int*True*",
+            f"{prefix}test_hard: bad @pytest.mark.gotcha arguments: hard must be True or False*",
+            f"{prefix}test_positional: bad @pytest.mark.gotcha arguments: "
+            "takes keyword arguments only*'1 MB'*",
+        ],
+        consecutive=False,
+    )
+    assert "test_good" not in result.stderr.str()
+    assert outcomes(result) == {}
