@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import pickle
 import threading
 
@@ -552,7 +551,10 @@ trees = st.recursive(
 )
 
 
-async def _walk(tree: tuple, seen: list[tuple[gotcha.Context, list[gotcha.Context]]]) -> gotcha.Context:
+Seen = list[tuple[gotcha.Context, list[gotcha.Context]]]
+
+
+async def _walk(tree: tuple, seen: Seen) -> gotcha.Context:
     """Enter a scope, allocate, recurse into the children (in sequence or concurrently)."""
     kids: list[gotcha.Context] = []
 

@@ -38,7 +38,7 @@ def test_parse_size(text: str, expected: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "MiB", "1.2.3", "-5", "5 XB", "1e6", "0.3"])
 def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(ValueError, match="size|whole"):
+    with pytest.raises(ValueError, match=r"size|whole"):
         parse_size(text)
 
 

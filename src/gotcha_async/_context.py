@@ -299,7 +299,7 @@ class Context(_meter.Meter, anyio.CancelScope):
     def __init__(
         self,
         *,
-        bytes: Limit = None,  # noqa: A002 - the contract's names
+        bytes: Limit = None,
         objects: Limit = None,
         calls: Limit = None,
         memory: Limit = None,
@@ -440,7 +440,7 @@ class Context(_meter.Meter, anyio.CancelScope):
         """
         return self._memory()  # type: ignore[no-any-return]
 
-    def add(self, bytes: int = 0, objects: int = 0, calls: int = 0) -> None:  # noqa: A002
+    def add(self, bytes: int = 0, objects: int = 0, calls: int = 0) -> None:
         """Charge this scope and every ancestor by hand.
 
         :raises TypeError: for a value that is not an int
@@ -595,7 +595,7 @@ _meter.set_types(Usage, Memory, Context)
 
 def limit(
     *,
-    bytes: Limit = None,  # noqa: A002
+    bytes: Limit = None,
     objects: Limit = None,
     calls: Limit = None,
     memory: Limit = None,
@@ -621,7 +621,7 @@ def limit(
 
 def move_on_limit(
     *,
-    bytes: Limit = None,  # noqa: A002
+    bytes: Limit = None,
     objects: Limit = None,
     calls: Limit = None,
     memory: Limit = None,
@@ -643,7 +643,7 @@ def move_on_limit(
 async def run(
     async_fn: Callable[..., Awaitable[T]],
     *args: Any,
-    bytes: Limit = None,  # noqa: A002
+    bytes: Limit = None,
     objects: Limit = None,
     calls: Limit = None,
     memory: Limit = None,
