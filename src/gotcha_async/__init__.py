@@ -5,6 +5,7 @@ the scope API on top of it; ``_units`` parses sizes; ``_memory`` reads held memo
 and allocation sites; ``asgi`` and ``pytest_plugin`` are the integrations.
 """
 
+from ._context import GRACE as GRACE
 from ._context import Context as Context
 from ._context import LimitExceeded as LimitExceeded
 from ._context import Memory as Memory
@@ -35,7 +36,7 @@ from ._units import parse_size as parse_size
 
 __all__ = [
     "EB", "GB", "KB", "MB", "PB", "TB",
-    "Context", "EiB", "Exa", "GiB", "Giga", "KiB", "Kilo", "LimitExceeded", "Mega",
+    "GRACE", "Context", "EiB", "Exa", "GiB", "Giga", "KiB", "Kilo", "LimitExceeded", "Mega",
     "Memory", "MiB", "Peta", "PiB", "Tera", "TiB", "Usage",
     "current", "limit", "move_on_limit", "parse_size", "run",
 ]

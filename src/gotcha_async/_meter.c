@@ -294,7 +294,11 @@ refuse(Meter *n, uint64_t bytes, uint64_t objects)
             r = R_MEMORY;
             would = m->held->current + bytes;
         }
-        if (r >= 0 && in_user_code()) {
+        /* Never while an exception is being raised or handled: the
+         * interpreter's own unwinding allocates (3.11 retries a failed
+         * allocation of the handler's lasti forever), and those allocations
+         * are bounded. */
+        if (r >= 0 && !PyErr_Occurred() && in_user_code()) {
             if (!m->refused_at[r]) {
                 m->refused_at[r] = would;
             }
@@ -707,7 +711,8 @@ Meter_broken(Meter *m, PyObject *unused)
         if (k < 0) {
             continue;
         }
-        uint64_t v = now[k] > m->refused_at[k] ? now[k] : m->refused_at[k];
+        /* a refused allocation reports what it would have reached */
+        uint64_t v = m->refused_at[k] ? m->refused_at[k] : now[k];
         if (v > m->limit[k]) {
             return Py_BuildValue("(iK)", k, v);
         }

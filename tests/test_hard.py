@@ -1,0 +1,238 @@
+"""Hard limits: the allocation that would break the limit is refused where it is made."""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import threading
+
+import anyio
+import pytest
+
+import gotcha_async as gotcha
+
+pytestmark = pytest.mark.anyio
+
+KiB, MiB, GiB = gotcha.KiB, gotcha.MiB, gotcha.GiB
+# allocations the loop and the interpreter's unwinding make after a refusal: counted,
+# never refused
+MACHINERY = 16 * KiB
+
+
+def big(n: int) -> bytearray:
+    return bytearray(n)
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KiB
+
+
+async def test_huge_allocation_is_refused_before_it_is_made() -> None:
+    before = peak_rss()
+    seen: list[BaseException] = []
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(bytes=64 * MiB, hard=True) as ctx:
+            try:
+                big(2 * GiB)
+            except MemoryError as exc:
+                seen.append(exc)
+                raise
+    assert len(seen) == 1 and isinstance(seen[0], MemoryError)
+    err = info.value
+    assert err.context is ctx and err.resource == "bytes"
+    assert err.used >= 2 * GiB  # what the refused allocation would have reached
+    assert isinstance(err.__cause__, MemoryError)
+    assert ctx.used().bytes < 64 * KiB  # the refused allocation was never charged
+    assert ctx.exceeded() and ctx.cancel_called
+    assert peak_rss() - before < 256 * MiB
+    assert gotcha.current() is None
+
+
+async def test_append_loop_holds_at_most_the_limit() -> None:
+    buf: list[bytearray] = []
+    async with gotcha.move_on_limit(bytes=4 * MiB, hard=True) as ctx:
+        while True:
+            buf.append(big(KiB))
+    assert ctx.exceeded()
+    assert len(buf) * KiB <= 4 * MiB
+    assert len(buf) * KiB > 3 * MiB
+    assert ctx.used().bytes <= 4 * MiB + MACHINERY  # the unwinding after the refusal
+
+
+async def test_code_that_swallows_refusals_stays_within_the_grace() -> None:
+    buf: list[bytearray] = []
+    refusals = 0
+    async with gotcha.move_on_limit(bytes=4 * MiB, hard=True) as ctx:
+        for _ in range(100_000):
+            try:
+                buf.append(big(KiB))
+            except MemoryError:
+                refusals += 1
+    assert refusals > 0
+    assert ctx.used().bytes <= 4 * MiB + gotcha.GRACE["bytes"] + MACHINERY
+    assert len(buf) * KiB <= 4 * MiB + gotcha.GRACE["bytes"]
+
+
+async def test_spinning_loop_stops_on_a_calls_limit() -> None:
+    spins = 0
+    async with gotcha.move_on_limit(calls=10_000, hard=True) as ctx:
+        while True:
+            _ = [spins]
+            spins += 1
+    assert ctx.exceeded()
+    assert 1000 < spins < 10_000
+    assert ctx.used().calls <= 10_000 + MACHINERY
+
+
+async def test_objects_limit_is_refused_too() -> None:
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(objects=1000, hard=True):
+            [object() for _ in range(10_000)]
+    assert info.value.resource == "objects"
+    assert info.value.used == 1001
+
+
+async def test_refusal_lands_only_in_its_own_task_and_thread() -> None:
+    stop = threading.Event()
+    thread_started = threading.Event()
+    started = anyio.Event()
+    errors: list[BaseException] = []
+    rounds = {"task": 0, "thread": 0}
+
+    def thread_bystander() -> None:
+        while not stop.is_set():
+            try:
+                [big(KiB) for _ in range(64)]
+                rounds["thread"] += 1
+                thread_started.set()
+            except BaseException as exc:  # any error at all is a failure here
+                errors.append(exc)
+                return
+
+    async def task_bystander() -> None:
+        started.set()
+        while not stop.is_set():
+            try:
+                [big(KiB) for _ in range(64)]
+                rounds["task"] += 1
+            except BaseException as exc:  # any error at all is a failure here
+                errors.append(exc)
+                return
+            await anyio.sleep(0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(task_bystander)
+        tg.start_soon(anyio.to_thread.run_sync, thread_bystander)
+        await started.wait()
+        await anyio.to_thread.run_sync(thread_started.wait)
+        for _ in range(20):
+            async with gotcha.move_on_limit(bytes=MiB, hard=True) as ctx:
+                keep = []
+                while True:
+                    keep.append(big(KiB))
+            assert ctx.exceeded()
+            await anyio.sleep(0)
+        stop.set()
+    assert errors == []
+    assert rounds["task"] > 0 and rounds["thread"] > 0
+
+
+@pytest.mark.parametrize(
+    "work",
+    [
+        pytest.param(lambda: json.loads(json.dumps([list(range(50))] * 2000)), id="json"),
+        pytest.param(lambda: re.findall(r"\w+", "word " * 200_000), id="re"),
+        pytest.param(lambda: {i: str(i) for i in range(100_000)}, id="comprehension"),
+    ],
+)
+async def test_refusal_inside_library_code(work: object) -> None:
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(bytes=MiB, hard=True) as ctx:
+            work()  # type: ignore[operator]
+    assert isinstance(info.value.__cause__, MemoryError)
+    assert ctx.used().bytes <= MiB + gotcha.GRACE["bytes"] + MACHINERY
+    assert gotcha.current() is None
+    # the process goes on allocating normally
+    assert len(big(8 * MiB)) == 8 * MiB
+
+
+async def test_refusal_inside_a_finally_block() -> None:
+    cleaned = []
+    with pytest.raises(gotcha.LimitExceeded):
+        async with gotcha.limit(bytes=MiB, hard=True):
+            try:
+                pass
+            finally:
+                cleaned.append(big(4 * MiB))
+    assert cleaned == []
+
+
+async def test_refusal_inside_a_shielded_section() -> None:
+    with pytest.raises(gotcha.LimitExceeded):
+        async with gotcha.limit(bytes=MiB, hard=True):
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0)
+                big(4 * MiB)
+    assert gotcha.current() is None
+
+
+async def test_refusal_in_a_worker_thread() -> None:
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(bytes=MiB, hard=True):
+            await anyio.to_thread.run_sync(big, 4 * MiB)
+    assert isinstance(info.value.__cause__, MemoryError)
+
+
+async def test_soft_limits_let_the_allocation_through() -> None:
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(bytes=MiB) as ctx:
+            data = big(4 * MiB)
+            assert len(data) == 4 * MiB  # went through
+            assert ctx.used().bytes > 4 * MiB
+    assert info.value.__cause__ is None
+
+
+async def test_nested_soft_and_hard_scopes_each_apply_their_own_rule() -> None:
+    # a soft parent and a generous hard child: the allocation goes through
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(bytes=MiB) as outer:
+            async with gotcha.limit(bytes=100 * MiB, hard=True):
+                data = big(4 * MiB)
+                await anyio.sleep(0)
+    assert info.value.context is outer and len(data) == 4 * MiB
+    # a hard child inside a generous soft parent: refused
+    async with gotcha.limit(bytes=100 * MiB) as outer:
+        with pytest.raises(gotcha.LimitExceeded) as info:
+            async with gotcha.limit(bytes=MiB, hard=True) as inner:
+                big(4 * MiB)
+        assert info.value.context is inner
+    assert not outer.exceeded()
+    # a hard parent refuses for its unlimited children
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(bytes=MiB, hard=True) as outer:
+            async with gotcha.limit():
+                big(4 * MiB)
+    assert info.value.context is outer
+
+
+def test_hard_limits_work_in_synchronous_code() -> None:
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        with gotcha.limit(bytes=MiB, hard=True):
+            big(4 * MiB)
+    assert info.value.used >= 4 * MiB
+    with gotcha.move_on_limit(bytes=MiB, hard=True) as ctx:
+        big(4 * MiB)
+    assert ctx.exceeded()
+
+
+async def test_reset_clears_the_refusal() -> None:
+    async with gotcha.move_on_limit(bytes=MiB, hard=True) as ctx:
+        try:
+            big(4 * MiB)
+        except MemoryError:
+            pass
+        assert ctx.exceeded()
+        ctx.reset()
+        assert not ctx.exceeded()
+    assert ctx.cancel_called  # the cancellation already requested stays
