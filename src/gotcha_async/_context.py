@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import tracemalloc
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import anyio
@@ -37,6 +37,12 @@ T = TypeVar("T")
 N = TypeVar("N", int, "int | None")
 
 RESOURCES = ("bytes", "objects", "calls", "memory")
+_USED = {
+    "bytes": "bytes allocated",
+    "objects": "objects allocated",
+    "calls": "allocator calls",
+    "memory": "bytes held at peak",
+}
 
 # The innermost scope of the running task. Tasks and worker threads inherit it with
 # the rest of their contextvars: that is what makes charges follow the work.
@@ -88,10 +94,8 @@ class LimitExceeded(Exception):
         self.used = used
         self.limit = limit
         self.details = details
-        unit = "bytes held" if resource == "memory" else resource
-        super().__init__(
-            f"{resource} limit exceeded: {used:,} {unit} used, limit {limit:,}{details}"
-        )
+        what = _USED[resource] if resource in _USED else f"{resource} used"
+        super().__init__(f"{resource} limit exceeded: {used:,} {what}, limit {limit:,}{details}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         # the Context does not travel: it lives in one process's allocator
@@ -445,6 +449,33 @@ class Context(_meter.Meter, anyio.CancelScope):
         track held memory; for the others this returns ``None``.
         """
         return self._memory()  # type: ignore[no-any-return]
+
+    def allocation_sites(
+        self,
+        limit: int | None = 10,
+        *,
+        key_type: str = "lineno",
+        filters: Sequence[tracemalloc.BaseFilter] = (),
+    ) -> list[tracemalloc.Statistic]:
+        """Where the memory this scope still holds was allocated, biggest first.
+
+        Each ``tracemalloc.Statistic`` gives a site (file and line with
+        ``key_type="lineno"``, or a whole traceback with ``"traceback"``), the bytes
+        held from it and the number of blocks. This package's own frames are left
+        out; ``filters`` (``tracemalloc.Filter``, ``tracemalloc.DomainFilter``) narrow
+        it further. Blocks come from the scope's held-memory table (so the scope must
+        track held memory) and their sites from tracemalloc, which must be tracing
+        since before they were allocated. Only Python's allocators are seen (domain
+        0): memory that extensions allocate themselves, such as numpy's array data
+        in its own tracemalloc domain, is never attributed to a scope.
+
+        :param limit: how many sites at most; None for all
+        :raises RuntimeError: if tracemalloc is not tracing or the scope does not
+            track held memory
+        """
+        from ._memory import allocation_sites
+
+        return allocation_sites(self, limit, key_type=key_type, filters=filters)
 
     def add(self, bytes: int = 0, objects: int = 0, calls: int = 0) -> None:
         """Charge this scope and every ancestor by hand.

@@ -1,13 +1,95 @@
-"""Memory held by a scope, and where it was allocated (through tracemalloc)."""
+"""Memory held by a scope, and where it was allocated (through tracemalloc).
+
+Which blocks a scope holds is known exactly from the C hook's pointer table: every
+block allocated inside a scope that tracks held memory is recorded with the scope,
+and whoever frees it -- another task, another thread -- credits the scope back. Where
+a block was allocated is tracemalloc's knowledge: when it is tracing, each held
+block's traceback is looked up by address, and the result is an ordinary
+``tracemalloc.Snapshot`` restricted to the scope, so tracemalloc's own filters and
+statistics apply to it.
+"""
 
 from __future__ import annotations
 
+import os
+import tracemalloc
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._context import Context
 
+# allocation sites in this package are bookkeeping, never the user's
+_OWN_FRAMES = (
+    tracemalloc.Filter(False, os.path.join(os.path.dirname(__file__), "*")),
+    tracemalloc.Filter(False, tracemalloc.__file__),
+)
+SITES_IN_MESSAGES = 5
+
+
+def snapshot(ctx: Context) -> tracemalloc.Snapshot:
+    """A tracemalloc snapshot of the blocks ctx (and the scopes inside it) still holds.
+
+    :raises RuntimeError: if tracemalloc is not tracing, or the scope does not track
+        held memory
+    """
+    if not tracemalloc.is_tracing():
+        raise RuntimeError(
+            "allocation sites come from tracemalloc: call tracemalloc.start() first"
+        )
+    if ctx._memory() is None:
+        raise RuntimeError(
+            "this scope does not track held memory: give it a memory= limit or "
+            "track_memory=True"
+        )
+    traces = [
+        (0, size, frames, len(frames))
+        for size, frames in ctx._held_blocks()
+        if frames is not None  # allocated before tracemalloc started tracing
+    ]
+    return tracemalloc.Snapshot(traces, tracemalloc.get_traceback_limit())
+
+
+def allocation_sites(
+    ctx: Context,
+    limit: int | None = 10,
+    *,
+    key_type: str = "lineno",
+    filters: Sequence[tracemalloc.BaseFilter] = (),
+) -> list[tracemalloc.Statistic]:
+    """Where the memory ctx holds was allocated, biggest first (see Context)."""
+    if limit is not None and (type(limit) is not int or limit < 0):
+        raise ValueError(f"limit must be an int >= 0 or None, not {limit!r}")
+    snap = snapshot(ctx).filter_traces([*_OWN_FRAMES, *filters])
+    stats = snap.statistics(key_type)
+    return stats if limit is None else stats[:limit]
+
+
+def format_size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def format_sites(stats: Sequence[tracemalloc.Statistic]) -> str:
+    lines = []
+    for stat in stats:
+        frame = stat.traceback[0]
+        blocks = "block" if stat.count == 1 else "blocks"
+        lines.append(
+            f"  {format_size(stat.size):>10} in {stat.count:,} {blocks} at "
+            f"{frame.filename}:{frame.lineno}"
+        )
+    return "\n".join(lines)
+
 
 def sites_report(ctx: Context) -> str:
     """The top allocation sites of what ctx holds, for an error message ('' if none)."""
-    return ""
+    if not tracemalloc.is_tracing() or ctx._memory() is None:
+        return ""
+    stats = allocation_sites(ctx, SITES_IN_MESSAGES)
+    if not stats:
+        return ""
+    return "\ntop allocation sites still held by the scope:\n" + format_sites(stats)

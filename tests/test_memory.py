@@ -1,0 +1,184 @@
+"""Memory held: memory= limits, credits for frees made elsewhere, allocation sites."""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+import gotcha_async as gotcha
+from gotcha_async import _meter
+
+pytestmark = pytest.mark.anyio
+
+KiB, MiB = gotcha.KiB, gotcha.MiB
+SLACK = 64 * KiB
+
+
+def big(n: int) -> bytearray:
+    return bytearray(n)
+
+
+@pytest.fixture
+def tracing() -> Iterator[None]:
+    tracemalloc.start(5)
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
+
+
+async def test_churn_passes_a_small_memory_limit() -> None:
+    async with gotcha.limit(memory=MiB) as ctx:
+        for _ in range(1600):  # 100 MiB through a 64 KiB buffer
+            chunk = big(64 * KiB)
+            del chunk
+    current, peak = ctx.memory()  # type: ignore[misc]
+    assert 64 * KiB <= peak < 64 * KiB + SLACK
+    assert current < SLACK
+    assert ctx.used().bytes >= 100 * MiB  # the allocation budget still sees it all
+
+
+async def test_holding_more_than_the_limit_fails() -> None:
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(memory=MiB) as ctx:
+            keep = [big(256 * KiB) for _ in range(10)]  # 2.5 MiB
+            await anyio.sleep(0)
+            pytest.fail("not cancelled")
+    err = info.value
+    assert err.resource == "memory" and err.limit == MiB
+    assert 2.5 * MiB <= err.used < 2.5 * MiB + SLACK
+    assert "bytes held at peak" in str(err)
+    assert ctx.memory().peak == err.used  # type: ignore[union-attr]
+    del keep
+
+
+async def test_producer_scope_is_credited_for_what_a_consumer_frees() -> None:
+    send, receive = anyio.create_memory_object_stream[bytearray](0)  # unbuffered
+    dropped = 0
+
+    async def consumer() -> None:
+        nonlocal dropped
+        async with receive:
+            async for item in receive:
+                del item
+                dropped += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer)
+        async with gotcha.limit(memory=2 * MiB) as ctx:
+            async with send:
+                for _ in range(100):
+                    await send.send(big(256 * KiB))
+    assert dropped == 100
+    current, peak = ctx.memory()  # type: ignore[misc]
+    assert ctx.used().bytes >= 25 * MiB
+    assert peak <= 2 * 256 * KiB + SLACK
+    assert current < SLACK
+
+
+async def test_a_block_freed_by_another_thread_is_credited() -> None:
+    async with gotcha.Context(track_memory=True) as ctx:
+        box = [big(MiB)]
+        assert ctx.memory().current >= MiB  # type: ignore[union-attr]
+        await anyio.to_thread.run_sync(box.clear)
+        assert ctx.memory().current < SLACK  # type: ignore[union-attr]
+        assert ctx.memory().peak >= MiB  # type: ignore[union-attr]
+
+
+def test_memory_outlives_its_scope_and_is_credited_later() -> None:
+    with gotcha.Context(track_memory=True) as ctx:
+        kept = big(MiB)
+    assert ctx.memory().current >= MiB  # type: ignore[union-attr]
+    assert _meter.hooked()  # a held block keeps the hook in place for its free
+    t = threading.Thread(target=kept.clear)  # freed outside any scope, in a thread
+    t.start()
+    t.join()
+    del kept
+    assert ctx.memory().current < SLACK  # type: ignore[union-attr]
+
+
+async def test_nested_scopes_track_inside_a_memory_scope() -> None:
+    async with gotcha.limit(memory=10 * MiB) as outer:
+        async with gotcha.limit() as inner:
+            data = big(MiB)
+        assert inner.memory().current >= MiB  # type: ignore[union-attr]
+        assert outer.memory().current >= MiB  # type: ignore[union-attr]
+        del data
+        assert inner.memory().current < SLACK  # type: ignore[union-attr]
+    assert gotcha.Context().memory() is None  # no limit, no tracking
+
+
+async def test_hard_memory_limit_refuses_but_lets_churn_through() -> None:
+    async with gotcha.limit(memory=MiB, hard=True) as ctx:
+        for _ in range(200):
+            chunk = big(64 * KiB)
+            del chunk
+    assert not ctx.exceeded()
+    keep: list[bytearray] = []
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(memory=MiB, hard=True):
+            while True:
+                keep.append(big(64 * KiB))
+    assert isinstance(info.value.__cause__, MemoryError)
+    assert len(keep) * 64 * KiB <= MiB
+
+
+async def test_allocation_sites(tracing: None) -> None:
+    async with gotcha.Context(track_memory=True) as ctx:
+        blocks = [big(100 * KiB) for _ in range(5)]  # the biggest site
+        small = [big(KiB) for _ in range(3)]
+        sites = ctx.allocation_sites(2)
+    assert len(sites) == 2
+    assert sites[0].traceback[0].filename == __file__
+    assert sites[0].size >= 500 * KiB and sites[0].count >= 5
+    assert sites[1].size < sites[0].size
+    assert all("gotcha_async" not in s.traceback[0].filename for s in sites)
+    everything = ctx.allocation_sites(None, filters=[tracemalloc.DomainFilter(True, 0)])
+    assert sum(s.size for s in everything) <= ctx.memory().current  # type: ignore[union-attr]
+    other_domain = ctx.allocation_sites(None, filters=[tracemalloc.DomainFilter(False, 0)])
+    assert other_domain == []
+    del blocks, small
+
+
+async def test_limit_exceeded_names_the_top_sites(tracing: None) -> None:
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(memory=MiB):
+            keep = [big(256 * KiB) for _ in range(10)]
+    message = str(info.value)
+    assert "top allocation sites still held by the scope:" in message
+    assert f"{__file__}:" in message
+    assert "2.5 MiB in " in message
+    del keep
+
+
+async def test_sites_need_tracemalloc_and_tracking() -> None:
+    async with gotcha.Context(track_memory=True) as ctx:
+        with pytest.raises(RuntimeError, match=r"tracemalloc\.start"):
+            ctx.allocation_sites()
+    tracemalloc.start()
+    try:
+        with pytest.raises(RuntimeError, match="does not track held memory"):
+            gotcha.Context().allocation_sites()
+        with pytest.raises(ValueError, match="limit must be"):
+            ctx.allocation_sites(-1)
+    finally:
+        tracemalloc.stop()
+
+
+async def test_tracemalloc_stopped_inside_a_memory_scope_keeps_crediting() -> None:
+    tracemalloc.start()
+    try:
+        async with gotcha.limit(memory=10 * MiB) as ctx:
+            data = big(MiB)
+            tracemalloc.stop()
+            del data
+            more = big(MiB)
+            assert MiB <= ctx.memory().current < MiB + SLACK  # type: ignore[union-attr]
+            del more
+    finally:
+        tracemalloc.stop()
+    assert ctx.memory().current < SLACK  # type: ignore[union-attr]
