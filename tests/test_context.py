@@ -126,7 +126,7 @@ def test_limit_exceeded_pickles_without_its_context() -> None:
     err = gotcha.LimitExceeded(ctx, "bytes", 10, 1)
     copy = pickle.loads(pickle.dumps(err))
     assert (copy.resource, copy.used, copy.limit, copy.context) == ("bytes", 10, 1, None)
-    assert str(copy) == str(err) == "bytes limit exceeded: 10 bytes used, limit 1"
+    assert str(copy) == str(err) == "bytes limit exceeded: 10 bytes allocated, limit 1"
 
 
 # -- exact counts ------------------------------------------------------------------
