@@ -54,7 +54,7 @@ def outcomes(result: pytest.RunResult) -> dict[str, str]:
 
 def over_budget(result: pytest.RunResult) -> dict[str, dict[str, str]]:
     """{test name: the parts of its budget failure} for tests failed by their budget."""
-    found = {}
+    found: dict[str, dict[str, str]] = {}
     for name, line in REASON.findall(result.stdout.str()):
         m = OVER.fullmatch(line)
         if m is not None:
@@ -71,6 +71,7 @@ def test_sync_budgets_charge_the_body_only(pytester: pytest.Pytester) -> None:
         pytester,
         """
         import itertools
+        import unittest
 
         import pytest
 
@@ -111,6 +112,11 @@ def test_sync_budgets_charge_the_body_only(pytester: pytest.Pytester) -> None:
             def test_closest_mark_wins(self):
                 data = bytearray(2_000_000)
 
+        class UnitTest(unittest.TestCase):
+            @pytest.mark.gotcha(bytes="1 MB")
+            def test_unittest_method(self):
+                data = bytearray(2_000_000)
+
         def test_unmarked():
             data = bytearray(20_000_000)
         """,
@@ -124,11 +130,13 @@ def test_sync_budgets_charge_the_body_only(pytester: pytest.Pytester) -> None:
         "test_memory": "FAILED",
         "TestClass::test_class_mark": "FAILED",
         "TestClass::test_closest_mark_wins": "PASSED",
+        "UnitTest::test_unittest_method": "FAILED",
         "test_unmarked": "PASSED",
     }
     over = over_budget(result)
     assert over.keys() == {
         "test_over", "test_objects", "test_calls", "test_memory", "TestClass.test_class_mark",
+        "UnitTest.test_unittest_method",
     }
     # the body's 2 MB, not the fixture's 10 MB
     assert over["test_over"]["limit"] == "1,000,000"
@@ -153,6 +161,7 @@ def test_budget_failure_and_other_outcomes(pytester: pytest.Pytester) -> None:
         pytester,
         """
         import pathlib
+        import unittest
 
         import pytest
 
@@ -173,12 +182,19 @@ def test_budget_failure_and_other_outcomes(pytester: pytest.Pytester) -> None:
             except MemoryError:
                 pathlib.Path("refused").touch()
                 raise
+
+        class AsyncUnitTest(unittest.IsolatedAsyncioTestCase):
+            # unittest runs the coroutine itself: the plugin cannot measure it
+            @pytest.mark.gotcha(bytes="1 MB")
+            async def test_unmeasurable(self):
+                pass
         """,
     )
     assert outcomes(result) == {
         "test_own_failure_wins": "FAILED",
         "test_xfail_over_budget": "XFAIL",
         "test_hard_refuses": "FAILED",
+        "AsyncUnitTest::test_unmeasurable": "FAILED",  # the warning, under filterwarnings=error
     }
     # the test's own error is the report; the budget gets a section of its own
     result.stdout.fnmatch_lines(
@@ -197,6 +213,9 @@ def test_budget_failure_and_other_outcomes(pytester: pytest.Pytester) -> None:
         ]
     )
     assert (pytester.path / "refused").exists()
+    result.stdout.fnmatch_lines(
+        ["E *PytestWarning: @pytest.mark.gotcha: the body of this test was not run *"]
+    )
 
 
 def test_pytest_asyncio_budget(pytester: pytest.Pytester) -> None:

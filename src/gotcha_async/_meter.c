@@ -124,21 +124,26 @@ table_remove(uintptr_t p)
 static void
 table_insert(uintptr_t p, Held *h, size_t size)
 {
-    if (table_count && table_cap) {
-        table_remove(p);   /* a stale entry for a recycled address */
-    }
     if ((table_count + 1) * 2 > table_cap && table_grow() < 0) {
         return;            /* out of libc memory: this block goes untracked */
     }
+    /* one probe finds the free slot, or a stale entry for a recycled address
+     * (a block freed while the hook was out of the chain) */
     size_t i = slot_of(p);
-    while (table[i].key) {
+    while (table[i].key && table[i].key != p) {
         i = (i + 1) & (table_cap - 1);
+    }
+    if (table[i].key == p) {
+        held_credit(table[i].held, table[i].size);
+        held_decref(table[i].held);
+    }
+    else {
+        table_count++;
     }
     table[i].key = p;
     table[i].held = h;
     table[i].size = size;
     h->refcnt++;
-    table_count++;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -310,6 +315,23 @@ refuse(Meter *n, uint64_t bytes, uint64_t objects)
     return 0;
 }
 
+/* The common case, inlined: no hard limit in the chain would break. The grace
+ * only ever raises a limit, so the slow path can be skipped when this says no. */
+static inline int
+may_refuse(Meter *n, uint64_t bytes, uint64_t objects)
+{
+    for (Meter *m = n; m != NULL; m = m->parent) {
+        if (m->hard &&
+            ((m->used[R_BYTES] + bytes > m->limit[R_BYTES]) |
+             (m->used[R_OBJECTS] + objects > m->limit[R_OBJECTS]) |
+             (m->used[R_CALLS] + 1 > m->limit[R_CALLS]) |
+             (m->held != NULL && m->held->current + bytes > m->limit[R_MEMORY]))) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 static inline void
 charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls)
 {
@@ -357,7 +379,7 @@ hook_malloc(void *ctx, size_t size)
     if (n == NULL) {
         return d->prev.malloc(d->prev.ctx, size);
     }
-    if (n->hard_chain && refuse(n, size, d->is_obj)) {
+    if (n->hard_chain && may_refuse(n, size, d->is_obj) && refuse(n, size, d->is_obj)) {
         return NULL;
     }
     void *p = d->prev.malloc(d->prev.ctx, size);
@@ -382,7 +404,7 @@ hook_calloc(void *ctx, size_t nelem, size_t elsize)
         return d->prev.calloc(d->prev.ctx, nelem, elsize);
     }
     size_t size = nelem * elsize;   /* on overflow the allocator refuses anyway */
-    if (n->hard_chain && refuse(n, size, d->is_obj)) {
+    if (n->hard_chain && may_refuse(n, size, d->is_obj) && refuse(n, size, d->is_obj)) {
         return NULL;
     }
     void *p = d->prev.calloc(d->prev.ctx, nelem, elsize);
@@ -402,7 +424,7 @@ hook_realloc(void *ctx, void *ptr, size_t size)
 {
     Domain *d = ctx;
     Meter *n = (active == 0 || paused) ? NULL : current_meter();
-    if (n != NULL && n->hard_chain && refuse(n, size, 0)) {
+    if (n != NULL && n->hard_chain && may_refuse(n, size, 0) && refuse(n, size, 0)) {
         return NULL;
     }
     void *p = d->prev.realloc(d->prev.ctx, ptr, size);

@@ -17,10 +17,9 @@ entered *inside* the coroutine, in the task that runs it: a scope entered around
 call from outside would not be seen there, since the task's contextvars were copied
 before.
 
-Importing this module must stay cheap and side-effect free: pytest loads it in every
-session of an environment where gotcha-async is installed, and importing
-``gotcha_async`` itself installs the allocator hook. The package is imported on first
-need only (a marked test, the report flag, the fixture).
+This module imports nothing from gotcha_async when it is loaded (pytest loads it in
+every session of an environment where gotcha-async is installed): the scope machinery
+is imported on first need only, for a marked test, the report or the fixture.
 """
 
 from __future__ import annotations
@@ -46,6 +45,8 @@ _SECTION = "gotcha"
 _BUDGET = pytest.StashKey[dict[str, Any]]()
 # the Context measuring the item's body, from setup to the end of teardown
 _CONTEXT = pytest.StashKey["Context"]()
+# set when the body ran inside its Context (a unittest async test never does)
+_ENTERED = pytest.StashKey[bool]()
 # the budget failure this plugin raised for the item's call phase, if any
 _FAILED_BUDGET = pytest.StashKey[str]()
 # the --gotcha-report table, when the report is on
@@ -160,10 +161,11 @@ def _new_context(budget: dict[str, Any] | None) -> Context:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # Before any fixture is set up, so that gotcha_context finds the Context. A fresh
     # one per run: a Context can be entered once, and rerun plugins run setup again.
-    if _CONTEXT in item.stash:
-        del item.stash[_CONTEXT]
-    if _FAILED_BUDGET in item.stash:
-        del item.stash[_FAILED_BUDGET]
+    for key in (_CONTEXT, _ENTERED, _FAILED_BUDGET):
+        if key in item.stash:
+            del item.stash[key]
+    if not isinstance(item, pytest.Function):
+        return  # a doctest, a YAML item...: no test function to measure
     budget = item.stash.get(_BUDGET, None)
     if budget is not None or _REPORT in item.config.stash:
         item.stash[_CONTEXT] = _new_context(budget)
@@ -192,8 +194,10 @@ def gotcha_context(request: pytest.FixtureRequest) -> Context:
     return ctx
 
 
-def _measured(fn: Callable[..., Any], ctx: Context) -> Callable[..., Any]:
-    """fn, running inside ctx.
+def _measured(
+    fn: Callable[..., Any], ctx: Context, entering: Callable[[], None]
+) -> Callable[..., Any]:
+    """fn, running inside ctx; ``entering()`` is called first, outside ctx.
 
     ``functools.wraps`` keeps the name, the signature and the attributes that other
     plugins look at (pytest-asyncio and anyio check for a coroutine function, so the
@@ -203,6 +207,7 @@ def _measured(fn: Callable[..., Any], ctx: Context) -> Callable[..., Any]:
 
         @functools.wraps(fn)
         async def measured_async(*args: Any, **kwargs: Any) -> Any:
+            entering()
             # entered in the task that runs the test: that task's contextvars are
             # where the allocator hook looks for the scope
             with ctx:
@@ -212,6 +217,7 @@ def _measured(fn: Callable[..., Any], ctx: Context) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def measured(*args: Any, **kwargs: Any) -> Any:
+        entering()
         with ctx:
             return fn(*args, **kwargs)
 
@@ -242,7 +248,11 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     # Swapped here rather than in pytest_pyfunc_call: pytest-asyncio wraps item.obj
     # in its event-loop runner in runtest(), before pytest_pyfunc_call runs.
     original = item.obj
-    item.obj = _measured(original, ctx)
+
+    def entering() -> None:
+        item.stash[_ENTERED] = True
+
+    item.obj = _measured(original, ctx, entering)
     # A Hypothesis test is a sync function that runs its async inner test once per
     # example, in a task pytest-asyncio set up before the body was entered: each
     # example then gets a scope of its own, charging the test's.
@@ -261,7 +271,19 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     # skip or xfail is the better report (the budget then gets a report section).
     # Raising Failed, rather than rewriting the report afterwards, keeps xfail working.
     budget = item.stash.get(_BUDGET, None)
-    reason = _over_budget(ctx, budget) if budget is not None else None
+    if budget is None:
+        return result
+    if _ENTERED not in item.stash:
+        # e.g. an async unittest method, which unittest calls itself: rather than a
+        # budget that silently never applies, say so
+        item.warn(
+            pytest.PytestWarning(
+                "@pytest.mark.gotcha: the body of this test was not run through "
+                "pytest's test function, so it was not measured"
+            )
+        )
+        return result
+    reason = _over_budget(ctx, budget)
     if reason is not None:
         item.stash[_FAILED_BUDGET] = reason
         pytest.fail(reason, pytrace=False)
@@ -313,7 +335,7 @@ def pytest_runtest_makereport(
     if call.when != "call":
         return report
     ctx = item.stash.get(_CONTEXT, None)
-    if ctx is None:
+    if ctx is None or _ENTERED not in item.stash:
         return report
     b, o, c = ctx.used()
     setattr(report, REPORT_ATTR, {"bytes": b, "objects": o, "calls": c})
@@ -339,7 +361,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
         return (yield)
     finally:
         # after fixture teardown, which may still read gotcha_context
-        for key in (_CONTEXT, _FAILED_BUDGET):
+        for key in (_CONTEXT, _ENTERED, _FAILED_BUDGET):
             if key in item.stash:
                 del item.stash[key]
 
