@@ -21,7 +21,9 @@ async def handle(body: str) -> dict:
 
 async def serve(name: str, body: str) -> None:
     try:
-        async with gotcha.limit(bytes=4 * gotcha.MiB) as ctx:
+        # hard: the hog builds its answer without a single await, a soft limit would let
+        # it finish; a hard one refuses the allocation that would go over
+        async with gotcha.limit(bytes=4 * gotcha.MiB, hard=True) as ctx:
             answer = await handle(body)
         print(f"{name}: 200 {json.dumps(answer)[:40]} ({ctx.used().bytes:,} bytes)")
     except gotcha.LimitExceeded as exc:

@@ -1,0 +1,55 @@
+"""The examples run and say what the README says they say."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def run(name: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_nested() -> None:
+    lines = run("nested.py").splitlines()
+    assert lines[0].startswith("initial allocation ")
+    assert lines[1].startswith("derived allocation ")
+    initial = int(lines[0].split()[2])
+    derived = int(lines[1].split()[2])
+    total = int(lines[2].split()[2])
+    assert 800 <= initial < 1024 and 40_000 <= derived < 41_000
+    assert total >= initial + derived
+    assert lines[3] == "5000 True"
+
+
+def test_request_handler() -> None:
+    out = run("request_handler.py")
+    assert "hog: 503 bytes limit exceeded" in out
+    assert "small: 200" in out and "another: 200" in out
+
+
+def test_untrusted() -> None:
+    out = run("untrusted.py")
+    assert "small: 100" in out
+    assert "large: bytes limit exceeded" in out
+
+
+def test_hard_limit() -> None:
+    out = run("hard_limit.py")
+    kept = int(out.split("holding ")[1].split(" KiB")[0].replace(",", ""))
+    assert 3 * 1024 < kept <= 4 * 1024 + 64
+    assert "exceeded: True" in out
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_every_example_has_a_run_line(name: str) -> None:
+    assert f"python examples/{name}" in (EXAMPLES / name).read_text()
