@@ -21,7 +21,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import anyio
 
 from . import _meter
-from ._units import Limit, check_limit
+from ._units import _MAX, Limit, check_limit
 
 __all__ = [
     "Context",
@@ -37,6 +37,7 @@ T = TypeVar("T")
 N = TypeVar("N", int, "int | None")
 
 RESOURCES = ("bytes", "objects", "calls", "memory")
+_NO_LIMITS = (None, None, None, None)
 _USED = {
     "bytes": "bytes allocated",
     "objects": "objects allocated",
@@ -318,9 +319,15 @@ class Context(_meter.Meter, anyio.CancelScope):
         shield: bool = False,
         track_memory: bool = False,
     ) -> None:
-        if bytes is None and objects is None and calls is None and memory is None:
-            limits: tuple[int | None, ...] = (None, None, None, None)
-        else:
+        limits: tuple[int | None, ...] = (bytes, objects, calls, memory)  # type: ignore[assignment]
+        # the common cases (None, a plain int in range) without a call each: this runs
+        # for every request
+        if not (
+            (bytes is None or (type(bytes) is int and 0 <= bytes <= _MAX))
+            and (objects is None or (type(objects) is int and 0 <= objects <= _MAX))
+            and (calls is None or (type(calls) is int and 0 <= calls <= _MAX))
+            and (memory is None or (type(memory) is int and 0 <= memory <= _MAX))
+        ):
             limits = (
                 check_limit("bytes", bytes),
                 check_limit("objects", objects),
@@ -335,8 +342,7 @@ class Context(_meter.Meter, anyio.CancelScope):
             raise TypeError(f"parent must be a Context or None, not {parent!r}")
         self._limits = limits
         self._hard = hard
-        if parent is not None or hard or track_memory or limits[0] is not None \
-                or limits[1] is not None or limits[2] is not None or limits[3] is not None:
+        if parent is not None or hard or track_memory or limits != _NO_LIMITS:
             self._setup(parent, *limits, hard, track_memory)
         self._shield = shield
         self._deadline = math.inf
