@@ -595,3 +595,24 @@ def test_parents_are_charged_at_least_their_children(tree: tuple) -> None:
         root = seen[-1][0]
         assert root.parent is None
         assert gotcha.current() is None
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_loop_in_a_worker_thread_is_cancelled_while_the_main_thread_blocks(
+    backend: str,
+) -> None:
+    # the main thread sits in join(), in C: it runs no pending call, the delivery
+    # thread must hand the cancellation to the loop
+    results: list[tuple[bool, bool]] = []
+
+    async def main() -> None:
+        with anyio.fail_after(30):  # a guard only: the limit must cancel long before
+            async with gotcha.move_on_limit(bytes=MB) as ctx:
+                big(2 * MB)
+                await anyio.sleep_forever()
+        results.append((ctx.exceeded(), ctx.cancelled_caught))
+
+    thread = threading.Thread(target=anyio.run, args=(main,), kwargs={"backend": backend})
+    thread.start()
+    thread.join()
+    assert results == [(True, True)]

@@ -14,6 +14,7 @@ import importlib.util
 import math
 import os
 import sys
+import threading
 import tracemalloc
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -136,7 +137,8 @@ def _deliver(ctx: Context) -> None:
 GRACE: dict[str, int] = dict(zip(RESOURCES, _meter.grace(), strict=True))
 
 _MACHINERY = _machinery_dirs()
-_meter.install(_scope_var, _deliver, _MACHINERY)
+_meter.install(_scope_var, _deliver, _MACHINERY, threading.main_thread().ident)
+os.register_at_fork(after_in_child=_meter.after_fork)
 
 
 def _keep_hook_through_tracemalloc_stop() -> None:

@@ -194,10 +194,52 @@ static int installed;
 static int deliver_pending(void *);
 static void step_aside(void);
 
+/* Two ways to reach Python. A pending call runs at the main thread's next
+ * safe point: right after the allocation when the loop runs there, so the
+ * cancellation can land at the task's very next checkpoint. Only the main
+ * thread runs pending calls, though, and it may be blocked in C (a loop in a
+ * worker thread, join()); a trip in any other thread wakes a small delivery
+ * thread of ours instead, which takes the GIL and hands the queue to Python. */
+static PyThread_type_lock wake;
+static unsigned long main_ident;
+
+static void
+delivery_main(void *unused)
+{
+    for (;;) {
+        PyThread_acquire_lock(wake, WAIT_LOCK);
+        PyGILState_STATE g = PyGILState_Ensure();
+        if (queue != NULL) {
+            deliver_pending(NULL);
+        }
+        PyGILState_Release(g);
+    }
+}
+
+static int
+start_delivery(void)
+{
+    wake = PyThread_allocate_lock();
+    if (wake == NULL) {
+        return -1;
+    }
+    PyThread_acquire_lock(wake, WAIT_LOCK);   /* held: the thread waits on it */
+    if (PyThread_start_new_thread(delivery_main, NULL) == PYTHREAD_INVALID_THREAD_ID) {
+        PyThread_free_lock(wake);
+        wake = NULL;
+        return -1;
+    }
+    return 0;
+}
+
 static void
 schedule(void)
 {
-    if (!scheduled && Py_AddPendingCall(deliver_pending, NULL) == 0) {
+    if (PyThread_get_thread_ident() != main_ident && wake != NULL) {
+        /* a semaphore post: no allocation, no Python */
+        PyThread_release_lock(wake);
+    }
+    else if (!scheduled && Py_AddPendingCall(deliver_pending, NULL) == 0) {
         scheduled = 1;
     }
 }
@@ -928,7 +970,8 @@ static PyObject *
 mod_install(PyObject *mod, PyObject *args)
 {
     PyObject *var, *cb, *dirs;
-    if (!PyArg_ParseTuple(args, "O!OO!", &PyContextVar_Type, &var, &cb, &PyTuple_Type, &dirs)) {
+    if (!PyArg_ParseTuple(args, "O!OO!k", &PyContextVar_Type, &var, &cb, &PyTuple_Type, &dirs,
+                          &main_ident)) {
         return NULL;
     }
     Py_ssize_t n = PyTuple_GET_SIZE(dirs);
@@ -958,6 +1001,10 @@ mod_install(PyObject *mod, PyObject *args)
     n_exempt = n;
     scope_var = Py_NewRef(var);
     deliver_cb = Py_NewRef(cb);
+    if (start_delivery() < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot start the delivery thread");
+        return NULL;
+    }
     installed = 1;   /* the first enter() puts the hook in the chain */
     Py_RETURN_NONE;
 }
@@ -991,6 +1038,19 @@ mod_tracemalloc_stopped(PyObject *mod, PyObject *unused)
     }
     ensure_hooked();
     return PyBool_FromLong(dropped);
+}
+
+/* In a forked child only the forking thread survives: the delivery thread must
+ * be started again, and the forking thread is the child's main thread. */
+static PyObject *
+mod_after_fork(PyObject *mod, PyObject *unused)
+{
+    main_ident = PyThread_get_thread_ident();
+    if (start_delivery() < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot start the delivery thread");
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -1102,7 +1162,7 @@ mod_deliver(PyObject *mod, PyObject *unused)
 
 static PyMethodDef mod_methods[] = {
     {"install", mod_install, METH_VARARGS,
-     "install(var, deliver, exempt_dirs): set the hook up; once per process."},
+     "install(var, deliver, exempt_dirs, main_thread_ident): set the hook up; once per process."},
     {"set_types", mod_set_types, METH_VARARGS,
      "set_types(Usage, Memory, Context): the classes the module works with."},
     {"set_hooked", mod_set_hooked, METH_O,
@@ -1110,6 +1170,7 @@ static PyMethodDef mod_methods[] = {
     {"tracemalloc_stopped", mod_tracemalloc_stopped, METH_NOARGS,
      "Call after tracemalloc.stop(): rejoin the chain if it dropped the hook."},
     {"hooked", mod_hooked, METH_NOARGS, "Is the hook in place on both domains?"},
+    {"after_fork", mod_after_fork, METH_NOARGS, "Restart delivery in a forked child."},
     {"enter", mod_enter, METH_O, "Make a Context the current scope (hook paused)."},
     {"exit", mod_exit, METH_O, "Restore the scope that was current before enter()."},
     {"active", mod_active, METH_NOARGS, "Number of entered scopes in the process."},

@@ -19,6 +19,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import Any
 
 import anyio.lowlevel
@@ -82,6 +83,10 @@ def _check_limit_kwargs(where: str, kwargs: object) -> LimitKwargs:
     return out
 
 
+def _unlimited(kwargs: Mapping[str, Any]) -> bool:
+    return all(kwargs[name] is None for name in _RESOURCES)
+
+
 def _compile_pattern(pattern: object) -> re.Pattern[str]:
     if isinstance(pattern, re.Pattern):
         if not isinstance(pattern.pattern, str):
@@ -94,6 +99,26 @@ def _compile_pattern(pattern: object) -> re.Pattern[str]:
         f"routes: a pattern must be a glob string or a compiled regex, "
         f"not {type(pattern).__name__} {pattern!r}"
     )
+
+
+async def _stop(ctx: Context) -> None:
+    """Cancel a request that is over its limit, from a checkpoint of its own task.
+
+    The core cancels a broken scope by itself, but through a pending call that only
+    the main thread runs: with the event loop in another thread, or the main thread
+    busy in C, that can come late. The request's own send or receive is a safe point
+    in the request's task to do it at once.
+    """
+    parent = ctx.parent
+    if parent is None or not parent.exceeded():
+        # its own limit broke (an ancestor's breach is the ancestor's to deliver)
+        ctx.cancel()
+    await anyio.lowlevel.checkpoint()
+
+
+async def _stop_then_receive(ctx: Context, receive: Receive) -> Message:
+    await _stop(ctx)
+    return await receive()
 
 
 def _plain_text(status_code: int, resource: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
@@ -196,13 +221,14 @@ class LimitMiddleware:
         if not callable(app):
             raise TypeError(f"app must be an ASGI callable, not {app!r}")
         self.app = app
-        self.defaults: LimitKwargs = {
+        #: The default limit arguments, validated (read-only).
+        self.limits: Mapping[str, Any] = MappingProxyType({
             "bytes": check_limit("bytes", bytes),
             "objects": check_limit("objects", objects),
             "calls": check_limit("calls", calls),
             "memory": check_limit("memory", memory),
             "hard": _check_hard("hard", hard),
-        }
+        })
         if type(status_code) is not int:
             raise TypeError(f"status_code must be an int, not {status_code!r}")
         if not 400 <= status_code <= 599:
@@ -227,13 +253,15 @@ class LimitMiddleware:
                 f"(scope) -> limit arguments or None, or None; not {type(routes).__name__} "
                 f"{routes!r}"
             )
+        self._routed = routes is not None
+        self._default_limits = None if _unlimited(self.limits) else self.limits
         if on_exceeded is not None and not callable(on_exceeded):
             raise TypeError(f"on_exceeded must be callable or None, not {on_exceeded!r}")
         self.on_exceeded = on_exceeded
 
     # -- which limits --------------------------------------------------------------------
 
-    def _limits_for(self, scope: Scope) -> LimitKwargs | None:
+    def _limits_for(self, scope: Scope) -> Mapping[str, Any] | None:
         """The limit arguments for this request, or None when nothing limits it."""
         route: Mapping[str, Any] | None = None
         if self._route_table is not None:
@@ -247,10 +275,10 @@ class LimitMiddleware:
             if found is not None:
                 # a callable's answer is checked per request: it exists only now
                 route = _check_limit_kwargs(f"routes({scope.get('path', '')!r})", found)
-        kwargs = self.defaults if route is None else {**self.defaults, **route}
-        if all(kwargs[name] is None for name in _RESOURCES):
-            return None
-        return kwargs
+        if route is None:
+            return self._default_limits
+        kwargs = {**self.limits, **route}
+        return None if _unlimited(kwargs) else kwargs
 
     # -- the ASGI callable ---------------------------------------------------------------
 
@@ -259,7 +287,8 @@ class LimitMiddleware:
         if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
-        kwargs = self._limits_for(scope)
+        # the common case, no routes, costs one attribute read per request
+        kwargs = self._default_limits if self._routed is False else self._limits_for(scope)
         if kwargs is None:
             await self.app(scope, receive, send)
         elif kind == "http":
@@ -267,21 +296,27 @@ class LimitMiddleware:
         else:
             await self._websocket(scope, receive, send, kwargs)
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send, kwargs: LimitKwargs) -> None:
+    async def _http(
+        self, scope: Scope, receive: Receive, send: Send, kwargs: Mapping[str, Any]
+    ) -> None:
         response_started = False
         response_complete = False
         trailers = False
         ctx = limit(**kwargs)
 
-        async def guarded_send(message: Message) -> None:
+        # Plain functions that hand back the server's own awaitable: an async wrapper
+        # would add a coroutine per message, a measurable share of a small request.
+        def guarded_receive() -> Awaitable[Message]:
+            if ctx.exceeded():
+                return _stop_then_receive(ctx, receive)
+            return receive()
+
+        def guarded_send(message: Message) -> Awaitable[None]:
             nonlocal response_started, response_complete, trailers
             if ctx.exceeded():
                 # Nothing more of this response may reach the client: before the start
                 # the status will be ours, after it the response will be aborted.
-                # The checkpoint lets the cancellation reach a handler that streams
-                # in a loop without any checkpoint of its own.
-                await anyio.lowlevel.checkpoint()
-                return
+                return _stop(ctx)
             kind = message["type"]
             if kind == "http.response.start":
                 response_started = True
@@ -293,11 +328,11 @@ class LimitMiddleware:
                 response_complete = not message.get("more_trailers", False)
             elif kind == "http.response.pathsend":
                 response_complete = True
-            await send(message)
+            return send(message)
 
         try:
-            async with ctx:
-                await self.app(scope, receive, guarded_send)
+            with ctx:  # enter and exit never wait: the plain form is cheaper
+                await self.app(scope, guarded_receive, guarded_send)
         except LimitExceeded as exc:
             if exc.context is not ctx:
                 raise  # the application's own limit, not the request's
@@ -318,27 +353,31 @@ class LimitMiddleware:
                 await send({"type": "http.response.body", "body": body})
 
     async def _websocket(
-        self, scope: Scope, receive: Receive, send: Send, kwargs: LimitKwargs
+        self, scope: Scope, receive: Receive, send: Send, kwargs: Mapping[str, Any]
     ) -> None:
         accepted = False
         closed = False
         ctx = limit(**kwargs)
 
-        async def guarded_send(message: Message) -> None:
+        def guarded_receive() -> Awaitable[Message]:
+            if ctx.exceeded():
+                return _stop_then_receive(ctx, receive)
+            return receive()
+
+        def guarded_send(message: Message) -> Awaitable[None]:
             nonlocal accepted, closed
             if ctx.exceeded():
-                await anyio.lowlevel.checkpoint()
-                return
+                return _stop(ctx)
             kind = message["type"]
             if kind == "websocket.accept":
                 accepted = True
             elif kind == "websocket.close" or kind == "websocket.http.response.start":
                 closed = True
-            await send(message)
+            return send(message)
 
         try:
-            async with ctx:
-                await self.app(scope, receive, guarded_send)
+            with ctx:  # enter and exit never wait: the plain form is cheaper
+                await self.app(scope, guarded_receive, guarded_send)
         except LimitExceeded as exc:
             if exc.context is not ctx:
                 raise

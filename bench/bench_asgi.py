@@ -1,0 +1,277 @@
+"""Requests per second of examples/asgi_app.py with and without LimitMiddleware.
+
+    python bench/bench_asgi.py            # 4 rounds of 4 s per side (about a minute)
+    python bench/bench_asgi.py --quick    # 2 rounds of 2 s
+
+Three sides, the same Starlette app each time: ``asgi_app:bare_app`` (no gotcha),
+``asgi_app:app`` (with LimitMiddleware), and, to tell the middleware's own cost from
+the core's, the bare app inside a plain ``gotcha.limit()`` per request
+(:func:`limit_only_app` below). Each is served by uvicorn in a subprocess of its own
+on 127.0.0.1 (one worker, uvicorn's default loop and HTTP parser). The load comes
+from another process: ``wrk`` if it is on PATH, otherwise this script's own HTTP/1.1
+keep-alive client (``--load``), which is slower than wrk, so it saturates the server
+less and hides part of the cost. On a machine with two CPUs or more, the servers get
+one CPU and the load the other.
+
+Within each round the sides take turns (in a rotating order) on the normal route
+``/``; the table shows every round's ratios and their medians, so a burst of noise
+on a shared machine hits all sides of a round alike. Loopback only; bounded in
+requests (by time) and in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+HOST = "127.0.0.1"
+GOAL = 0.95
+
+
+def limit_only_app() -> Any:
+    """The bare example app, each HTTP request inside ``gotcha.limit(bytes=4 MiB)``.
+
+    The same budget as the middleware's, without the middleware: what the core costs.
+    A factory (``uvicorn --factory``) so that importing this script loads no app.
+    """
+    sys.path.insert(0, str(EXAMPLES))
+    from asgi_app import bare_app
+
+    import gotcha_async as gotcha
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await bare_app(scope, receive, send)
+            return
+        async with gotcha.limit(bytes=4 * gotcha.MiB):
+            await bare_app(scope, receive, send)
+
+    return app
+
+
+# -- the servers ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int, path: str, timeout: float = 5.0) -> int:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def pin(pid: int, cpu: int) -> None:
+    if (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(pid, {cpu})
+
+
+class Server:
+    """uvicorn serving ``target`` (its app arguments) in a subprocess."""
+
+    def __init__(self, target: list[str]) -> None:
+        attr = target[-1]
+        self.port = free_port()
+        # the server's log (a hog's warning, its traceback) is shown only if it fails
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", *target,
+             "--host", HOST, "--port", str(self.port), "--log-level", "warning",
+             "--no-access-log"],
+            stdout=subprocess.DEVNULL, stderr=self.log,
+        )
+        pin(self.proc.pid, 0)
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(
+                    f"uvicorn for {attr} exited with {self.proc.returncode}:\n{self.log.read()}"
+                )
+            try:
+                if get(self.port, "/", timeout=1) == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"uvicorn for {attr} did not answer within 20 s")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+# -- the load ---------------------------------------------------------------------------
+
+
+def load_wrk(wrk: str, port: int, connections: int, seconds: float) -> float:
+    proc = subprocess.Popen(
+        [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+         f"http://{HOST}:{port}/"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    pin(proc.pid, 1)
+    out, _ = proc.communicate(timeout=seconds + 30)
+    if proc.returncode != 0 or "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk failed or saw errors:\n{out}")
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if m is None:
+        raise RuntimeError(f"no Requests/sec in wrk's output:\n{out}")
+    return float(m.group(1))
+
+
+def load_python(port: int, connections: int, seconds: float) -> float:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--load", str(port), "--connections", str(connections),
+         "--duration", str(seconds)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    pin(proc.pid, 1)
+    out, _ = proc.communicate(timeout=seconds + 30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the load generator failed: {out}")
+    return float(out.split()[-1])
+
+
+async def _client(port: int, deadline: float, counts: list[int]) -> None:
+    reader, writer = await asyncio.open_connection(HOST, port)
+    request = f"GET / HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+    try:
+        while time.monotonic() < deadline:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected response: {head[:60]!r}")
+            m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+            if m is None:
+                raise RuntimeError("the load generator needs Content-Length responses")
+            await reader.readexactly(int(m.group(1)))
+            counts[0] += 1
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def _load(port: int, connections: int, seconds: float) -> float:
+    counts = [0]
+    start = time.monotonic()
+    deadline = start + seconds
+    await asyncio.gather(*(_client(port, deadline, counts) for _ in range(connections)))
+    return counts[0] / (time.monotonic() - start)
+
+
+def run_load(port: int, connections: int, seconds: float) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        rps = asyncio.run(_load(port, connections, seconds))
+    else:
+        rps = uvloop.run(_load(port, connections, seconds))
+    print(f"{rps:.1f}")
+
+
+# -- the table --------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 2 s")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per side")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--python-load", action="store_true",
+                        help="use the Python load generator even if wrk is there")
+    parser.add_argument("--load", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load is not None:
+        run_load(args.load, args.connections, args.duration)
+        return
+    if args.quick:
+        args.rounds, args.duration = 2, 2.0
+    if not 1 <= args.rounds <= 20 or not 0.5 <= args.duration <= 60:
+        parser.error("rounds must be 1 to 20 and duration 0.5 to 60 s")
+
+    wrk = None if args.python_load else shutil.which("wrk")
+
+    def load(port: int, seconds: float) -> float:
+        if wrk is not None:
+            return load_wrk(wrk, port, args.connections, seconds)
+        return load_python(port, args.connections, seconds)
+
+    targets = {
+        "without": ["--app-dir", str(EXAMPLES), "asgi_app:bare_app"],
+        "limit()": ["--app-dir", str(Path(__file__).resolve().parent), "--factory",
+                    "bench_asgi:limit_only_app"],
+        "with": ["--app-dir", str(EXAMPLES), "asgi_app:app"],
+    }
+    servers: dict[str, Server] = {}
+    try:
+        for side, target in targets.items():
+            servers[side] = Server(target)
+        # the sides do differ: the limited ones refuse the hog
+        hog = {side: get(s.port, "/hog", timeout=30) for side, s in servers.items()}
+        if hog != {"without": 200, "limit()": 500, "with": 503}:
+            raise RuntimeError(f"unexpected answers to /hog: {hog}")
+        for s in servers.values():
+            load(s.port, 1.0)  # warm-up
+        rows = []
+        sides = list(targets)
+        for r in range(args.rounds):
+            order = sides[r % 3:] + sides[:r % 3]
+            rows.append({side: load(servers[side].port, args.duration) for side in order})
+    finally:
+        for s in servers.values():
+            s.close()
+
+    generator = f"wrk -t1 -c{args.connections}" if wrk else \
+        f"Python keep-alive client, {args.connections} connections"
+    print(f"examples/asgi_app.py `/` under uvicorn, {args.duration:g} s per side, "
+          f"load: {generator}\n")
+    print("| round | without (req/s) | limit() only (req/s) | with LimitMiddleware (req/s) "
+          "| with / without | with / limit() only |")
+    print("|---|---:|---:|---:|---:|---:|")
+    total, own = [], []
+    for i, row in enumerate(rows, 1):
+        total.append(row["with"] / row["without"])
+        own.append(row["with"] / row["limit()"])
+        print(f"| {i} | {row['without']:,.0f} | {row['limit()']:,.0f} | {row['with']:,.0f} "
+              f"| {total[-1]:.3f} | {own[-1]:.3f} |")
+    med = {side: statistics.median(row[side] for row in rows) for side in targets}
+    print(f"| median | {med['without']:,.0f} | {med['limit()']:,.0f} | {med['with']:,.0f} "
+          f"| **{statistics.median(total):.3f}** | {statistics.median(own):.3f} |")
+    verdict = "met" if statistics.median(total) >= GOAL else "NOT met"
+    print(f"\ngoal: with / without >= {GOAL}: {verdict}. The last column is the "
+          "middleware's own cost, the core's (one limit() per request) left out.")
+
+
+if __name__ == "__main__":
+    main()
