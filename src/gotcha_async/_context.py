@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import tracemalloc
+import types
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -110,7 +111,7 @@ def _machinery_dirs() -> tuple[str, ...]:
     A hard limit refuses allocations only while user code runs: a MemoryError in
     the middle of asyncio's task step would break the loop for every task.
     """
-    paths = []
+    paths: list[str] = []
     for name in ("asyncio", "concurrent.futures", "logging", "anyio", "sniffio",
                  "trio", "outcome", "uvloop", "gotcha_async"):
         try:
@@ -137,7 +138,9 @@ def _deliver(ctx: Context) -> None:
 GRACE: dict[str, int] = dict(zip(RESOURCES, _meter.grace(), strict=True))
 
 _MACHINERY = _machinery_dirs()
-_meter.install(_scope_var, _deliver, _MACHINERY, threading.main_thread().ident)
+_meter.install(
+    _scope_var, _deliver, _MACHINERY, threading.main_thread().ident or threading.get_ident()
+)
 os.register_at_fork(after_in_child=_meter.after_fork)
 
 
@@ -195,10 +198,11 @@ def _new_cancel_scope(deadline: float, shield: bool) -> tuple[Any, Any]:
             return cls(deadline=deadline, shield=shield), loop
     else:
         trio = sys.modules.get("trio")
-        in_task = getattr(trio.lowlevel, "in_trio_task", None) if trio is not None else None
         cls = _scope_classes.get("trio")
-        if in_task is not None and cls is not None and in_task():
-            return cls(deadline=deadline, shield=shield), trio.lowlevel.current_trio_token()
+        if trio is not None and cls is not None:
+            in_task = getattr(trio.lowlevel, "in_trio_task", None)
+            if in_task is not None and in_task():
+                return cls(deadline=deadline, shield=shield), trio.lowlevel.current_trio_token()
     try:
         scope = anyio.CancelScope(deadline=deadline, shield=shield)
     except anyio.NoEventLoopError:
@@ -345,7 +349,7 @@ class Context(_meter.Meter, anyio.CancelScope):
         self._limits = limits
         self._hard = hard
         if parent is not None or hard or track_memory or limits != _NO_LIMITS:
-            self._setup(parent, *limits, hard, track_memory)
+            self._setup(parent, limits[0], limits[1], limits[2], limits[3], hard, track_memory)
         self._shield = shield
         self._deadline = math.inf
         self._cancel_pending = False
@@ -463,7 +467,7 @@ class Context(_meter.Meter, anyio.CancelScope):
         limit: int | None = 10,
         *,
         key_type: str = "lineno",
-        filters: Sequence[tracemalloc.BaseFilter] = (),
+        filters: Sequence[tracemalloc.Filter | tracemalloc.DomainFilter] = (),
     ) -> list[tracemalloc.Statistic]:
         """Where the memory this scope still holds was allocated, biggest first.
 
@@ -582,7 +586,7 @@ class Context(_meter.Meter, anyio.CancelScope):
 
     def _interrupted_own_work(self) -> bool:
         """Did the pending call interrupt user code of this scope's work, on its loop?"""
-        frame = sys._getframe(1)
+        frame: types.FrameType | None = sys._getframe(1)
         while frame is not None and frame.f_code.co_filename == __file__:
             frame = frame.f_back
         if frame is None or frame.f_code.co_filename.startswith(_MACHINERY):

@@ -55,12 +55,13 @@ def allocation_sites(
     limit: int | None = 10,
     *,
     key_type: str = "lineno",
-    filters: Sequence[tracemalloc.BaseFilter] = (),
+    filters: Sequence[tracemalloc.Filter | tracemalloc.DomainFilter] = (),
 ) -> list[tracemalloc.Statistic]:
     """Where the memory ctx holds was allocated, biggest first (see Context)."""
     if limit is not None and (type(limit) is not int or limit < 0):
         raise ValueError(f"limit must be an int >= 0 or None, not {limit!r}")
-    snap = snapshot(ctx).filter_traces([*_OWN_FRAMES, *filters])
+    every: list[tracemalloc.Filter | tracemalloc.DomainFilter] = [*_OWN_FRAMES, *filters]
+    snap = snapshot(ctx).filter_traces(every)
     stats = snap.statistics(key_type)
     return stats if limit is None else stats[:limit]
 

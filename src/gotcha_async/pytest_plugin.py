@@ -157,13 +157,18 @@ def _new_context(budget: dict[str, Any] | None) -> Context:
     return Context(**budget) if budget is not None else Context()
 
 
+def _forget_run(item: pytest.Item) -> None:
+    """Drop what one run of the test left in its stash."""
+    for key in (_CONTEXT, _ENTERED, _FAILED_BUDGET):
+        if key in item.stash:  # type: ignore[misc]  # keys of different value types
+            del item.stash[key]  # type: ignore[misc]
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # Before any fixture is set up, so that gotcha_context finds the Context. A fresh
     # one per run: a Context can be entered once, and rerun plugins run setup again.
-    for key in (_CONTEXT, _ENTERED, _FAILED_BUDGET):
-        if key in item.stash:
-            del item.stash[key]
+    _forget_run(item)
     if not isinstance(item, pytest.Function):
         return  # a doctest, a YAML item...: no test function to measure
     budget = item.stash.get(_BUDGET, None)
@@ -188,7 +193,7 @@ def gotcha_context(request: pytest.FixtureRequest) -> Context:
     no limits and only measures (requesting it is enough to have the body measured).
     """
     item = request.node
-    ctx = item.stash.get(_CONTEXT, None)
+    ctx: Context | None = item.stash.get(_CONTEXT, None)
     if ctx is None:
         ctx = item.stash[_CONTEXT] = _new_context(None)
     return ctx
@@ -259,14 +264,14 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     given = getattr(original, "hypothesis", None)
     inner = getattr(given, "inner_test", None)
     if inner is not None and inspect.iscoroutinefunction(inner):
-        given.inner_test = _measured_example(inner, ctx)
+        given.inner_test = _measured_example(inner, ctx)  # type: ignore[union-attr]
     try:
         result = yield
     finally:
         item.obj = original
         if inner is not None and inspect.iscoroutinefunction(inner):
             # anyio leaves its own wrapper in place: put the test back as it was
-            given.inner_test = inner
+            given.inner_test = inner  # type: ignore[union-attr]
     # Only a body that finished normally is failed for its budget: its own failure,
     # skip or xfail is the better report (the budget then gets a report section).
     # Raising Failed, rather than rewriting the report afterwards, keeps xfail working.
@@ -361,9 +366,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
         return (yield)
     finally:
         # after fixture teardown, which may still read gotcha_context
-        for key in (_CONTEXT, _ENTERED, _FAILED_BUDGET):
-            if key in item.stash:
-                del item.stash[key]
+        _forget_run(item)
 
 
 # -- the report ---------------------------------------------------------------------------
