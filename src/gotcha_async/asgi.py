@@ -134,6 +134,17 @@ def _plain_text(status_code: int, resource: str) -> tuple[list[tuple[bytes, byte
     return headers, body
 
 
+def _guard_receive(ctx: Context, receive: Receive) -> Receive:
+    """receive, stopped at once (cancelled, at a checkpoint) once ctx is exceeded."""
+
+    def guarded_receive() -> Awaitable[Message]:
+        if ctx.exceeded():
+            return _stop_then_receive(ctx, receive)
+        return receive()
+
+    return guarded_receive
+
+
 class LimitMiddleware:
     """Run every HTTP request and every websocket connection inside its own :func:`limit`.
 
@@ -306,10 +317,7 @@ class LimitMiddleware:
 
         # Plain functions that hand back the server's own awaitable: an async wrapper
         # would add a coroutine per message, a measurable share of a small request.
-        def guarded_receive() -> Awaitable[Message]:
-            if ctx.exceeded():
-                return _stop_then_receive(ctx, receive)
-            return receive()
+        guarded_receive = _guard_receive(ctx, receive)
 
         def guarded_send(message: Message) -> Awaitable[None]:
             nonlocal response_started, response_complete, trailers
@@ -358,11 +366,7 @@ class LimitMiddleware:
         accepted = False
         closed = False
         ctx = limit(**kwargs)
-
-        def guarded_receive() -> Awaitable[Message]:
-            if ctx.exceeded():
-                return _stop_then_receive(ctx, receive)
-            return receive()
+        guarded_receive = _guard_receive(ctx, receive)
 
         def guarded_send(message: Message) -> Awaitable[None]:
             nonlocal accepted, closed
