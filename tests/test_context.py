@@ -616,3 +616,23 @@ def test_loop_in_a_worker_thread_is_cancelled_while_the_main_thread_blocks(
     thread.start()
     thread.join()
     assert results == [(True, True)]
+
+
+@pytest.mark.anyio
+async def test_scope_entered_in_a_worker_thread_is_a_child_of_the_tasks() -> None:
+    def work() -> gotcha.Context:
+        with gotcha.limit() as inner:  # no event loop in this thread: counts only
+            big(MB)
+        return inner
+
+    async with gotcha.limit() as outer:
+        inner = await anyio.to_thread.run_sync(work)
+    assert inner.parent is outer
+    assert MB <= inner.used().bytes <= outer.used().bytes < MB + SLACK
+
+    def greedy() -> None:
+        with gotcha.limit(bytes=1000):
+            big(MB)
+
+    with pytest.raises(gotcha.LimitExceeded):
+        await anyio.to_thread.run_sync(greedy)
