@@ -128,8 +128,8 @@ def _machinery_dirs() -> tuple[str, ...]:
 
 
 def _deliver(ctx: Context) -> None:
-    # Called from a pending call of the main thread, at whatever point it had
-    # reached: only hand the work to the scope's own loop from here.
+    # Called by the C core with the hook paused: from a pending call, at whatever
+    # point the main thread had reached, or from the core's delivery thread.
     ctx._on_trip()
 
 
