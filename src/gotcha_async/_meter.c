@@ -119,6 +119,12 @@ table_remove(uintptr_t p)
         }
     }
     table[hole].key = 0;
+    if (table_count == 0) {
+        /* after a burst the table would stay at its largest: give it back */
+        free(table);
+        table = NULL;
+        table_cap = 0;
+    }
 }
 
 static void
