@@ -12,6 +12,7 @@ statistics apply to it.
 from __future__ import annotations
 
 import os
+import sys
 import tracemalloc
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -25,6 +26,8 @@ _OWN_FRAMES = (
     tracemalloc.Filter(False, tracemalloc.__file__),
 )
 SITES_IN_MESSAGES = 5
+# the C core looks blocks up in tracemalloc with _PyTraceMalloc_GetTraceback
+SITES_AVAILABLE = sys.version_info < (3, 13)
 
 
 def snapshot(ctx: Context) -> tracemalloc.Snapshot:
@@ -33,6 +36,11 @@ def snapshot(ctx: Context) -> tracemalloc.Snapshot:
     :raises RuntimeError: if tracemalloc is not tracing, or the scope does not track
         held memory
     """
+    if not SITES_AVAILABLE:
+        raise RuntimeError(
+            "allocation sites need CPython 3.11 or 3.12: later versions no longer export "
+            "tracemalloc's lookup by address"
+        )
     if not tracemalloc.is_tracing():
         raise RuntimeError(
             "allocation sites come from tracemalloc: call tracemalloc.start() first"
@@ -88,7 +96,7 @@ def format_sites(stats: Sequence[tracemalloc.Statistic]) -> str:
 
 def sites_report(ctx: Context) -> str:
     """The top allocation sites of what ctx holds, for an error message ('' if none)."""
-    if not tracemalloc.is_tracing() or ctx._memory() is None:
+    if not SITES_AVAILABLE or not tracemalloc.is_tracing() or ctx._memory() is None:
         return ""
     stats = allocation_sites(ctx, SITES_IN_MESSAGES)
     if not stats:

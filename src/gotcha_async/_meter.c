@@ -314,31 +314,43 @@ found:
 static int
 in_user_code(void)
 {
-#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+    PyThreadState *ts = _PyThreadState_UncheckedGet();
+    PyObject *filename;
+    if (ts == NULL) {
+        return 0;
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    if (ts->current_frame == NULL) {
+        return 0;
+    }
+    PyObject *code = PyUnstable_InterpreterFrame_GetCode(ts->current_frame);
+    if (code == NULL) {
+        return 0;
+    }
+    filename = ((PyCodeObject *)code)->co_filename;
+    Py_DECREF(code);   /* the frame holds it */
+#elif PY_VERSION_HEX >= 0x030B0000
     /* the leading fields of CPython's private _PyInterpreterFrame */
 #if PY_VERSION_HEX < 0x030C0000
     typedef struct { void *func, *globals, *builtins, *locals; PyCodeObject *code; } Frame;
 #else
     typedef struct { PyCodeObject *code; } Frame;
 #endif
-    PyThreadState *ts = _PyThreadState_UncheckedGet();
-    if (ts == NULL || ts->cframe == NULL || ts->cframe->current_frame == NULL) {
+    if (ts->cframe == NULL || ts->cframe->current_frame == NULL) {
         return 0;
     }
-    PyCodeObject *code = ((Frame *)ts->cframe->current_frame)->code;
-    if (code == NULL || !PyUnicode_IS_COMPACT_ASCII(code->co_filename)) {
+    filename = ((Frame *)ts->cframe->current_frame)->code->co_filename;
+#endif
+    if (!PyUnicode_IS_COMPACT_ASCII(filename)) {
         return 1;
     }
-    const char *name = (const char *)PyUnicode_DATA(code->co_filename);
+    const char *name = (const char *)PyUnicode_DATA(filename);
     for (Py_ssize_t i = 0; i < n_exempt; i++) {
         if (strncmp(name, exempt[i], strlen(exempt[i])) == 0) {
             return 0;
         }
     }
     return 1;
-#else
-    return 1;
-#endif
 }
 
 static inline uint64_t
@@ -852,7 +864,11 @@ Meter_held_blocks(Meter *m, PyObject *unused)
     /* building the list frees and allocates: work from the copy */
     PyObject *out = PyList_New(0);
     for (size_t i = 0; out != NULL && i < n; i++) {
+#if PY_VERSION_HEX < 0x030D0000
         PyObject *tb = _PyTraceMalloc_GetTraceback(0, found[i].key);
+#else
+        PyObject *tb = Py_NewRef(Py_None);   /* no longer exported: no sites */
+#endif
         if (tb == NULL) {
             Py_CLEAR(out);
             break;
@@ -968,10 +984,22 @@ Ready_send(Ready *r, PyObject *arg, PyObject **result)
     return PYGEN_RETURN;
 }
 
+/* The path an await takes where the interpreter does not use am_send (3.12 and
+ * later call tp_iternext for non-generators): the StopIteration carrying the
+ * value is the library's own work, made with the hook paused. */
 static PyObject *
 Ready_next(Ready *r)
 {
-    _PyGen_SetStopIterationValue(r->value);
+    if (r->value == Py_None) {
+        return NULL;   /* exhausted without an exception: the result is None */
+    }
+    paused++;
+    PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, r->value);
+    if (stop != NULL) {
+        PyErr_SetObject(PyExc_StopIteration, stop);
+        Py_DECREF(stop);
+    }
+    paused--;
     return NULL;
 }
 
