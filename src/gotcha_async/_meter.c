@@ -119,8 +119,9 @@ table_remove(uintptr_t p)
         }
     }
     table[hole].key = 0;
-    if (table_count == 0) {
-        /* after a burst the table would stay at its largest: give it back */
+    if (table_count == 0 && table_cap > 65536) {
+        /* after a burst the table would stay at its largest: give it back; a
+         * small one stays, or scopes used one after another would build it anew */
         free(table);
         table = NULL;
         table_cap = 0;
