@@ -721,11 +721,12 @@ def vm_rss() -> int:
 @pytest.mark.anyio
 async def test_server_rss_stays_bounded_over_200_hogs() -> None:
     # 200 hogs allocate 1.6 GiB in all; held to the end, even a tenth of that would
-    # show. After a warm-up (the allocator keeps what the first hogs used) the
-    # server may grow by at most four hogs' worth. Half the hogs are cancelled with
+    # show. After a warm-up the server may still grow by what the concurrent hogs hold
+    # at once (glibc can keep all four buffers once its mmap threshold has risen: seen
+    # here as exactly 32 MiB), plus one hog of slack. Half the hogs are cancelled with
     # their buffer still alive in the traceback: keeping an exception would keep it.
-    bound = 4 * HOG
     concurrency = 4
+    bound = (concurrency + 1) * HOG
     paths = ["/hog-reading-body", "/hog-no-checkpoint"]
 
     with serving(make_app(bytes=LIMIT)) as server:
