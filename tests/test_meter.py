@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import gc
+import threading
 import tracemalloc
 import weakref
 
@@ -102,3 +104,41 @@ def test_contexts_are_collected() -> None:
     refs = anyio.run(main)
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+
+def test_a_scope_entered_where_none_was_found_is_seen_after_another_thread_looked() -> None:
+    # The hook remembers the last (thread, context version) in which it found no scope.
+    # Entering a scope changes that answer without a context switch; another thread's
+    # lookup then takes CPython's own cache of the variable away, so only forgetting
+    # the remembered "no scope" at enter() keeps this thread's allocations charged.
+    b_entered, b_go, b_done = threading.Event(), threading.Event(), threading.Event()
+    a_done = threading.Event()
+
+    def other_thread() -> None:
+        with gotcha.Context():  # keeps the hook active while the main thread looks
+            b_entered.set()
+            b_go.wait()
+            big(1000)  # looks the variable up in this thread
+            b_done.set()
+            a_done.wait()  # and stays in its scope: its exit would forget as well
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    b_entered.wait()
+
+    def main_side() -> gotcha.Usage:
+        big(1000)  # a fresh context: no scope found, and remembered
+        with gotcha.Context() as mine:
+            b_go.set()
+            b_done.wait()
+            big(MB)
+        return mine.used()
+
+    try:
+        used = contextvars.Context().run(main_side)
+    finally:
+        b_go.set()
+        a_done.set()
+        thread.join()
+    assert MB <= used.bytes < MB + SLACK

@@ -167,6 +167,7 @@ typedef struct Meter {
     uint64_t refused_at[NRES]; /* what the refused allocation would reach */
     int tripped;               /* 1 + first resource that broke, 0 if none */
     char hard, hard_chain, refused, queued;
+    char slow;                 /* hard_chain or held: the hooks' slow path */
 } Meter;
 
 static PyTypeObject MeterType;
@@ -267,11 +268,11 @@ trip(Meter *m, int resource)
     schedule();
 }
 
-#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
-/* The leading fields of CPython's private PyContextVar (3.11, 3.12): the
- * variable caches its value for one (thread state, context version). Reading
- * that cache here saves a call, a reference count round trip and a type check
- * on most allocations; a miss takes the public path. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000 && !defined(Py_GIL_DISABLED)
+/* The leading fields of CPython's private PyContextVar (3.11 to 3.13, with the
+ * GIL): the variable caches its value for one (thread state, context version).
+ * Reading that cache here saves a call, a reference count round trip and a
+ * type check on most allocations; a miss takes the public path. */
 #define VAR_CACHE 1
 typedef struct {
     PyObject_HEAD
@@ -280,33 +281,52 @@ typedef struct {
 } VarCache;
 #endif
 
-/* The innermost scope of the calling thread's context, borrowed. */
-static inline Meter *
-current_meter(void)
+/* CPython caches only a variable that is set. In the contexts where ours is
+ * not -- the event loop's own callbacks, a server's protocol code, every other
+ * task -- each allocation would search the context anew; this remembers the
+ * last (thread state, context version) found without a scope. A context
+ * version changes whenever a thread switches context, and enter()/exit() set
+ * and reset the variable, so they forget it (forget_no_scope). */
+static uint64_t no_scope_tsid, no_scope_ver = UINT64_MAX;
+
+static inline void
+forget_no_scope(void)
+{
+    no_scope_ver = UINT64_MAX;
+}
+
+static Py_NO_INLINE Meter *
+lookup_meter(PyThreadState *ts)
 {
     PyObject *v = NULL;
-#ifdef VAR_CACHE
-    PyThreadState *ts = _PyThreadState_UncheckedGet();
-    const VarCache *cache = (const VarCache *)scope_var;
-    if (cache->cached != NULL && cache->cached_tsid == ts->id &&
-        cache->cached_tsver == ts->context_ver) {
-        v = cache->cached;   /* the current context holds it */
-        goto found;
-    }
-#endif
     /* cannot fail for a ContextVar: its hash is precomputed */
     if (PyContextVar_Get(scope_var, NULL, &v) < 0 || v == NULL) {
+        no_scope_tsid = ts->id;
+        no_scope_ver = ts->context_ver;
         return NULL;
     }
     /* the context holds a reference: this never drops to zero here */
     Py_DECREF(v);
+    /* only enter() sets the variable, and only to a Meter */
+    return (Meter *)v;
+}
+
+/* The innermost scope of the calling thread's context, borrowed, or NULL. */
+static inline Meter *
+current_meter(void)
+{
+    PyThreadState *ts = _PyThreadState_UncheckedGet();
 #ifdef VAR_CACHE
-found:
-#endif
-    if (Py_TYPE(v) == context_type || PyObject_TypeCheck(v, &MeterType)) {
-        return (Meter *)v;
+    const VarCache *cache = (const VarCache *)scope_var;
+    if (cache->cached_tsver == ts->context_ver && cache->cached_tsid == ts->id &&
+        cache->cached != NULL) {
+        return (Meter *)cache->cached;   /* the current context holds it */
     }
-    return NULL;
+#endif
+    if (no_scope_ver == ts->context_ver && no_scope_tsid == ts->id) {
+        return NULL;
+    }
+    return lookup_meter(ts);
 }
 
 /* Is the innermost Python frame user code, as opposed to the event loop's,
@@ -418,18 +438,23 @@ may_refuse(Meter *n, uint64_t bytes, uint64_t objects)
     return 0;
 }
 
+/* The first limit a scope's counters are past (kept out of the hooks' way). */
+static Py_NO_INLINE void
+over(Meter *m)
+{
+    trip(m, m->used[R_BYTES] > m->limit[R_BYTES] ? R_BYTES
+            : m->used[R_OBJECTS] > m->limit[R_OBJECTS] ? R_OBJECTS : R_CALLS);
+}
+
 static inline void
 charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls)
 {
     for (Meter *m = n; m != NULL; m = m->parent) {
-        m->used[R_BYTES] += bytes;
-        m->used[R_OBJECTS] += objects;
-        m->used[R_CALLS] += calls;
-        if ((m->used[R_BYTES] > m->limit[R_BYTES]) |
-            (m->used[R_OBJECTS] > m->limit[R_OBJECTS]) |
-            (m->used[R_CALLS] > m->limit[R_CALLS])) {
-            trip(m, m->used[R_BYTES] > m->limit[R_BYTES] ? R_BYTES
-                    : m->used[R_OBJECTS] > m->limit[R_OBJECTS] ? R_OBJECTS : R_CALLS);
+        uint64_t b = m->used[R_BYTES] += bytes;
+        uint64_t o = m->used[R_OBJECTS] += objects;
+        uint64_t c = m->used[R_CALLS] += calls;
+        if ((b > m->limit[R_BYTES]) | (o > m->limit[R_OBJECTS]) | (c > m->limit[R_CALLS])) {
+            over(m);
         }
     }
 }
@@ -452,23 +477,22 @@ hold(Meter *n, void *p, size_t size)
 /* ------------------------------------------------------------------------ */
 /* The hook                                                                 */
 
-/* The hooks. With no scope entered anywhere they add one load and a branch. */
+/* The hooks. While no scope is entered anywhere they cost a load of a global
+ * and of a thread-local, and go straight on to the next allocator. Only
+ * charging is inline: hard limits and held memory take the slow path, so
+ * that the common case keeps few registers and frees stay a jump. */
 
-static void *
-hook_malloc(void *ctx, size_t size)
+#define IDLE() (active == 0 || paused)
+
+static Py_NO_INLINE void *
+slow_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
 {
-    Domain *d = ctx;
-    if (active == 0 || paused) {
-        return d->prev.malloc(d->prev.ctx, size);
-    }
-    Meter *n = current_meter();
-    if (n == NULL) {
-        return d->prev.malloc(d->prev.ctx, size);
-    }
+    size_t size = nelem * elsize;   /* on overflow the allocator refuses anyway */
     if (n->hard_chain && may_refuse(n, size, d->is_obj) && refuse(n, size, d->is_obj)) {
         return NULL;
     }
-    void *p = d->prev.malloc(d->prev.ctx, size);
+    void *p = zeroed ? d->prev.calloc(d->prev.ctx, nelem, elsize)
+                     : d->prev.malloc(d->prev.ctx, size);
     if (p != NULL) {
         charge(n, size, d->is_obj, 1);
         if (n->held != NULL) {
@@ -478,29 +502,53 @@ hook_malloc(void *ctx, size_t size)
     return p;
 }
 
-static void *
-hook_calloc(void *ctx, size_t nelem, size_t elsize)
+/* The metered paths live apart from the hooks so that an idle call does not
+ * pay for their registers: the hooks below are a test and a jump. */
+static Py_NO_INLINE void *
+metered_malloc(Domain *d, size_t size)
 {
-    Domain *d = ctx;
-    if (active == 0 || paused) {
-        return d->prev.calloc(d->prev.ctx, nelem, elsize);
+    Meter *n = current_meter();
+    if (n == NULL) {
+        return d->prev.malloc(d->prev.ctx, size);
     }
+    if (n->slow) {
+        return slow_alloc(d, n, 1, size, 0);
+    }
+    void *p = d->prev.malloc(d->prev.ctx, size);
+    if (p != NULL) {
+        charge(n, size, d->is_obj, 1);
+    }
+    return p;
+}
+
+static Py_NO_INLINE void *
+metered_calloc(Domain *d, size_t nelem, size_t elsize)
+{
     Meter *n = current_meter();
     if (n == NULL) {
         return d->prev.calloc(d->prev.ctx, nelem, elsize);
     }
-    size_t size = nelem * elsize;   /* on overflow the allocator refuses anyway */
-    if (n->hard_chain && may_refuse(n, size, d->is_obj) && refuse(n, size, d->is_obj)) {
-        return NULL;
+    return slow_alloc(d, n, nelem, elsize, 1);
+}
+
+static void *
+hook_malloc(void *ctx, size_t size)
+{
+    Domain *d = ctx;
+    if (IDLE()) {
+        return d->prev.malloc(d->prev.ctx, size);
     }
-    void *p = d->prev.calloc(d->prev.ctx, nelem, elsize);
-    if (p != NULL) {
-        charge(n, size, d->is_obj, 1);
-        if (n->held != NULL) {
-            hold(n, p, size);
-        }
+    return metered_malloc(d, size);
+}
+
+static void *
+hook_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    Domain *d = ctx;
+    if (IDLE()) {
+        return d->prev.calloc(d->prev.ctx, nelem, elsize);
     }
-    return p;
+    return metered_calloc(d, nelem, elsize);
 }
 
 /* A realloc is one call, charges its new size as a fresh allocation would, and
@@ -509,7 +557,7 @@ static void *
 hook_realloc(void *ctx, void *ptr, size_t size)
 {
     Domain *d = ctx;
-    Meter *n = (active == 0 || paused) ? NULL : current_meter();
+    Meter *n = IDLE() ? NULL : current_meter();
     if (n != NULL && n->hard_chain && may_refuse(n, size, 0) && refuse(n, size, 0)) {
         return NULL;
     }
@@ -529,17 +577,25 @@ hook_realloc(void *ctx, void *ptr, size_t size)
     return p;
 }
 
+static Py_NO_INLINE void
+free_held(Domain *d, void *ptr)
+{
+    table_remove((uintptr_t)ptr);
+    if (table_count == 0 && active == 0) {
+        step_aside();
+    }
+    d->prev.free(d->prev.ctx, ptr);
+}
+
 static void
 hook_free(void *ctx, void *ptr)
 {
     Domain *d = ctx;
     /* frees are credited even while paused: a stale entry would credit the
      * wrong scope when the address comes back */
-    if (ptr != NULL && table_count) {
-        table_remove((uintptr_t)ptr);
-        if (table_count == 0 && active == 0) {
-            step_aside();
-        }
+    if (table_count != 0 && ptr != NULL) {
+        free_held(d, ptr);
+        return;
     }
     d->prev.free(d->prev.ctx, ptr);
 }
@@ -688,6 +744,7 @@ start_holding(Meter *m)
         }
         m->held->refcnt = 1;
         m->held->owner = m;
+        m->slow = 1;
     }
     return 0;
 }
@@ -715,6 +772,7 @@ Meter_setup(Meter *m, PyObject *const *args, Py_ssize_t nargs)
     }
     m->hard = (char)PyObject_IsTrue(args[5]);
     m->hard_chain = m->hard;
+    m->slow |= m->hard_chain;
     if ((PyObject_IsTrue(args[6]) || m->limit[R_MEMORY] != NONE) && start_holding(m) < 0) {
         return NULL;
     }
@@ -747,6 +805,7 @@ Meter_set_parent(Meter *m, PyObject *p)
     Py_INCREF(parent);
     m->parent = parent;
     m->hard_chain = m->hard || parent->hard_chain;
+    m->slow |= m->hard_chain;
     /* inside a scope that tracks held memory, every scope does */
     if (parent->held != NULL) {
         if (start_holding(m) < 0) {
@@ -1160,6 +1219,7 @@ mod_enter(PyObject *mod, PyObject *arg)
     paused++;
     PyObject *token = PyContextVar_Set(scope_var, arg);
     paused--;
+    forget_no_scope();
     if (token == NULL) {
         if (--active == 0 && table_count == 0) {
             step_aside();
@@ -1185,6 +1245,7 @@ mod_exit(PyObject *mod, PyObject *arg)
     paused++;
     int r = PyContextVar_Reset(scope_var, m->token);
     paused--;
+    forget_no_scope();
     if (r < 0) {
         return NULL;
     }
