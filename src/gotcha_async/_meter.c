@@ -56,11 +56,14 @@ held_decref(Held *h)
 typedef struct { uintptr_t key; Held *held; size_t size; } Entry;
 static Entry *table;
 static size_t table_cap, table_count;
+static int table_shift;    /* 64 - log2(table_cap): the hash keeps the top bits */
 
+/* Fibonacci hashing: one multiply, one shift, and the top bits mix every bit
+ * of the address. */
 static inline size_t
 slot_of(uintptr_t p)
 {
-    return (size_t)(((p >> 4) * 0x9E3779B97F4A7C15ull) >> 20) & (table_cap - 1);
+    return (size_t)(((uint64_t)p * 0x9E3779B97F4A7C15ull) >> table_shift);
 }
 
 static int
@@ -73,6 +76,7 @@ table_grow(void)
     }
     table = fresh;
     table_cap = cap;
+    table_shift = 64 - __builtin_ctzll((unsigned long long)cap);
     for (size_t i = 0; i < old_cap; i++) {
         if (old[i].key) {
             size_t j = slot_of(old[i].key);
@@ -95,7 +99,7 @@ held_credit(Held *h, size_t size)
 }
 
 /* Forget p if it is a held block, crediting its scopes. */
-static void
+static inline void
 table_remove(uintptr_t p)
 {
     size_t mask = table_cap - 1, i = slot_of(p);
@@ -128,7 +132,7 @@ table_remove(uintptr_t p)
     }
 }
 
-static void
+static inline void
 table_insert(uintptr_t p, Held *h, size_t size)
 {
     if ((table_count + 1) * 2 > table_cap && table_grow() < 0) {
@@ -459,7 +463,7 @@ charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls)
     }
 }
 
-static void
+static inline void
 hold(Meter *n, void *p, size_t size)
 {
     for (Held *h = n->held; h != NULL; h = h->parent) {
