@@ -157,6 +157,37 @@ table_insert(uintptr_t p, Held *h, size_t size)
     h->refcnt++;
 }
 
+/* Tracking scopes whose Context object still exists. Only those can be asked
+ * for their figures: once the last one is gone every entry left in the table
+ * (blocks that outlived their scopes: caches, interned strings) credits
+ * counters nobody can read, yet would keep a lookup in every free of the
+ * process, in a table sized for the busiest moment. */
+static Py_ssize_t live_holders;
+static void step_aside(void);
+static Py_ssize_t active;  /* entered scopes, anywhere */
+
+static void
+purge_table(void)
+{
+    for (size_t i = 0, left = table_count; left > 0; i++) {
+        if (table[i].key) {
+            held_decref(table[i].held);
+            table[i].key = 0;
+            left--;
+        }
+    }
+    table_count = 0;
+    if (table_cap > 4096) {
+        /* a small table is kept for the next burst; a large one goes back */
+        free(table);
+        table = NULL;
+        table_cap = 0;
+    }
+    if (active == 0) {
+        step_aside();
+    }
+}
+
 /* ------------------------------------------------------------------------ */
 /* Meter: the counters of one scope (base class of gotcha_async.Context).   */
 
@@ -183,7 +214,6 @@ static PyObject *Meter_set_parent(struct Meter *m, PyObject *p);
 
 static PyObject *scope_var;    /* the ContextVar holding the innermost scope */
 static PyObject *deliver_cb;   /* Python callable taking a tripped scope */
-static Py_ssize_t active;      /* entered scopes, anywhere */
 static _Thread_local int paused __attribute__((tls_model("initial-exec")));
 static Meter *queue;           /* tripped scopes waiting for delivery */
 static int scheduled;          /* a pending call is on its way */
@@ -204,7 +234,6 @@ static Domain dom_obj = {.domain = PYMEM_DOMAIN_OBJ, .is_obj = 1};
 static int installed;
 
 static int deliver_pending(void *);
-static void step_aside(void);
 
 /* Two ways to reach Python. A pending call runs at the main thread's next
  * safe point: right after the allocation when the loop runs there, so the
@@ -733,6 +762,9 @@ Meter_dealloc(Meter *m)
     if (m->held != NULL) {
         m->held->owner = NULL;   /* its blocks may live on; the scope does not */
         held_decref(m->held);
+        if (--live_holders == 0 && table_count > 0) {
+            purge_table();
+        }
     }
     Py_TYPE(m)->tp_free((PyObject *)m);
 }
@@ -749,6 +781,7 @@ start_holding(Meter *m)
         m->held->refcnt = 1;
         m->held->owner = m;
         m->slow = 1;
+        live_holders++;
     }
     return 0;
 }
