@@ -62,6 +62,13 @@ async def serve(rounds: int, concurrency: int, wrap) -> None:
 
 def time_workload(wrap, rounds: int = 20, concurrency: int = 500, setup=None, teardown=None):
     gc.collect()
+    # Every run starts from an idle hook: a run that left scopes entered or held blocks
+    # tracked would slow the next one down and skew the ratios of all that follow.
+    if _meter.active() or _meter.held_blocks():
+        raise RuntimeError(
+            f"not idle before a run: {_meter.active()} scopes active, "
+            f"{_meter.held_blocks()} held blocks"
+        )
     if setup:
         setup()
     try:

@@ -202,7 +202,6 @@ typedef struct Meter {
     uint64_t refused_at[NRES]; /* what the refused allocation would reach */
     int tripped;               /* 1 + first resource that broke, 0 if none */
     char hard, hard_chain, refused, queued;
-    char slow;                 /* hard_chain or held: the hooks' slow path */
 } Meter;
 
 static PyTypeObject MeterType;
@@ -511,9 +510,9 @@ hold(Meter *n, void *p, size_t size)
 /* The hook                                                                 */
 
 /* The hooks. While no scope is entered anywhere they cost a load of a global
- * and of a thread-local, and go straight on to the next allocator. Only
- * charging is inline: hard limits and held memory take the slow path, so
- * that the common case keeps few registers and frees stay a jump. */
+ * and of a thread-local, and go straight on to the next allocator. Charging
+ * and the hard-limit pre-check are inline; held memory takes a slow path of
+ * its own, so that the common case keeps few registers and frees stay a jump. */
 
 #define IDLE() (active == 0 || paused)
 
@@ -544,8 +543,11 @@ metered_malloc(Domain *d, size_t size)
     if (n == NULL) {
         return d->prev.malloc(d->prev.ctx, size);
     }
-    if (n->slow) {
+    if (n->held != NULL) {
         return slow_alloc(d, n, 1, size, 0);
+    }
+    if (n->hard_chain && may_refuse(n, size, d->is_obj) && refuse(n, size, d->is_obj)) {
+        return NULL;
     }
     void *p = d->prev.malloc(d->prev.ctx, size);
     if (p != NULL) {
@@ -780,7 +782,6 @@ start_holding(Meter *m)
         }
         m->held->refcnt = 1;
         m->held->owner = m;
-        m->slow = 1;
         live_holders++;
     }
     return 0;
@@ -809,7 +810,6 @@ Meter_setup(Meter *m, PyObject *const *args, Py_ssize_t nargs)
     }
     m->hard = (char)PyObject_IsTrue(args[5]);
     m->hard_chain = m->hard;
-    m->slow |= m->hard_chain;
     if ((PyObject_IsTrue(args[6]) || m->limit[R_MEMORY] != NONE) && start_holding(m) < 0) {
         return NULL;
     }
@@ -842,7 +842,6 @@ Meter_set_parent(Meter *m, PyObject *p)
     Py_INCREF(parent);
     m->parent = parent;
     m->hard_chain = m->hard || parent->hard_chain;
-    m->slow |= m->hard_chain;
     /* inside a scope that tracks held memory, every scope does */
     if (parent->held != NULL) {
         if (start_holding(m) < 0) {
