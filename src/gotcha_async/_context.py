@@ -444,14 +444,8 @@ class Context(_meter.Meter, anyio.CancelScope):
             out.append(0 if exceeded and value is not None else value)
         return Usage(*out)
 
-    def exceeded(self) -> bool:
-        """Whether this scope's own limit or any ancestor's has been exceeded."""
-        ctx: Context | None = self
-        while ctx is not None:
-            if ctx._broken() is not None:
-                return True
-            ctx = ctx.parent
-        return False
+    # exceeded() -> bool: whether this scope's own limit or any ancestor's has been
+    # exceeded. Inherited from Meter, in C: the ASGI middleware asks per message.
 
     def memory(self) -> Memory | None:
         """Memory this scope holds: allocated inside it and not freed yet, and the peak.

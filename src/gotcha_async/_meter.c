@@ -902,25 +902,52 @@ Meter_reset(Meter *m, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* (resource, used) of this scope's own broken limit, or None. */
-static PyObject *
-Meter_broken(Meter *m, PyObject *unused)
+/* This scope's own broken limit: its resource (the first to break, then in
+ * order) and what it reached, or -1. */
+static int
+broken_resource(const Meter *m, uint64_t *reached)
 {
     uint64_t now[NRES] = {m->used[0], m->used[1], m->used[2],
                           m->held ? m->held->peak : 0};
     int first = m->tripped - 1;
     for (int r = -1; r < NRES; r++) {
-        int k = r < 0 ? first : r;   /* the first to break, then in order */
+        int k = r < 0 ? first : r;
         if (k < 0) {
             continue;
         }
         /* a refused allocation reports what it would have reached */
         uint64_t v = m->refused_at[k] ? m->refused_at[k] : now[k];
         if (v > m->limit[k]) {
-            return Py_BuildValue("(iK)", k, v);
+            *reached = v;
+            return k;
         }
     }
-    Py_RETURN_NONE;
+    return -1;
+}
+
+/* (resource, used) of this scope's own broken limit, or None. */
+static PyObject *
+Meter_broken(Meter *m, PyObject *unused)
+{
+    uint64_t v;
+    int k = broken_resource(m, &v);
+    if (k < 0) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(iK)", k, v);
+}
+
+/* In C because the ASGI middleware asks before every message it passes on. */
+static PyObject *
+Meter_exceeded(Meter *m, PyObject *unused)
+{
+    uint64_t v;
+    for (const Meter *a = m; a != NULL; a = a->parent) {
+        if (broken_resource(a, &v) >= 0) {
+            Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
 }
 
 /* [(size, traceback or None)] of the blocks held by this scope and the
@@ -1002,6 +1029,9 @@ static PyMethodDef Meter_methods[] = {
     {"_memory", (PyCFunction)Meter_memory, METH_NOARGS, "(current, peak) held, or None."},
     {"_add", (PyCFunction)Meter_add, METH_VARARGS, "Charge this scope and its ancestors."},
     {"_reset", (PyCFunction)Meter_reset, METH_NOARGS, "Zero this scope's own counters."},
+    {"exceeded", (PyCFunction)Meter_exceeded, METH_NOARGS,
+     "exceeded($self, /)\n--\n\n"
+     "Whether this scope's own limit or any ancestor's has been exceeded."},
     {"_broken", (PyCFunction)Meter_broken, METH_NOARGS,
      "(resource, used) of this scope's own broken limit, or None."},
     {"_held_blocks", (PyCFunction)Meter_held_blocks, METH_NOARGS,

@@ -265,7 +265,8 @@ class LimitMiddleware:
                 f"{routes!r}"
             )
         self._routed = routes is not None
-        self._default_limits = None if _unlimited(self.limits) else self.limits
+        # a plain dict: ** unpacks it faster than the read-only view, once per request
+        self._default_limits = None if _unlimited(self.limits) else dict(self.limits)
         if on_exceeded is not None and not callable(on_exceeded):
             raise TypeError(f"on_exceeded must be callable or None, not {on_exceeded!r}")
         self.on_exceeded = on_exceeded
