@@ -47,6 +47,22 @@ class CancelScopeOnly:
         return bool(self.scope.__exit__(*exc))
 
 
+class BackendScopeOnly:
+    """anyio's asyncio cancel scope class itself per request: what limit() creates inside.
+
+    anyio.CancelScope() looks the backend up on every call; limit() keeps the class.
+    """
+
+    async def __aenter__(self) -> None:
+        from anyio._backends._asyncio import CancelScope  # private: the class limit() uses
+
+        self.scope = CancelScope()
+        self.scope.__enter__()
+
+    async def __aexit__(self, *exc: object) -> bool:
+        return bool(self.scope.__exit__(*exc))
+
+
 async def handler_in(scope_factory, body: str) -> str:
     async with scope_factory():
         return await handler(body)
@@ -193,6 +209,7 @@ def main() -> None:
                 lambda: gotcha.limit(bytes=gotcha.MiB, objects=100_000, calls=100_000)
             ),
             "anyio.CancelScope() alone": lambda: time_workload(CancelScopeOnly),
+            "anyio's asyncio CancelScope class alone": lambda: time_workload(BackendScopeOnly),
             "limit(bytes, objects, calls, hard=True)": lambda: time_workload(
                 lambda: gotcha.limit(bytes=gotcha.MiB, objects=100_000, calls=100_000,
                                      hard=True)
