@@ -633,7 +633,7 @@ class Context(_meter.Meter, anyio.CancelScope):
         return f"<gotcha_async.Context {' '.join(parts)} {state}{flags}>"
 
 
-_meter.set_types(Usage, Memory, Context)
+_meter.set_types(Usage, Memory)
 
 
 def limit(

@@ -217,7 +217,6 @@ static _Thread_local int paused __attribute__((tls_model("initial-exec")));
 static Meter *queue;           /* tripped scopes waiting for delivery */
 static int scheduled;          /* a pending call is on its way */
 static PyObject *usage_type, *memory_type;  /* the NamedTuples to return */
-static PyTypeObject *context_type;          /* gotcha_async.Context: the fast check */
 static char **exempt;          /* path prefixes of loop machinery */
 static Py_ssize_t n_exempt;
 
@@ -313,28 +312,36 @@ typedef struct {
 } VarCache;
 #endif
 
+#ifdef VAR_CACHE
 /* CPython caches only a variable that is set. In the contexts where ours is
  * not -- the event loop's own callbacks, a server's protocol code, every other
  * task -- each allocation would search the context anew; this remembers the
  * last (thread state, context version) found without a scope. A context
  * version changes whenever a thread switches context, and enter()/exit() set
- * and reset the variable, so they forget it (forget_no_scope). */
+ * and reset the variable, so they forget it (forget_no_scope). Same versions
+ * as the cache itself: both read fields of CPython's thread state. */
 static uint64_t no_scope_tsid, no_scope_ver = UINT64_MAX;
+#endif
 
 static inline void
 forget_no_scope(void)
 {
+#ifdef VAR_CACHE
     no_scope_ver = UINT64_MAX;
+#endif
 }
 
 static Py_NO_INLINE Meter *
-lookup_meter(PyThreadState *ts)
+lookup_meter(void)
 {
     PyObject *v = NULL;
     /* cannot fail for a ContextVar: its hash is precomputed */
     if (PyContextVar_Get(scope_var, NULL, &v) < 0 || v == NULL) {
+#ifdef VAR_CACHE
+        PyThreadState *ts = _PyThreadState_UncheckedGet();
         no_scope_tsid = ts->id;
         no_scope_ver = ts->context_ver;
+#endif
         return NULL;
     }
     /* the context holds a reference: this never drops to zero here */
@@ -347,18 +354,18 @@ lookup_meter(PyThreadState *ts)
 static inline Meter *
 current_meter(void)
 {
-    PyThreadState *ts = _PyThreadState_UncheckedGet();
 #ifdef VAR_CACHE
+    PyThreadState *ts = _PyThreadState_UncheckedGet();
     const VarCache *cache = (const VarCache *)scope_var;
     if (cache->cached_tsver == ts->context_ver && cache->cached_tsid == ts->id &&
         cache->cached != NULL) {
         return (Meter *)cache->cached;   /* the current context holds it */
     }
-#endif
     if (no_scope_ver == ts->context_ver && no_scope_tsid == ts->id) {
         return NULL;
     }
-    return lookup_meter(ts);
+#endif
+    return lookup_meter();
 }
 
 /* Is the innermost Python frame user code, as opposed to the event loop's,
@@ -1197,11 +1204,10 @@ mod_install(PyObject *mod, PyObject *args)
 static PyObject *
 mod_set_types(PyObject *mod, PyObject *args)
 {
-    PyObject *u, *m, *c;
-    if (!PyArg_ParseTuple(args, "OOO!", &u, &m, &PyType_Type, &c)) {
+    PyObject *u, *m;
+    if (!PyArg_ParseTuple(args, "OO", &u, &m)) {
         return NULL;
     }
-    Py_XSETREF(context_type, (PyTypeObject *)Py_NewRef(c));
     Py_XSETREF(usage_type, Py_NewRef(u));
     Py_XSETREF(memory_type, Py_NewRef(m));
     Py_RETURN_NONE;
@@ -1351,7 +1357,7 @@ static PyMethodDef mod_methods[] = {
     {"install", mod_install, METH_VARARGS,
      "install(var, deliver, exempt_dirs, main_thread_ident): set the hook up; once per process."},
     {"set_types", mod_set_types, METH_VARARGS,
-     "set_types(Usage, Memory, Context): the classes the module works with."},
+     "set_types(Usage, Memory): the NamedTuples the module returns."},
     {"set_hooked", mod_set_hooked, METH_O,
      "set_hooked(flag): take the hook out or put it back (benchmarks, tests)."},
     {"tracemalloc_stopped", mod_tracemalloc_stopped, METH_NOARGS,
