@@ -1,0 +1,82 @@
+"""Items 10 and 11 with real signals: KeyboardInterrupts from a timer while scopes keep
+tripping in synchronous code.
+
+    interrupt_storm.py COUNT soft|hard
+
+SIGALRM's handler is ``signal.default_int_handler`` (it raises KeyboardInterrupt, as
+Ctrl-C does), armed COUNT times at a random delay under 2 ms, while the main thread
+enters, trips and leaves scopes in a loop: the interrupts land everywhere, in the
+scope's enter and exit and in the delivery of the broken limit. Every interrupt must
+reach the program (none printed as "Exception ignored" and dropped), and after each
+one no scope may be left entered.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import random
+import signal
+import sys
+
+from _common import report
+
+import gotcha_async as gotcha
+from gotcha_async import _meter
+
+count, hard = int(sys.argv[1]), sys.argv[2] == "hard"
+fired = [0]
+
+
+def on_alarm(signum: int, frame: object) -> None:
+    fired[0] += 1
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGALRM, on_alarm)
+rng = random.Random(11)
+caught = lost = dead = refused_outside = escaped = 0
+LIMIT = 2000
+
+
+def trip_until_interrupted() -> bool:
+    """Trip scopes until an interrupt arrives; False if one fired and never arrived."""
+    expected = fired[0] + 1
+    signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.000_01, 0.002))
+    try:
+        while fired[0] < expected:
+            with gotcha.move_on_limit(bytes=LIMIT, hard=hard):
+                try:
+                    bytearray(LIMIT * 2)
+                except MemoryError:
+                    pass
+        return False  # it fired, and nothing was raised here
+    except KeyboardInterrupt:
+        return True
+
+
+for _ in range(count):
+    state = [False, True]
+
+    def one(state: list[bool] = state) -> None:
+        state[0] = trip_until_interrupted()
+        state[1] = gotcha.current() is None
+
+    before = _meter.active()
+    try:
+        # a context of its own per round: a scope left entered stays there
+        contextvars.Context().run(one)
+    except KeyboardInterrupt:
+        escaped += 1  # it arrived, but not where it was raised
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    if state[0]:
+        caught += 1
+    else:
+        lost += 1
+    if not state[1] or _meter.active() > before:
+        dead += 1
+    try:
+        bytearray(LIMIT * 4)
+    except MemoryError:
+        refused_outside += 1
+report(fired=fired[0], caught=caught, lost=lost, escaped=escaped, dead=dead,
+       refused_outside=refused_outside, active=_meter.active())

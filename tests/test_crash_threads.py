@@ -1,0 +1,68 @@
+"""Issue 11, threads and interpreters (items 1, 5, 6, 7), each in a subprocess."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from crash_scripts import run_script
+
+# -- item 1: limits breaking outside the main thread ----------------------------------
+
+
+@pytest.mark.skipif(sys.version_info < (3, 15),
+                    reason="the lock became a mutex (double release fatal) in 3.15")
+def test_item01_limits_break_in_four_threads_at_once() -> None:
+    # the wake lock was released like a counting semaphore: "PyMutex_Unlock: unlocking
+    # mutex that is not locked" as soon as two limits broke before the wake
+    r = run_script("threads_trip.py", "4", "2000").result
+    assert r["finished"] == [2000] * 4, r
+    assert r["exceeded"] == [2000] * 4, r
+    assert r["current"] and r["active"] == 0, r
+
+
+# -- item 5: tracemalloc.stop() while limits break in threads -------------------------
+
+
+def test_item05_tracemalloc_stop_races_limits_breaking_in_threads() -> None:
+    # the delivery thread created and destroyed a thread state on every wake: raw
+    # allocations racing tracemalloc's teardown (SIGSEGV on 3.11 to 3.13). A race:
+    # three runs, each thousands of start/stop cycles against thousands of trips
+    for _ in range(3):
+        r = run_script("threads_trip.py", "4", "4000", "tracemalloc", timeout=180).result
+        assert r["finished"] == [4000] * 4, r
+        assert r["exceeded"] == [4000] * 4, r
+        assert r["cycles"] > 0, r
+        assert r["current"] and r["active"] == 0, r
+
+
+# -- item 6: subinterpreters with their own GIL ---------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["memory", "hard"])
+def test_item06_other_interpreters_are_never_charged_nor_refused(mode: str) -> None:
+    # the hook is process-wide and thread-state ids restart in every interpreter: a
+    # scope that only waited was charged the subinterpreters' 50 MB (and refused
+    # them); with memory= tracking, heap corruption in table_grow on 3.12
+    # (3.11's isolated interpreters share the GIL: no corruption, but the same
+    # misattribution, so the test runs there too)
+    r = run_script("subinterp_gil.py", mode, timeout=180).result
+    assert r["failures"] == [None, None], r  # both ran to the end, nothing refused
+    assert r["used"] < 1024 * 1024, r  # the main scope only waited
+    assert not r["exceeded"], r
+    assert r["current_none"], r
+
+
+# -- item 7: a subinterpreter imports the package first -------------------------------
+
+
+@pytest.mark.parametrize("what", ["package", "extension"])
+def test_item07_subinterpreter_import_leaves_nothing_behind(what: str) -> None:
+    # the module's init ran in the subinterpreter before the import failed: then the
+    # main interpreter could not import it ("the allocator hook is already
+    # installed", 3.11) or aborted at exit with "free(): invalid pointer" (3.12)
+    r = run_script("subinterp_import.py", what).result
+    assert r["sub"] is not None and "ImportError" in r["sub"], r
+    assert r["used"] >= 1000, r  # the main interpreter counts
+    assert r["refused"], r  # and enforces
+    assert r["current_none"], r
