@@ -1,0 +1,212 @@
+"""Fault injection through the public API: CPython's own test suites, every test inside
+a hard scope with a random budget.
+
+    python scripts/fault_inject.py                      # the default modules, seeds 1 2 3
+    python scripts/fault_inject.py --seeds 7 --modules test.test_json test.test_re
+    python scripts/fault_inject.py --python /work/venv-crash-313/bin/python ...
+    python scripts/fault_inject.py --soft               # the same draws as soft scopes
+
+Every test of each module runs inside ``gotcha.move_on_limit(bytes=B, hard=True)``,
+B drawn log-uniformly between 1 KiB and 16 MiB from (seed, test id): a draw is
+reproducible on its own. Each (module, seed) runs in its own interpreter, with a
+timeout. Tests may fail (a test refused its memory has every right to); the verdict
+is the process's fate only: it must not die on a signal, abort, hang, or print
+``SystemError`` / ``Fatal Python error``. Prints a table (version, module, seed,
+tests run, failures, verdict) and exits 1 on any death, hang or internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import unittest
+from dataclasses import dataclass
+
+MODULES = [
+    "test.test_json",
+    "test.test_pickle",
+    "test.test_re",
+    "test.test_exceptions",
+    "test.test_generators",
+    "test.test_coroutines",
+    "test.test_traceback",
+    "test.test_contextlib",
+    "test.test_gc",
+    "test.test_asyncio.test_tasks",
+]
+LOW, HIGH = 1024, 16 * 1024 * 1024
+MARKERS = ("Fatal Python error", "SystemError", "AddressSanitizer", "free(): invalid",
+           "double free", "corrupted size")
+SUMMARY = "FAULT_INJECT"
+
+
+def budget(seed: int, test_id: str) -> int:
+    """B for one test: log-uniform in [1 KiB, 16 MiB], from (seed, test id)."""
+    rng = random.Random(f"{seed}/{test_id}")
+    return int(math.exp(rng.uniform(math.log(LOW), math.log(HIGH))))
+
+
+# -- the child: one module, one seed ---------------------------------------------------
+
+
+def child(module: str, seed: int, hard: bool, verbose: bool) -> int:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        print(f"{SUMMARY} missing: {exc}", flush=True)
+        return 0
+
+    import gotcha_async as gotcha
+
+    stats = {"scopes": 0, "exceeded": 0}
+    original = unittest.TestCase.run
+
+    def run(
+        self: unittest.TestCase, result: unittest.TestResult | None = None
+    ) -> unittest.TestResult | None:
+        b = budget(seed, self.id())
+        if verbose:
+            print(f"  {self.id()} bytes={b}", file=sys.stderr, flush=True)
+        outcome = None  # a refusal that escapes run() is swallowed by the scope
+        with gotcha.move_on_limit(bytes=b, hard=hard) as ctx:
+            outcome = original(self, result)
+        stats["scopes"] += 1
+        stats["exceeded"] += ctx.exceeded()
+        return outcome
+
+    unittest.TestCase.run = run  # type: ignore[method-assign]
+    suite = unittest.defaultTestLoader.loadTestsFromName(module)
+    result = unittest.TextTestRunner(stream=sys.stderr, verbosity=0).run(suite)
+    print(f"{SUMMARY} tests={result.testsRun} failures={len(result.failures)} "
+          f"errors={len(result.errors)} skipped={len(result.skipped)} "
+          f"scopes={stats['scopes']} exceeded={stats['exceeded']}", flush=True)
+    return 0
+
+
+# -- the parent: a subprocess per (interpreter, module, seed) --------------------------
+
+
+@dataclass
+class Row:
+    version: str
+    module: str
+    seed: int
+    tests: str
+    failures: str
+    exceeded: str
+    seconds: float
+    verdict: str
+
+    @property
+    def dead(self) -> bool:
+        return not (self.verdict == "ok" or self.verdict.startswith("skipped"))
+
+
+def version_of(python: str) -> str:
+    out = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
+                         capture_output=True, text=True, timeout=60)
+    return out.stdout.strip() or "?"
+
+
+def run_one(python: str, version: str, module: str, seed: int, hard: bool, timeout: float,
+            log_dir: str | None) -> Row:
+    cmd = [python, "-X", "faulthandler", os.path.abspath(__file__), "--child", module,
+           "--seeds", str(seed)]
+    if not hard:
+        cmd.append("--soft")
+    env = dict(os.environ)
+    env.pop("PYTHONDEVMODE", None)
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              stdin=subprocess.DEVNULL)
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+        hung = False
+    except subprocess.TimeoutExpired as exc:
+        rc = None
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        hung = True
+    seconds = time.monotonic() - t0
+    found = re.search(rf"{SUMMARY} tests=(\d+) failures=(\d+) errors=(\d+) skipped=\d+ "
+                      r"scopes=\d+ exceeded=(\d+)", out)
+    tests, failures, exceeded = ("-", "-", "-")
+    if found:
+        tests = found.group(1)
+        failures = str(int(found.group(2)) + int(found.group(3)))
+        exceeded = found.group(4)
+    if not hung and rc == 0 and f"{SUMMARY} missing" in out:
+        verdict = "skipped (module not installed)"
+    elif hung:
+        verdict = f"HANG (>{timeout:.0f}s)"
+    elif rc is not None and rc < 0:
+        try:
+            verdict = f"DIED ({signal.Signals(-rc).name})"
+        except ValueError:
+            verdict = f"DIED (signal {-rc})"
+    elif any(m in err or m in out for m in MARKERS):
+        verdict = "ERROR (" + next(m for m in MARKERS if m in err or m in out) + ")"
+    elif rc != 0 or not found:
+        verdict = f"DIED (exit {rc}, no summary)"
+    else:
+        verdict = "ok"
+    if log_dir is not None and verdict != "ok" and not verdict.startswith("skipped"):
+        os.makedirs(log_dir, exist_ok=True)
+        name = f"{version}-{module}-{seed}{'' if hard else '-soft'}.log"
+        with open(os.path.join(log_dir, name), "w") as f:
+            f.write(f"$ {' '.join(cmd)}\n--- stdout ---\n{out}\n--- stderr ---\n{err}\n")
+    return Row(version, module, seed, tests, failures, exceeded, seconds, verdict)
+
+
+def print_row(row: Row) -> None:
+    print(f"{row.version:<9} {row.module:<30} {row.seed:>4} {row.tests:>6} {row.failures:>8} "
+          f"{row.exceeded:>8} {row.seconds:>7.1f}  {row.verdict}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modules", nargs="+", default=MODULES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--python", action="append", default=None,
+                        help="interpreter to run the children with (repeatable; each "
+                             "must have gotcha_async installed); default: this one")
+    parser.add_argument("--timeout", type=float, default=600, help="per module and seed")
+    parser.add_argument("--soft", action="store_true", help="soft scopes (the baseline)")
+    parser.add_argument("--log-dir", default=None, help="write the output of bad runs here")
+    parser.add_argument("--child", metavar="MODULE", help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="store_true", help="(child) each budget")
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.seeds[0], not args.soft, args.verbose)
+
+    pythons = args.python or [sys.executable]
+    rows: list[Row] = []
+    print(f"{'version':<9} {'module':<30} {'seed':>4} {'tests':>6} {'failures':>8} "
+          f"{'exceeded':>8} {'seconds':>7}  verdict", flush=True)
+    for python in pythons:
+        version = version_of(python)
+        for module in args.modules:
+            for seed in args.seeds:
+                row = run_one(python, version, module, seed, not args.soft, args.timeout,
+                              args.log_dir)
+                rows.append(row)
+                print_row(row)
+    dead = [r for r in rows if r.dead]
+    total = sum(int(r.tests) for r in rows if r.tests.isdigit())
+    print(f"fault_inject: {len(rows)} runs, {total} tests, {len(dead)} died/hung/erred "
+          f"({'hard' if not args.soft else 'soft'} scopes, seeds "
+          f"{' '.join(map(str, args.seeds))})", flush=True)
+    return 1 if dead else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
