@@ -112,7 +112,9 @@ class Row:
 
 
 def version_of(python: str) -> str:
-    out = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
+    code = ("import sys; print(sys.version.split()[0] + "
+            "('d' if hasattr(sys, 'gettotalrefcount') else ''))")
+    out = subprocess.run([python, "-c", code],
                          capture_output=True, text=True, timeout=60)
     return out.stdout.strip() or "?"
 
