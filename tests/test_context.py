@@ -38,11 +38,33 @@ def test_limited_tracker() -> None:
     assert not ctx.exceeded()  # used == limit is not over it
     ctx.add(bytes=1)
     assert ctx.exceeded()
-    assert ctx.remains() == (0, 0, 0)
+    # per resource, as Go's Remains: the other resources keep their remainders
+    assert ctx.remains() == (0, 6, 4)
     ctx.reset()
     assert ctx.used() == (0, 0, 0)
     assert not ctx.exceeded()
     assert ctx.remains() == (100, 10, 5)
+
+
+def test_remains_per_resource_as_in_the_go_tracker_test() -> None:
+    ctx = gotcha.Context(bytes=10, objects=5, calls=3)
+    ctx.reset()
+    ctx.add(calls=10)
+    assert ctx.exceeded()
+    assert ctx.remains() == (10, 5, 0)
+    parent = gotcha.Context(bytes=10, objects=5, calls=3)
+    child = gotcha.Context(parent=parent)
+    child.add(bytes=15, objects=3, calls=3)
+    assert child.remains() == (0, 2, 0)
+
+
+def test_remains_of_a_long_parent_chain_does_not_recurse() -> None:
+    root = gotcha.Context(bytes=100)
+    ctx = root
+    for _ in range(10_000):  # far past the recursion limit
+        ctx = gotcha.Context(parent=ctx)
+    ctx.add(bytes=40)
+    assert ctx.remains() == (60, None, None)
 
 
 def test_unlimited_tracker() -> None:
@@ -65,7 +87,7 @@ def test_unlimited_child_of_limited_parent() -> None:
     child.add(bytes=701)
     assert parent.exceeded()
     assert child.exceeded()  # an ancestor's limit counts
-    assert child.remains() == (0, None, 0)
+    assert child.remains() == (0, None, 9)
     child.reset()  # own counters only
     assert child.used() == (0, 0, 0)
     assert parent.used() == (1001, 2, 1)

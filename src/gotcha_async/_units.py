@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 
@@ -73,3 +74,29 @@ def check_limit(name: str, value: object) -> int | None:
     if result > _MAX:
         raise ValueError(f"{name} is too large: {value!r}")
     return result
+
+
+def check_ceiling(value: object, hard: object) -> Fraction:
+    """Validate a ``ceiling`` argument (a multiple >= 1 of every limit).
+
+    :raises TypeError: for a value that is not a real number
+    :raises ValueError: for a value below 1, not finite, or given with ``hard=True``
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | Fraction):
+        raise TypeError(f"ceiling must be a number >= 1 or None, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"ceiling must be a finite number >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"ceiling must be >= 1 (a multiple of each limit), got {value!r}")
+    if hard is True:
+        raise ValueError(
+            f"give hard=True or a ceiling, not both (hard=True is ceiling=1), got ceiling={value!r}"
+        )
+    return Fraction(value)
+
+
+def scaled(limit: int | None, factor: Fraction) -> int | None:
+    """A limit times a ceiling factor, rounded up and capped to what the counters hold."""
+    if limit is None:
+        return None
+    return min(_MAX, math.ceil(limit * factor))
