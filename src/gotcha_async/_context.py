@@ -354,10 +354,17 @@ class Context(_meter.Meter, anyio.CancelScope):
 
     def _after_exit(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         scope = self._scope
-        swallowed = bool(scope.__exit__(exc_type, exc, tb)) if scope is not None else False
+        broken = self._broken()
+        if scope is not None:
+            if broken is not None and not scope.cancel_called:
+                # the delivery may not have come yet (no safe point since the trip):
+                # a scope whose own limit broke is cancelled by the time it exits
+                scope.cancel()
+            swallowed = bool(scope.__exit__(exc_type, exc, tb))
+        else:
+            swallowed = False
         if self._done is not None:
             self._signal_done()
-        broken = self._broken()
         if broken is None:
             return swallowed
         if exc is not None and not swallowed and _is_cancellation(exc):

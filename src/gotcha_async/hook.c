@@ -178,6 +178,32 @@ frame_code(PyThreadState *ts)
 #endif
 }
 
+/* Can the innermost frame survive a refused allocation right now? From 3.14
+ * the interpreter keeps the value stack in registers through the calls it
+ * knows cannot fail in ways that run code (a list growing inside
+ * CALL_LIST_APPEND), and marks that with a NULL stack pointer in the frame: a
+ * refusal there frees objects mid-instruction, which CPython's debug build
+ * rejects outright. Checked on 3.14 and 3.15; later versions never refuse
+ * until their layout has been checked (interrupts still stop the code). */
+static int
+stack_spilled(PyThreadState *ts)
+{
+#if PY_VERSION_HEX >= 0x030E0000 && PY_VERSION_HEX < 0x03100000 && !defined(Py_GIL_DISABLED)
+    /* the leading fields of CPython's private _PyInterpreterFrame */
+    typedef struct {
+        void *executable, *previous, *funcobj, *globals, *builtins, *locals, *frame_obj,
+            *instr_ptr, *stackpointer;
+    } Frame;
+    return ts->current_frame == NULL || ((Frame *)ts->current_frame)->stackpointer != NULL;
+#elif PY_VERSION_HEX >= 0x03100000
+    (void)ts;
+    return 0;
+#else
+    (void)ts;
+    return 1;
+#endif
+}
+
 /* Is a thread's innermost Python frame user code, as opposed to the event
  * loop's, anyio's or our own machinery, or no Python code at all? Only user
  * code is ever refused or interrupted: a MemoryError inside asyncio's task
@@ -317,7 +343,8 @@ refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size)
         if (r < 0) {
             continue;
         }
-        if (PyErr_Occurred() || !frame_is_user(tstate_unchecked())) {
+        PyThreadState *ts = tstate_unchecked();
+        if (PyErr_Occurred() || !frame_is_user(ts) || !stack_spilled(ts)) {
             return 0;   /* only counted; the interrupt stops the code later */
         }
         if (m->reached[r] < would) {
