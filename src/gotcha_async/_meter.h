@@ -2,6 +2,7 @@
  * gotcha_async._meter: what the C files share.
  *
  *   hook.c     the PEP 445 allocator hooks, the allocator chain, charging
+ *   frames.c   reading CPython's frames: whose code runs, and where
  *   held.c     the held-memory table (pointer -> scope and size)
  *   deliver.c  how a broken limit reaches Python: the trip queue, the pending
  *              call, the delivery thread, and interrupts of hard scopes
@@ -100,13 +101,23 @@ typedef struct Held {
     struct Held *parent;
     struct Meter *owner;   /* borrowed; NULL once the scope object is gone */
     uint64_t current, peak;
+    uint64_t rate;         /* mean bytes between samples; 0: every block, exactly */
+    double inv_rate;
 } Held;
+
+#define SITE_FRAMES 4
+typedef struct {
+    PyCodeObject *code[SITE_FRAMES];   /* innermost user frame first */
+    int lasti[SITE_FRAMES];
+    int n;
+} Site;
 
 extern size_t table_count;
 extern Py_ssize_t live_holders;
 
 void held_decref(Held *h);
-int table_insert(uintptr_t p, Held *h, size_t size);   /* -1: out of libc memory */
+int table_insert(uintptr_t p, Held *h, size_t weight, uint32_t site);   /* -1: no memory */
+uint32_t site_intern(const Site *s);
 void table_remove(uintptr_t p);
 Held *table_lookup(uintptr_t p, size_t *size);
 void table_purge(void);
@@ -151,7 +162,6 @@ extern int installed;
 extern PyObject *exempt;           /* tuple of str: path prefixes of loop machinery */
 
 Meter *current_meter(void);
-int frame_is_user(PyThreadState *ts);
 int in_scope_of(Meter *inner, Meter *m);
 void charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls);
 void ensure_hooked(void);
@@ -162,6 +172,18 @@ int hook_leave(void);
 void hook_join(void);
 void forget_no_scope(void);
 void stop(Meter *m);
+
+/* ------------------------------------------------------------------------ */
+/* Frames (frames.c): the private layouts, checked on 3.11 to 3.15          */
+
+void *top_frame(PyThreadState *ts);
+void *older_frame(void *frame);
+PyCodeObject *frame_code(void *frame);   /* borrowed; NULL if it runs no code */
+int frame_lasti(void *frame, PyCodeObject *code);
+int code_line(PyCodeObject *code, int lasti);
+int stack_spilled(PyThreadState *ts);
+int code_is_machinery(PyCodeObject *code);
+int frame_is_user(PyThreadState *ts);
 
 /* ------------------------------------------------------------------------ */
 /* Delivery (deliver.c)                                                     */

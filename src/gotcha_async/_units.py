@@ -100,3 +100,21 @@ def scaled(limit: int | None, factor: Fraction) -> int | None:
     if limit is None:
         return None
     return min(_MAX, math.ceil(limit * factor))
+
+
+#: A sampled memory= scope expects this many samples at its limit: the relative
+#: standard error of what it reports held there is 1/sqrt(1024) = 3.1%.
+SAMPLES_AT_LIMIT = 1024
+MIN_SAMPLING_RATE = 256
+MAX_SAMPLING_RATE = 1024**2
+#: Mean bytes between samples for track_memory=True without a memory= limit.
+TRACKING_RATE = 16 * 1024
+
+
+def sampling_rate(memory: int | None, exact: bool) -> int:
+    """Mean bytes between samples of held memory for a scope (0: every block, exactly)."""
+    if exact:
+        return 0
+    if memory is None:
+        return TRACKING_RATE
+    return max(MIN_SAMPLING_RATE, min(MAX_SAMPLING_RATE, memory // SAMPLES_AT_LIMIT))

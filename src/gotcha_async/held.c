@@ -1,12 +1,19 @@
 /*
- * The held-memory table: pointer -> (innermost Held, size) for every block
- * allocated inside a tracking scope and not freed yet. Open addressing, linear
- * probing, backward-shift deletion (no tombstones), grown at half load; the
- * table itself lives in libc memory, never in the hooked domains.
+ * The held-memory table: pointer -> (innermost Held, weight, site) for every
+ * block recorded inside a tracking scope and not freed yet (every block in
+ * exact mode, the sampled ones otherwise: their weight is what they stand
+ * for). Open addressing, linear probing, backward-shift deletion (no
+ * tombstones), grown at half load; the table lives in libc memory, never in
+ * the hooked domains.
+ *
+ * Sites: where a recorded block was allocated, as up to SITE_FRAMES (code
+ * object, instruction) pairs of user code, interned in a table of their own.
+ * A site keeps its code objects alive until the table is purged, so that a
+ * free (which may not run Python) never has to release one.
  */
 #include "_meter.h"
 
-typedef struct { uintptr_t key; Held *held; size_t size; } Entry;
+typedef struct { uintptr_t key; Held *held; size_t size; uint32_t site; } Entry;
 
 static Entry *table;
 static size_t table_cap;
@@ -78,6 +85,136 @@ find(uintptr_t p)
     return i;
 }
 
+/* ------------------------------------------------------------------------ */
+/* Sites                                                                    */
+
+static Site *sites;            /* sites[0] is "unknown" */
+static uint32_t n_sites = 1, sites_cap;
+static uint32_t *site_slots;   /* open addressing over site ids; 0 = empty */
+static size_t site_slots_cap;
+#define MAX_SITES (1u << 20)
+
+static size_t
+site_hash(const Site *s)
+{
+    uint64_t h = (uint64_t)s->n;
+    for (int i = 0; i < s->n; i++) {
+        h = (h ^ (uint64_t)(uintptr_t)s->code[i]) * 0x9E3779B97F4A7C15ull;
+        h = (h ^ (uint64_t)(uint32_t)s->lasti[i]) * 0x9E3779B97F4A7C15ull;
+    }
+    return (size_t)(h >> 17);
+}
+
+static int
+site_equal(const Site *a, const Site *b)
+{
+    if (a->n != b->n) {
+        return 0;
+    }
+    for (int i = 0; i < a->n; i++) {
+        if (a->code[i] != b->code[i] || a->lasti[i] != b->lasti[i]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static int
+site_slots_grow(void)
+{
+    size_t cap = site_slots_cap ? site_slots_cap * 2 : 1024;
+    uint32_t *fresh = calloc(cap, sizeof(uint32_t));
+    if (fresh == NULL) {
+        return -1;
+    }
+    for (uint32_t id = 1; id < n_sites; id++) {
+        size_t j = site_hash(&sites[id]) & (cap - 1);
+        while (fresh[j]) {
+            j = (j + 1) & (cap - 1);
+        }
+        fresh[j] = id;
+    }
+    free(site_slots);
+    site_slots = fresh;
+    site_slots_cap = cap;
+    return 0;
+}
+
+/* The id of a site, made if new (its code objects are kept alive), or 0. */
+uint32_t
+site_intern(const Site *s)
+{
+    if (s->n == 0) {
+        return 0;
+    }
+    if ((size_t)n_sites * 2 >= site_slots_cap && site_slots_grow() < 0) {
+        return 0;
+    }
+    size_t mask = site_slots_cap - 1, j = site_hash(s) & mask;
+    for (; site_slots[j]; j = (j + 1) & mask) {
+        if (site_equal(&sites[site_slots[j]], s)) {
+            return site_slots[j];
+        }
+    }
+    if (n_sites >= MAX_SITES) {
+        return 0;
+    }
+    if (n_sites >= sites_cap) {
+        uint32_t cap = sites_cap ? sites_cap * 2 : 256;
+        Site *more = realloc(sites, cap * sizeof(Site));
+        if (more == NULL) {
+            return 0;
+        }
+        sites = more;
+        sites_cap = cap;
+    }
+    uint32_t id = n_sites++;
+    sites[id] = *s;
+    for (int i = 0; i < s->n; i++) {
+        Py_INCREF(s->code[i]);
+    }
+    site_slots[j] = id;
+    return id;
+}
+
+static void
+sites_clear(void)
+{
+    for (uint32_t id = 1; id < n_sites; id++) {
+        for (int i = 0; i < sites[id].n; i++) {
+            Py_DECREF(sites[id].code[i]);
+        }
+    }
+    n_sites = 1;
+    if (site_slots != NULL) {
+        memset(site_slots, 0, site_slots_cap * sizeof(uint32_t));
+    }
+}
+
+/* ((filename, lineno), ...) most recent first, as tracemalloc's traces. */
+static PyObject *
+site_frames(uint32_t id)
+{
+    if (id == 0 || id >= n_sites) {
+        return Py_NewRef(Py_None);
+    }
+    const Site *s = &sites[id];
+    PyObject *out = PyTuple_New(s->n);
+    for (int i = 0; out != NULL && i < s->n; i++) {
+        PyObject *frame = Py_BuildValue("(Oi)", s->code[i]->co_filename,
+                                        code_line(s->code[i], s->lasti[i]));
+        if (frame == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyTuple_SET_ITEM(out, i, frame);
+    }
+    return out;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The table                                                                */
+
 Held *
 table_lookup(uintptr_t p, size_t *size)
 {
@@ -124,7 +261,7 @@ table_remove(uintptr_t p)
 }
 
 int
-table_insert(uintptr_t p, Held *h, size_t size)
+table_insert(uintptr_t p, Held *h, size_t size, uint32_t site)
 {
     if ((table_count + 1) * 2 > table_cap && table_grow() < 0) {
         return -1;
@@ -145,6 +282,7 @@ table_insert(uintptr_t p, Held *h, size_t size)
     table[i].key = p;
     table[i].held = h;
     table[i].size = size;
+    table[i].site = site;
     h->refcnt++;
     return 0;
 }
@@ -164,6 +302,7 @@ table_purge(void)
         }
     }
     table_count = 0;
+    sites_clear();
     if (table_cap > 4096) {
         /* a small table is kept for the next burst; a large one goes back */
         free(table);
@@ -173,8 +312,8 @@ table_purge(void)
     step_aside_if_idle();
 }
 
-/* [(size, traceback or None)] of the blocks held by target and the scopes
- * inside it; tracebacks come from tracemalloc when it traces (3.11, 3.12). */
+/* [(weight, frames or None)] of the blocks held by target and the scopes
+ * inside it. */
 PyObject *
 table_blocks_of(Held *target)
 {
@@ -207,11 +346,7 @@ table_blocks_of(Held *target)
     /* building the list frees and allocates: work from the copy */
     PyObject *out = PyList_New(0);
     for (size_t i = 0; out != NULL && i < n; i++) {
-#if PY_VERSION_HEX < 0x030D0000
-        PyObject *tb = _PyTraceMalloc_GetTraceback(0, found[i].key);
-#else
-        PyObject *tb = Py_NewRef(Py_None);   /* no longer exported: no sites */
-#endif
+        PyObject *tb = site_frames(found[i].site);
         if (tb == NULL) {
             Py_CLEAR(out);
             break;

@@ -17,6 +17,9 @@
  */
 #include "_meter.h"
 
+#include <math.h>
+#include <time.h>
+
 const uint64_t grace[NRES] = {64 * 1024, 1000, 1000, 64 * 1024};
 
 PyObject *scope_var;
@@ -126,108 +129,6 @@ in_scope_of(Meter *inner, Meter *m)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Whose code is running                                                    */
-
-static int
-has_prefix(PyObject *s, PyObject *prefix)
-{
-    Py_ssize_t n = PyUnicode_GET_LENGTH(prefix);
-    if (PyUnicode_GET_LENGTH(s) < n) {
-        return 0;
-    }
-    int ks = PyUnicode_KIND(s), kp = PyUnicode_KIND(prefix);
-    const void *ds = PyUnicode_DATA(s), *dp = PyUnicode_DATA(prefix);
-    if (ks == kp) {
-        return memcmp(ds, dp, (size_t)n * (size_t)ks) == 0;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (PyUnicode_READ(ks, ds, i) != PyUnicode_READ(kp, dp, i)) {
-            return 0;
-        }
-    }
-    return 1;
-}
-
-/* The code object of a thread's innermost Python frame, borrowed, or NULL
- * (no frame, or a frame that runs no code object: 3.13's C entry frame). */
-static PyCodeObject *
-frame_code(PyThreadState *ts)
-{
-#if PY_VERSION_HEX >= 0x030D0000
-    if (ts->current_frame == NULL) {
-        return NULL;
-    }
-    PyObject *code = PyUnstable_InterpreterFrame_GetCode(ts->current_frame);
-    if (code == NULL) {
-        return NULL;
-    }
-    Py_DECREF(code);   /* the frame holds it */
-    return PyCode_Check(code) ? (PyCodeObject *)code : NULL;
-#else
-    /* the leading fields of CPython's private _PyInterpreterFrame */
-#  if PY_VERSION_HEX < 0x030C0000
-    typedef struct { void *func, *globals, *builtins, *locals; PyCodeObject *code; } Frame;
-#  else
-    typedef struct { PyCodeObject *code; } Frame;
-#  endif
-    if (ts->cframe == NULL || ts->cframe->current_frame == NULL) {
-        return NULL;
-    }
-    PyCodeObject *code = ((Frame *)ts->cframe->current_frame)->code;
-    return code != NULL && PyCode_Check(code) ? code : NULL;
-#endif
-}
-
-/* Can the innermost frame survive a refused allocation right now? From 3.14
- * the interpreter keeps the value stack in registers through the calls it
- * knows cannot fail in ways that run code (a list growing inside
- * CALL_LIST_APPEND), and marks that with a NULL stack pointer in the frame: a
- * refusal there frees objects mid-instruction, which CPython's debug build
- * rejects outright. Checked on 3.14 and 3.15; later versions never refuse
- * until their layout has been checked (interrupts still stop the code). */
-static int
-stack_spilled(PyThreadState *ts)
-{
-#if PY_VERSION_HEX >= 0x030E0000 && PY_VERSION_HEX < 0x03100000 && !defined(Py_GIL_DISABLED)
-    /* the leading fields of CPython's private _PyInterpreterFrame */
-    typedef struct {
-        void *executable, *previous, *funcobj, *globals, *builtins, *locals, *frame_obj,
-            *instr_ptr, *stackpointer;
-    } Frame;
-    return ts->current_frame == NULL || ((Frame *)ts->current_frame)->stackpointer != NULL;
-#elif PY_VERSION_HEX >= 0x03100000
-    (void)ts;
-    return 0;
-#else
-    (void)ts;
-    return 1;
-#endif
-}
-
-/* Is a thread's innermost Python frame user code, as opposed to the event
- * loop's, anyio's or our own machinery, or no Python code at all? Only user
- * code is ever refused or interrupted: a MemoryError inside asyncio's task
- * step would break the loop for every task. */
-int
-frame_is_user(PyThreadState *ts)
-{
-    if (ts == NULL || exempt == NULL) {
-        return 0;
-    }
-    PyCodeObject *code = frame_code(ts);
-    if (code == NULL || !PyUnicode_Check(code->co_filename)) {
-        return 0;
-    }
-    Py_ssize_t n = PyTuple_GET_SIZE(exempt);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (has_prefix(code->co_filename, PyTuple_GET_ITEM(exempt, i))) {
-            return 0;
-        }
-    }
-    return 1;
-}
-
-/* ------------------------------------------------------------------------ */
 /* Charging and stopping                                                    */
 
 /* A hard scope's code was stopped: move its fences one grace further (none
@@ -283,15 +184,68 @@ charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls)
     }
 }
 
-static void
-hold(Meter *n, void *p, size_t size)
+/* ------------------------------------------------------------------------ */
+/* Held memory                                                              */
+
+/* Sampling, as the production heap profilers do: the bytes a thread allocates
+ * are a Poisson process with one sample every `rate` bytes on average (the
+ * countdown is in expected samples, so scopes of different rates can share a
+ * thread). A block of size s is then recorded with probability
+ * 1 - exp(-s/rate), and stands for s / (1 - exp(-s/rate)) bytes: the sum over
+ * recorded blocks is an unbiased estimate of what is held. Blocks of `rate`
+ * bytes or more are always recorded, at their size. */
+static GOTCHA_TLS double sample_left;
+static GOTCHA_TLS uint64_t rng;
+
+static double
+next_exponential(void)
+{
+    if (rng == 0) {
+        /* a different stream per thread, per process */
+        rng = (uint64_t)(uintptr_t)&rng * 0x9E3779B97F4A7C15ull ^ (uint64_t)PyThread_get_thread_ident() ^
+              (uint64_t)time(NULL) << 32;
+        rng |= 1;
+    }
+    /* xorshift64* */
+    rng ^= rng >> 12;
+    rng ^= rng << 25;
+    rng ^= rng >> 27;
+    uint64_t x = rng * 0x2545F4914F6CDD1Dull;
+    double u = ((double)(x >> 11) + 1.0) / 9007199254740993.0;   /* (0, 1] */
+    return -log(u);
+}
+
+/* Where the innermost user code is: up to SITE_FRAMES frames of it, the
+ * event loops' and ours left out. */
+static uint32_t
+capture_site(void)
+{
+    PyThreadState *ts = tstate_unchecked();
+    Site s;
+    s.n = 0;
+    int depth = 0;
+    for (void *f = ts == NULL ? NULL : top_frame(ts); f != NULL && s.n < SITE_FRAMES && depth < 64;
+         f = older_frame(f), depth++) {
+        PyCodeObject *code = frame_code(f);
+        if (code == NULL || code_is_machinery(code)) {
+            continue;
+        }
+        s.code[s.n] = code;
+        s.lasti[s.n] = frame_lasti(f, code);
+        s.n++;
+    }
+    return site_intern(&s);
+}
+
+static Py_NO_INLINE void
+hold_block(Meter *n, void *p, uint64_t weight)
 {
     /* a block the table cannot record would stay held for ever: not held at all */
-    if (table_insert((uintptr_t)p, n->held, size) < 0) {
+    if (table_insert((uintptr_t)p, n->held, (size_t)weight, capture_site()) < 0) {
         return;
     }
     for (Held *h = n->held; h != NULL; h = h->parent) {
-        h->current += size;
+        h->current += weight;
         if (h->current > h->peak) {
             h->peak = h->current;
         }
@@ -304,6 +258,35 @@ hold(Meter *n, void *p, size_t size)
                 stop(m);
             }
         }
+    }
+}
+
+static Py_NO_INLINE void
+hold_sampled(Meter *n, void *p, size_t size)
+{
+    if (rng == 0) {
+        sample_left = next_exponential();   /* a fresh thread: no sample owed yet */
+        sample_left -= (double)size * n->held->inv_rate;
+        if (sample_left > 0) {
+            return;
+        }
+    }
+    sample_left = next_exponential();
+    double s = (double)size, weight = s / -expm1(-s * n->held->inv_rate);
+    hold_block(n, p, (uint64_t)(weight + 0.5));
+}
+
+static inline void
+hold(Meter *n, void *p, size_t size)
+{
+    const Held *inner = n->held;
+    if (inner->rate == 0 || size >= inner->rate) {
+        hold_block(n, p, size);
+        return;
+    }
+    sample_left -= (double)size * inner->inv_rate;
+    if (sample_left <= 0) {
+        hold_sampled(n, p, size);
     }
 }
 

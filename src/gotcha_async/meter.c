@@ -120,8 +120,10 @@ Meter_dealloc(Meter *m)
     Py_TYPE(m)->tp_free((PyObject *)m);
 }
 
+/* rate: mean bytes between samples, 0 for every block exactly. A scope inside
+ * another samples at least as often as its parent, and exactly if it does. */
 static int
-start_holding(Meter *m)
+start_holding(Meter *m, uint64_t rate)
 {
     if (m->held == NULL) {
         m->held = calloc(1, sizeof(Held));
@@ -131,8 +133,13 @@ start_holding(Meter *m)
         }
         m->held->refcnt = 1;
         m->held->owner = m;
+        m->held->rate = rate;
         live_holders++;
     }
+    else if (rate < m->held->rate) {
+        m->held->rate = rate;
+    }
+    m->held->inv_rate = m->held->rate ? 1.0 / (double)m->held->rate : 0.0;
     return 0;
 }
 
@@ -152,13 +159,14 @@ limit_arg(PyObject *v, uint64_t *out)
 
 static PyObject *Meter_set_parent(Meter *m, PyObject *p);
 
-/* _setup(parent, bytes, objects, calls, memory, ceiling x 4, track): limits
- * and ceilings are validated ints or None (Python's work). */
+/* _setup(parent, bytes, objects, calls, memory, ceiling x 4, track, rate):
+ * limits and ceilings are validated ints or None, and the sampling rate an int
+ * (Python's work). */
 static PyObject *
 Meter_setup(Meter *m, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "_setup takes 10 arguments");
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "_setup takes 11 arguments");
         return NULL;
     }
     m->hard = 0;
@@ -178,7 +186,11 @@ Meter_setup(Meter *m, PyObject *const *args, Py_ssize_t nargs)
     if (track < 0) {
         return NULL;
     }
-    if ((track || m->limit[R_MEMORY] != NONE) && start_holding(m) < 0) {
+    unsigned long long rate = PyLong_AsUnsignedLongLong(args[10]);
+    if (rate == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if ((track || m->limit[R_MEMORY] != NONE) && start_holding(m, rate) < 0) {
         return NULL;
     }
     if (args[0] != Py_None) {
@@ -215,7 +227,7 @@ Meter_set_parent(Meter *m, PyObject *p)
     Meter *parent = (Meter *)p;
     /* inside a scope that tracks held memory, every scope does */
     if (parent->held != NULL) {
-        if (start_holding(m) < 0) {
+        if (start_holding(m, parent->held->rate) < 0) {
             return NULL;
         }
         m->held->parent = parent->held;
@@ -546,7 +558,7 @@ Meter_set_quiet(Meter *m, PyObject *v, void *unused)
 static PyMethodDef Meter_methods[] = {
     {"_setup", (PyCFunction)(void (*)(void))Meter_setup, METH_FASTCALL,
      "_setup(parent, bytes, objects, calls, memory, ceiling_bytes, ceiling_objects, "
-     "ceiling_calls, ceiling_memory, track)"},
+     "ceiling_calls, ceiling_memory, track, rate)"},
     {"_set_parent", (PyCFunction)Meter_set_parent, METH_O,
      "Link to a parent scope; refuses cycles."},
     {"__enter__", (PyCFunction)Meter_enter, METH_NOARGS, NULL},
