@@ -44,12 +44,17 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+# sorted: the same object order, hence the same binary, on every machine
+SOURCES = sorted(glob(f"{PACKAGE}/*.c"))
+if not SOURCES:
+    raise SystemExit(f"no C sources in {PACKAGE}/: run the build from the project's root")
+
 setup(
     ext_modules=[
         Extension(
             "gotcha_async._meter",
-            # sorted: the same object order, hence the same binary, on every machine
-            sources=sorted(glob(f"{PACKAGE}/*.c")),
+            sources=SOURCES,
+            # a changed header rebuilds every file, as none says which headers it includes
             depends=sorted(glob(f"{PACKAGE}/*.h")),
         )
     ],
