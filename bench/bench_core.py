@@ -18,6 +18,9 @@ import statistics
 import sys
 import time
 import tracemalloc
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Protocol
 
 import anyio
 
@@ -43,8 +46,13 @@ class CancelScopeOnly:
         self.scope = anyio.CancelScope()
         self.scope.__enter__()
 
-    async def __aexit__(self, *exc: object) -> bool:
-        return bool(self.scope.__exit__(*exc))
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return bool(self.scope.__exit__(exc_type, exc, tb))
 
 
 class BackendScopeOnly:
@@ -59,16 +67,38 @@ class BackendScopeOnly:
         self.scope = CancelScope()
         self.scope.__enter__()
 
-    async def __aexit__(self, *exc: object) -> bool:
-        return bool(self.scope.__exit__(*exc))
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return bool(self.scope.__exit__(exc_type, exc, tb))
 
 
-async def handler_in(scope_factory, body: str) -> str:
+class AsyncScope(Protocol):
+    """What a request is wrapped in: a Context, or one of the classes above."""
+
+    def __aenter__(self) -> Awaitable[object]: ...
+
+    def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        /,
+    ) -> Awaitable[bool | None]: ...
+
+
+ScopeFactory = Callable[[], AsyncScope]
+
+
+async def handler_in(scope_factory: ScopeFactory, body: str) -> str:
     async with scope_factory():
         return await handler(body)
 
 
-async def serve(rounds: int, concurrency: int, wrap) -> None:
+async def serve(rounds: int, concurrency: int, wrap: ScopeFactory | None) -> None:
     for _ in range(rounds):
         if wrap is None:
             await asyncio.gather(*(handler(BODY) for _ in range(concurrency)))
@@ -76,7 +106,13 @@ async def serve(rounds: int, concurrency: int, wrap) -> None:
             await asyncio.gather(*(handler_in(wrap, BODY) for _ in range(concurrency)))
 
 
-def time_workload(wrap, rounds: int = 20, concurrency: int = 500, setup=None, teardown=None):
+def time_workload(
+    wrap: ScopeFactory | None,
+    rounds: int = 20,
+    concurrency: int = 500,
+    setup: Callable[[], object] | None = None,
+    teardown: Callable[[], object] | None = None,
+) -> float:
     gc.collect()
     # Every run starts from an idle hook: a run that left scopes entered or held blocks
     # tracked would slow the next one down and skew the ratios of all that follow.
@@ -96,11 +132,11 @@ def time_workload(wrap, rounds: int = 20, concurrency: int = 500, setup=None, te
             teardown()
 
 
-def tm_start():
+def tm_start() -> None:
     tracemalloc.start(1)
 
 
-def side_by_side(variants: dict, repeats: int) -> dict[str, float]:
+def side_by_side(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     """Median over rounds of each variant's time / the first variant's time."""
     names = list(variants)
     ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
@@ -141,9 +177,11 @@ async def limited_scopes() -> float:
 
 
 def scope_costs(backend: str, repeats: int) -> tuple[float, float, float, float]:
-    async def measure():
+    async def measure() -> tuple[float, float, float, float]:
         await cancel_scopes()  # warm up
-        base, plain, limited = [], [], []
+        base: list[float] = []
+        plain: list[float] = []
+        limited: list[float] = []
         for _ in range(repeats):
             base.append(await cancel_scopes())
             plain.append(await limit_scopes())
@@ -200,7 +238,7 @@ def main() -> None:
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
 
-    rows = []
+    rows: list[tuple[str, float, str]] = []
     handler_ratios = side_by_side(
         {
             "bare": lambda: time_workload(None),
@@ -281,7 +319,7 @@ def print_overshoot() -> None:
         print(f"| {label:>10} | {overshoot(size, False):>26,} | {overshoot(size, True):>26,} |")
 
 
-def print_table(rows: list, width: int, repeats: int) -> None:
+def print_table(rows: list[tuple[str, float, str]], width: int, repeats: int) -> None:
     print(f"Python {sys.version.split()[0]}, median of {repeats} side-by-side rounds")
     print(f"| {'measurement'.ljust(width)} | ratio | goal |")
     print(f"|{'-' * (width + 2)}|-------|------|")

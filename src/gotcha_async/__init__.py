@@ -5,6 +5,8 @@ the scope API on top of it; ``_units`` parses sizes; ``_memory`` reads held memo
 and allocation sites; ``asgi`` and ``pytest_plugin`` are the integrations.
 """
 
+__version__ = "0.1.0"
+
 from ._context import GRACE as GRACE
 from ._context import REFUSE_MIN as REFUSE_MIN
 from ._context import Context as Context
