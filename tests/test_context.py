@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+from typing import Any
 
 import anyio
 import pytest
@@ -111,7 +112,7 @@ def test_limited_child_is_bounded_by_its_parent() -> None:
         ({"calls": True}, TypeError, "calls must be an int, not True"),
     ],
 )
-def test_add_rejects_bad_values(kwargs: dict, error: type[Exception], text: str) -> None:
+def test_add_rejects_bad_values(kwargs: dict[str, Any], error: type[Exception], text: str) -> None:
     ctx = gotcha.Context()
     with pytest.raises(error, match=text):
         ctx.add(**kwargs)
@@ -576,11 +577,11 @@ trees = st.recursive(
 Seen = list[tuple[gotcha.Context, list[gotcha.Context]]]
 
 
-async def _walk(tree: tuple, seen: Seen) -> gotcha.Context:
+async def _walk(tree: tuple[Any, ...], seen: Seen) -> gotcha.Context:
     """Enter a scope, allocate, recurse into the children (in sequence or concurrently)."""
     kids: list[gotcha.Context] = []
 
-    async def into(sub: tuple) -> None:
+    async def into(sub: tuple[Any, ...]) -> None:
         kids.append(await _walk(sub, seen))
 
     async with gotcha.limit() as ctx:
@@ -605,7 +606,7 @@ async def _walk(tree: tuple, seen: Seen) -> gotcha.Context:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tree=trees)
-def test_parents_are_charged_at_least_their_children(tree: tuple) -> None:
+def test_parents_are_charged_at_least_their_children(tree: tuple[Any, ...]) -> None:
     for backend in ("asyncio", "trio"):
         seen: list[tuple[gotcha.Context, list[gotcha.Context]]] = []
         anyio.run(_walk, tree, seen, backend=backend)

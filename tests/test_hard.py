@@ -25,7 +25,8 @@ def big(n: int) -> bytearray:
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KiB
+    rss: int = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * KiB
 
 
 async def test_huge_allocation_is_refused_before_it_is_made() -> None:

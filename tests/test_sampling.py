@@ -84,16 +84,23 @@ def test_blocks_of_the_rate_or_more_are_recorded_exactly() -> None:
     del kept
 
 
-def test_a_scope_holding_90_percent_of_its_limit_is_not_stopped() -> None:
+def false_stops(fraction: float, trials: int) -> int:
     limit = 2 * MiB
-    n = int(0.9 * limit) // 600  # 600-byte blocks with their objects: about 90%
+    n = int(fraction * limit) // 600  # 540-byte buffers with their objects
     trips = 0
-    for _ in range(50):
+    for _ in range(trials):
         with gotcha.move_on_limit(memory=limit) as ctx:
             kept = [bytearray(540) for _ in range(n)]
         trips += ctx.exceeded()
         del kept
-    assert trips == 0
+    return trips
+
+
+def test_false_stops_below_the_limit_are_as_rare_as_documented() -> None:
+    # documented: about 1 in 400 at 90% of the limit, none seen at 80%; the bounds
+    # here fail with a probability below 1e-4 for a sampler that meets them
+    assert false_stops(0.8, 100) == 0
+    assert false_stops(0.9, 100) <= 3
 
 
 def test_exact_mode_is_exact() -> None:

@@ -15,7 +15,13 @@ import sys
 import tracemalloc
 import types
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Any, Generic, NamedTuple, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
+
+if sys.version_info >= (3, 13):
+    from typing import TypeVar as DefaultTypeVar
+else:
+    from typing_extensions import TypeVar as DefaultTypeVar
 
 import anyio
 
@@ -35,7 +41,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-N = TypeVar("N", int, "int | None")
+# Usage() alone means Usage[int]: what used() returns
+N = DefaultTypeVar("N", int, "int | None", default=int)
 
 RESOURCES = ("bytes", "objects", "calls", "memory")
 _NO_LIMITS = (None, None, None, None)
@@ -322,7 +329,10 @@ class Context(_meter.Meter, anyio.CancelScope):
             else:
                 ceilings = _NO_LIMITS
             rate = sampling_rate(limits[3], exact_memory)
-            self._setup(parent, *limits, *ceilings, track_memory, rate)
+            self._setup(
+                parent, limits[0], limits[1], limits[2], limits[3],
+                ceilings[0], ceilings[1], ceilings[2], ceilings[3], track_memory, rate,
+            )
         self._shield = shield
         self._deadline = math.inf
         self._cancel_pending = False
@@ -333,6 +343,23 @@ class Context(_meter.Meter, anyio.CancelScope):
         self._done: tuple[Any, Any] | None = None
 
     # -- entering and leaving --------------------------------------------------------
+
+    if TYPE_CHECKING:
+
+        def __enter__(self) -> Context: ...
+        def __exit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> bool: ...
+        async def __aenter__(self) -> Context: ...
+        async def __aexit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> bool: ...
 
     # __enter__, __exit__, __aenter__ and __aexit__ are Meter's, in C: the scope
     # variable is set as their very last step and reset as their very first, so that a
@@ -408,7 +435,7 @@ class Context(_meter.Meter, anyio.CancelScope):
                     own = max(lim - used, 0)
                     value = out[i]
                     out[i] = own if value is None else min(value, own)
-            scope = scope.parent  # type: ignore[assignment]
+            scope = scope.parent
         return Usage(*out)
 
     # exceeded() -> bool: whether this scope's own limit or any ancestor's has been
@@ -428,7 +455,8 @@ class Context(_meter.Meter, anyio.CancelScope):
         *s* / (1 - exp(-*s*/rate)) bytes, so the figures are unbiased estimates;
         blocks of *rate* bytes or more are always recorded at their exact size. Near
         the limit the standard error is 1/32 (3.1%) of the limit: a scope holding 90%
-        of its limit is stopped by mistake less than once in a thousand times. With
+        of its limit in small blocks is stopped by mistake about once in 400 times
+        (measured: 5 in 2,000), one holding 80% of it never was (0 in 2,000). With
         ``exact_memory=True`` every block is recorded and the figures are exact, for
         about twice the cost of a plain scope.
         """

@@ -25,6 +25,7 @@ class Meter:
         ceiling_calls: int | None,
         ceiling_memory: int | None,
         track: bool,
+        rate: int,
         /,
     ) -> None: ...
     def _set_parent(self, parent: Any, /) -> None: ...

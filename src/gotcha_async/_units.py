@@ -6,8 +6,18 @@ import math
 import re
 from fractions import Fraction
 
-KiB, MiB, GiB, TiB, PiB, EiB = (1024**n for n in range(1, 7))
-KB, MB, GB, TB, PB, EB = (1000**n for n in range(1, 7))
+KiB: int = 1024
+MiB: int = 1024**2
+GiB: int = 1024**3
+TiB: int = 1024**4
+PiB: int = 1024**5
+EiB: int = 1024**6
+KB: int = 1000
+MB: int = 1000**2
+GB: int = 1000**3
+TB: int = 1000**4
+PB: int = 1000**5
+EB: int = 1000**6
 Kilo, Mega, Giga, Tera, Peta, Exa = KB, MB, GB, TB, PB, EB
 
 _PREFIXES = "kmgtpe"
