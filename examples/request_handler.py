@@ -10,7 +10,7 @@ import anyio
 import gotcha_async as gotcha
 
 
-async def handle(body: str) -> dict:
+async def handle(body: str) -> dict[str, object]:
     items = json.loads(body)
     if items.get("explode"):
         # a request that builds a huge answer

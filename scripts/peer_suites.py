@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import unittest
+from typing import Any
 
 import gotcha_async as gotcha
 
@@ -30,9 +31,13 @@ def main() -> int:
     charged = {"scopes": 0, "bytes": 0, "objects": 0, "calls": 0}
     original = unittest.TestCase.run
 
-    def run(self: unittest.TestCase, result: unittest.TestResult | None = None) -> object:
-        limits = dict(bytes=16 * gotcha.GiB, calls=10**10, hard=True) if args.hard else {}
-        with gotcha.Context(**limits) as ctx:  # type: ignore[arg-type]
+    def run(
+        self: unittest.TestCase, result: unittest.TestResult | None = None
+    ) -> unittest.TestResult | None:
+        limits: dict[str, Any] = (
+            dict(bytes=16 * gotcha.GiB, calls=10**10, hard=True) if args.hard else {}
+        )
+        with gotcha.Context(**limits) as ctx:
             outcome = original(self, result)
         used = ctx.used()
         charged["scopes"] += 1

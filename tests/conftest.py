@@ -12,7 +12,7 @@ BACKENDS = ["asyncio", "trio"]
 
 @pytest.fixture(params=BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return request.param
+    return str(request.param)
 
 
 def pytest_asyncio_loop_factories(

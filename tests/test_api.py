@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 
 import anyio
@@ -56,3 +57,7 @@ def test_limit_exceeded_carries_the_contract_attributes() -> None:
     err = gotcha.LimitExceeded(None, "calls", 11, 10)
     assert (err.context, err.resource, err.used, err.limit) == (None, "calls", 11, 10)
     assert isinstance(err, Exception)
+
+
+def test_version_is_the_distribution_version() -> None:
+    assert gotcha.__version__ == importlib.metadata.version("gotcha-async")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+from typing import Any
 
 import anyio
 import pytest
@@ -38,11 +39,33 @@ def test_limited_tracker() -> None:
     assert not ctx.exceeded()  # used == limit is not over it
     ctx.add(bytes=1)
     assert ctx.exceeded()
-    assert ctx.remains() == (0, 0, 0)
+    # per resource, as Go's Remains: the other resources keep their remainders
+    assert ctx.remains() == (0, 6, 4)
     ctx.reset()
     assert ctx.used() == (0, 0, 0)
     assert not ctx.exceeded()
     assert ctx.remains() == (100, 10, 5)
+
+
+def test_remains_per_resource_as_in_the_go_tracker_test() -> None:
+    ctx = gotcha.Context(bytes=10, objects=5, calls=3)
+    ctx.reset()
+    ctx.add(calls=10)
+    assert ctx.exceeded()
+    assert ctx.remains() == (10, 5, 0)
+    parent = gotcha.Context(bytes=10, objects=5, calls=3)
+    child = gotcha.Context(parent=parent)
+    child.add(bytes=15, objects=3, calls=3)
+    assert child.remains() == (0, 2, 0)
+
+
+def test_remains_of_a_long_parent_chain_does_not_recurse() -> None:
+    root = gotcha.Context(bytes=100)
+    ctx = root
+    for _ in range(10_000):  # far past the recursion limit
+        ctx = gotcha.Context(parent=ctx)
+    ctx.add(bytes=40)
+    assert ctx.remains() == (60, None, None)
 
 
 def test_unlimited_tracker() -> None:
@@ -65,7 +88,7 @@ def test_unlimited_child_of_limited_parent() -> None:
     child.add(bytes=701)
     assert parent.exceeded()
     assert child.exceeded()  # an ancestor's limit counts
-    assert child.remains() == (0, None, 0)
+    assert child.remains() == (0, None, 9)
     child.reset()  # own counters only
     assert child.used() == (0, 0, 0)
     assert parent.used() == (1001, 2, 1)
@@ -89,7 +112,7 @@ def test_limited_child_is_bounded_by_its_parent() -> None:
         ({"calls": True}, TypeError, "calls must be an int, not True"),
     ],
 )
-def test_add_rejects_bad_values(kwargs: dict, error: type[Exception], text: str) -> None:
+def test_add_rejects_bad_values(kwargs: dict[str, Any], error: type[Exception], text: str) -> None:
     ctx = gotcha.Context()
     with pytest.raises(error, match=text):
         ctx.add(**kwargs)
@@ -554,11 +577,11 @@ trees = st.recursive(
 Seen = list[tuple[gotcha.Context, list[gotcha.Context]]]
 
 
-async def _walk(tree: tuple, seen: Seen) -> gotcha.Context:
+async def _walk(tree: tuple[Any, ...], seen: Seen) -> gotcha.Context:
     """Enter a scope, allocate, recurse into the children (in sequence or concurrently)."""
     kids: list[gotcha.Context] = []
 
-    async def into(sub: tuple) -> None:
+    async def into(sub: tuple[Any, ...]) -> None:
         kids.append(await _walk(sub, seen))
 
     async with gotcha.limit() as ctx:
@@ -583,7 +606,7 @@ async def _walk(tree: tuple, seen: Seen) -> gotcha.Context:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tree=trees)
-def test_parents_are_charged_at_least_their_children(tree: tuple) -> None:
+def test_parents_are_charged_at_least_their_children(tree: tuple[Any, ...]) -> None:
     for backend in ("asyncio", "trio"):
         seen: list[tuple[gotcha.Context, list[gotcha.Context]]] = []
         anyio.run(_walk, tree, seen, backend=backend)

@@ -1,4 +1,4 @@
-"""The examples run and say what the README says they say."""
+"""The examples run and print what the README and the docs say they print."""
 
 from __future__ import annotations
 

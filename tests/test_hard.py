@@ -25,7 +25,8 @@ def big(n: int) -> bytearray:
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KiB
+    rss: int = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * KiB
 
 
 async def test_huge_allocation_is_refused_before_it_is_made() -> None:
@@ -60,18 +61,21 @@ async def test_append_loop_holds_at_most_the_limit() -> None:
     assert ctx.used().bytes <= 4 * MiB + MACHINERY  # the unwinding after the refusal
 
 
-async def test_code_that_swallows_refusals_stays_within_the_grace() -> None:
+async def test_code_that_swallows_the_error_gets_a_grace_four_times_then_none() -> None:
     buf: list[bytearray] = []
-    refusals = 0
+    stops = 0
     async with gotcha.move_on_limit(bytes=4 * MiB, hard=True) as ctx:
         for _ in range(100_000):
             try:
                 buf.append(big(KiB))
             except MemoryError:
-                refusals += 1
-    assert refusals > 0
-    assert ctx.used().bytes <= 4 * MiB + gotcha.GRACE["bytes"] + MACHINERY
-    assert len(buf) * KiB <= 4 * MiB + gotcha.GRACE["bytes"]
+                stops += 1
+    # the error lands at the next bytecode boundary: inside the try, or at the loop's
+    # own jump, where it escapes the loop
+    assert stops >= 1 or len(buf) < 100_000
+    graces = 4 * gotcha.GRACE["bytes"]
+    assert ctx.used().bytes <= 4 * MiB + graces + MACHINERY
+    assert len(buf) * KiB <= 4 * MiB + graces
 
 
 async def test_spinning_loop_stops_on_a_calls_limit() -> None:
@@ -81,7 +85,8 @@ async def test_spinning_loop_stops_on_a_calls_limit() -> None:
             _ = [spins]
             spins += 1
     assert ctx.exceeded()
-    assert 1000 < spins < 10_000
+    # stopped at the bytecode boundary after the 10,001st call
+    assert 1000 < spins <= 10_000 + 16
     assert ctx.used().calls <= 10_000 + MACHINERY
 
 
@@ -90,7 +95,8 @@ async def test_objects_limit_is_refused_too() -> None:
         async with gotcha.limit(objects=1000, hard=True):
             [object() for _ in range(10_000)]
     assert info.value.resource == "objects"
-    assert info.value.used == 1001
+    # stopped at the next bytecode boundary after the 1,001st object
+    assert 1000 < info.value.used <= 1000 + 32
 
 
 async def test_refusal_lands_only_in_its_own_task_and_thread() -> None:
@@ -151,7 +157,10 @@ async def test_refusal_inside_library_code(work: object) -> None:
         async with gotcha.limit(bytes=MiB, hard=True) as ctx:
             work()  # type: ignore[operator]
     assert isinstance(info.value.__cause__, MemoryError)
-    assert ctx.used().bytes <= MiB + gotcha.GRACE["bytes"] + MACHINERY
+    # a C call that allocates in small steps runs until its first allocation of
+    # REFUSE_MIN or more past the ceiling, or returns and is stopped at the next
+    # bytecode boundary: here the result list's growth is refused
+    assert ctx.used().bytes <= 16 * MiB
     assert gotcha.current() is None
     # the process goes on allocating normally
     assert len(big(8 * MiB)) == 8 * MiB

@@ -12,7 +12,6 @@ import pytest
 
 import gotcha_async as gotcha
 from gotcha_async import _meter
-from gotcha_async._memory import SITES_AVAILABLE
 
 pytestmark = pytest.mark.anyio
 
@@ -110,7 +109,7 @@ def test_blocks_left_behind_stop_costing_once_no_tracking_context_is_left() -> N
     # that could be asked for them exists: once the last one is collected, the table is
     # dropped and the hook leaves the allocator chain.
     gc.collect()  # earlier tests' Contexts caught in cycles
-    ctx = gotcha.Context(track_memory=True)
+    ctx = gotcha.Context(track_memory=True, exact_memory=True)
     with ctx:
         kept = [big(KiB) for _ in range(100)]
     assert _meter.held_blocks() >= 100
@@ -151,14 +150,9 @@ async def test_hard_memory_limit_refuses_but_lets_churn_through() -> None:
     assert len(keep) * 64 * KiB <= MiB
 
 
-needs_sites = pytest.mark.skipif(
-    not SITES_AVAILABLE, reason="tracemalloc's lookup by address is not exported after 3.12"
-)
-
-
-@needs_sites
-async def test_allocation_sites(tracing: None) -> None:
-    async with gotcha.Context(track_memory=True) as ctx:
+async def test_allocation_sites_need_no_tracemalloc() -> None:
+    assert not tracemalloc.is_tracing()
+    async with gotcha.Context(track_memory=True, exact_memory=True) as ctx:
         blocks = [big(100 * KiB) for _ in range(5)]  # the biggest site
         small = [big(KiB) for _ in range(3)]
         sites = ctx.allocation_sites(2)
@@ -174,8 +168,7 @@ async def test_allocation_sites(tracing: None) -> None:
     del blocks, small
 
 
-@needs_sites
-async def test_limit_exceeded_names_the_top_sites(tracing: None) -> None:
+async def test_limit_exceeded_names_the_top_sites() -> None:
     with pytest.raises(gotcha.LimitExceeded) as info:
         async with gotcha.limit(memory=MiB):
             keep = [big(256 * KiB) for _ in range(10)]
@@ -186,19 +179,29 @@ async def test_limit_exceeded_names_the_top_sites(tracing: None) -> None:
     del keep
 
 
-@needs_sites
-async def test_sites_need_tracemalloc_and_tracking() -> None:
+async def test_sites_need_tracking() -> None:
+    with pytest.raises(RuntimeError, match="does not track held memory"):
+        gotcha.Context().allocation_sites()
     async with gotcha.Context(track_memory=True) as ctx:
-        with pytest.raises(RuntimeError, match=r"tracemalloc\.start"):
-            ctx.allocation_sites()
-    tracemalloc.start()
-    try:
-        with pytest.raises(RuntimeError, match="does not track held memory"):
-            gotcha.Context().allocation_sites()
-        with pytest.raises(ValueError, match="limit must be"):
-            ctx.allocation_sites(-1)
-    finally:
-        tracemalloc.stop()
+        pass
+    with pytest.raises(ValueError, match="limit must be"):
+        ctx.allocation_sites(-1)
+
+
+async def test_sites_are_the_innermost_user_frames() -> None:
+    def inner() -> bytearray:
+        return big(200 * KiB)
+
+    async with gotcha.Context(track_memory=True) as ctx:
+        kept = inner()
+    (site,) = ctx.allocation_sites(1, key_type="traceback")
+    frames = [(f.filename, f.lineno) for f in site.traceback][-3:]
+    # oldest first: this test, inner(), big(); nothing of the package or the loop
+    assert [f for f, _ in frames] == [__file__] * 3
+    assert all("gotcha_async" not in f.filename for f in site.traceback)
+    assert frames[-1][1] == big.__code__.co_firstlineno + 1
+    assert site.size >= 200 * KiB
+    del kept
 
 
 async def test_tracemalloc_stopped_inside_a_memory_scope_keeps_crediting() -> None:

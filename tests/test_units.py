@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import gotcha_async as gotcha
@@ -72,9 +74,13 @@ def test_check_limit_rejects_naming_parameter_and_value(
 
 @pytest.mark.parametrize("name", ["bytes", "objects", "calls", "memory"])
 def test_limit_validates_every_parameter(name: str) -> None:
+    # Any: the point is to pass each parameter what its annotation forbids
+    negative: dict[str, Any] = {name: -3}
     with pytest.raises(ValueError, match=f"{name} must be >= 0, got -3"):
-        gotcha.limit(**{name: -3})
+        gotcha.limit(**negative)
+    wrong_type: dict[str, Any] = {name: object()}
     with pytest.raises(TypeError, match=name):
-        gotcha.move_on_limit(**{name: object()})
+        gotcha.move_on_limit(**wrong_type)
+    unparsable: dict[str, Any] = {name: "ten"}
     with pytest.raises(ValueError, match=name):
-        gotcha.Context(**{name: "ten"})
+        gotcha.Context(**unparsable)

@@ -5,8 +5,12 @@ the scope API on top of it; ``_units`` parses sizes; ``_memory`` reads held memo
 and allocation sites; ``asgi`` and ``pytest_plugin`` are the integrations.
 """
 
+__version__ = "0.1.0"
+
 from ._context import GRACE as GRACE
+from ._context import REFUSE_MIN as REFUSE_MIN
 from ._context import Context as Context
+from ._context import HardLimitError as HardLimitError
 from ._context import LimitExceeded as LimitExceeded
 from ._context import Memory as Memory
 from ._context import Usage as Usage
@@ -36,8 +40,8 @@ from ._units import parse_size as parse_size
 
 __all__ = [
     "EB", "GB", "KB", "MB", "PB", "TB",
-    "GRACE", "Context", "EiB", "Exa", "GiB", "Giga", "KiB", "Kilo", "LimitExceeded", "Mega",
-    "Memory", "MiB", "Peta", "PiB", "Tera", "TiB", "Usage",
+    "GRACE", "REFUSE_MIN", "Context", "EiB", "Exa", "GiB", "Giga", "HardLimitError", "KiB",
+    "Kilo", "LimitExceeded", "Mega", "Memory", "MiB", "Peta", "PiB", "Tera", "TiB", "Usage",
     "current", "limit", "move_on_limit", "parse_size", "run",
 ]
 

@@ -1,18 +1,16 @@
-"""Memory held by a scope, and where it was allocated (through tracemalloc).
+"""Memory held by a scope, and where it was allocated.
 
-Which blocks a scope holds is known exactly from the C hook's pointer table: every
-block allocated inside a scope that tracks held memory is recorded with the scope,
-and whoever frees it -- another task, another thread -- credits the scope back. Where
-a block was allocated is tracemalloc's knowledge: when it is tracing, each held
-block's traceback is looked up by address, and the result is an ordinary
-``tracemalloc.Snapshot`` restricted to the scope, so tracemalloc's own filters and
-statistics apply to it.
+Which blocks a scope holds comes from the C hook's table: every block recorded inside
+a scope that tracks held memory (every block with ``exact_memory=True``, a sample
+otherwise) is kept with its weight and its site, the innermost user frames at the
+time, and whoever frees it -- another task, another thread -- credits the scope back.
+The result is an ordinary ``tracemalloc.Snapshot`` restricted to the scope, so that
+tracemalloc's own filters and statistics apply to it; tracemalloc itself need not run.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import tracemalloc
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -21,30 +19,16 @@ if TYPE_CHECKING:
     from ._context import Context
 
 # allocation sites in this package are bookkeeping, never the user's
-_OWN_FRAMES = (
-    tracemalloc.Filter(False, os.path.join(os.path.dirname(__file__), "*")),
-    tracemalloc.Filter(False, tracemalloc.__file__),
-)
+_OWN_FRAMES = (tracemalloc.Filter(False, os.path.join(os.path.dirname(__file__), "*")),)
 SITES_IN_MESSAGES = 5
-# the C core looks blocks up in tracemalloc with _PyTraceMalloc_GetTraceback
-SITES_AVAILABLE = sys.version_info < (3, 13)
+SITE_FRAMES = 4
 
 
 def snapshot(ctx: Context) -> tracemalloc.Snapshot:
-    """A tracemalloc snapshot of the blocks ctx (and the scopes inside it) still holds.
+    """A snapshot of the blocks ctx (and the scopes inside it) still holds.
 
-    :raises RuntimeError: if tracemalloc is not tracing, or the scope does not track
-        held memory
+    :raises RuntimeError: if the scope does not track held memory
     """
-    if not SITES_AVAILABLE:
-        raise RuntimeError(
-            "allocation sites need CPython 3.11 or 3.12: later versions no longer export "
-            "tracemalloc's lookup by address"
-        )
-    if not tracemalloc.is_tracing():
-        raise RuntimeError(
-            "allocation sites come from tracemalloc: call tracemalloc.start() first"
-        )
     if ctx._memory() is None:
         raise RuntimeError(
             "this scope does not track held memory: give it a memory= limit or "
@@ -53,9 +37,9 @@ def snapshot(ctx: Context) -> tracemalloc.Snapshot:
     traces = [
         (0, size, frames, len(frames))
         for size, frames in ctx._held_blocks()
-        if frames is not None  # allocated before tracemalloc started tracing
+        if frames is not None  # no user code on the stack
     ]
-    return tracemalloc.Snapshot(traces, tracemalloc.get_traceback_limit())
+    return tracemalloc.Snapshot(traces, SITE_FRAMES)
 
 
 def allocation_sites(
@@ -96,7 +80,7 @@ def format_sites(stats: Sequence[tracemalloc.Statistic]) -> str:
 
 def sites_report(ctx: Context) -> str:
     """The top allocation sites of what ctx holds, for an error message ('' if none)."""
-    if not SITES_AVAILABLE or not tracemalloc.is_tracing() or ctx._memory() is None:
+    if ctx._memory() is None:
         return ""
     stats = allocation_sites(ctx, SITES_IN_MESSAGES)
     if not stats:

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 
-KiB, MiB, GiB, TiB, PiB, EiB = (1024**n for n in range(1, 7))
-KB, MB, GB, TB, PB, EB = (1000**n for n in range(1, 7))
+KiB: int = 1024
+MiB: int = 1024**2
+GiB: int = 1024**3
+TiB: int = 1024**4
+PiB: int = 1024**5
+EiB: int = 1024**6
+KB: int = 1000
+MB: int = 1000**2
+GB: int = 1000**3
+TB: int = 1000**4
+PB: int = 1000**5
+EB: int = 1000**6
 Kilo, Mega, Giga, Tera, Peta, Exa = KB, MB, GB, TB, PB, EB
 
 _PREFIXES = "kmgtpe"
@@ -73,3 +84,47 @@ def check_limit(name: str, value: object) -> int | None:
     if result > _MAX:
         raise ValueError(f"{name} is too large: {value!r}")
     return result
+
+
+def check_ceiling(value: object, hard: object) -> Fraction:
+    """Validate a ``ceiling`` argument (a multiple >= 1 of every limit).
+
+    :raises TypeError: for a value that is not a real number
+    :raises ValueError: for a value below 1, not finite, or given with ``hard=True``
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | Fraction):
+        raise TypeError(f"ceiling must be a number >= 1 or None, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"ceiling must be a finite number >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"ceiling must be >= 1 (a multiple of each limit), got {value!r}")
+    if hard is True:
+        raise ValueError(
+            f"give hard=True or a ceiling, not both (hard=True is ceiling=1), got ceiling={value!r}"
+        )
+    return Fraction(value)
+
+
+def scaled(limit: int | None, factor: Fraction) -> int | None:
+    """A limit times a ceiling factor, rounded up and capped to what the counters hold."""
+    if limit is None:
+        return None
+    return min(_MAX, math.ceil(limit * factor))
+
+
+#: A sampled memory= scope expects this many samples at its limit: the relative
+#: standard error of what it reports held there is 1/sqrt(1024) = 3.1%.
+SAMPLES_AT_LIMIT = 1024
+MIN_SAMPLING_RATE = 256
+MAX_SAMPLING_RATE = 1024**2
+#: Mean bytes between samples for track_memory=True without a memory= limit.
+TRACKING_RATE = 16 * 1024
+
+
+def sampling_rate(memory: int | None, exact: bool) -> int:
+    """Mean bytes between samples of held memory for a scope (0: every block, exactly)."""
+    if exact:
+        return 0
+    if memory is None:
+        return TRACKING_RATE
+    return max(MIN_SAMPLING_RATE, min(MAX_SAMPLING_RATE, memory // SAMPLES_AT_LIMIT))

@@ -1,0 +1,109 @@
+"""The allocator hook's life: installed on first use, kept through tracemalloc and fork.
+
+Importing gotcha_async installs nothing, starts no thread and patches nothing: the first
+scope that is entered does (:func:`ensure_installed`), once per process.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib.util
+import os
+import threading
+import tracemalloc
+from typing import TYPE_CHECKING, Any
+
+from . import _meter
+
+if TYPE_CHECKING:
+    from ._context import Context
+
+# The innermost scope of the running task. Tasks and worker threads inherit it with
+# the rest of their contextvars: that is what makes charges follow the work.
+scope_var: contextvars.ContextVar[Context] = contextvars.ContextVar("gotcha_async.scope")
+
+_lock = threading.Lock()
+_installed = False
+
+
+class HardLimitError(MemoryError):
+    """Raised into the code of a hard scope that went past its ceiling.
+
+    A :class:`MemoryError`, so that code written to survive running out of memory
+    survives this too. The scope raises :class:`~gotcha_async.LimitExceeded` (or, for
+    :func:`~gotcha_async.move_on_limit`, swallows it) when it exits.
+    """
+
+    def __str__(self) -> str:
+        return super().__str__() or "a hard gotcha limit was exceeded"
+
+
+@functools.cache
+def machinery_dirs() -> tuple[str, ...]:
+    """Where the event loops, anyio and this package live.
+
+    A hard limit refuses allocations and interrupts code only while user code runs: a
+    MemoryError in the middle of asyncio's task step would break the loop for every
+    task.
+    """
+    paths: list[str] = []
+    for name in ("asyncio", "concurrent.futures", "logging", "anyio", "sniffio",
+                 "trio", "outcome", "uvloop", "gotcha_async"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.submodule_search_locations:
+            paths.extend(os.path.join(p, "") for p in spec.submodule_search_locations)
+    for name in ("threading", "selectors", "contextlib", "traceback", "linecache", "weakref"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            paths.append(spec.origin)
+    return tuple(paths)
+
+
+def _deliver(ctx: Context) -> None:
+    # Called by the C core with the hook paused: from a pending call, at whatever
+    # point the main thread had reached, or from the core's delivery thread.
+    ctx._on_trip()
+
+
+def ensure_installed() -> None:
+    """Install the hook and start the delivery thread, once per process."""
+    global _installed
+    if _installed:
+        return
+    with _lock:
+        if _installed:
+            return
+        main = threading.main_thread().ident or threading.get_ident()
+        _meter.install(scope_var, _deliver, machinery_dirs(), main, HardLimitError)
+        if hasattr(os, "register_at_fork"):  # not on Windows
+            os.register_at_fork(after_in_child=_meter.after_fork)
+        _keep_hook_through_tracemalloc_stop()
+        _installed = True
+
+
+def _keep_hook_through_tracemalloc_stop() -> None:
+    """Re-install the hook as soon as tracemalloc.stop() has removed it.
+
+    tracemalloc.stop() puts back the allocator it found at start(): if the hook went in
+    after that, it silently drops out of the chain. Wrapping the public function lets
+    running scopes go on counting without a gap; a ``stop`` bound before this ran (or
+    the C-level one) is caught at the next scope's entry, where the core probes the
+    chain.
+    """
+    original: Any = tracemalloc.stop
+    if getattr(original, "__gotcha_wrapped__", False):
+        return
+
+    @functools.wraps(original)
+    def stop() -> None:
+        try:
+            original()
+        finally:
+            _meter.tracemalloc_stopped()
+
+    stop.__gotcha_wrapped__ = True  # type: ignore[attr-defined]
+    tracemalloc.stop = stop

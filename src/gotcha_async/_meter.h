@@ -1,0 +1,201 @@
+/*
+ * gotcha_async._meter: what the C files share.
+ *
+ *   hook.c     the PEP 445 allocator hooks, the allocator chain, charging
+ *   frames.c   reading CPython's frames: whose code runs, and where
+ *   held.c     the held-memory table (pointer -> scope and size)
+ *   deliver.c  how a broken limit reaches Python: the trip queue, the pending
+ *              call, the delivery thread, and interrupts of hard scopes
+ *   meter.c    the Meter type (the C half of gotcha_async.Context) and Ready
+ *   module.c   module functions and init
+ *
+ * Everything here is guarded by the main interpreter's GIL: the hooked domains
+ * are only called with a GIL held, and the hooks pass other interpreters'
+ * allocations straight through before touching any of this state.
+ */
+#ifndef GOTCHA_METER_H
+#define GOTCHA_METER_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------------ */
+/* Compiler and CPython version shims                                       */
+
+#if defined(_MSC_VER)
+#  include <intrin.h>
+#  define GOTCHA_TLS __declspec(thread)
+static inline int
+ctz64(uint64_t x)
+{
+    unsigned long i;
+    _BitScanForward64(&i, x);
+    return (int)i;
+}
+#elif defined(__GNUC__) || defined(__clang__)
+/* initial-exec: a load off the thread pointer, no call into the TLS resolver */
+#  define GOTCHA_TLS __thread __attribute__((tls_model("initial-exec")))
+static inline int
+ctz64(uint64_t x)
+{
+    return __builtin_ctzll(x);
+}
+#else
+#  define GOTCHA_TLS _Thread_local
+static inline int
+ctz64(uint64_t x)
+{
+    int n = 0;
+    while (!(x & 1)) {
+        x >>= 1;
+        n++;
+    }
+    return n;
+}
+#endif
+
+static inline PyThreadState *
+tstate_unchecked(void)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyThreadState_GetUnchecked();
+#else
+    return _PyThreadState_UncheckedGet();
+#endif
+}
+
+/* ------------------------------------------------------------------------ */
+/* Resources and limits                                                     */
+
+#define NONE UINT64_MAX     /* "no limit" */
+enum { R_BYTES, R_OBJECTS, R_CALLS, R_MEMORY, NRES };
+
+/* A hard scope refuses only allocations at least this large: CPython handles a
+ * failed large allocation as an ordinary MemoryError everywhere, while its own
+ * small allocations (exceptions, tracebacks, frames) must never fail. Growth in
+ * small steps is stopped by an interrupt at a bytecode boundary instead. */
+#define REFUSE_MIN ((size_t)64 * 1024)
+
+/* Allowance past a hard ceiling after each stop, so that the stopped code's
+ * except/finally blocks can run; after GRACE_ROUNDS stops there is none. */
+extern const uint64_t grace[NRES];
+#define GRACE_ROUNDS 4
+
+static inline uint64_t
+sat_add(uint64_t a, uint64_t b)
+{
+    uint64_t s = a + b;
+    return s < a ? NONE - 1 : s;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Held memory (held.c)                                                     */
+
+/* Blocks outlive their scopes, so held-memory counters live in a small
+ * refcounted libc struct that the table entries keep alive on their own. */
+typedef struct Held {
+    Py_ssize_t refcnt;
+    struct Held *parent;
+    struct Meter *owner;   /* borrowed; NULL once the scope object is gone */
+    uint64_t current, peak;
+    uint64_t rate;         /* mean bytes between samples; 0: every block, exactly */
+    double inv_rate;
+} Held;
+
+#define SITE_FRAMES 4
+typedef struct {
+    PyCodeObject *code[SITE_FRAMES];   /* innermost user frame first */
+    int lasti[SITE_FRAMES];
+    int n;
+} Site;
+
+extern size_t table_count;
+extern Py_ssize_t live_holders;
+
+void held_decref(Held *h);
+int table_insert(uintptr_t p, Held *h, size_t weight, uint32_t site);   /* -1: no memory */
+uint32_t site_intern(const Site *s);
+void table_remove(uintptr_t p);
+Held *table_lookup(uintptr_t p, size_t *size);
+void table_purge(void);
+PyObject *table_blocks_of(Held *target);   /* [(size, None)] */
+
+/* ------------------------------------------------------------------------ */
+/* Meter (meter.c)                                                          */
+
+enum { S_NEW, S_ENTERED, S_EXITED };
+
+typedef struct Meter {
+    PyObject_HEAD
+    struct Meter *parent;      /* strong */
+    PyObject *token;           /* ContextVar token while entered */
+    Held *held;                /* held-memory counters, NULL if not tracking */
+    struct Meter *next_queued; /* trip queue link (the queue holds a reference) */
+    uint64_t used[3];
+    uint64_t limit[NRES];      /* soft: past it, cancel at the next checkpoint */
+    uint64_t ceiling[NRES];    /* hard: past it, stop the code (NONE: no ceiling) */
+    uint64_t fence[NRES];      /* where the next stop happens: the ceiling, then + grace */
+    uint64_t reached[NRES];    /* what a refused allocation would have reached */
+    Py_ssize_t children;       /* Meters whose parent this is */
+    int tripped;               /* 1 + first resource that broke, 0 if none */
+    int stops;                 /* refusals and interrupts so far */
+    char hard;                 /* has a ceiling */
+    char hard_chain;           /* it or an ancestor has a ceiling */
+    char queued, state, rearm, quiet_machinery;
+} Meter;
+
+extern PyTypeObject MeterType;
+extern PyTypeObject ReadyType;
+extern PyObject *ready_true, *ready_none;
+
+/* ------------------------------------------------------------------------ */
+/* The hook (hook.c)                                                        */
+
+extern PyObject *scope_var;        /* the ContextVar holding the innermost scope */
+extern PyInterpreterState *main_interp;
+extern GOTCHA_TLS int paused;      /* our own work: not charged, never refused */
+extern Py_ssize_t active;          /* entered scopes, anywhere */
+extern int installed;
+extern PyObject *exempt;           /* tuple of str: path prefixes of loop machinery */
+
+Meter *current_meter(void);
+int in_scope_of(Meter *inner, Meter *m);
+void charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls);
+void ensure_hooked(void);
+int verify_chain(void);        /* 1 if the hook had been dropped */
+void step_aside_if_idle(void);
+int hook_on_top(void);
+int hook_leave(void);
+void hook_join(void);
+void forget_no_scope(void);
+void stop(Meter *m);
+
+/* ------------------------------------------------------------------------ */
+/* Frames (frames.c): the private layouts, checked on 3.11 to 3.15          */
+
+void *top_frame(PyThreadState *ts);
+void *older_frame(void *frame);
+PyCodeObject *frame_code(void *frame);   /* borrowed; NULL if it runs no code */
+int frame_lasti(void *frame, PyCodeObject *code);
+int code_line(PyCodeObject *code, int lasti);
+int stack_spilled(PyThreadState *ts);
+int code_is_machinery(PyCodeObject *code);
+int frame_is_user(PyThreadState *ts);
+
+/* ------------------------------------------------------------------------ */
+/* Delivery (deliver.c)                                                     */
+
+extern PyObject *deliver_cb;       /* Python callable taking a tripped scope */
+extern PyObject *interrupt_type;   /* what an interrupt raises (a MemoryError) */
+extern unsigned long main_ident;
+
+void trip(Meter *m, int resource);
+void request_interrupt(Meter *m);
+int start_delivery(void);
+void delivery_after_fork(void);
+int deliver_now(void);
+
+#endif

@@ -1,0 +1,316 @@
+/*
+ * How a broken limit reaches Python, from inside an allocation that may not
+ * call Python.
+ *
+ * Trips: a scope past a soft limit is queued; the queue is handed to Python
+ * (deliver_cb, which cancels the scope) at a safe point. In the main thread
+ * that is a pending call, right after the allocation: the cancellation lands
+ * at the task's very next checkpoint. Only the main thread runs pending
+ * calls, and it may be blocked in C (a loop in a worker thread, join()), so a
+ * trip in any other thread wakes a delivery thread of ours instead.
+ *
+ * Interrupts: a hard scope past its ceiling must stop even if its code never
+ * awaits. Its thread gets interrupt_type (a MemoryError) raised at a bytecode
+ * boundary, the way Ctrl-C is delivered -- but only if, at that boundary, the
+ * scope is still current there and the innermost frame is user code: never in
+ * the event loop's machinery, ours, or a frame that runs no code. Otherwise
+ * the scope is re-armed and the next allocation past its limit asks again.
+ * The main thread raises it from the pending call; another thread gets it
+ * through PyThreadState_SetAsyncExc from the delivery thread, which holds the
+ * GIL while it looks, so the target stands still at the point it inspects.
+ */
+#include "_meter.h"
+
+PyObject *deliver_cb;
+PyObject *interrupt_type;
+unsigned long main_ident;
+
+static Meter *queue;           /* tripped scopes waiting for delivery */
+static int scheduled;          /* a pending call is on its way */
+
+/* The delivery thread sleeps on a lock that is released once per wake-up:
+ * wake_posted says a release is outstanding. (On 3.13 and later the lock is a
+ * mutex; a second release without an acquire is a fatal error.) */
+static PyThread_type_lock wake;
+static int wake_posted;
+
+typedef struct { unsigned long ident; Meter *m; } Request;
+#define MAX_REQUESTS 64
+static Request requests[MAX_REQUESTS];
+static int n_requests;
+
+static int deliver_pending(void *);
+
+static void
+schedule_main(void)
+{
+    if (!scheduled && Py_AddPendingCall(deliver_pending, NULL) == 0) {
+        scheduled = 1;
+    }
+}
+
+static void
+wake_delivery(void)
+{
+    if (wake != NULL && !wake_posted) {
+        wake_posted = 1;
+        PyThread_release_lock(wake);   /* no allocation, no Python */
+    }
+}
+
+static void
+schedule_for(unsigned long ident)
+{
+    if (ident == main_ident) {
+        schedule_main();
+    }
+    else {
+        wake_delivery();
+    }
+}
+
+void
+trip(Meter *m, int resource)
+{
+    if (m->tripped) {
+        return;
+    }
+    m->tripped = resource + 1;
+    if (!m->queued) {
+        m->queued = 1;
+        Py_INCREF(m);
+        m->next_queued = queue;
+        queue = m;
+    }
+    schedule_for(PyThread_get_thread_ident());
+}
+
+void
+request_interrupt(Meter *m)
+{
+    unsigned long ident = PyThread_get_thread_ident();
+    m->rearm = 0;
+    for (int i = 0; i < n_requests; i++) {
+        if (requests[i].ident == ident && requests[i].m == m) {
+            schedule_for(ident);
+            return;
+        }
+    }
+    if (n_requests == MAX_REQUESTS) {
+        m->rearm = 1;   /* asked again at its next allocation */
+        return;
+    }
+    Py_INCREF(m);
+    requests[n_requests].ident = ident;
+    requests[n_requests].m = m;
+    n_requests++;
+    schedule_for(ident);
+}
+
+static Meter *
+take_request(int i)
+{
+    Meter *m = requests[i].m;
+    requests[i] = requests[--n_requests];
+    return m;
+}
+
+/* Hand the queue to Python. A callback that fails with an Exception is
+ * reported and the next one runs; one that fails with anything else (Ctrl-C,
+ * SystemExit, raised into the callback by a signal handler) puts its scope
+ * back and, where can_raise, is passed on to the interrupted code: -1. */
+static int
+run_queue(int can_raise)
+{
+    int status = 0;
+    paused++;
+    while (queue != NULL) {
+        Meter *m = queue;
+        queue = m->next_queued;
+        m->next_queued = NULL;
+        m->queued = 0;
+        PyObject *r = PyObject_CallOneArg(deliver_cb, (PyObject *)m);
+        if (r != NULL) {
+            Py_DECREF(r);
+            Py_DECREF(m);
+            continue;
+        }
+        if (can_raise && !PyErr_ExceptionMatches(PyExc_Exception)) {
+            m->queued = 1;        /* the queue's reference, handed back */
+            m->next_queued = queue;
+            queue = m;
+            status = -1;
+            break;
+        }
+        PyErr_WriteUnraisable(deliver_cb);
+        Py_DECREF(m);
+    }
+    paused--;
+    if (status < 0) {
+        schedule_main();
+    }
+    return status;
+}
+
+/* The main thread's interrupts, from its pending call. */
+static int
+interrupt_here(void)
+{
+    unsigned long me = PyThread_get_thread_ident();
+    PyThreadState *ts = PyThreadState_Get();
+    for (int i = 0; i < n_requests;) {
+        if (requests[i].ident != me) {
+            i++;
+            continue;
+        }
+        Meter *m = take_request(i);
+        int go = m->state == S_ENTERED && interrupt_type != NULL && !PyErr_Occurred() &&
+                 frame_is_user(ts) && in_scope_of(current_meter(), m);
+        if (!go && m->state == S_ENTERED) {
+            m->rearm = 1;
+        }
+        Py_DECREF(m);
+        if (go) {
+            PyErr_SetNone(interrupt_type);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+deliver_pending(void *unused)
+{
+    (void)unused;
+    scheduled = 0;
+    if (deliver_cb == NULL) {
+        return 0;
+    }
+    if (run_queue(1) < 0) {
+        return -1;
+    }
+    return interrupt_here();
+}
+
+int
+deliver_now(void)
+{
+    return deliver_cb == NULL ? 0 : run_queue(1);
+}
+
+static PyThreadState *
+find_thread(unsigned long ident)
+{
+    for (PyThreadState *t = PyInterpreterState_ThreadHead(main_interp); t != NULL;
+         t = PyThreadState_Next(t)) {
+        if (t->thread_id == ident) {
+            return t;
+        }
+    }
+    return NULL;
+}
+
+/* Is m, or a scope inside it, current in that thread's context? */
+static int
+context_in_scope(PyObject *context, Meter *m)
+{
+    if (context == NULL || !PyContext_CheckExact(context)) {
+        return 0;
+    }
+    PyObject *v = PyObject_GetItem(context, scope_var);
+    if (v == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int r = PyObject_TypeCheck(v, &MeterType) && in_scope_of((Meter *)v, m);
+    Py_DECREF(v);
+    return r;
+}
+
+/* Other threads' interrupts, from the delivery thread (GIL held). */
+static void
+interrupt_remote(void)
+{
+    for (int i = 0; i < n_requests;) {
+        unsigned long ident = requests[i].ident;
+        if (ident == main_ident) {
+            i++;
+            continue;
+        }
+        Meter *m = take_request(i);
+        PyThreadState *t = find_thread(ident);
+        int go = t != NULL && m->state == S_ENTERED && interrupt_type != NULL &&
+                 t->async_exc == NULL && frame_is_user(t) && context_in_scope(t->context, m);
+        if (go) {
+            PyThreadState_SetAsyncExc(ident, interrupt_type);
+        }
+        else if (m->state == S_ENTERED) {
+            m->rearm = 1;
+        }
+        Py_DECREF(m);
+    }
+}
+
+/* One thread state for the delivery thread's whole life: creating and
+ * destroying one per wake-up makes raw allocations that race
+ * tracemalloc.stop() (CPython gh-128679). */
+static void
+delivery_main(void *unused)
+{
+    (void)unused;
+    (void)PyGILState_Ensure();
+    for (;;) {
+        PyThread_type_lock lock = wake;
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+        wake_posted = 0;
+        paused++;
+        if (deliver_cb != NULL) {
+            run_queue(0);
+        }
+        interrupt_remote();
+        paused--;
+    }
+}
+
+int
+start_delivery(void)
+{
+    PyThread_type_lock lock = PyThread_allocate_lock();
+    if (lock == NULL) {
+        return -1;
+    }
+    PyThread_acquire_lock(lock, WAIT_LOCK);   /* held: the thread waits on it */
+    wake = lock;
+    wake_posted = 0;
+    if (PyThread_start_new_thread(delivery_main, NULL) == PYTHREAD_INVALID_THREAD_ID) {
+        wake = NULL;
+        PyThread_free_lock(lock);
+        return -1;
+    }
+    return 0;
+}
+
+/* In a forked child only the forking thread survives, and it is the child's
+ * main thread: requests of the others are void, the old lock may be in any
+ * state (it is left, not freed), and a pending call of the parent's may or
+ * may not have come along. */
+void
+delivery_after_fork(void)
+{
+    main_ident = PyThread_get_thread_ident();
+    for (int i = 0; i < n_requests;) {
+        if (requests[i].ident != main_ident) {
+            Py_DECREF(take_request(i));
+        }
+        else {
+            i++;
+        }
+    }
+    scheduled = 0;
+    wake = NULL;
+    if (queue != NULL || n_requests > 0) {
+        schedule_main();
+    }
+}

@@ -1,0 +1,162 @@
+/*
+ * Reading CPython's frames from inside an allocation: whose code is running,
+ * and where. This is the one file that knows the private layout of
+ * _PyInterpreterFrame, and only for the versions it was checked on (3.11 to
+ * 3.15); 3.13 and later use the public PyUnstable_ API where there is one.
+ * Nothing here allocates or takes a reference that outlives the call.
+ */
+#include "_meter.h"
+
+#if PY_VERSION_HEX >= 0x030E0000
+/* 3.14, 3.15: f_executable is a tagged stack reference (read through the API) */
+typedef struct {
+    uintptr_t executable;
+    void *previous, *funcobj, *globals, *builtins, *locals, *frame_obj;
+    uint16_t *instr_ptr;
+    void *stackpointer;
+} Frame;
+#elif PY_VERSION_HEX >= 0x030C0000
+/* 3.12 (f_code), 3.13 (f_executable) */
+typedef struct {
+    PyObject *code;
+    void *previous, *funcobj, *globals, *builtins, *locals, *frame_obj;
+    uint16_t *instr_ptr;
+} Frame;
+#else
+/* 3.11 */
+typedef struct {
+    void *func, *globals, *builtins, *locals;
+    PyObject *code;
+    void *frame_obj, *previous;
+    uint16_t *prev_instr;
+} Frame;
+#endif
+
+void *
+top_frame(PyThreadState *ts)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return ts->current_frame;
+#else
+    return ts->cframe == NULL ? NULL : ts->cframe->current_frame;
+#endif
+}
+
+void *
+older_frame(void *frame)
+{
+    return ((Frame *)frame)->previous;
+}
+
+/* The code object a frame runs, borrowed, or NULL (3.13's C entry frames run
+ * None; 3.12's run a trampoline with no file of its own). */
+PyCodeObject *
+frame_code(void *frame)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *code = PyUnstable_InterpreterFrame_GetCode(frame);
+    if (code == NULL) {
+        return NULL;
+    }
+    Py_DECREF(code);   /* the frame holds it */
+#else
+    PyObject *code = ((Frame *)frame)->code;
+#endif
+    if (code == NULL || !PyCode_Check(code) ||
+        !PyUnicode_Check(((PyCodeObject *)code)->co_filename)) {
+        return NULL;
+    }
+    return (PyCodeObject *)code;
+}
+
+/* The offset, in code units, of the instruction a frame is at. */
+int
+frame_lasti(void *frame, PyCodeObject *code)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    (void)code;
+    return PyUnstable_InterpreterFrame_GetLasti(frame) / (int)sizeof(uint16_t);
+#else
+    return (int)(((Frame *)frame)->prev_instr - (uint16_t *)code->co_code_adaptive);
+#endif
+}
+
+int
+code_line(PyCodeObject *code, int lasti)
+{
+    return PyCode_Addr2Line(code, lasti < 0 ? -1 : lasti * (int)sizeof(uint16_t));
+}
+
+/* Can the innermost frame survive a refused allocation right now? From 3.14
+ * the interpreter keeps the value stack in registers through the calls it
+ * knows cannot fail in ways that run code (a list growing inside
+ * CALL_LIST_APPEND), and marks that with a NULL stack pointer in the frame: a
+ * refusal there frees objects mid-instruction, which CPython's debug build
+ * rejects outright. Later versions never refuse until their layout has been
+ * checked (interrupts still stop the code). */
+int
+stack_spilled(PyThreadState *ts)
+{
+#if PY_VERSION_HEX >= 0x03100000 || defined(Py_GIL_DISABLED)
+    (void)ts;
+    return 0;
+#elif PY_VERSION_HEX >= 0x030E0000
+    Frame *f = top_frame(ts);
+    return f == NULL || f->stackpointer != NULL;
+#else
+    (void)ts;
+    return 1;
+#endif
+}
+
+static int
+has_prefix(PyObject *s, PyObject *prefix)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(prefix);
+    if (PyUnicode_GET_LENGTH(s) < n) {
+        return 0;
+    }
+    int ks = PyUnicode_KIND(s), kp = PyUnicode_KIND(prefix);
+    const void *ds = PyUnicode_DATA(s), *dp = PyUnicode_DATA(prefix);
+    if (ks == kp) {
+        return memcmp(ds, dp, (size_t)n * (size_t)ks) == 0;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyUnicode_READ(ks, ds, i) != PyUnicode_READ(kp, dp, i)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Is this the event loop's, anyio's or our own code? (File names are
+ * compared as text: a non-ASCII path is as good as any.) */
+int
+code_is_machinery(PyCodeObject *code)
+{
+    if (exempt == NULL) {
+        return 1;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(exempt);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (has_prefix(code->co_filename, PyTuple_GET_ITEM(exempt, i))) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Is a thread's innermost Python frame user code, as opposed to the event
+ * loop's, anyio's or our own machinery, or no Python code at all? Only user
+ * code is ever refused or interrupted: a MemoryError inside asyncio's task
+ * step would break the loop for every task. */
+int
+frame_is_user(PyThreadState *ts)
+{
+    if (ts == NULL) {
+        return 0;
+    }
+    void *f = top_frame(ts);
+    PyCodeObject *code = f == NULL ? NULL : frame_code(f);
+    return code != NULL && !code_is_machinery(code);
+}

@@ -1,0 +1,574 @@
+/*
+ * The PEP 445 hook: it wraps the object and memory allocator domains, finds
+ * the calling task's innermost scope through a ContextVar, and charges that
+ * scope and its ancestors.
+ *
+ * Rules this file lives by:
+ *  - the hook never allocates through the hooked domains (held.c uses libc)
+ *    and never calls Python: a broken limit is queued (deliver.c);
+ *  - other interpreters' allocations pass straight through: the state here is
+ *    guarded by the main interpreter's GIL only, and thread-state ids restart
+ *    in every interpreter;
+ *  - a hard scope refuses only an allocation of at least REFUSE_MIN bytes, and
+ *    only while its own Python code runs with no exception in flight. Every
+ *    other way past a ceiling is stopped by an interrupt at the next bytecode
+ *    boundary of that code (deliver.c): CPython survives a failed large
+ *    allocation anywhere, but not a failed small one in its own machinery.
+ */
+#include "_meter.h"
+
+#include <math.h>
+#include <time.h>
+
+const uint64_t grace[NRES] = {64 * 1024, 1000, 1000, 64 * 1024};
+
+PyObject *scope_var;
+PyInterpreterState *main_interp;
+GOTCHA_TLS int paused;
+Py_ssize_t active;
+int installed;
+PyObject *exempt;
+
+/* paused carries this bit while verify_chain probes the chain */
+#define PROBING (1 << 20)
+
+typedef struct {
+    PyMemAllocatorEx prev;
+    PyMemAllocatorDomain domain;
+    int is_obj;
+    int in_chain;
+    int seen;      /* the probe reached this hook */
+} Domain;
+
+static Domain dom_mem = {.domain = PYMEM_DOMAIN_MEM, .is_obj = 0};
+static Domain dom_obj = {.domain = PYMEM_DOMAIN_OBJ, .is_obj = 1};
+
+/* ------------------------------------------------------------------------ */
+/* Finding the scope                                                        */
+
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000 && !defined(Py_GIL_DISABLED)
+/* The leading fields of CPython's private PyContextVar, checked on 3.11 to
+ * 3.13 with the GIL: the variable caches its value for one (thread state,
+ * context version). Reading that cache here saves a call, a reference count
+ * round trip and a type check on most allocations; a miss takes the public
+ * path. Other versions always take the public path. */
+#define VAR_CACHE 1
+typedef struct {
+    PyObject_HEAD
+    PyObject *name, *default_value, *cached;
+    uint64_t cached_tsid, cached_tsver;
+} VarCache;
+
+/* CPython caches only a variable that is set. In the contexts where ours is
+ * not -- the event loop's own callbacks, a server's protocol code, every other
+ * task -- each allocation would search the context anew; this remembers the
+ * last (thread state, context version) found without a scope. enter() and
+ * exit() set and reset the variable, so they forget it. */
+static uint64_t no_scope_tsid, no_scope_ver = UINT64_MAX;
+#endif
+
+void
+forget_no_scope(void)
+{
+#ifdef VAR_CACHE
+    no_scope_ver = UINT64_MAX;
+#endif
+}
+
+static Py_NO_INLINE Meter *
+lookup_meter(PyThreadState *ts)
+{
+    PyObject *v = NULL;
+    /* cannot fail for a ContextVar: its hash is precomputed */
+    if (PyContextVar_Get(scope_var, NULL, &v) < 0 || v == NULL) {
+#ifdef VAR_CACHE
+        no_scope_tsid = ts->id;
+        no_scope_ver = ts->context_ver;
+#else
+        (void)ts;
+#endif
+        return NULL;
+    }
+    /* the context holds a reference: this never drops to zero here */
+    Py_DECREF(v);
+    /* only enter() sets the variable, and only to a Meter */
+    return (Meter *)v;
+}
+
+/* The innermost scope of the calling thread's context, borrowed, or NULL
+ * (also for every thread of another interpreter). */
+Meter *
+current_meter(void)
+{
+    PyThreadState *ts = tstate_unchecked();
+    if (ts == NULL || ts->interp != main_interp) {
+        return NULL;
+    }
+#ifdef VAR_CACHE
+    const VarCache *cache = (const VarCache *)scope_var;
+    if (cache->cached_tsver == ts->context_ver && cache->cached_tsid == ts->id &&
+        cache->cached != NULL) {
+        return (Meter *)cache->cached;   /* the current context holds it */
+    }
+    if (no_scope_ver == ts->context_ver && no_scope_tsid == ts->id) {
+        return NULL;
+    }
+#endif
+    return lookup_meter(ts);
+}
+
+int
+in_scope_of(Meter *inner, Meter *m)
+{
+    for (; inner != NULL; inner = inner->parent) {
+        if (inner == m) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Charging and stopping                                                    */
+
+/* A hard scope's code was stopped: move its fences one grace further (none
+ * after GRACE_ROUNDS stops), so that its except/finally blocks can run. */
+static void
+raise_fences(Meter *m)
+{
+    int rounds = ++m->stops;
+    for (int r = 0; r < NRES; r++) {
+        if (m->ceiling[r] == NONE) {
+            continue;
+        }
+        uint64_t now = r == R_MEMORY ? (m->held ? m->held->current : 0) : m->used[r];
+        uint64_t base = now > m->ceiling[r] ? now : m->ceiling[r];
+        m->fence[r] = rounds <= GRACE_ROUNDS ? sat_add(base, grace[r]) : base;
+    }
+}
+
+/* Stop a hard scope's code that went past a fence in small steps: interrupt
+ * the thread that was running it. */
+void
+stop(Meter *m)
+{
+    raise_fences(m);
+    request_interrupt(m);
+}
+
+/* Past a soft limit: trip (once), and stop a hard scope past its fence. */
+static Py_NO_INLINE void
+over(Meter *m)
+{
+    if (!m->tripped) {
+        trip(m, m->used[R_BYTES] > m->limit[R_BYTES] ? R_BYTES
+                : m->used[R_OBJECTS] > m->limit[R_OBJECTS] ? R_OBJECTS : R_CALLS);
+    }
+    if (m->hard && (m->rearm || m->used[R_BYTES] > m->fence[R_BYTES] ||
+                    m->used[R_OBJECTS] > m->fence[R_OBJECTS] ||
+                    m->used[R_CALLS] > m->fence[R_CALLS])) {
+        stop(m);
+    }
+}
+
+void
+charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls)
+{
+    for (Meter *m = n; m != NULL; m = m->parent) {
+        uint64_t b = m->used[R_BYTES] = sat_add(m->used[R_BYTES], bytes);
+        uint64_t o = m->used[R_OBJECTS] = sat_add(m->used[R_OBJECTS], objects);
+        uint64_t c = m->used[R_CALLS] = sat_add(m->used[R_CALLS], calls);
+        if ((b > m->limit[R_BYTES]) | (o > m->limit[R_OBJECTS]) | (c > m->limit[R_CALLS])) {
+            over(m);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Held memory                                                              */
+
+/* Sampling, as the production heap profilers do: the bytes a thread allocates
+ * are a Poisson process with one sample every `rate` bytes on average (the
+ * countdown is in expected samples, so scopes of different rates can share a
+ * thread). A block of size s is then recorded with probability
+ * 1 - exp(-s/rate), and stands for s / (1 - exp(-s/rate)) bytes: the sum over
+ * recorded blocks is an unbiased estimate of what is held. Blocks of `rate`
+ * bytes or more are always recorded, at their size. */
+static GOTCHA_TLS double sample_left;
+static GOTCHA_TLS uint64_t rng;
+
+static double
+next_exponential(void)
+{
+    if (rng == 0) {
+        /* a different stream per thread, per process */
+        rng = (uint64_t)(uintptr_t)&rng * 0x9E3779B97F4A7C15ull ^ (uint64_t)PyThread_get_thread_ident() ^
+              (uint64_t)time(NULL) << 32;
+        rng |= 1;
+    }
+    /* xorshift64* */
+    rng ^= rng >> 12;
+    rng ^= rng << 25;
+    rng ^= rng >> 27;
+    uint64_t x = rng * 0x2545F4914F6CDD1Dull;
+    double u = ((double)(x >> 11) + 1.0) / 9007199254740993.0;   /* (0, 1] */
+    return -log(u);
+}
+
+/* Where the innermost user code is: up to SITE_FRAMES frames of it, the
+ * event loops' and ours left out. */
+static uint32_t
+capture_site(void)
+{
+    PyThreadState *ts = tstate_unchecked();
+    Site s;
+    s.n = 0;
+    int depth = 0;
+    for (void *f = ts == NULL ? NULL : top_frame(ts); f != NULL && s.n < SITE_FRAMES && depth < 64;
+         f = older_frame(f), depth++) {
+        PyCodeObject *code = frame_code(f);
+        if (code == NULL || code_is_machinery(code)) {
+            continue;
+        }
+        s.code[s.n] = code;
+        s.lasti[s.n] = frame_lasti(f, code);
+        s.n++;
+    }
+    return site_intern(&s);
+}
+
+static Py_NO_INLINE void
+hold_block(Meter *n, void *p, uint64_t weight)
+{
+    /* a block the table cannot record would stay held for ever: not held at all */
+    if (table_insert((uintptr_t)p, n->held, (size_t)weight, capture_site()) < 0) {
+        return;
+    }
+    for (Held *h = n->held; h != NULL; h = h->parent) {
+        h->current += weight;
+        if (h->current > h->peak) {
+            h->peak = h->current;
+        }
+        Meter *m = h->owner;
+        if (m != NULL && h->current > m->limit[R_MEMORY]) {
+            if (!m->tripped) {
+                trip(m, R_MEMORY);
+            }
+            if (m->hard && (m->rearm || h->current > m->fence[R_MEMORY])) {
+                stop(m);
+            }
+        }
+    }
+}
+
+static Py_NO_INLINE void
+hold_sampled(Meter *n, void *p, size_t size)
+{
+    if (rng == 0) {
+        sample_left = next_exponential();   /* a fresh thread: no sample owed yet */
+        sample_left -= (double)size * n->held->inv_rate;
+        if (sample_left > 0) {
+            return;
+        }
+    }
+    sample_left = next_exponential();
+    double s = (double)size, weight = s / -expm1(-s * n->held->inv_rate);
+    hold_block(n, p, (uint64_t)(weight + 0.5));
+}
+
+static inline void
+hold(Meter *n, void *p, size_t size)
+{
+    const Held *inner = n->held;
+    if (inner->rate == 0 || size >= inner->rate) {
+        hold_block(n, p, size);
+        return;
+    }
+    sample_left -= (double)size * inner->inv_rate;
+    if (sample_left <= 0) {
+        hold_sampled(n, p, size);
+    }
+}
+
+/* Would this large allocation take a hard scope past a fence? Then refuse it,
+ * if the scope's own code is running with no exception in flight. For held
+ * memory a realloc weighs only its growth over the block it replaces (old_h
+ * and old_size, when that block is held inside the scope). */
+static Py_NO_INLINE int
+refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size)
+{
+    uint64_t delta[3] = {bytes, objects, 1};
+    for (Meter *m = n; m != NULL; m = m->parent) {
+        if (!m->hard) {
+            continue;
+        }
+        int r = -1;
+        uint64_t would = 0;
+        for (int k = 0; k < 3 && r < 0; k++) {
+            if (sat_add(m->used[k], delta[k]) > m->fence[k]) {
+                r = k;
+                would = sat_add(m->used[k], delta[k]);
+            }
+        }
+        if (r < 0 && m->held != NULL) {
+            uint64_t cur = m->held->current;
+            for (Held *h = old_h; h != NULL; h = h->parent) {
+                if (h == m->held) {
+                    cur -= old_size;   /* freed by this realloc */
+                    break;
+                }
+            }
+            if (sat_add(cur, bytes) > m->fence[R_MEMORY]) {
+                r = R_MEMORY;
+                would = sat_add(cur, bytes);
+            }
+        }
+        if (r < 0) {
+            continue;
+        }
+        PyThreadState *ts = tstate_unchecked();
+        if (PyErr_Occurred() || !frame_is_user(ts) || !stack_spilled(ts)) {
+            return 0;   /* only counted; the interrupt stops the code later */
+        }
+        if (m->reached[r] < would) {
+            m->reached[r] = would;
+        }
+        if (!m->tripped) {
+            trip(m, r);
+        }
+        raise_fences(m);   /* the refusal is the stop: no interrupt as well */
+        return 1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The hooks                                                                */
+
+/* While no scope is entered anywhere the hooks cost a load of a global and of
+ * a thread-local and go straight on to the next allocator; the metered paths
+ * live in functions of their own so that an idle call does not pay for their
+ * registers. */
+
+#define IDLE() (active == 0 || paused)
+
+static inline void
+idle_seen(Domain *d)
+{
+    if (paused & PROBING) {
+        d->seen = 1;
+    }
+}
+
+static Py_NO_INLINE void *
+metered_alloc(Domain *d, size_t nelem, size_t elsize, int zeroed)
+{
+    size_t size = nelem * elsize;   /* on overflow the allocator refuses anyway */
+    Meter *n = current_meter();
+    if (n != NULL && n->quiet_machinery && !frame_is_user(tstate_unchecked())) {
+        n = NULL;   /* the loop's debug bookkeeping is not the task's work */
+    }
+    if (n != NULL && size >= REFUSE_MIN && n->hard_chain &&
+        refuse(n, size, (uint64_t)d->is_obj, NULL, 0)) {
+        return NULL;
+    }
+    void *p = zeroed ? d->prev.calloc(d->prev.ctx, nelem, elsize)
+                     : d->prev.malloc(d->prev.ctx, size);
+    if (p != NULL && n != NULL) {
+        charge(n, size, (uint64_t)d->is_obj, 1);
+        if (n->held != NULL) {
+            hold(n, p, size);
+        }
+    }
+    return p;
+}
+
+static void *
+hook_malloc(void *ctx, size_t size)
+{
+    Domain *d = ctx;
+    if (IDLE()) {
+        idle_seen(d);
+        return d->prev.malloc(d->prev.ctx, size);
+    }
+    return metered_alloc(d, 1, size, 0);
+}
+
+static void *
+hook_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    Domain *d = ctx;
+    if (IDLE()) {
+        idle_seen(d);
+        return d->prev.calloc(d->prev.ctx, nelem, elsize);
+    }
+    return metered_alloc(d, nelem, elsize, 1);
+}
+
+static Py_NO_INLINE void
+forget_block(void *ptr)
+{
+    PyThreadState *ts = tstate_unchecked();
+    if (ts != NULL && ts->interp == main_interp) {
+        table_remove((uintptr_t)ptr);
+    }
+}
+
+/* A realloc is one call, charges its new size as a fresh allocation would, and
+ * no object. For held memory the old block is forgotten and the new one held. */
+static void *
+hook_realloc(void *ctx, void *ptr, size_t size)
+{
+    Domain *d = ctx;
+    Meter *n = IDLE() ? NULL : current_meter();
+    if (n != NULL && n->quiet_machinery && !frame_is_user(tstate_unchecked())) {
+        n = NULL;
+    }
+    if (n != NULL && size >= REFUSE_MIN && n->hard_chain) {
+        size_t old_size = 0;
+        Held *old_h = ptr != NULL && n->held != NULL ? table_lookup((uintptr_t)ptr, &old_size)
+                                                     : NULL;
+        if (refuse(n, size, 0, old_h, old_size)) {
+            return NULL;
+        }
+    }
+    void *p = d->prev.realloc(d->prev.ctx, ptr, size);
+    if (p == NULL) {
+        return NULL;
+    }
+    if (ptr != NULL && table_count) {
+        forget_block(ptr);
+    }
+    if (n != NULL) {
+        charge(n, size, 0, 1);
+        if (n->held != NULL) {
+            hold(n, p, size);
+        }
+    }
+    return p;
+}
+
+static Py_NO_INLINE void
+free_held(Domain *d, void *ptr)
+{
+    forget_block(ptr);
+    if (table_count == 0) {
+        step_aside_if_idle();
+    }
+    d->prev.free(d->prev.ctx, ptr);
+}
+
+static void
+hook_free(void *ctx, void *ptr)
+{
+    Domain *d = ctx;
+    /* frees are credited even while paused: a stale entry would credit the
+     * wrong scope when the address comes back */
+    if (table_count != 0 && ptr != NULL) {
+        free_held(d, ptr);
+        return;
+    }
+    d->prev.free(d->prev.ctx, ptr);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The allocator chain                                                      */
+
+/* The chain cannot be read back beyond its top, so each domain remembers
+ * whether the hook is in it: on top, or wrapped by something started later
+ * (tracemalloc). verify_chain checks that memory by probing. */
+
+static int
+on_top(Domain *d)
+{
+    PyMemAllocatorEx now;
+    PyMem_GetAllocator(d->domain, &now);
+    return now.malloc == hook_malloc && now.ctx == d;
+}
+
+static void
+join_chain(Domain *d)
+{
+    if (!d->in_chain) {
+        PyMemAllocatorEx ours = {d, hook_malloc, hook_calloc, hook_realloc, hook_free};
+        /* wrap whatever is there now: pymalloc, tracemalloc, a debug hook */
+        PyMem_GetAllocator(d->domain, &d->prev);
+        PyMem_SetAllocator(d->domain, &ours);
+        d->in_chain = 1;
+    }
+}
+
+/* Leave the chain, which only the top of it can do. */
+static int
+leave_chain(Domain *d)
+{
+    if (d->in_chain && on_top(d)) {
+        PyMem_SetAllocator(d->domain, &d->prev);
+        d->in_chain = 0;
+    }
+    return !d->in_chain;
+}
+
+void
+hook_join(void)
+{
+    join_chain(&dom_mem);
+    join_chain(&dom_obj);
+}
+
+int
+hook_leave(void)
+{
+    int a = leave_chain(&dom_mem), b = leave_chain(&dom_obj);
+    return a && b;
+}
+
+int
+hook_on_top(void)
+{
+    return dom_mem.in_chain && dom_obj.in_chain;
+}
+
+void
+ensure_hooked(void)
+{
+    if (installed && (active > 0 || table_count > 0)) {
+        hook_join();
+    }
+}
+
+/* With no scope entered and no held block to credit, the hook has nothing to
+ * do: it leaves the chain (if it is on top) so that an idle process pays
+ * nothing, and the next enter() puts it back. */
+void
+step_aside_if_idle(void)
+{
+    if (active == 0 && table_count == 0) {
+        hook_leave();
+    }
+}
+
+/* Something that saved the chain below us may have put it back since
+ * (tracemalloc.stop, however it was reached): the hook would then think it is
+ * in the chain while no allocation reaches it. One allocation per domain, with
+ * the hook told to expect it, says for sure; join again where it did not
+ * arrive. */
+int
+verify_chain(void)
+{
+    Domain *doms[2] = {&dom_mem, &dom_obj};
+    int dropped = 0;
+    dom_mem.seen = dom_obj.seen = 0;
+    paused += PROBING;
+    PyMem_Free(PyMem_Malloc(1));
+    PyObject_Free(PyObject_Malloc(1));
+    paused -= PROBING;
+    for (int i = 0; i < 2; i++) {
+        if (doms[i]->in_chain && !doms[i]->seen) {
+            doms[i]->in_chain = 0;
+            dropped = 1;
+        }
+    }
+    ensure_hooked();
+    return dropped;
+}

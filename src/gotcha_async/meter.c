@@ -1,0 +1,712 @@
+/*
+ * Meter: the counters of one scope, and the C half of gotcha_async.Context.
+ *
+ * Entering and leaving are C methods because the interpreter checks for
+ * signals and pending calls between a C call and the next bytecode: a
+ * KeyboardInterrupt landing after the scope variable was set and before
+ * __enter__ returned (or at the start of __exit__) would leave the scope
+ * entered for good. Here the variable is set as the very last step of
+ * __enter__/__aenter__ and reset as the very first of __exit__/__aexit__, and
+ * the Python work (the cancel scope, delivery, exceptions) happens around it.
+ */
+#include "_meter.h"
+
+PyObject *ready_true, *ready_none;
+static PyObject *str_before_enter, *str_after_exit, *str_enter, *str_exit;
+
+/* ------------------------------------------------------------------------ */
+/* Life                                                                     */
+
+static PyObject *
+Meter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    (void)args;
+    (void)kwds;
+    Meter *m = (Meter *)type->tp_alloc(type, 0);
+    if (m != NULL) {
+        for (int r = 0; r < NRES; r++) {
+            m->limit[r] = m->ceiling[r] = m->fence[r] = NONE;
+        }
+    }
+    return (PyObject *)m;
+}
+
+static int
+Meter_traverse(Meter *m, visitproc visit, void *arg)
+{
+    Py_VISIT(m->parent);
+    Py_VISIT(m->token);
+    return 0;
+}
+
+/* An entered scope whose context is gone (a thread that ended inside it, an
+ * abandoned coroutine): it no longer keeps the hook in the chain. */
+static void
+abandon(Meter *m)
+{
+    if (m->state == S_ENTERED) {
+        m->state = S_EXITED;
+        active--;
+        step_aside_if_idle();
+    }
+}
+
+/* Dropping the last reference to a long parent= chain would free it
+ * recursively, one C stack frame per scope: parents released while a Meter
+ * is being freed are queued here and released one after another instead. */
+static Meter **orphans;
+static size_t n_orphans, orphans_cap;
+static int freeing;
+
+static void
+release_parent(Meter *p)
+{
+    if (p == NULL) {
+        return;
+    }
+    p->children--;
+    if (Py_REFCNT(p) > 1) {
+        Py_DECREF(p);   /* not freed now */
+        return;
+    }
+    if (freeing) {
+        if (n_orphans == orphans_cap) {
+            size_t cap = orphans_cap ? orphans_cap * 2 : 64;
+            Meter **more = realloc(orphans, cap * sizeof(Meter *));
+            if (more == NULL) {
+                Py_DECREF(p);   /* out of libc memory: free it right here */
+                return;
+            }
+            orphans = more;
+            orphans_cap = cap;
+        }
+        orphans[n_orphans++] = p;
+        return;
+    }
+    freeing = 1;
+    Py_DECREF(p);
+    while (n_orphans > 0) {
+        Py_DECREF(orphans[--n_orphans]);
+    }
+    freeing = 0;
+}
+
+static int
+Meter_clear(Meter *m)
+{
+    Meter *p = m->parent;
+    m->parent = NULL;
+    if (m->token != NULL) {
+        Py_CLEAR(m->token);
+        abandon(m);
+    }
+    release_parent(p);
+    return 0;
+}
+
+static void
+Meter_dealloc(Meter *m)
+{
+    PyObject_GC_UnTrack(m);
+    Meter_clear(m);
+    if (m->held != NULL) {
+        m->held->owner = NULL;   /* its blocks may live on; the scope does not */
+        held_decref(m->held);
+        m->held = NULL;
+        if (--live_holders == 0 && table_count > 0) {
+            table_purge();
+        }
+    }
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+/* rate: mean bytes between samples, 0 for every block exactly. A scope inside
+ * another samples at least as often as its parent, and exactly if it does. */
+static int
+start_holding(Meter *m, uint64_t rate)
+{
+    if (m->held == NULL) {
+        m->held = calloc(1, sizeof(Held));
+        if (m->held == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        m->held->refcnt = 1;
+        m->held->owner = m;
+        m->held->rate = rate;
+        live_holders++;
+    }
+    else if (rate < m->held->rate) {
+        m->held->rate = rate;
+    }
+    m->held->inv_rate = m->held->rate ? 1.0 / (double)m->held->rate : 0.0;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Setting up                                                               */
+
+static int
+limit_arg(PyObject *v, uint64_t *out)
+{
+    if (v == Py_None) {
+        *out = NONE;
+        return 0;
+    }
+    *out = PyLong_AsUnsignedLongLong(v);
+    return *out == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static PyObject *Meter_set_parent(Meter *m, PyObject *p);
+
+/* _setup(parent, bytes, objects, calls, memory, ceiling x 4, track, rate):
+ * limits and ceilings are validated ints or None, and the sampling rate an int
+ * (Python's work). */
+static PyObject *
+Meter_setup(Meter *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "_setup takes 11 arguments");
+        return NULL;
+    }
+    m->hard = 0;
+    for (int r = 0; r < NRES; r++) {
+        if (limit_arg(args[1 + r], &m->limit[r]) < 0 ||
+            limit_arg(args[5 + r], &m->ceiling[r]) < 0) {
+            return NULL;
+        }
+        if (m->ceiling[r] < m->limit[r]) {
+            m->ceiling[r] = m->limit[r];
+        }
+        m->fence[r] = m->ceiling[r];
+        m->hard |= m->ceiling[r] != NONE;
+    }
+    m->hard_chain = m->hard || (m->parent != NULL && m->parent->hard_chain);
+    int track = PyObject_IsTrue(args[9]);
+    if (track < 0) {
+        return NULL;
+    }
+    unsigned long long rate = PyLong_AsUnsignedLongLong(args[10]);
+    if (rate == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if ((track || m->limit[R_MEMORY] != NONE) && start_holding(m, rate) < 0) {
+        return NULL;
+    }
+    if (args[0] != Py_None) {
+        return Meter_set_parent(m, args[0]);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Meter_set_parent(Meter *m, PyObject *p)
+{
+    if (!PyObject_TypeCheck(p, &MeterType)) {
+        PyErr_Format(PyExc_TypeError, "parent must be a Context, not %.100s",
+                     Py_TYPE(p)->tp_name);
+        return NULL;
+    }
+    if (m->parent != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this Context already has a parent");
+        return NULL;
+    }
+    /* only a scope with children can be made its own ancestor: the walk is
+     * skipped for the common case, so a long chain is built in linear time */
+    for (Meter *a = (Meter *)p; m->children > 0 && a != NULL; a = a->parent) {
+        if (a == m) {
+            PyErr_SetString(PyExc_ValueError,
+                            "parent would make this Context its own ancestor");
+            return NULL;
+        }
+    }
+    if (p == (PyObject *)m) {
+        PyErr_SetString(PyExc_ValueError, "parent would make this Context its own ancestor");
+        return NULL;
+    }
+    Meter *parent = (Meter *)p;
+    /* inside a scope that tracks held memory, every scope does */
+    if (parent->held != NULL) {
+        if (start_holding(m, parent->held->rate) < 0) {
+            return NULL;
+        }
+        m->held->parent = parent->held;
+        parent->held->refcnt++;
+    }
+    Py_INCREF(parent);
+    parent->children++;
+    m->parent = parent;
+    m->hard_chain = m->hard || parent->hard_chain;
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Entering and leaving                                                     */
+
+static int
+enter(Meter *m)
+{
+    if (m->state != S_NEW) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this Context has already been entered; a Context can be used only once");
+        return -1;
+    }
+    /* the cancel scope, made and entered by Python: nothing of it is the body's
+     * (and the hook is installed there on first use) */
+    PyObject *scope = PyObject_CallMethodNoArgs((PyObject *)m, str_before_enter);
+    if (scope == NULL) {
+        return -1;
+    }
+    if (!installed) {
+        Py_DECREF(scope);
+        PyErr_SetString(PyExc_RuntimeError, "gotcha_async._meter.install() has not run");
+        return -1;
+    }
+    if (scope != Py_None) {
+        PyObject *r = PyObject_CallMethodNoArgs(scope, str_enter);
+        if (r == NULL) {
+            Py_DECREF(scope);
+            return -1;
+        }
+        Py_DECREF(r);
+    }
+    active++;
+    verify_chain();
+    paused++;
+    PyObject *token = PyContextVar_Set(scope_var, (PyObject *)m);
+    paused--;
+    forget_no_scope();
+    if (token == NULL) {
+        active--;
+        step_aside_if_idle();
+        if (scope != Py_None) {
+            PyObject *t, *v, *tb;
+            PyErr_Fetch(&t, &v, &tb);
+            PyObject *r = PyObject_CallMethodObjArgs(scope, str_exit, Py_None, Py_None,
+                                                     Py_None, NULL);
+            if (r == NULL) {
+                PyErr_WriteUnraisable(scope);
+            }
+            Py_XDECREF(r);
+            PyErr_Restore(t, v, tb);
+        }
+        Py_DECREF(scope);
+        return -1;
+    }
+    Py_DECREF(scope);
+    m->token = token;
+    m->state = S_ENTERED;
+    return 0;
+}
+
+static int
+leave(Meter *m)
+{
+    if (m->state != S_ENTERED) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this Context is not active: exit without a matching enter");
+        return -1;
+    }
+    paused++;
+    int r = PyContextVar_Reset(scope_var, m->token);
+    paused--;
+    forget_no_scope();
+    if (r < 0) {
+        if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "a Context must be exited in the task (the contextvars context) "
+                            "that entered it");
+        }
+        return -1;
+    }
+    Py_CLEAR(m->token);
+    m->state = S_EXITED;
+    active--;
+    step_aside_if_idle();
+    return 0;
+}
+
+static PyObject *
+after_exit(Meter *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "__exit__ takes 3 arguments");
+        return NULL;
+    }
+    PyObject *call[4] = {(PyObject *)m, args[0], args[1], args[2]};
+    return PyObject_VectorcallMethod(str_after_exit, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                     NULL);
+}
+
+static PyObject *
+Meter_enter(Meter *m, PyObject *unused)
+{
+    (void)unused;
+    return enter(m) < 0 ? NULL : Py_NewRef(m);
+}
+
+static PyObject *
+Meter_exit(Meter *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs == 3 && leave(m) < 0) {
+        return NULL;
+    }
+    return after_exit(m, args, nargs);
+}
+
+/* The awaitable is made before the scope is current: awaiting it allocates
+ * nothing, so an empty scope stays charged (0, 0, 0). */
+static PyObject *
+Meter_aenter(Meter *m, PyObject *unused)
+{
+    (void)unused;
+    PyObject *ready = PyObject_CallOneArg((PyObject *)&ReadyType, (PyObject *)m);
+    if (ready == NULL) {
+        return NULL;
+    }
+    if (enter(m) < 0) {
+        Py_DECREF(ready);
+        return NULL;
+    }
+    return ready;
+}
+
+static PyObject *
+Meter_aexit(Meter *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs == 3 && leave(m) < 0) {
+        return NULL;
+    }
+    PyObject *r = after_exit(m, args, nargs);
+    if (r == NULL) {
+        return NULL;
+    }
+    int swallow = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    if (swallow < 0) {
+        return NULL;
+    }
+    return Py_NewRef(swallow ? ready_true : ready_none);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Reading and charging                                                     */
+
+static PyObject *usage_type, *memory_type;
+
+int
+meter_set_types(PyObject *u, PyObject *m)
+{
+    Py_XSETREF(usage_type, Py_NewRef(u));
+    Py_XSETREF(memory_type, Py_NewRef(m));
+    return 0;
+}
+
+/* Built with the hook paused: reading the counters must not move them. */
+static PyObject *
+Meter_counts(Meter *m, PyObject *unused)
+{
+    (void)unused;
+    if (usage_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "set_types() has not run");
+        return NULL;
+    }
+    paused++;
+    PyObject *r = PyObject_CallFunction(usage_type, "KKK", (unsigned long long)m->used[0],
+                                        (unsigned long long)m->used[1],
+                                        (unsigned long long)m->used[2]);
+    paused--;
+    return r;
+}
+
+static PyObject *
+Meter_memory(Meter *m, PyObject *unused)
+{
+    (void)unused;
+    Held *h = m->held;
+    if (h == NULL) {
+        Py_RETURN_NONE;
+    }
+    if (memory_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "set_types() has not run");
+        return NULL;
+    }
+    paused++;
+    PyObject *r = PyObject_CallFunction(memory_type, "KK", (unsigned long long)h->current,
+                                        (unsigned long long)h->peak);
+    paused--;
+    return r;
+}
+
+static PyObject *
+Meter_add(Meter *m, PyObject *args)
+{
+    unsigned long long b, o, c;
+    if (!PyArg_ParseTuple(args, "KKK", &b, &o, &c)) {
+        return NULL;
+    }
+    charge(m, b, o, c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Meter_reset(Meter *m, PyObject *unused)
+{
+    (void)unused;
+    memset(m->used, 0, sizeof(m->used));
+    memset(m->reached, 0, sizeof(m->reached));
+    for (int r = 0; r < NRES; r++) {
+        m->fence[r] = m->ceiling[r];
+    }
+    m->tripped = 0;
+    m->stops = 0;
+    m->rearm = 0;
+    if (m->held != NULL) {
+        m->held->peak = m->held->current;
+    }
+    Py_RETURN_NONE;
+}
+
+/* This scope's own broken limit: its resource (the first to break, then in
+ * order) and what it reached, or -1. */
+static int
+broken_resource(const Meter *m, uint64_t *reached)
+{
+    uint64_t now[NRES] = {m->used[0], m->used[1], m->used[2], m->held ? m->held->peak : 0};
+    int first = m->tripped - 1;
+    for (int r = -1; r < NRES; r++) {
+        int k = r < 0 ? first : r;
+        if (k < 0) {
+            continue;
+        }
+        /* a refused allocation reports what it would have reached */
+        uint64_t v = m->reached[k] > now[k] ? m->reached[k] : now[k];
+        if (v > m->limit[k]) {
+            *reached = v;
+            return k;
+        }
+    }
+    return -1;
+}
+
+static PyObject *
+Meter_broken(Meter *m, PyObject *unused)
+{
+    (void)unused;
+    uint64_t v;
+    int k = broken_resource(m, &v);
+    if (k < 0) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(iK)", k, (unsigned long long)v);
+}
+
+/* In C because the ASGI middleware asks before every message it passes on. */
+static PyObject *
+Meter_exceeded(Meter *m, PyObject *unused)
+{
+    (void)unused;
+    uint64_t v;
+    for (const Meter *a = m; a != NULL; a = a->parent) {
+        if (broken_resource(a, &v) >= 0) {
+            Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+Meter_held_blocks(Meter *m, PyObject *unused)
+{
+    (void)unused;
+    return m->held == NULL ? PyList_New(0) : table_blocks_of(m->held);
+}
+
+static PyObject *
+Meter_get_parent(Meter *m, void *unused)
+{
+    (void)unused;
+    return Py_NewRef(m->parent ? (PyObject *)m->parent : Py_None);
+}
+
+static PyObject *
+Meter_get_state(Meter *m, void *unused)
+{
+    (void)unused;
+    return PyLong_FromLong(m->state);
+}
+
+static PyObject *
+Meter_get_quiet(Meter *m, void *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(m->quiet_machinery);
+}
+
+static int
+Meter_set_quiet(Meter *m, PyObject *v, void *unused)
+{
+    (void)unused;
+    int on = v == NULL ? 0 : PyObject_IsTrue(v);
+    if (on < 0) {
+        return -1;
+    }
+    m->quiet_machinery = (char)on;
+    return 0;
+}
+
+static PyMethodDef Meter_methods[] = {
+    {"_setup", (PyCFunction)(void (*)(void))Meter_setup, METH_FASTCALL,
+     "_setup(parent, bytes, objects, calls, memory, ceiling_bytes, ceiling_objects, "
+     "ceiling_calls, ceiling_memory, track, rate)"},
+    {"_set_parent", (PyCFunction)Meter_set_parent, METH_O,
+     "Link to a parent scope; refuses cycles."},
+    {"__enter__", (PyCFunction)Meter_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))Meter_exit, METH_FASTCALL, NULL},
+    {"__aenter__", (PyCFunction)Meter_aenter, METH_NOARGS, NULL},
+    {"__aexit__", (PyCFunction)(void (*)(void))Meter_aexit, METH_FASTCALL, NULL},
+    {"_counts", (PyCFunction)Meter_counts, METH_NOARGS, "(bytes, objects, calls) charged."},
+    {"_memory", (PyCFunction)Meter_memory, METH_NOARGS, "(current, peak) held, or None."},
+    {"_add", (PyCFunction)Meter_add, METH_VARARGS, "Charge this scope and its ancestors."},
+    {"_reset", (PyCFunction)Meter_reset, METH_NOARGS, "Zero this scope's own counters."},
+    {"exceeded", (PyCFunction)Meter_exceeded, METH_NOARGS,
+     "exceeded($self, /)\n--\n\n"
+     "Whether this scope's own limit or any ancestor's has been exceeded."},
+    {"_broken", (PyCFunction)Meter_broken, METH_NOARGS,
+     "(resource, used) of this scope's own broken limit, or None."},
+    {"_held_blocks", (PyCFunction)Meter_held_blocks, METH_NOARGS,
+     "[(size, traceback)] of the blocks this scope holds."},
+    {NULL},
+};
+
+static PyGetSetDef Meter_getset[] = {
+    {"parent", (getter)Meter_get_parent, NULL, "The enclosing Context, or None (read-only).", NULL},
+    {"_state", (getter)Meter_get_state, NULL, "0 new, 1 entered, 2 exited.", NULL},
+    {"_quiet_machinery", (getter)Meter_get_quiet, (setter)Meter_set_quiet,
+     "Charge nothing the event loop's own code allocates (its debug mode).", NULL},
+    {NULL},
+};
+
+PyTypeObject MeterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gotcha_async._meter.Meter",
+    .tp_basicsize = sizeof(Meter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C counters of one scope.",
+    .tp_new = Meter_new,
+    .tp_dealloc = (destructor)Meter_dealloc,
+    .tp_traverse = (traverseproc)Meter_traverse,
+    .tp_clear = (inquiry)Meter_clear,
+    .tp_methods = Meter_methods,
+    .tp_getset = Meter_getset,
+};
+
+/* ------------------------------------------------------------------------ */
+/* Ready: an awaitable that is already done. Awaiting it allocates nothing,  */
+/* so an empty scope stays charged (0, 0, 0).                                */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *value;
+} Ready;
+
+static PyObject *
+Ready_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    (void)kwds;
+    PyObject *value = Py_None;
+    if (!PyArg_UnpackTuple(args, "Ready", 0, 1, &value)) {
+        return NULL;
+    }
+    Ready *r = (Ready *)type->tp_alloc(type, 0);
+    if (r != NULL) {
+        r->value = Py_NewRef(value);
+    }
+    return (PyObject *)r;
+}
+
+static void
+Ready_dealloc(Ready *r)
+{
+    PyObject_GC_UnTrack(r);
+    Py_CLEAR(r->value);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static int
+Ready_traverse(Ready *r, visitproc visit, void *arg)
+{
+    Py_VISIT(r->value);
+    return 0;
+}
+
+static PyObject *
+Ready_await(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+static PySendResult
+Ready_send(Ready *r, PyObject *arg, PyObject **result)
+{
+    (void)arg;
+    *result = Py_NewRef(r->value);
+    return PYGEN_RETURN;
+}
+
+/* The path an await takes where the interpreter does not use am_send (3.12 and
+ * later call tp_iternext for non-generators): the StopIteration carrying the
+ * value is the library's own work, made with the hook paused. */
+static PyObject *
+Ready_next(Ready *r)
+{
+    if (r->value == Py_None) {
+        return NULL;   /* exhausted without an exception: the result is None */
+    }
+    paused++;
+    PyObject *stop_exc = PyObject_CallOneArg(PyExc_StopIteration, r->value);
+    if (stop_exc != NULL) {
+        PyErr_SetObject(PyExc_StopIteration, stop_exc);
+        Py_DECREF(stop_exc);
+    }
+    paused--;
+    return NULL;
+}
+
+static PyAsyncMethods Ready_async = {
+    .am_await = Ready_await,
+    .am_send = (sendfunc)Ready_send,
+};
+
+PyTypeObject ReadyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gotcha_async._meter.Ready",
+    .tp_basicsize = sizeof(Ready),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Ready(value): an awaitable that returns value at once.",
+    .tp_new = Ready_new,
+    .tp_dealloc = (destructor)Ready_dealloc,
+    .tp_traverse = (traverseproc)Ready_traverse,
+    .tp_as_async = &Ready_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)Ready_next,
+};
+
+int
+meter_init_types(void)
+{
+    if (PyType_Ready(&MeterType) < 0 || PyType_Ready(&ReadyType) < 0) {
+        return -1;
+    }
+    str_before_enter = PyUnicode_InternFromString("_before_enter");
+    str_after_exit = PyUnicode_InternFromString("_after_exit");
+    str_enter = PyUnicode_InternFromString("__enter__");
+    str_exit = PyUnicode_InternFromString("__exit__");
+    ready_true = PyObject_CallOneArg((PyObject *)&ReadyType, Py_True);
+    ready_none = PyObject_CallOneArg((PyObject *)&ReadyType, Py_None);
+    if (!str_before_enter || !str_after_exit || !str_enter || !str_exit || !ready_true ||
+        !ready_none) {
+        return -1;
+    }
+    return 0;
+}

@@ -1,0 +1,222 @@
+/*
+ * gotcha_async._meter: module functions and init.
+ *
+ * The hook is process-wide and its state is guarded by the main
+ * interpreter's GIL, so the module loads in the main interpreter only, and
+ * refuses before it touches anything anywhere else: static types readied from
+ * a subinterpreter's memory would outlive it.
+ */
+#include "_meter.h"
+
+int meter_init_types(void);
+int meter_set_types(PyObject *u, PyObject *m);
+
+/* install(var, deliver, exempt_dirs, main_thread_ident, interrupt_type) */
+static PyObject *
+mod_install(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    PyObject *var, *cb, *dirs, *itype;
+    unsigned long ident;
+    if (!PyArg_ParseTuple(args, "O!OO!kO", &PyContextVar_Type, &var, &cb, &PyTuple_Type, &dirs,
+                          &ident, &itype)) {
+        return NULL;
+    }
+    if (!PyExceptionClass_Check(itype)) {
+        PyErr_SetString(PyExc_TypeError, "interrupt_type must be an exception class");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(dirs); i++) {
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(dirs, i))) {
+            PyErr_SetString(PyExc_TypeError, "exempt_dirs must be a tuple of str");
+            return NULL;
+        }
+    }
+    if (installed) {
+        PyErr_SetString(PyExc_RuntimeError, "the allocator hook is already installed");
+        return NULL;
+    }
+    main_ident = ident;
+    if (start_delivery() < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot start the delivery thread");
+        return NULL;
+    }
+    exempt = Py_NewRef(dirs);
+    scope_var = Py_NewRef(var);
+    deliver_cb = Py_NewRef(cb);
+    interrupt_type = Py_NewRef(itype);
+    installed = 1;   /* the first enter() puts the hook in the chain */
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_installed(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return PyBool_FromLong(installed);
+}
+
+static PyObject *
+mod_set_types(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    PyObject *u, *m;
+    if (!PyArg_ParseTuple(args, "OO", &u, &m)) {
+        return NULL;
+    }
+    meter_set_types(u, m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_tracemalloc_stopped(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return PyBool_FromLong(installed && verify_chain());
+}
+
+static PyObject *
+mod_after_fork(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    if (!installed) {
+        Py_RETURN_NONE;
+    }
+    delivery_after_fork();
+    if (start_delivery() < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot start the delivery thread");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_hooked(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return PyBool_FromLong(hook_on_top());
+}
+
+/* For benchmarks and tests: take the hook out of the chain (it must be on
+ * top), or force it in while no scope needs it. */
+static PyObject *
+mod_set_hooked(PyObject *mod, PyObject *flag)
+{
+    (void)mod;
+    int on = PyObject_IsTrue(flag);
+    if (on < 0) {
+        return NULL;
+    }
+    if (!installed) {
+        PyErr_SetString(PyExc_RuntimeError, "install() first");
+        return NULL;
+    }
+    if (on) {
+        hook_join();
+    }
+    else if (!hook_leave()) {
+        PyErr_SetString(PyExc_RuntimeError, "another allocator hook sits on top of ours");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_active(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return PyLong_FromSsize_t(active);
+}
+
+static PyObject *
+mod_held_blocks(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return PyLong_FromSize_t(table_count);
+}
+
+static PyObject *
+mod_grace(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return Py_BuildValue("(KKKK)", (unsigned long long)grace[0], (unsigned long long)grace[1],
+                         (unsigned long long)grace[2], (unsigned long long)grace[3]);
+}
+
+static PyObject *
+mod_refuse_min(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return PyLong_FromSize_t(REFUSE_MIN);
+}
+
+static PyMethodDef mod_methods[] = {
+    {"install", mod_install, METH_VARARGS,
+     "install(var, deliver, exempt_dirs, main_thread_ident, interrupt_type): set the hook up "
+     "and start the delivery thread; once per process."},
+    {"installed", mod_installed, METH_NOARGS, "Has install() run?"},
+    {"set_types", mod_set_types, METH_VARARGS,
+     "set_types(Usage, Memory): the NamedTuples the module returns."},
+    {"set_hooked", mod_set_hooked, METH_O,
+     "set_hooked(flag): take the hook out or put it back (benchmarks, tests)."},
+    {"tracemalloc_stopped", mod_tracemalloc_stopped, METH_NOARGS,
+     "Call after tracemalloc.stop(): rejoin the chain if it dropped the hook; "
+     "True if it had."},
+    {"hooked", mod_hooked, METH_NOARGS, "Is the hook in place on both domains?"},
+    {"after_fork", mod_after_fork, METH_NOARGS, "Restart delivery in a forked child."},
+    {"active", mod_active, METH_NOARGS, "Number of entered scopes in the process."},
+    {"held_blocks", mod_held_blocks, METH_NOARGS, "Number of blocks in the held-memory table."},
+    {"grace", mod_grace, METH_NOARGS, "Allowance past a hard ceiling after each stop."},
+    {"refuse_min", mod_refuse_min, METH_NOARGS,
+     "The smallest allocation a hard scope refuses outright."},
+    {NULL},
+};
+
+static struct PyModuleDef meter_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "gotcha_async._meter",
+    .m_doc = "The allocator hook and per-scope counters of gotcha_async.",
+    .m_size = -1,
+    .m_methods = mod_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__meter(void)
+{
+#ifdef Py_GIL_DISABLED
+    PyErr_SetString(PyExc_ImportError,
+                    "gotcha_async does not support free-threaded CPython builds: its counters "
+                    "and allocator hook rely on the GIL");
+    return NULL;
+#else
+    /* first, before anything is readied in this interpreter's memory */
+    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
+        PyErr_SetString(PyExc_ImportError,
+                        "gotcha_async can only be imported in the main interpreter: its "
+                        "allocator hook is process-wide");
+        return NULL;
+    }
+    main_interp = PyInterpreterState_Main();
+    if (meter_init_types() < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&meter_module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, "Meter", (PyObject *)&MeterType) < 0 ||
+        PyModule_AddObjectRef(m, "Ready", (PyObject *)&ReadyType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+#endif
+}
