@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import logging
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-import uvicorn
+from asgi_server import START_TIMEOUT, serving
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -36,62 +35,12 @@ LIMIT = gotcha.MiB
 HOG = 8 * gotcha.MiB  # what a hog allocates: eight times the limit
 STREAM_CHUNK = 256 * gotcha.KiB
 STREAM_CHUNKS = 16  # 4 MiB in all: a stream that breaks its limit only once it has started
-START_TIMEOUT = 10.0
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     # the client side: httpx runs on both; the server is uvicorn (asyncio) in its thread
     return str(request.param)
-
-
-# -- a real server ----------------------------------------------------------------------
-
-
-class _Server(uvicorn.Server):
-    """uvicorn.Server that says when its startup is over, whatever its outcome."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.startup_done = threading.Event()
-
-    async def startup(self, sockets: list[Any] | None = None) -> None:
-        try:
-            await super().startup(sockets=sockets)
-        finally:
-            self.startup_done.set()
-
-
-@dataclass
-class Running:
-    url: str
-    ws_url: str
-    thread: threading.Thread
-
-
-@contextlib.contextmanager
-def serving(app: Any, loop: str = "asyncio") -> Iterator[Running]:
-    """Run ``app`` under uvicorn on a free port of 127.0.0.1 in a thread, for the block."""
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", loop=loop
-    )
-    server = _Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        if not server.startup_done.wait(START_TIMEOUT):
-            raise RuntimeError("uvicorn did not finish its startup")
-        if not server.started:
-            raise RuntimeError("uvicorn failed to start")
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield Running(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", thread)
-        # whatever the test did, the server is still there
-        assert thread.is_alive()
-        assert httpx.get(f"http://127.0.0.1:{port}/ok").status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(START_TIMEOUT)
-    assert not thread.is_alive(), "uvicorn did not shut down"
 
 
 # -- the application under test ---------------------------------------------------------
@@ -703,7 +652,7 @@ async def test_observe_mode_logs_the_summary_once_at_shutdown(
         assert [r for r in gotcha_records(caplog) if r.levelno == logging.INFO] == []
     # serving() checked /ok once more before the shutdown
     lines = [r.getMessage() for r in gotcha_records(caplog) if r.levelno == logging.INFO]
-    assert lines[0].startswith("gotcha_async: per-route allocation summary (suggested budget")
+    assert lines[0].startswith("per-route allocation summary (suggested budget")
     assert len(lines) == 4
     tiny, hog, ok = lines[1:]
     assert tiny.startswith("GET /tiny/{n:int}: 5 requests, 0 over the limit; bytes median ")

@@ -360,8 +360,8 @@ class Summary:
         """The summary as the shutdown log prints it: one line per route."""
         rows = self.rows()
         if not rows:
-            return "gotcha_async: no request was measured"
-        lines = [f"gotcha_async: per-route allocation summary ({SUGGESTION_RULE}; "
+            return "per-route allocation summary: no request was measured"
+        lines = [f"per-route allocation summary ({SUGGESTION_RULE}; "
                  "median and p99 within 9%)"]
         for r in rows:
             line = (
