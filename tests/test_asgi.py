@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -582,6 +583,81 @@ async def test_on_exceeded_exception_is_logged_and_still_answers(
     assert errors[0].exc_info is not None
     assert str(errors[0].exc_info[1]) == "metrics backend down"
     assert "on_exceeded hook" in errors[0].getMessage()
+
+
+# -- tasks a handler spawns -------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_child_tasks_of_a_handler_are_charged_to_the_request_and_stopped_with_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gotcha_async")
+    done: list[str] = []
+
+    async def fan_out(request: Request) -> Response:
+        async def part(n: int) -> None:
+            data = bytearray(HOG // 4)
+            await anyio.sleep(0)
+            await anyio.Event().wait()  # never set: only the limit ends it
+            done.append(f"part {n} {len(data)}")
+
+        async with anyio.create_task_group() as tg:
+            for n in range(4):
+                tg.start_soon(part, n)
+        return PlainTextResponse("all parts done")
+
+    app = Starlette(routes=[Route("/fan-out", fan_out), *bare_app().routes[:1]])
+    with serving(LimitMiddleware(app, bytes=LIMIT)) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            response = await client.get("/fan-out")
+    assert response.status_code == 503
+    assert done == []
+    [record] = gotcha_records(caplog)
+    assert record.used > HOG // 4  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+async def test_task_outliving_its_request_stays_in_the_exited_request_scope() -> None:
+    # Documented: a task spawned with create_task and not awaited keeps the request's
+    # scope as gotcha.current() (contextvars are copied), but once the request is over
+    # that scope is exited: nothing is charged to it, nothing stops the task or
+    # reports it. Such work needs a scope of its own.
+    seen: dict[str, Any] = {}
+    release = asyncio.Event()
+    finished = threading.Event()
+
+    async def spawn(request: Request) -> Response:
+        seen["request"] = gotcha.current()
+
+        async def later() -> None:
+            await release.wait()
+            ctx = gotcha.current()
+            before = ctx.used().bytes if ctx is not None else 0
+            data = bytearray(HOG)
+            seen["later"] = ctx
+            seen["charged"] = (ctx.used().bytes - before) if ctx is not None else 0
+            seen["len"] = len(data)
+            finished.set()
+
+        seen["task"] = asyncio.get_running_loop().create_task(later())
+        return PlainTextResponse("spawned")
+
+    async def go(request: Request) -> Response:
+        release.set()
+        return PlainTextResponse("released")
+
+    app = Starlette(routes=[Route("/spawn", spawn), Route("/go", go),
+                            *bare_app().routes[:1]])
+    with serving(LimitMiddleware(app, bytes=LIMIT)) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            assert (await client.get("/spawn")).status_code == 200
+            assert (await client.get("/go")).status_code == 200
+        assert await anyio.to_thread.run_sync(finished.wait, START_TIMEOUT)
+    request_ctx = seen["request"]
+    assert seen["later"] is request_ctx
+    assert seen["charged"] == 0 and seen["len"] == HOG  # not charged, never stopped
+    assert not request_ctx.exceeded()
 
 
 # -- observe mode -----------------------------------------------------------------------
