@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
 import gotcha_async as gotcha
 from gotcha_async.aiohttp import Exceeded, LimitMiddleware, setup
@@ -204,8 +204,11 @@ async def test_route_template_in_log_metrics_and_summary(
     assert data is not None
     [metric] = [m for rm in data.resource_metrics for sm in rm.scope_metrics
                 for m in sm.metrics if m.name == "gotcha.request.allocated"]
-    counts = {(p.attributes.get("http.route"), p.attributes["http.response.status_code"]):
-              p.count for p in metric.data.data_points}
+    counts: dict[tuple[Any, Any], int] = {}
+    for p in metric.data.data_points:
+        assert isinstance(p, HistogramDataPoint) and p.attributes is not None
+        key = (p.attributes.get("http.route"), p.attributes["http.response.status_code"])
+        counts[key] = p.count
     assert counts == {("/items/{n}", 503): 2, ("/ok", 200): 1}
     middleware = app[MIDDLEWARE]
     rows = {r.route: r for r in middleware.summary()}
