@@ -50,6 +50,15 @@ def test_hard_limit() -> None:
     assert "exceeded: True" in out
 
 
+def test_aiohttp_app() -> None:
+    out = run("aiohttp_app.py")
+    assert "GET /: 200 " in out
+    assert "GET /hog: 503 Service Unavailable: the request exceeded its bytes limit" in out
+    cut = float(out.split("GET /stream: 200, cut off after ")[1].split(" MiB")[0])
+    assert cut < 5  # of the 20 MiB the handler tried to send
+    assert "response aborted, status 200 already sent; enforced;" in out
+
+
 def test_observe_prometheus() -> None:
     out = run("observe_prometheus.py")
     assert out.count("GET /report: 200") == 3  # observe mode refuses nothing
