@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-import uvicorn
+from asgi_server import START_TIMEOUT, serving
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -28,68 +28,20 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 import gotcha_async as gotcha
+import gotcha_async.asgi
+from gotcha_async._report import human_size
 from gotcha_async.asgi import LimitMiddleware
 
 LIMIT = gotcha.MiB
 HOG = 8 * gotcha.MiB  # what a hog allocates: eight times the limit
 STREAM_CHUNK = 256 * gotcha.KiB
 STREAM_CHUNKS = 16  # 4 MiB in all: a stream that breaks its limit only once it has started
-START_TIMEOUT = 10.0
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     # the client side: httpx runs on both; the server is uvicorn (asyncio) in its thread
     return str(request.param)
-
-
-# -- a real server ----------------------------------------------------------------------
-
-
-class _Server(uvicorn.Server):
-    """uvicorn.Server that says when its startup is over, whatever its outcome."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.startup_done = threading.Event()
-
-    async def startup(self, sockets: list[Any] | None = None) -> None:
-        try:
-            await super().startup(sockets=sockets)
-        finally:
-            self.startup_done.set()
-
-
-@dataclass
-class Running:
-    url: str
-    ws_url: str
-    thread: threading.Thread
-
-
-@contextlib.contextmanager
-def serving(app: Any, loop: str = "asyncio") -> Iterator[Running]:
-    """Run ``app`` under uvicorn on a free port of 127.0.0.1 in a thread, for the block."""
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", loop=loop
-    )
-    server = _Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        if not server.startup_done.wait(START_TIMEOUT):
-            raise RuntimeError("uvicorn did not finish its startup")
-        if not server.started:
-            raise RuntimeError("uvicorn failed to start")
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield Running(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", thread)
-        # whatever the test did, the server is still there
-        assert thread.is_alive()
-        assert httpx.get(f"http://127.0.0.1:{port}/ok").status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(START_TIMEOUT)
-    assert not thread.is_alive(), "uvicorn did not shut down"
 
 
 # -- the application under test ---------------------------------------------------------
@@ -122,6 +74,13 @@ class State:
 
 def make_app(state: State | None = None, **middleware: Any) -> Starlette:
     """A Starlette app with normal and hog routes, with LimitMiddleware(**middleware)."""
+    app = bare_app(state)
+    app.add_middleware(LimitMiddleware, **middleware)
+    return app
+
+
+def bare_app(state: State | None = None) -> Starlette:
+    """The app of make_app, without the middleware."""
     state = state or State()
 
     async def ok(request: Request) -> Response:
@@ -175,7 +134,20 @@ def make_app(state: State | None = None, **middleware: Any) -> Starlette:
 
     async def background(request: Request) -> Response:
         def hog_later() -> None:
+            # a plain def: Starlette runs it in a worker thread, which cannot be stopped
             state.finished.append("background " + str(len(bytearray(HOG))))
+
+        return PlainTextResponse("done", background=BackgroundTask(hog_later))
+
+    async def background_async(request: Request) -> Response:
+        async def hog_later() -> None:
+            data = bytearray(HOG)
+            # Stopped while it waits: the line below never runs. (How soon depends on
+            # where the loop runs: at once in the main thread, through the delivery
+            # thread here, where uvicorn runs in a thread of the test process.)
+            with anyio.move_on_after(START_TIMEOUT):
+                await anyio.Event().wait()
+            state.finished.append(f"background not stopped {len(data)}")
 
         return PlainTextResponse("done", background=BackgroundTask(hog_later))
 
@@ -218,6 +190,7 @@ def make_app(state: State | None = None, **middleware: Any) -> Starlette:
             Route("/stream", stream),
             Route("/stream-small", stream_small),
             Route("/background", background),
+            Route("/background-async", background_async),
             Route("/own-limit", own_limit),
             Route("/big/hog", hog),
             Route("/free/hog", hog),
@@ -227,7 +200,6 @@ def make_app(state: State | None = None, **middleware: Any) -> Starlette:
         ],
         lifespan=lifespan,
     )
-    app.add_middleware(LimitMiddleware, **middleware)
     return app
 
 
@@ -347,7 +319,28 @@ async def test_stream_under_limit_completes() -> None:
 
 
 @pytest.mark.anyio
-async def test_limit_broken_after_response_completed_keeps_the_response(
+async def test_background_task_over_the_limit_is_stopped_and_the_response_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gotcha_async")
+    state = State()
+    with serving(make_app(state, bytes=LIMIT)) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            response = await client.get("/background-async")
+    # the server is shut down: the background task is over and reported
+    assert (response.status_code, response.text) == (200, "done")
+    assert state.finished == []  # stopped at its checkpoint
+    [record] = gotcha_records(caplog)
+    assert (record.path, record.status, record.outcome) == (  # type: ignore[attr-defined]
+        "/background-async", 200, "completed"
+    )
+    assert "stopped after its response (status 200) completed: background work" in (
+        record.getMessage()
+    )
+
+
+@pytest.mark.anyio
+async def test_background_work_in_a_thread_is_charged_to_the_request_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="gotcha_async")
@@ -355,12 +348,12 @@ async def test_limit_broken_after_response_completed_keeps_the_response(
     with serving(make_app(state, bytes=LIMIT)) as server:
         async with httpx.AsyncClient(base_url=server.url) as client:
             response = await client.get("/background")
-    # the server is shut down: the background task is over and reported
-    assert response.status_code == 200
-    assert response.text == "done"
+    assert (response.status_code, response.text) == (200, "done")
+    # a worker thread runs to its end (nothing can stop it), but it was charged
     assert state.finished == [f"background {HOG}"]
     [record] = gotcha_records(caplog)
-    assert (record.path, record.status) == ("/background", None)  # type: ignore[attr-defined]
+    assert (record.path, record.outcome) == ("/background", "completed")  # type: ignore[attr-defined]
+    assert record.used > HOG  # type: ignore[attr-defined]
 
 
 @pytest.mark.anyio
@@ -376,13 +369,14 @@ async def test_application_own_limit_is_not_the_middlewares(
 
 
 @pytest.mark.anyio
-async def test_no_limit_passes_requests_through_unmeasured() -> None:
+async def test_no_limit_measures_requests_and_never_stops_them() -> None:
     with serving(make_app()) as server:
         async with httpx.AsyncClient(base_url=server.url) as client:
             hog = await client.get("/hog")
             ok = await client.get("/ok")
     assert hog.status_code == 200
-    assert ok.json() == {"bytes": None, "root": None}
+    body = ok.json()
+    assert body["root"] is True and 0 < body["bytes"] < 256 * gotcha.KiB
 
 
 # -- per-route limits -------------------------------------------------------------------
@@ -442,7 +436,9 @@ async def test_route_callable_bad_answer_fails_that_request_only() -> None:
 
 
 @pytest.mark.anyio
-async def test_log_record_per_exceeded_request(caplog: pytest.LogCaptureFixture) -> None:
+async def test_log_record_per_exceeded_request_is_one_readable_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.WARNING, logger="gotcha_async")
     with serving(make_app(bytes=LIMIT)) as server:
         async with httpx.AsyncClient(base_url=server.url) as client:
@@ -450,27 +446,97 @@ async def test_log_record_per_exceeded_request(caplog: pytest.LogCaptureFixture)
             assert (await client.get("/hog?x=1")).status_code == 503
     [record] = gotcha_records(caplog)
     assert record.levelno == logging.WARNING
-    fields = {k: getattr(record, k) for k in ("method", "path", "resource", "limit", "status")}
-    assert fields == {"method": "GET", "path": "/hog", "resource": "bytes",
-                      "limit": LIMIT, "status": 503}
+    fields = {k: getattr(record, k) for k in
+              ("method", "path", "route", "resource", "limit", "status", "enforced", "outcome")}
+    assert fields == {"method": "GET", "path": "/hog", "route": "/hog", "resource": "bytes",
+                      "limit": LIMIT, "status": 503, "enforced": True, "outcome": "refused"}
     used = record.used  # type: ignore[attr-defined]
     assert HOG < used < HOG + 256 * gotcha.KiB
+    client = record.client  # type: ignore[attr-defined]
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", client)
     assert record.getMessage() == (
-        f"GET /hog exceeded its bytes limit: {used} used, limit {LIMIT}"
+        f"GET /hog exceeded its bytes limit: {human_size(used)} of 1 MiB; "
+        f"answered 503; enforced; client {client}"
     )
 
 
 @pytest.mark.anyio
-async def test_log_record_for_aborted_stream_has_no_status(
+async def test_log_line_names_the_route_template_not_the_raw_path(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="gotcha_async")
+    with serving(make_app(routes={"/tiny/*": {"bytes": 1000}})) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            assert (await client.get("/tiny/7")).status_code == 503
+    [record] = gotcha_records(caplog)
+    assert (record.path, record.route) == ("/tiny/7", "/tiny/{n:int}")  # type: ignore[attr-defined]
+    assert record.getMessage().startswith("GET /tiny/{n:int} exceeded its bytes limit: ")
+
+
+@pytest.mark.anyio
+async def test_log_record_for_aborted_stream(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="gotcha_async")
     with serving(make_app(bytes=LIMIT)) as server:
         async with httpx.AsyncClient(base_url=server.url) as client:
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get("/stream")
     [record] = gotcha_records(caplog)
-    assert (record.path, record.status) == ("/stream", None)  # type: ignore[attr-defined]
+    assert (record.path, record.status, record.outcome) == (  # type: ignore[attr-defined]
+        "/stream", 200, "aborted"
+    )
+    assert "; response aborted, status 200 already sent; enforced; " in record.getMessage()
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def server_errors() -> Iterator[list[logging.LogRecord]]:
+    """What reaches uvicorn's error logger's handlers (it does not propagate to caplog)."""
+    handler = _Records()
+    server_logger = logging.getLogger("uvicorn.error")
+    server_logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        server_logger.removeHandler(handler)
+
+
+@pytest.mark.anyio
+async def test_aborted_stream_leaves_no_server_traceback() -> None:
+    # after the start: uvicorn's logging configuration replaces its loggers' handlers
+    with serving(make_app(bytes=LIMIT)) as server, server_errors() as records:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get("/stream")
+    assert [r for r in records if r.exc_info] == []
+
+
+@pytest.mark.anyio
+async def test_other_errors_of_a_started_response_keep_their_server_traceback() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await plain_app(scope, receive, send)
+            return
+        if scope["path"] == "/ok":
+            await plain_app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("the application's own bug")
+
+    with serving(LimitMiddleware(app, bytes=LIMIT)) as server, server_errors() as records:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get("/boom")
+    [record] = [r for r in records if r.exc_info]
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "the application's own bug"
 
 
 @pytest.mark.anyio
@@ -517,6 +583,199 @@ async def test_on_exceeded_exception_is_logged_and_still_answers(
     assert errors[0].exc_info is not None
     assert str(errors[0].exc_info[1]) == "metrics backend down"
     assert "on_exceeded hook" in errors[0].getMessage()
+
+
+# -- tasks a handler spawns -------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_child_tasks_of_a_handler_are_charged_to_the_request_and_stopped_with_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gotcha_async")
+    done: list[str] = []
+
+    async def fan_out(request: Request) -> Response:
+        async def part(n: int) -> None:
+            data = bytearray(HOG // 4)
+            await anyio.sleep(0)
+            await anyio.Event().wait()  # never set: only the limit ends it
+            done.append(f"part {n} {len(data)}")
+
+        async with anyio.create_task_group() as tg:
+            for n in range(4):
+                tg.start_soon(part, n)
+        return PlainTextResponse("all parts done")
+
+    app = Starlette(routes=[Route("/fan-out", fan_out), *bare_app().routes[:1]])
+    with serving(LimitMiddleware(app, bytes=LIMIT)) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            response = await client.get("/fan-out")
+    assert response.status_code == 503
+    assert done == []
+    [record] = gotcha_records(caplog)
+    assert record.used > HOG // 4  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+async def test_task_outliving_its_request_stays_in_the_exited_request_scope() -> None:
+    # Documented: a task spawned with create_task and not awaited keeps the request's
+    # scope as gotcha.current() (contextvars are copied), but once the request is over
+    # that scope is exited: nothing is charged to it, nothing stops the task or
+    # reports it. Such work needs a scope of its own.
+    seen: dict[str, Any] = {}
+    release = asyncio.Event()
+    finished = threading.Event()
+
+    async def spawn(request: Request) -> Response:
+        seen["request"] = gotcha.current()
+
+        async def later() -> None:
+            await release.wait()
+            ctx = gotcha.current()
+            before = ctx.used().bytes if ctx is not None else 0
+            data = bytearray(HOG)
+            seen["later"] = ctx
+            seen["charged"] = (ctx.used().bytes - before) if ctx is not None else 0
+            seen["len"] = len(data)
+            finished.set()
+
+        seen["task"] = asyncio.get_running_loop().create_task(later())
+        return PlainTextResponse("spawned")
+
+    async def go(request: Request) -> Response:
+        release.set()
+        return PlainTextResponse("released")
+
+    app = Starlette(routes=[Route("/spawn", spawn), Route("/go", go),
+                            *bare_app().routes[:1]])
+    with serving(LimitMiddleware(app, bytes=LIMIT)) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            assert (await client.get("/spawn")).status_code == 200
+            assert (await client.get("/go")).status_code == 200
+        assert await anyio.to_thread.run_sync(finished.wait, START_TIMEOUT)
+    request_ctx = seen["request"]
+    assert seen["later"] is request_ctx
+    assert seen["charged"] == 0 and seen["len"] == HOG  # not charged, never stopped
+    assert not request_ctx.exceeded()
+
+
+# -- observe mode -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_observe_mode_never_stops_a_request_and_reports_each_one_over(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gotcha_async")
+    state = State()
+    seen: list[gotcha.asgi.Exceeded] = []
+
+    def hook(scope: Any, ctx: gotcha.Context, exceeded: gotcha.asgi.Exceeded) -> None:
+        seen.append(exceeded)
+
+    with serving(make_app(state, bytes=LIMIT, enforce=False, on_exceeded=hook)) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            codes = [(await client.get(p)).status_code
+                     for p in ("/ok", "/hog", "/hog-no-checkpoint", "/ok")]
+            streamed = await client.get("/stream")
+    assert codes == [200, 200, 200, 200]
+    assert len(streamed.content) == STREAM_CHUNK * STREAM_CHUNKS  # not aborted
+    assert state.finished == ["/hog", "/hog-no-checkpoint", "/stream"]
+    records = gotcha_records(caplog)
+    assert [(r.path, r.status, r.enforced, r.outcome) for r in records] == [  # type: ignore[attr-defined]
+        ("/hog", 200, False, "observed"),
+        ("/hog-no-checkpoint", 200, False, "observed"),
+        ("/stream", 200, False, "observed"),
+    ]
+    assert "; observed only, not enforced: status 200 sent; would have been stopped; " in (
+        records[0].getMessage()
+    )
+    assert [(e.path, e.observed, e.resource) for e in seen] == [
+        ("/hog", True, "bytes"), ("/hog-no-checkpoint", True, "bytes"), ("/stream", True, "bytes")
+    ]
+    assert all(e.used > e.limit == LIMIT for e in seen)
+
+
+@pytest.mark.anyio
+async def test_observe_mode_reports_a_memory_limit_from_the_peak() -> None:
+    seen: list[gotcha.asgi.Exceeded] = []
+
+    def hook(scope: Any, ctx: gotcha.Context, exceeded: gotcha.asgi.Exceeded) -> None:
+        seen.append(exceeded)
+
+    with serving(make_app(memory=LIMIT, enforce=False, on_exceeded=hook)) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            assert (await client.get("/hog")).status_code == 200
+            assert (await client.get("/stream-small")).status_code == 200
+    [exceeded] = seen
+    assert (exceeded.path, exceeded.resource) == ("/hog", "memory")
+    assert HOG <= exceeded.used < HOG + 256 * gotcha.KiB
+
+
+@pytest.mark.anyio
+async def test_observe_mode_logs_the_summary_once_at_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gotcha_async")
+    middleware = LimitMiddleware(bare_app(), bytes=LIMIT, enforce=False, track_memory=True)
+    with serving(middleware) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            for _ in range(3):
+                assert (await client.get("/hog")).status_code == 200
+            for n in range(5):
+                assert (await client.get(f"/tiny/{n}")).status_code == 200
+        assert [r for r in gotcha_records(caplog) if r.levelno == logging.INFO] == []
+    # serving() checked /ok once more before the shutdown
+    lines = [r.getMessage() for r in gotcha_records(caplog) if r.levelno == logging.INFO]
+    assert lines[0].startswith("per-route allocation summary (suggested budget")
+    assert len(lines) == 4
+    tiny, hog, ok = lines[1:]
+    assert tiny.startswith("GET /tiny/{n:int}: 5 requests, 0 over the limit; bytes median ")
+    assert hog.startswith("GET /hog: 3 requests, 3 over the limit; bytes median 8")
+    assert "; peak memory median " in hog and "suggested bytes='" in hog
+    assert ok.startswith("GET /ok: 1 requests")
+
+
+def test_enforce_mode_logs_no_summary(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gotcha_async")
+    with serving(make_app(bytes=LIMIT)):
+        pass
+    assert gotcha_records(caplog) == []
+
+
+@pytest.mark.anyio
+async def test_summary_is_readable_from_the_middleware() -> None:
+    middleware = LimitMiddleware(bare_app(), bytes=LIMIT, track_memory=True)
+    with serving(middleware) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            for _ in range(4):
+                assert (await client.get("/hog")).status_code == 503
+            assert (await client.get("/stream-small")).status_code == 200
+    rows = {(r.method, r.route): r for r in middleware.summary()}
+    hog = rows[("GET", "/hog")]
+    assert (hog.count, hog.exceeded) == (4, 4)
+    assert HOG < hog.bytes.max < HOG + 256 * gotcha.KiB
+    # within the buckets' 9%
+    assert hog.bytes.max / 1.09 <= hog.bytes.median <= hog.bytes.max
+    assert hog.memory is not None and HOG <= hog.memory.max
+    assert hog.suggested_bytes >= 1.25 * hog.bytes.max
+    assert rows[("GET", "/stream-small")].exceeded == 0
+    assert middleware.summary_text().count("\n") == len(rows)
+
+
+@pytest.mark.anyio
+async def test_route_template_inside_a_mount() -> None:
+    from starlette.routing import Mount
+
+    inner = bare_app()
+    outer = Starlette(routes=[Mount("/api", app=inner), *inner.routes[:1]])
+    middleware = LimitMiddleware(outer)
+    with serving(middleware) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            assert (await client.get("/api/tiny/3")).status_code == 200
+    routes = {r.route for r in middleware.summary()}
+    assert "/api/tiny/{n:int}" in routes and "/api/tiny/3" not in routes
 
 
 # -- websockets -------------------------------------------------------------------------
@@ -579,9 +838,11 @@ async def test_unhandled_scope_types_reach_the_app_unchanged() -> None:
     async def send(message: Any) -> None:
         pass
 
-    scope = {"type": "lifespan", "asgi": {"version": "3.0"}}
-    await LimitMiddleware(app, bytes=1)(scope, receive, send)
-    assert seen == [(scope, receive, send, None)]
+    for kind in ("lifespan", "something-else"):
+        # in enforce mode lifespan is not even watched
+        scope = {"type": kind, "asgi": {"version": "3.0"}}
+        await LimitMiddleware(app, bytes=1)(scope, receive, send)
+        assert seen[-1] == (scope, receive, send, None)
 
 
 # -- a plain ASGI app, no framework -----------------------------------------------------
@@ -787,6 +1048,11 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
         ({"routes": {42: {}}}, TypeError, "routes: a pattern must be a glob string"),
         ({"routes": {re.compile(b"/x"): {}}}, TypeError, "routes: a regex pattern must be a str"),
         ({"on_exceeded": 42}, TypeError, "on_exceeded must be callable or None, not 42"),
+        ({"enforce": "no"}, TypeError, "enforce must be True or False, not 'no'"),
+        ({"track_memory": 1}, TypeError, "track_memory must be True or False, not 1"),
+        ({"meter_provider": 42}, TypeError, "meter_provider must be an OpenTelemetry "
+                                            "MeterProvider or None, not 42"),
+        ({"summary_routes": 0}, ValueError, "summary_routes must be an int >= 1, got 0"),
     ],
 )
 def test_bad_configuration_fails_at_construction(

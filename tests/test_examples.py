@@ -50,6 +50,29 @@ def test_hard_limit() -> None:
     assert "exceeded: True" in out
 
 
+def test_aiohttp_app() -> None:
+    out = run("aiohttp_app.py")
+    assert "GET /: 200 " in out
+    assert "GET /hog: 503 Service Unavailable: the request exceeded its bytes limit" in out
+    cut = float(out.split("GET /stream: 200, cut off after ")[1].split(" MiB")[0])
+    assert cut < 5  # of the 20 MiB the handler tried to send
+    assert "response aborted, status 200 already sent; enforced;" in out
+
+
+def test_observe_prometheus() -> None:
+    out = run("observe_prometheus.py")
+    assert out.count("GET /report: 200") == 3  # observe mode refuses nothing
+    assert "observed only, not enforced: status 200 sent" in out
+    scraped = [line for line in out.splitlines() if line.startswith("  gotcha_")]
+    route = 'http_route="/items/{n:int}"'
+    assert any(line.startswith("  gotcha_request_allocated_bytes_count{") and route in line
+               and line.endswith(" 20.0") for line in scraped)
+    assert any(line.startswith("  gotcha_request_exceeded_total{") and 'gotcha_enforced="false"'
+               in line and line.endswith(" 3.0") for line in scraped)
+    assert "GET /report: 3 requests, 3 over the limit; bytes median " in out
+    assert "suggested bytes='" in out
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py")))
 def test_every_example_has_a_run_line(name: str) -> None:
     assert f"python examples/{name}" in (EXAMPLES / name).read_text()

@@ -8,10 +8,16 @@ checks one behaviour across a few inner tests rather than one inner test each.
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+
+import gotcha_async
 
 # The configuration the project itself uses (DESIGN §4: pytest-asyncio and anyio's
 # plugin only coexist in strict mode).
@@ -492,3 +498,183 @@ def test_bad_marker_arguments_are_a_usage_error(pytester: pytest.Pytester) -> No
     )
     assert "test_good" not in result.stderr.str()
     assert outcomes(result) == {}
+
+
+# -- a default budget for the whole session ----------------------------------------------
+
+DEFAULTS_SUITE = """
+import pytest
+
+def test_small():
+    data = bytearray(100_000)
+
+def test_big():
+    data = bytearray(2_000_000)
+
+@pytest.mark.gotcha(bytes="5 MB")
+def test_big_allowed():
+    data = bytearray(2_000_000)
+
+@pytest.mark.gotcha(bytes=None)
+def test_lifted():
+    data = bytearray(2_000_000)
+
+@pytest.mark.gotcha(bytes="5 MB")
+def test_objects_still_limited():
+    data = [object() for _ in range(5_000)]
+
+@pytest.mark.asyncio
+async def test_async_big():
+    data = bytearray(2_000_000)
+"""
+
+
+def test_session_default_from_the_command_line_overridden_key_by_key(
+    pytester: pytest.Pytester,
+) -> None:
+    result = run(pytester, DEFAULTS_SUITE, "--gotcha-bytes=1 MB", "--gotcha-objects=1000")
+    assert outcomes(result) == {
+        "test_small": "PASSED", "test_big": "FAILED", "test_big_allowed": "PASSED",
+        "test_lifted": "PASSED", "test_objects_still_limited": "FAILED",
+        "test_async_big": "FAILED",
+    }
+    over = over_budget(result)
+    assert over["test_big"]["limit"] == "1,000,000" and over["test_big"]["resource"] == "bytes"
+    assert over["test_objects_still_limited"]["resource"] == "objects"
+    assert over["test_objects_still_limited"]["limit"] == "1,000"
+
+
+def test_session_default_from_the_ini_file_and_the_command_line_wins(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makefile(".ini", pytest=INI + "gotcha_bytes = 1 MB\n")
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_inner=textwrap.dedent(DEFAULTS_SUITE))
+    from_ini = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", timeout=120)
+    assert outcomes(from_ini)["test_big"] == "FAILED"
+    assert outcomes(from_ini)["test_objects_still_limited"] == "PASSED"
+    overridden = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-rA", "--gotcha-bytes=10 MB", timeout=120
+    )
+    assert set(outcomes(overridden).values()) == {"PASSED"}
+
+
+def test_session_default_hard(pytester: pytest.Pytester) -> None:
+    result = run(pytester, "def test_big():\n    data = bytearray(2_000_000)\n",
+                 "--gotcha-bytes=1 MB", "--gotcha-hard")
+    assert outcomes(result) == {"test_big": "FAILED"}
+    assert "(hard) but an allocation that would have reached" in result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    ("args", "ini", "message"),
+    [
+        (["--gotcha-bytes=lots"], "", "ERROR: gotcha: --gotcha-bytes: not a size: 'lots'*"),
+        (["--gotcha-calls=-5"], "", "ERROR: gotcha: --gotcha-calls: not a size: '-5'*"),
+        ([], "gotcha_memory = 1.5 B\n",
+         "ERROR: gotcha: ini option gotcha_memory: not a whole number of units: '1.5 B'*"),
+    ],
+)
+def test_bad_session_default_is_a_usage_error(
+    pytester: pytest.Pytester, args: list[str], ini: str, message: str
+) -> None:
+    pytester.makefile(".ini", pytest=INI + ini)
+    pytester.makepyfile(test_inner="def test_one():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=120)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+# -- the JSON report ---------------------------------------------------------------------
+
+
+def test_json_report_of_every_test_body(pytester: pytest.Pytester) -> None:
+    result = run(pytester, REPORT_SUITE, "--gotcha-json=reports/gotcha.json")
+    path = pytester.path / "reports" / "gotcha.json"
+    result.stdout.fnmatch_lines([f"gotcha: usage of 4 test bodies written to {path}"])
+    data = json.loads(path.read_text())
+    assert data["version"] == 1
+    tests = {t["nodeid"].split("::")[1]: t for t in data["tests"]}
+    assert set(tests) == {"test_small", "test_big", "test_failing_mid", "test_async"}
+    assert 3_000_000 <= tests["test_big"]["bytes"] < 3_100_000
+    assert tests["test_big"]["budget"] is None
+    assert tests["test_big"]["outcome"] == "passed"
+    assert 1 <= tests["test_small"]["objects"] <= tests["test_small"]["calls"]
+    mid = tests["test_failing_mid"]
+    assert mid["outcome"] == "failed"
+    assert mid["budget"] == {"bytes": 1_000_000, "objects": None, "calls": None,
+                             "memory": None, "hard": False}
+    assert mid["over_budget"].startswith("Test was limited to 1,000,000 bytes but allocated ")
+    assert mid["memory_peak"] is None  # no memory limit: not tracked
+
+
+def test_json_report_ini_option(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".ini", pytest=INI + "gotcha_json = usage.json\ngotcha_memory = 10 MB\n")
+    pytester.makepyfile(test_inner="def test_one():\n    data = bytearray(1_000_000)\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    assert result.ret == 0
+    [entry] = json.loads((pytester.path / "usage.json").read_text())["tests"]
+    assert entry["nodeid"] == "test_inner.py::test_one"
+    assert 1_000_000 <= entry["memory_peak"] < 1_100_000
+
+
+# -- a session that uses none of it pays nothing -----------------------------------------
+
+
+def _package_import_loads_the_engine() -> bool:
+    code = "import sys, gotcha_async; print('gotcha_async._meter' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    return out.strip() == "True"
+
+
+PLAIN_SUITE = """
+import sys
+
+def test_plain():
+    assert 1 + 1 == 2
+
+def test_engine_not_loaded():
+    assert "gotcha_async._meter" not in sys.modules
+    assert "gotcha_async._context" not in sys.modules
+"""
+
+
+@pytest.mark.xfail(
+    _package_import_loads_the_engine(),
+    reason="gotcha_async/__init__.py imports the engine, and pytest imports the package "
+    "to load its plugin: the package needs lazy attributes (PEP 562) first",
+    strict=True,
+)
+def test_plain_session_never_imports_the_engine(pytester: pytest.Pytester) -> None:
+    result = run(pytester, PLAIN_SUITE)
+    assert outcomes(result) == {"test_plain": "PASSED", "test_engine_not_loaded": "PASSED"}
+    plugins = pytester.runpytest_subprocess("--trace-config", "--co", "-q", timeout=120)
+    plugins.stdout.fnmatch_lines(["*gotcha_async*pytest_plugin*"])
+
+
+def test_plugin_itself_imports_no_engine_in_a_plain_session(pytester: pytest.Pytester) -> None:
+    # The package's own __init__ is left out (a bare package object is put in its
+    # place), so that this checks what the plugin module and its hooks import.
+    pytester.makefile(".ini", pytest=INI)
+    pytester.makepyfile(test_inner=textwrap.dedent(PLAIN_SUITE))
+    package = Path(gotcha_async.__file__).parent
+    launcher = f"""
+import sys, types
+bare = types.ModuleType("gotcha_async")
+bare.__path__ = [{str(package)!r}]
+sys.modules["gotcha_async"] = bare
+import pytest
+# the bare package was imported before pytest could mark it for assertion rewriting
+code = pytest.main(["-p", "no:cacheprovider", "-rA",
+                    "-W", "ignore::pytest.PytestAssertRewriteWarning"])
+assert "gotcha_async.pytest_plugin" in sys.modules
+loaded = sorted(m for m in sys.modules if m.startswith("gotcha_async."))
+print("LOADED", loaded)
+sys.exit(code)
+"""
+    proc = subprocess.run([sys.executable, "-c", launcher], cwd=pytester.path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASSED test_inner.py::test_engine_not_loaded" in proc.stdout
+    assert "LOADED ['gotcha_async.pytest_plugin']" in proc.stdout

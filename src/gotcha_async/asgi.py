@@ -13,21 +13,19 @@ or, around any ASGI callable, ``app = LimitMiddleware(app, bytes="8 MiB")``.
 
 from __future__ import annotations
 
-import fnmatch
-import inspect
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from http import HTTPStatus
-from types import MappingProxyType
 from typing import Any
 
 import anyio.lowlevel
 
-from ._context import Context, LimitExceeded, limit
-from ._units import Limit, check_limit
+from . import _report, _web
+from ._context import Context, LimitExceeded
+from ._report import Exceeded, RouteSummary
+from ._units import Limit
+from ._web import WS_POLICY_VIOLATION, LimitKwargs, RouteLimits
 
-__all__ = ["LimitMiddleware"]
+__all__ = ["Exceeded", "LimitMiddleware", "RouteSummary"]
 
 # The ASGI types, spelt out so that the middleware needs no framework.
 Scope = MutableMapping[str, Any]
@@ -36,69 +34,29 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-LimitKwargs = dict[str, Any]
-RouteLimits = (
-    Mapping[str | re.Pattern[str], Mapping[str, Any]]
-    | Callable[[Scope], Mapping[str, Any] | None]
-)
-ExceededHook = Callable[[Scope, Context], Awaitable[None] | None]
+ExceededHook = Callable[..., Awaitable[None] | None]
 
-logger = logging.getLogger("gotcha_async")
-
-_RESOURCES = ("bytes", "objects", "calls", "memory")
-_LIMIT_KEYS = frozenset((*_RESOURCES, "hard"))
-# RFC 6455: "a message that violates its policy"
-WS_POLICY_VIOLATION = 1008
+logger = _report.logger
 
 
-def _check_hard(where: str, value: object) -> bool:
-    if type(value) is not bool:
-        raise TypeError(f"{where} must be True or False, not {value!r}")
-    return value
+class _DropReported(logging.Filter):
+    """Drops the server's traceback for a response this package aborted and logged.
 
-
-def _check_limit_kwargs(where: str, kwargs: object) -> LimitKwargs:
-    """Validate a route's limit kwargs; return them as a plain dict of checked values.
-
-    :param where: how to name the mapping in an error, e.g. ``"routes['/upload/*']"``
-    :raises TypeError: for a value that is not a mapping, or a limit of the wrong type
-    :raises ValueError: for an unknown key, or a negative or malformed limit
+    The only way to tell an ASGI server that a started response is not a success is to
+    raise to it; uvicorn then logs "Exception in ASGI application" with the whole
+    traceback, after the one line that already said what happened.
     """
-    if not isinstance(kwargs, Mapping):
-        raise TypeError(
-            f"{where} must be a mapping of limit arguments (bytes, objects, calls, memory, "
-            f"hard), not {type(kwargs).__name__} {kwargs!r}"
-        )
-    out: LimitKwargs = {}
-    for key, value in kwargs.items():
-        if key not in _LIMIT_KEYS:
-            raise ValueError(
-                f"{where} has an unknown key {key!r}; expected some of "
-                f"{', '.join(sorted(_LIMIT_KEYS))}"
-            )
-        if key == "hard":
-            out[key] = _check_hard(f"{where}['hard']", value)
-        else:
-            out[key] = check_limit(f"{where}[{key!r}]", value)
-    return out
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        info = record.exc_info
+        return not (info and getattr(info[1], "_gotcha_reported", False))
 
 
-def _unlimited(kwargs: Mapping[str, Any]) -> bool:
-    return all(kwargs[name] is None for name in _RESOURCES)
-
-
-def _compile_pattern(pattern: object) -> re.Pattern[str]:
-    if isinstance(pattern, re.Pattern):
-        if not isinstance(pattern.pattern, str):
-            raise TypeError(f"routes: a regex pattern must be a str pattern, not {pattern!r}")
-        return pattern
-    if isinstance(pattern, str):
-        # fnmatch's translation matches the whole path; "*" crosses "/" as in fnmatch
-        return re.compile(fnmatch.translate(pattern))
-    raise TypeError(
-        f"routes: a pattern must be a glob string or a compiled regex, "
-        f"not {type(pattern).__name__} {pattern!r}"
-    )
+def _silence_server_tracebacks() -> None:
+    for name in ("uvicorn.error", "hypercorn.error"):
+        server_logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropReported) for f in server_logger.filters):
+            server_logger.addFilter(_DropReported())
 
 
 async def _stop(ctx: Context) -> None:
@@ -121,17 +79,11 @@ async def _stop_then_receive(ctx: Context, receive: Receive) -> Message:
     return await receive()
 
 
-def _plain_text(status_code: int, resource: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    try:
-        phrase = HTTPStatus(status_code).phrase
-    except ValueError:
-        phrase = "Error"
-    body = f"{phrase}: the request exceeded its {resource} limit\n".encode()
-    headers = [
+def _error_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode("ascii")),
     ]
-    return headers, body
 
 
 def _guard_receive(ctx: Context, receive: Receive) -> Receive:
@@ -145,12 +97,30 @@ def _guard_receive(ctx: Context, receive: Receive) -> Receive:
     return guarded_receive
 
 
+def route_of(scope: Scope, root_path: str) -> str | None:
+    """The route template the framework matched (Starlette, FastAPI), or None.
+
+    Starlette's router puts the matched route in ``scope["route"]``; inside a
+    ``Mount`` that route's path is relative to the mount, whose matched prefix the
+    router adds to ``root_path``.
+    """
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    if not isinstance(template, str):
+        return None
+    mounted = scope.get("root_path", "")
+    if isinstance(mounted, str) and mounted.startswith(root_path):
+        return mounted[len(root_path):] + template
+    return template
+
+
 class LimitMiddleware:
     """Run every HTTP request and every websocket connection inside its own :func:`limit`.
 
     Everything the request's handler allocates -- in its task, in tasks it starts and in
     worker threads they use -- is charged to the request's scope; nothing another request
-    allocates is. Lifespan and any other scope type pass through untouched.
+    allocates is. Lifespan and any other scope type pass through (in observe mode the
+    lifespan shutdown also logs the per-route summary).
 
     **HTTP.** A request that breaks a limit is cancelled at its next checkpoint (see
     :class:`~gotcha_async.Context` for when a limit is delivered; with ``hard=True`` the
@@ -164,9 +134,18 @@ class LimitMiddleware:
     - the response had started: its status can no longer change, so the middleware stops
       passing the handler's messages on and raises :class:`~gotcha_async.LimitExceeded`
       to the server, which drops the connection: the client sees a broken response (an
-      incomplete body), never a truncated success;
-    - the response had completed (the limit broke afterwards, e.g. in a background task):
-      the client keeps its response; the breach is logged and reported all the same.
+      incomplete body), never a truncated success. The server's own traceback for it is
+      filtered out of uvicorn's and hypercorn's error loggers: the one line logged here
+      says what happened;
+    - the response had completed (the limit broke afterwards, in background work such
+      as Starlette's ``BackgroundTasks``, which run inside the request): that work is
+      stopped, the client keeps its response, and the line says so.
+
+    **Observe mode** (``enforce=False``): every request is measured exactly as when
+    enforcing, nothing is cancelled, refused or aborted, and every request that would
+    have broken a limit is reported all the same (log line, metrics, ``on_exceeded``,
+    with ``Exceeded.enforced`` false). At the lifespan shutdown the per-route summary
+    (:meth:`summary`) is logged, with a suggested budget per route.
 
     **Websockets.** A connection gets one limit for its whole life (``bytes``, ``objects``
     and ``calls`` are cumulative, so a long-lived connection is better capped by
@@ -174,15 +153,22 @@ class LimitMiddleware:
     on and closes the connection with code 1008 (policy violation). If the handshake had
     not been answered yet, the handshake is refused instead: with ``status_code`` where the
     server supports the ASGI websocket denial response extension, otherwise with a plain
-    close (servers answer 403).
+    close (servers answer 403). Websockets are not in the metrics.
 
-    **Reporting.** Each request that breaks its limit produces one ``WARNING`` record on
-    the ``"gotcha_async"`` logger, whose ``extra`` fields are ``method`` (``"WEBSOCKET"``
-    for a websocket), ``path``, ``resource``, ``used``, ``limit`` and ``status`` (the status
-    code answered, or ``None`` when the response was aborted or had completed); then
-    ``on_exceeded(scope, ctx)`` is called (a function or a coroutine function) before the
-    client is answered. An exception from the hook is logged and the client is answered
-    all the same.
+    **Reporting.** Each request over its limit produces one ``WARNING`` line on the
+    ``"gotcha_async"`` logger, e.g. ``GET /users/{id} exceeded its bytes limit: 8.4 MiB
+    of 8 MiB; answered 503; enforced; client 127.0.0.1:50312``; its ``extra`` fields are
+    ``method`` (``"WEBSOCKET"`` for a websocket), ``path``, ``route``, ``resource``,
+    ``used``, ``limit``, ``status`` (the status the client got, None if none),
+    ``client``, ``enforced`` and ``outcome`` (see :class:`Exceeded`). Then
+    ``on_exceeded(scope, ctx)`` -- or ``on_exceeded(scope, ctx, exceeded)`` if it takes
+    three arguments -- is called (a function or a coroutine function) before the client
+    is answered. An exception from the hook is logged and the client is answered all the
+    same.
+
+    **Metrics.** Every request is recorded on ``meter_provider`` (see
+    ``docs/operating.md`` for the names, units and attributes), and in the per-route
+    :meth:`summary`.
 
     **Per-route limits.** ``routes`` is either
 
@@ -194,8 +180,8 @@ class LimitMiddleware:
 
     Limit arguments are a mapping with some of ``bytes``, ``objects``, ``calls``,
     ``memory`` and ``hard``: they override the middleware's own arguments key by key, so
-    ``{"bytes": None}`` lifts the ``bytes`` limit for that route. A request left with no
-    limit at all passes through unmeasured.
+    ``{"bytes": None}`` lifts the ``bytes`` limit for that route. A request with no limit
+    at all is still measured (metrics, summary) and never stopped.
 
     Configuration is checked when the middleware is built (with ``app.add_middleware``,
     Starlette builds its middleware at the first ASGI call, the lifespan startup).
@@ -210,8 +196,18 @@ class LimitMiddleware:
     :param status_code: the HTTP status answered to a request that broke its limit
         before its response started (400 to 599)
     :param routes: per-route limits, as above
-    :param on_exceeded: called as ``on_exceeded(scope, ctx)`` (and awaited if it returns
-        an awaitable) once per request that broke its limit
+    :param on_exceeded: called as ``on_exceeded(scope, ctx)`` or
+        ``on_exceeded(scope, ctx, exceeded)`` (and awaited if it returns an awaitable)
+        once per request that broke its limit
+    :param enforce: False for observe mode: measure and report, never stop anything
+    :param meter_provider: an OpenTelemetry ``MeterProvider`` for the per-request
+        metrics; None for OpenTelemetry's global provider when ``opentelemetry-api`` is
+        installed (``pip install "gotcha-async[otel]"``), no metrics otherwise; a
+        ``NoOpMeterProvider`` for none
+    :param track_memory: measure the peak of memory held by every request, even without
+        a ``memory`` limit (it costs a table lookup per free while the request runs)
+    :param summary_routes: how many distinct routes the summary keeps apart; requests of
+        later ones are summed up as ``"(other)"``
     :raises TypeError: for an argument of the wrong type
     :raises ValueError: for a bad limit, status code, route pattern or route key
     """
@@ -228,100 +224,92 @@ class LimitMiddleware:
         status_code: int = 503,
         routes: RouteLimits | None = None,
         on_exceeded: ExceededHook | None = None,
+        enforce: bool = True,
+        meter_provider: Any = None,
+        track_memory: bool = False,
+        summary_routes: int = 200,
     ) -> None:
         if not callable(app):
             raise TypeError(f"app must be an ASGI callable, not {app!r}")
         self.app = app
-        #: The default limit arguments, validated (read-only).
-        self.limits: Mapping[str, Any] = MappingProxyType({
-            "bytes": check_limit("bytes", bytes),
-            "objects": check_limit("objects", objects),
-            "calls": check_limit("calls", calls),
-            "memory": check_limit("memory", memory),
-            "hard": _check_hard("hard", hard),
-        })
-        if type(status_code) is not int:
-            raise TypeError(f"status_code must be an int, not {status_code!r}")
-        if not 400 <= status_code <= 599:
-            raise ValueError(
-                f"status_code must be an HTTP error status (400 to 599), got {status_code!r}"
-            )
-        self.status_code = status_code
-        self._route_table: list[tuple[re.Pattern[str], LimitKwargs]] | None = None
-        self._route_fn: Callable[[Scope], Mapping[str, Any] | None] | None = None
-        if isinstance(routes, Mapping):
-            table = []
-            for pattern, kwargs in routes.items():
-                table.append(
-                    (_compile_pattern(pattern), _check_limit_kwargs(f"routes[{pattern!r}]", kwargs))
-                )
-            self._route_table = table
-        elif callable(routes):
-            self._route_fn = routes
-        elif routes is not None:
-            raise TypeError(
-                "routes must be a mapping of path patterns to limit arguments, a callable "
-                f"(scope) -> limit arguments or None, or None; not {type(routes).__name__} "
-                f"{routes!r}"
-            )
-        self._routed = routes is not None
-        # a plain dict: ** unpacks it faster than the read-only view, once per request
-        self._default_limits = None if _unlimited(self.limits) else dict(self.limits)
-        if on_exceeded is not None and not callable(on_exceeded):
-            raise TypeError(f"on_exceeded must be callable or None, not {on_exceeded!r}")
-        self.on_exceeded = on_exceeded
+        self._options = _web.Options(
+            bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard,
+            status_code=status_code, routes=routes, on_exceeded=on_exceeded,
+            enforce=enforce, meter_provider=meter_provider, track_memory=track_memory,
+            summary_routes=summary_routes,
+        )
+        self._summary_logged = False
+        if self._options.enforce:
+            _silence_server_tracebacks()
 
-    # -- which limits --------------------------------------------------------------------
+    @property
+    def limits(self) -> Mapping[str, Any]:
+        """The default limit arguments, validated (read-only)."""
+        return self._options.limits
 
-    def _limits_for(self, scope: Scope) -> Mapping[str, Any] | None:
-        """The limit arguments for this request, or None when nothing limits it."""
-        route: Mapping[str, Any] | None = None
-        if self._route_table is not None:
-            path = scope.get("path", "")
-            for pattern, kwargs in self._route_table:
-                if pattern.fullmatch(path):
-                    route = kwargs
-                    break
-        elif self._route_fn is not None:
-            found = self._route_fn(scope)
-            if found is not None:
-                # a callable's answer is checked per request: it exists only now
-                route = _check_limit_kwargs(f"routes({scope.get('path', '')!r})", found)
-        if route is None:
-            return self._default_limits
-        kwargs = {**self.limits, **route}
-        return None if _unlimited(kwargs) else kwargs
+    @property
+    def status_code(self) -> int:
+        return self._options.status_code
+
+    @property
+    def enforce(self) -> bool:
+        return self._options.enforce
+
+    @property
+    def on_exceeded(self) -> ExceededHook | None:
+        return self._options.on_exceeded
+
+    def summary(self) -> list[RouteSummary]:
+        """Per route: request count, median, p99 and max of bytes and peak memory, and a
+        suggested budget (see :data:`gotcha_async._report.SUGGESTION_RULE`), the most
+        requested route first. Kept in fixed memory since the middleware started."""
+        return self._options.summary.rows()
+
+    def summary_text(self) -> str:
+        """The summary as logged at shutdown in observe mode."""
+        return self._options.summary.text()
 
     # -- the ASGI callable ---------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind != "http" and kind != "websocket":
-            await self.app(scope, receive, send)
-            return
-        # the common case, no routes, costs one attribute read per request
-        kwargs = self._default_limits if self._routed is False else self._limits_for(scope)
-        if kwargs is None:
-            await self.app(scope, receive, send)
-        elif kind == "http":
-            await self._http(scope, receive, send, kwargs)
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan" and not self._options.enforce:
+            await self.app(scope, self._watch_shutdown(receive), send)
         else:
-            await self._websocket(scope, receive, send, kwargs)
+            await self.app(scope, receive, send)
 
-    async def _http(
-        self, scope: Scope, receive: Receive, send: Send, kwargs: Mapping[str, Any]
-    ) -> None:
+    def _watch_shutdown(self, receive: Receive) -> Receive:
+        async def watched() -> Message:
+            message = await receive()
+            if message.get("type") == "lifespan.shutdown" and not self._summary_logged:
+                # the server has drained its connections: every request is in
+                self._summary_logged = True
+                self._options.log_summary()
+            return message
+
+        return watched
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        options = self._options
+        path = scope.get("path", "")
+        kwargs = options.limits_for(path, scope)
+        root_path = scope.get("root_path", "")
+        status: int | None = None
         response_started = False
         response_complete = False
         trailers = False
-        ctx = limit(**kwargs)
+        ctx = options.new_scope(kwargs)
 
         # Plain functions that hand back the server's own awaitable: an async wrapper
         # would add a coroutine per message, a measurable share of a small request.
         guarded_receive = _guard_receive(ctx, receive)
 
         def guarded_send(message: Message) -> Awaitable[None]:
-            nonlocal response_started, response_complete, trailers
+            nonlocal response_started, response_complete, trailers, status
             if ctx.exceeded():
                 # Nothing more of this response may reach the client: before the start
                 # the status will be ours, after it the response will be aborted.
@@ -329,6 +317,7 @@ class LimitMiddleware:
             kind = message["type"]
             if kind == "http.response.start":
                 response_started = True
+                status = message.get("status")
                 trailers = bool(message.get("trailers", False))
             elif kind == "http.response.body" or kind == "http.response.zerocopysend":
                 if not message.get("more_body", False) and not trailers:
@@ -339,34 +328,49 @@ class LimitMiddleware:
                 response_complete = True
             return send(message)
 
+        error: LimitExceeded | None = None
         try:
             with ctx:  # enter and exit never wait: the plain form is cheaper
                 await self.app(scope, guarded_receive, guarded_send)
         except LimitExceeded as exc:
             if exc.context is not ctx:
                 raise  # the application's own limit, not the request's
-            if response_complete:
-                await self._report(scope, ctx, exc, None)
-            elif response_started:
-                await self._report(scope, ctx, exc, None)
-                # The status line is gone already: dropping the connection is the only
-                # way left to tell the client that this response is not a success.
-                raise
-            else:
-                await self._report(scope, ctx, exc, self.status_code)
-                headers, body = _plain_text(self.status_code, exc.resource)
-                await send(
-                    {"type": "http.response.start", "status": self.status_code,
-                     "headers": headers}
-                )
-                await send({"type": "http.response.body", "body": body})
+            error = exc
+        breach = options.breach(ctx, kwargs, error)
+        if response_complete:
+            outcome = "completed"
+        elif response_started:
+            outcome = "aborted"
+        else:
+            outcome = "refused"
+            if error is not None:
+                status = options.status_code
+        await options.finish(
+            ctx, breach, outcome=outcome, status=status, method=scope.get("method", "GET"),
+            path=path, route=route_of(scope, root_path),
+            client=_report.client_of(scope.get("client")), hook_target=scope,
+        )
+        if error is None:
+            return
+        if outcome == "aborted":
+            # The status line is gone already: dropping the connection is the only way
+            # left to tell the client that this response is not a success.
+            error._gotcha_reported = True  # type: ignore[attr-defined]
+            raise error
+        if outcome == "refused":
+            body = _web.plain_text(options.status_code, error.resource)
+            await send({"type": "http.response.start", "status": options.status_code,
+                        "headers": _error_headers(body)})
+            await send({"type": "http.response.body", "body": body})
 
-    async def _websocket(
-        self, scope: Scope, receive: Receive, send: Send, kwargs: Mapping[str, Any]
-    ) -> None:
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        options = self._options
+        path = scope.get("path", "")
+        kwargs: LimitKwargs = options.limits_for(path, scope)
+        root_path = scope.get("root_path", "")
         accepted = False
         closed = False
-        ctx = limit(**kwargs)
+        ctx = options.new_scope(kwargs)
         guarded_receive = _guard_receive(ctx, receive)
 
         def guarded_send(message: Message) -> Awaitable[None]:
@@ -380,53 +384,43 @@ class LimitMiddleware:
                 closed = True
             return send(message)
 
+        error: LimitExceeded | None = None
         try:
             with ctx:  # enter and exit never wait: the plain form is cheaper
                 await self.app(scope, guarded_receive, guarded_send)
         except LimitExceeded as exc:
             if exc.context is not ctx:
                 raise
-            if closed:
-                await self._report(scope, ctx, exc, None)
-            elif accepted:
-                await self._report(scope, ctx, exc, None)
-                # the reason must fit a control frame: 123 bytes
-                reason = f"{exc.resource} limit exceeded"
-                try:
-                    await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION,
-                                "reason": reason})
-                except OSError:
-                    pass  # the client is gone already: nothing is left to close
-            elif "websocket.http.response" in (scope.get("extensions") or {}):
-                await self._report(scope, ctx, exc, self.status_code)
-                headers, body = _plain_text(self.status_code, exc.resource)
-                await send({"type": "websocket.http.response.start",
-                            "status": self.status_code, "headers": headers})
-                await send({"type": "websocket.http.response.body", "body": body})
-            else:
-                await self._report(scope, ctx, exc, None)
-                await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION})
-
-    # -- reporting -----------------------------------------------------------------------
-
-    async def _report(
-        self, scope: Scope, ctx: Context, exc: LimitExceeded, status: int | None
-    ) -> None:
-        """Log the breach, then call the hook; never let the hook's failure escape."""
-        method = scope.get("method", "WEBSOCKET")
-        path = scope.get("path", "")
-        logger.warning(
-            "%s %s exceeded its %s limit: %d used, limit %d",
-            method, path, exc.resource, exc.used, exc.limit,
-            extra={"method": method, "path": path, "resource": exc.resource,
-                   "used": exc.used, "limit": exc.limit, "status": status},
+            error = exc
+        breach = options.breach(ctx, kwargs, error)
+        denial = "websocket.http.response" in (scope.get("extensions") or {})
+        if closed:
+            outcome, status = "completed", None
+        elif accepted:
+            outcome, status = "closed", None
+        elif denial:
+            outcome, status = "refused", options.status_code
+        else:
+            outcome, status = "denied", None
+        await options.finish(
+            ctx, breach, outcome=outcome, status=status, method="WEBSOCKET", path=path,
+            route=route_of(scope, root_path), client=_report.client_of(scope.get("client")),
+            hook_target=scope, record=False,
         )
-        hook = self.on_exceeded
-        if hook is None:
+        if error is None or closed:
             return
-        try:
-            result = hook(scope, ctx)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            logger.exception("on_exceeded hook %r failed for %s %s", hook, method, path)
+        if accepted:
+            # the reason must fit a control frame: 123 bytes
+            reason = f"{error.resource} limit exceeded"
+            try:
+                await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION,
+                            "reason": reason})
+            except OSError:
+                pass  # the client is gone already: nothing is left to close
+        elif denial:
+            body = _web.plain_text(options.status_code, error.resource)
+            await send({"type": "websocket.http.response.start",
+                        "status": options.status_code, "headers": _error_headers(body)})
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION})

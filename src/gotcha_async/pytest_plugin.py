@@ -5,8 +5,13 @@ gotcha-async is installed. It offers:
 
 - the marker ``@pytest.mark.gotcha(bytes=..., objects=..., calls=..., memory=...,
   hard=False)``: the test fails if its body goes over the budget;
+- a session-wide default budget, ``--gotcha-bytes``, ``--gotcha-objects``,
+  ``--gotcha-calls``, ``--gotcha-memory``, ``--gotcha-hard`` (ini ``gotcha_bytes`` and
+  so on), which a test's marker overrides key by key;
 - the flag ``--gotcha-report`` (ini ``gotcha_report = true``): a table of what every
   test's body allocated, biggest first, at the end of the session;
+- ``--gotcha-json=PATH`` (ini ``gotcha_json``): the same figures, with each test's
+  budget and outcome, as a JSON file for CI dashboards;
 - the fixture ``gotcha_context``: the :class:`~gotcha_async.Context` measuring the
   running test's body.
 
@@ -19,13 +24,16 @@ before.
 
 This module imports nothing from gotcha_async when it is loaded (pytest loads it in
 every session of an environment where gotcha-async is installed): the scope machinery
-is imported on first need only, for a marked test, the report or the fixture.
+is imported on first need only, for a marked test, a default budget, the report, the
+JSON file or the fixture. A session that uses none of them never imports the engine.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import json
+import os
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +59,10 @@ _ENTERED = pytest.StashKey[bool]()
 _FAILED_BUDGET = pytest.StashKey[str]()
 # the --gotcha-report table, when the report is on
 _REPORT = pytest.StashKey["_Report"]()
+# the --gotcha-json file, when asked for
+_JSON = pytest.StashKey["_JsonReport"]()
+# the session-wide default budget (limits as ints, hard), when one is given
+_DEFAULTS = pytest.StashKey[dict[str, Any]]()
 
 # the attribute carrying a call report's usage; a plain dict, so that pytest-xdist
 # serialises it from the workers to the controller like any other report field
@@ -62,6 +74,33 @@ REPORT_ATTR = "gotcha_usage"
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("gotcha", "allocation budgets (gotcha-async)")
+    for name, what in (
+        ("bytes", "bytes allocated"),
+        ("objects", "object allocations"),
+        ("calls", "allocator calls"),
+        ("memory", "peak memory held"),
+    ):
+        group.addoption(
+            f"--gotcha-{name}",
+            dest=f"gotcha_{name}",
+            metavar="LIMIT",
+            default=None,
+            help=f"default limit on the {what} of every test's body, e.g. '64 MiB' or "
+            f"'10k'; @pytest.mark.gotcha overrides it per test (ini: gotcha_{name})",
+        )
+        parser.addini(
+            f"gotcha_{name}",
+            default="",
+            help=f"as --gotcha-{name}: default limit on each test body's {what}",
+        )
+    group.addoption(
+        "--gotcha-hard",
+        action="store_true",
+        default=None,
+        help="make the default limits hard (ini: gotcha_hard)",
+    )
+    parser.addini("gotcha_hard", type="bool", default=False,
+                  help="as --gotcha-hard: the default limits are hard")
     group.addoption(
         "--gotcha-report",
         action="store_true",
@@ -75,6 +114,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="as --gotcha-report: per-test allocation table at the end of the session",
     )
+    group.addoption(
+        "--gotcha-json",
+        dest="gotcha_json",
+        metavar="PATH",
+        default=None,
+        help="measure every test's body and write what each used, its budget and "
+        "outcome to PATH as JSON (ini: gotcha_json)",
+    )
+    parser.addini("gotcha_json", default="",
+                  help="as --gotcha-json: the path of the JSON usage report")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -84,10 +133,55 @@ def pytest_configure(config: pytest.Config) -> None:
         "fail the test if its body allocates more than this (the arguments of "
         "gotcha_async.limit); fixtures are not charged",
     )
+    defaults = _session_defaults(config)
+    if defaults is not None:
+        config.stash[_DEFAULTS] = defaults
     if _report_enabled(config):
         report = _Report()
         config.stash[_REPORT] = report
         config.pluginmanager.register(report, "gotcha-report")
+    path = _json_path(config)
+    if path is not None and not hasattr(config, "workerinput"):
+        # pytest-xdist workers send their reports to the controller, which writes
+        json_report = _JsonReport(path)
+        config.stash[_JSON] = json_report
+        config.pluginmanager.register(json_report, "gotcha-json")
+
+
+def _setting(config: pytest.Config, name: str) -> tuple[str, Any]:
+    """(how to name it in an error, value): the command line wins over the ini file."""
+    value = config.getoption(f"gotcha_{name}", None)
+    if value is not None:
+        return f"--gotcha-{name}", value
+    return f"ini option gotcha_{name}", config.getini(f"gotcha_{name}")
+
+
+def _session_defaults(config: pytest.Config) -> dict[str, Any] | None:
+    """The session's default budget, validated; None when none is given."""
+    given: dict[str, Any] = {}
+    for name in _LIMIT_ARGS:
+        where, value = _setting(config, name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        # _units only: sizes are parsed without the allocator hook being loaded
+        from gotcha_async._units import check_limit
+
+        try:
+            given[name] = check_limit(where, value.strip())
+        except ValueError as exc:
+            raise pytest.UsageError(f"gotcha: {exc}") from None
+    if not given:
+        return None
+    hard = config.getoption("gotcha_hard", None)
+    given["hard"] = bool(hard if hard is not None else config.getini("gotcha_hard"))
+    return given
+
+
+def _json_path(config: pytest.Config) -> str | None:
+    path = config.getoption("gotcha_json", None) or config.getini("gotcha_json")
+    if not path:
+        return None
+    return os.path.abspath(os.path.expanduser(str(path)))
 
 
 def _report_enabled(config: pytest.Config) -> bool:
@@ -96,6 +190,10 @@ def _report_enabled(config: pytest.Config) -> bool:
     if flag is not None:
         return bool(flag)
     return bool(config.getini("gotcha_report"))
+
+
+def _measures_everything(config: pytest.Config) -> bool:
+    return _REPORT in config.stash or _JSON in config.stash
 
 
 def _budget_from_marker(mark: pytest.Mark) -> dict[str, Any]:
@@ -124,9 +222,27 @@ def _budget_from_marker(mark: pytest.Mark) -> dict[str, Any]:
         raise ValueError(str(exc)) from None
     from gotcha_async._units import check_limit
 
+    # only what the marker gives: the rest comes from the session's defaults
     for name in _LIMIT_ARGS:
-        budget[name] = check_limit(name, budget.get(name))
-    budget["hard"] = bool(budget.get("hard", False))
+        if name in budget:
+            budget[name] = check_limit(name, budget[name])
+    if "hard" in budget:
+        budget["hard"] = bool(budget["hard"])
+    return budget
+
+
+def _effective_budget(
+    defaults: dict[str, Any] | None, marked: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The session's defaults overridden key by key by the marker; None if no limit."""
+    budget: dict[str, Any] = dict.fromkeys(_LIMIT_ARGS)
+    budget["hard"] = False
+    if defaults is not None:
+        budget.update(defaults)
+    if marked is not None:
+        budget.update(marked)
+    if all(budget[name] is None for name in _LIMIT_ARGS):
+        return None
     return budget
 
 
@@ -135,15 +251,22 @@ def pytest_collection_modifyitems(
 ) -> None:
     # Checked at collection, like --strict-markers checks marker names: a typo in a
     # budget is a mistake in the test suite, reported before anything runs.
+    defaults = config.stash.get(_DEFAULTS, None)
     errors = []
     for item in items:
         mark = item.get_closest_marker(MARKER)
-        if mark is None:
+        if mark is None and defaults is None:
             continue
         try:
-            item.stash[_BUDGET] = _budget_from_marker(mark)
+            marked = _budget_from_marker(mark) if mark is not None else None
         except ValueError as exc:
             errors.append(f"{item.nodeid}: bad @pytest.mark.gotcha arguments: {exc}")
+            continue
+        if mark is None and not isinstance(item, pytest.Function):
+            continue  # a doctest or another plugin's item: nothing to measure
+        budget = _effective_budget(defaults, marked)
+        if budget is not None:
+            item.stash[_BUDGET] = budget
     if errors:
         raise pytest.UsageError(*errors)
 
@@ -172,7 +295,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if not isinstance(item, pytest.Function):
         return  # a doctest, a YAML item...: no test function to measure
     budget = item.stash.get(_BUDGET, None)
-    if budget is not None or _REPORT in item.config.stash:
+    if budget is not None or _measures_everything(item.config):
         item.stash[_CONTEXT] = _new_context(budget)
 
 
@@ -279,6 +402,8 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     if budget is None:
         return result
     if _ENTERED not in item.stash:
+        if item.get_closest_marker(MARKER) is None:
+            return result  # only the session's default: not worth a warning per test
         # e.g. an async unittest method, which unittest calls itself: rather than a
         # budget that silently never applies, say so
         item.warn(
@@ -343,8 +468,14 @@ def pytest_runtest_makereport(
     if ctx is None or _ENTERED not in item.stash:
         return report
     b, o, c = ctx.used()
-    setattr(report, REPORT_ATTR, {"bytes": b, "objects": o, "calls": c})
+    held = ctx.memory()
     budget = item.stash.get(_BUDGET, None)
+    setattr(report, REPORT_ATTR, {
+        "bytes": b, "objects": o, "calls": c,
+        "memory_peak": held.peak if held is not None else None,
+        "budget": budget,
+        "over_budget": _over_budget(ctx, budget) if budget is not None else None,
+    })
     if budget is None:
         return report
     if _FAILED_BUDGET not in item.stash:
@@ -404,3 +535,36 @@ class _Report:
         for row in [header, *cells]:
             numbers = "  ".join(row[i].rjust(widths[i]) for i in range(3))
             tr.write_line(f"{numbers}  {row[3]}")
+
+
+class _JsonReport:
+    """The ``--gotcha-json`` file: every measured test body, for CI dashboards.
+
+    ``{"version": 1, "tests": [...]}``, one entry per test whose body ran, in the
+    order they finished: ``nodeid``, ``outcome`` (``passed``, ``failed``, ``skipped``
+    for an xfail), ``bytes``, ``objects``, ``calls``, ``memory_peak`` (bytes, or null
+    when memory was not tracked), ``budget`` (the limits that applied, or null) and
+    ``over_budget`` (the one-line reason, or null).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.tests: list[dict[str, Any]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        usage = getattr(report, REPORT_ATTR, None)
+        if report.when == "call" and usage is not None:
+            self.tests.append({"nodeid": report.nodeid, "outcome": report.outcome, **usage})
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as f:
+            json.dump({"version": 1, "tests": self.tests}, f, indent=1)
+            f.write("\n")
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        terminalreporter.write_line(
+            f"gotcha: usage of {len(self.tests)} test bodies written to {self.path}"
+        )

@@ -1,0 +1,231 @@
+"""What the ASGI and aiohttp middlewares share: their options, which limits apply to a
+request, the scope that measures it, and what happens once it is over (the log line,
+the hook, the metrics, the per-route summary).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
+from types import MappingProxyType
+from typing import Any
+
+from . import _otel, _report
+from ._context import Context, LimitExceeded, limit
+from ._units import Limit, check_limit
+
+LimitKwargs = dict[str, Any]
+RouteLimits = (
+    Mapping[str | re.Pattern[str], Mapping[str, Any]]
+    | Callable[[Any], Mapping[str, Any] | None]
+)
+
+RESOURCES = _report.RESOURCES
+LIMIT_KEYS = frozenset((*RESOURCES, "hard"))
+# RFC 6455: "a message that violates its policy"
+WS_POLICY_VIOLATION = 1008
+
+
+def check_bool(where: str, value: object) -> bool:
+    if type(value) is not bool:
+        raise TypeError(f"{where} must be True or False, not {value!r}")
+    return value
+
+
+def check_limit_kwargs(where: str, kwargs: object) -> LimitKwargs:
+    """Validate a route's limit kwargs; return them as a plain dict of checked values.
+
+    :param where: how to name the mapping in an error, e.g. ``"routes['/upload/*']"``
+    :raises TypeError: for a value that is not a mapping, or a limit of the wrong type
+    :raises ValueError: for an unknown key, or a negative or malformed limit
+    """
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(
+            f"{where} must be a mapping of limit arguments (bytes, objects, calls, memory, "
+            f"hard), not {type(kwargs).__name__} {kwargs!r}"
+        )
+    out: LimitKwargs = {}
+    for key, value in kwargs.items():
+        if key not in LIMIT_KEYS:
+            raise ValueError(
+                f"{where} has an unknown key {key!r}; expected some of "
+                f"{', '.join(sorted(LIMIT_KEYS))}"
+            )
+        if key == "hard":
+            out[key] = check_bool(f"{where}['hard']", value)
+        else:
+            out[key] = check_limit(f"{where}[{key!r}]", value)
+    return out
+
+
+def _compile_pattern(pattern: object) -> re.Pattern[str]:
+    if isinstance(pattern, re.Pattern):
+        if not isinstance(pattern.pattern, str):
+            raise TypeError(f"routes: a regex pattern must be a str pattern, not {pattern!r}")
+        return pattern
+    if isinstance(pattern, str):
+        # fnmatch's translation matches the whole path; "*" crosses "/" as in fnmatch
+        return re.compile(fnmatch.translate(pattern))
+    raise TypeError(
+        f"routes: a pattern must be a glob string or a compiled regex, "
+        f"not {type(pattern).__name__} {pattern!r}"
+    )
+
+
+def plain_text(status_code: int, resource: str) -> bytes:
+    try:
+        phrase = HTTPStatus(status_code).phrase
+    except ValueError:
+        phrase = "Error"
+    return f"{phrase}: the request exceeded its {resource} limit\n".encode()
+
+
+class Options:
+    """The validated options of a middleware, and the per-request steps they imply."""
+
+    def __init__(
+        self,
+        *,
+        bytes: Limit,
+        objects: Limit,
+        calls: Limit,
+        memory: Limit,
+        hard: bool,
+        status_code: int,
+        routes: RouteLimits | None,
+        on_exceeded: Callable[..., Any] | None,
+        enforce: bool,
+        meter_provider: Any,
+        track_memory: bool,
+        summary_routes: int,
+    ) -> None:
+        #: The default limit arguments, validated (read-only).
+        self.limits: Mapping[str, Any] = MappingProxyType({
+            "bytes": check_limit("bytes", bytes),
+            "objects": check_limit("objects", objects),
+            "calls": check_limit("calls", calls),
+            "memory": check_limit("memory", memory),
+            "hard": check_bool("hard", hard),
+        })
+        if type(status_code) is not int:
+            raise TypeError(f"status_code must be an int, not {status_code!r}")
+        if not 400 <= status_code <= 599:
+            raise ValueError(
+                f"status_code must be an HTTP error status (400 to 599), got {status_code!r}"
+            )
+        self.status_code = status_code
+        self.route_table: list[tuple[re.Pattern[str], LimitKwargs]] | None = None
+        self.route_fn: Callable[[Any], Mapping[str, Any] | None] | None = None
+        if isinstance(routes, Mapping):
+            self.route_table = [
+                (_compile_pattern(pattern), check_limit_kwargs(f"routes[{pattern!r}]", kw))
+                for pattern, kw in routes.items()
+            ]
+        elif callable(routes):
+            self.route_fn = routes
+        elif routes is not None:
+            raise TypeError(
+                "routes must be a mapping of path patterns to limit arguments, a callable "
+                f"(scope) -> limit arguments or None, or None; not {type(routes).__name__} "
+                f"{routes!r}"
+            )
+        self.routed = routes is not None
+        if on_exceeded is not None and not callable(on_exceeded):
+            raise TypeError(f"on_exceeded must be callable or None, not {on_exceeded!r}")
+        self.on_exceeded = on_exceeded
+        self.hook_arity = _report.hook_arity(on_exceeded) if on_exceeded is not None else 2
+        self.enforce = check_bool("enforce", enforce)
+        self.track_memory = check_bool("track_memory", track_memory)
+        self.instruments = _otel.instruments_for(meter_provider)
+        self.summary = _report.Summary(summary_routes)
+        # a plain dict: ** unpacks it faster than the read-only view, once per request
+        self.default_limits: LimitKwargs = dict(self.limits)
+
+    # -- which limits --------------------------------------------------------------------
+
+    def limits_for(self, path: str, target: Any) -> LimitKwargs:
+        """The limit arguments for a request to ``path``; ``target`` goes to a callable."""
+        if not self.routed:
+            return self.default_limits
+        route: Mapping[str, Any] | None = None
+        if self.route_table is not None:
+            for pattern, kwargs in self.route_table:
+                if pattern.fullmatch(path):
+                    route = kwargs
+                    break
+        elif self.route_fn is not None:
+            found = self.route_fn(target)
+            if found is not None:
+                # a callable's answer is checked per request: it exists only now
+                route = check_limit_kwargs(f"routes({path!r})", found)
+        if route is None:
+            return self.default_limits
+        return {**self.limits, **route}
+
+    def new_scope(self, kwargs: LimitKwargs) -> Context:
+        """The scope that measures one request: the one place requests' scopes are made.
+
+        Enforcing, it is the request's limit; observing, a pure measurement whose
+        figures are compared with the limits once the request is over.
+        """
+        track = self.track_memory or kwargs["memory"] is not None
+        if self.enforce:
+            return limit(**kwargs, track_memory=track)
+        return Context(track_memory=track)
+
+    # -- once it is over -----------------------------------------------------------------
+
+    def breach(
+        self, ctx: Context, kwargs: LimitKwargs, exc: LimitExceeded | None
+    ) -> tuple[str, int, int] | None:
+        """(resource, used, limit) the request went over, or None."""
+        if exc is not None:
+            return exc.resource, exc.used, exc.limit
+        if self.enforce:
+            return None
+        held = ctx.memory()
+        limits = (kwargs["bytes"], kwargs["objects"], kwargs["calls"], kwargs["memory"])
+        return _report.first_breach(limits, tuple(ctx.used()), held.peak if held else None)
+
+    async def finish(
+        self,
+        ctx: Context,
+        breach: tuple[str, int, int] | None,
+        *,
+        outcome: str,
+        status: int | None,
+        method: str,
+        path: str,
+        route: str | None,
+        client: str | None,
+        hook_target: Any,
+        record: bool = True,
+    ) -> None:
+        """Report a finished request: log line and hook if over, metrics, summary."""
+        used = ctx.used()
+        held = ctx.memory()
+        peak = held.peak if held is not None else None
+        exceeded = None
+        if breach is not None:
+            resource, value, lim = breach
+            exceeded = _report.Exceeded(
+                resource=resource, used=value, limit=lim, enforced=self.enforce,
+                outcome=outcome if self.enforce else "observed", status=status,
+                method=method, path=path, route=route, client=client,
+            )
+            exceeded.log()
+        if record:
+            self.summary.add(method, route if route is not None else path, used[0], peak,
+                             exceeded is not None)
+            if self.instruments is not None:
+                self.instruments.record(method, route, status, (used[0], used[1], used[2]),
+                                        peak, exceeded)
+        if exceeded is not None and self.on_exceeded is not None:
+            await _report.call_hook(self.on_exceeded, self.hook_arity, hook_target, ctx,
+                                    exceeded)
+
+    def log_summary(self) -> None:
+        for line in self.summary.text().splitlines():
+            _report.logger.info("%s", line.strip())

@@ -1,0 +1,315 @@
+"""aiohttp middleware: every request and websocket of an ``aiohttp.web`` app in a limit
+of its own.
+
+::
+
+    from aiohttp import web
+    from gotcha_async.aiohttp import setup
+
+    app = web.Application()
+    setup(app, bytes="8 MiB", routes={"/upload/*": {"bytes": "1 GiB"}})
+
+The options and the behaviour are those of :class:`gotcha_async.asgi.LimitMiddleware`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import anyio.lowlevel
+from aiohttp import web
+
+from . import _report, _web
+from ._context import Context, LimitExceeded
+from ._report import Exceeded, RouteSummary
+from ._units import Limit
+from ._web import WS_POLICY_VIOLATION, RouteLimits
+
+__all__ = ["Exceeded", "LimitMiddleware", "RouteSummary", "setup"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# a typed key where aiohttp has them (it warns about plain strings since then)
+_STATE: Any = (
+    web.RequestKey("gotcha_async.state", object)
+    if hasattr(web, "RequestKey") else "gotcha_async.state"
+)
+
+
+class _State:
+    """How far one request's response has gone."""
+
+    __slots__ = ("aborted", "complete", "ctx", "in_handler", "response", "started", "status")
+
+    def __init__(self, ctx: Context | None = None) -> None:
+        self.ctx = ctx
+        self.started = False
+        self.complete = False
+        self.aborted = False
+        self.in_handler = True
+        self.status: int | None = None
+        self.response: web.StreamResponse | None = None
+
+
+async def _guard(ctx: Context, state: _State) -> None:
+    """Refuse a write of an aborted response; stop a handler over its limit right here."""
+    if state.aborted:
+        raise ConnectionResetError("response aborted: the request exceeded its limit")
+    if state.in_handler and ctx.exceeded():
+        parent = ctx.parent
+        if parent is None or not parent.exceeded():
+            ctx.cancel()  # its own limit (an ancestor's is the ancestor's to deliver)
+        await anyio.lowlevel.checkpoint()
+
+
+class _GuardedWsWriter:
+    """A websocket's frame writer, checking the limit on every frame the handler sends.
+
+    Sending a websocket frame does not wait either; the close frame the middleware
+    sends goes through the wrapped writer's own ``close``.
+    """
+
+    __slots__ = ("_ctx", "_state", "_writer")
+
+    def __init__(self, writer: Any, ctx: Context, state: _State) -> None:
+        self._writer = writer
+        self._ctx = ctx
+        self._state = state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+    async def send_frame(self, *args: Any, **kwargs: Any) -> None:
+        await _guard(self._ctx, self._state)
+        await self._writer.send_frame(*args, **kwargs)
+
+
+class _GuardedWriter:
+    """The request's payload writer, checking the limit on every write.
+
+    aiohttp's writes go to the transport's buffer and rarely wait: a handler streaming
+    20 MB in a loop of ``await response.write(...)`` may never reach a checkpoint, so a
+    soft limit would never be delivered. Each write here is that checkpoint. Once the
+    response is aborted, nothing more reaches the client.
+    """
+
+    __slots__ = ("_ctx", "_state", "_writer")
+
+    def __init__(self, writer: Any, ctx: Context, state: _State) -> None:
+        object.__setattr__(self, "_writer", writer)
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "_state", state)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # aiohttp sets length, chunked... on its writer
+        setattr(self._writer, name, value)
+
+    async def _guard(self) -> None:
+        await _guard(self._ctx, self._state)
+
+    async def write_headers(self, status_line: str, *args: Any, **kwargs: Any) -> None:
+        await self._guard()
+        state = self._state
+        state.started = True
+        try:
+            state.status = int(status_line.split(" ", 2)[1])
+        except (IndexError, ValueError):
+            pass
+        await self._writer.write_headers(status_line, *args, **kwargs)
+
+    async def write(self, *args: Any, **kwargs: Any) -> None:
+        await self._guard()
+        await self._writer.write(*args, **kwargs)
+
+    async def write_eof(self, *args: Any, **kwargs: Any) -> None:
+        await self._guard()
+        await self._writer.write_eof(*args, **kwargs)
+        self._state.complete = True
+
+
+def _client(request: web.BaseRequest) -> str | None:
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return _report.client_of(peer) if peer is not None else request.remote
+
+
+def _route(request: web.Request) -> str | None:
+    resource = getattr(request.match_info.route, "resource", None)
+    canonical = getattr(resource, "canonical", None)
+    return canonical if isinstance(canonical, str) else None
+
+
+class LimitMiddleware:
+    """An aiohttp middleware running each request and websocket in its own limit.
+
+    The same options and behaviour as :class:`gotcha_async.asgi.LimitMiddleware`:
+
+    - a request over its limit before its response started gets ``status_code`` with a
+      short plain-text body;
+    - after it started (a :class:`~aiohttp.web.StreamResponse` already prepared), the
+      rest of the response is dropped and the connection closed: the client sees an
+      incomplete body, never a truncated success. Every write of the response checks the
+      limit, so a handler whose writes never wait is stopped at its next write;
+    - a websocket over its limit is closed with 1008 (policy violation); before the
+      handshake, it is answered ``status_code``;
+    - ``enforce=False`` only observes: measured, reported (log line, metrics, hook),
+      never stopped; the per-route summary is logged at the app's shutdown.
+
+    Install it with :meth:`install` (or :func:`setup`), which also lets it see the
+    websocket responses it must close and log the summary at shutdown. Put in
+    ``web.Application(middlewares=[...])`` by hand it works for HTTP, but a websocket
+    over its limit has its connection dropped rather than closed with 1008.
+
+    ``routes`` patterns match ``request.path``; a routes callable is called with the
+    request; ``on_exceeded(request, ctx)`` or ``on_exceeded(request, ctx, exceeded)``.
+    The ``http.route`` attribute and the summary use the resource's canonical path
+    (``/items/{id}``).
+    """
+
+    __middleware_version__ = 1  # a new-style middleware, for aiohttp 3
+
+    def __init__(
+        self,
+        *,
+        bytes: Limit = None,  # shadows the builtin: the contract's name
+        objects: Limit = None,
+        calls: Limit = None,
+        memory: Limit = None,
+        hard: bool = False,
+        status_code: int = 503,
+        routes: RouteLimits | None = None,
+        on_exceeded: Callable[..., Any] | None = None,
+        enforce: bool = True,
+        meter_provider: Any = None,
+        track_memory: bool = False,
+        summary_routes: int = 200,
+    ) -> None:
+        self._options = _web.Options(
+            bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard,
+            status_code=status_code, routes=routes, on_exceeded=on_exceeded,
+            enforce=enforce, meter_provider=meter_provider, track_memory=track_memory,
+            summary_routes=summary_routes,
+        )
+        self._installed = False
+
+    @property
+    def limits(self) -> Mapping[str, Any]:
+        """The default limit arguments, validated (read-only)."""
+        return self._options.limits
+
+    @property
+    def enforce(self) -> bool:
+        return self._options.enforce
+
+    def summary(self) -> list[RouteSummary]:
+        """Per route: count, median, p99, max of bytes and peak memory, and a suggestion."""
+        return self._options.summary.rows()
+
+    def summary_text(self) -> str:
+        return self._options.summary.text()
+
+    def install(self, app: web.Application) -> None:
+        """Add this middleware to ``app`` with the signals it uses."""
+        if self._installed:
+            raise RuntimeError("this LimitMiddleware is installed in an application already")
+        self._installed = True
+        app.middlewares.append(self)
+        app.on_response_prepare.append(self._on_prepare)
+        if not self._options.enforce:
+            app.on_shutdown.append(self._on_shutdown)
+
+    async def _on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        state = request.get(_STATE)
+        if not isinstance(state, _State):
+            return
+        state.response = response
+        if isinstance(response, web.WebSocketResponse) and state.ctx is not None:
+            # The frame writer is handed to the response right after this signal, by
+            # _post_start: wrap it on the way (an instance attribute, for this one
+            # response only).
+            post_start = response._post_start
+            ctx = state.ctx
+
+            def guarded_post_start(request: Any, protocol: Any, writer: Any) -> None:
+                post_start(request, protocol, _GuardedWsWriter(writer, ctx, state))  # type: ignore[arg-type]
+
+            response._post_start = guarded_post_start  # type: ignore[method-assign]
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self._options.log_summary()
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        options = self._options
+        kwargs = options.limits_for(request.path, request)
+        ctx = options.new_scope(kwargs)
+        state = _State(ctx)
+        request[_STATE] = state
+        writer = getattr(request, "_payload_writer", None)
+        if writer is not None:
+            request._payload_writer = _GuardedWriter(writer, ctx, state)  # type: ignore[assignment]
+        error: LimitExceeded | None = None
+        response: web.StreamResponse | None = None
+        try:
+            with ctx:  # enter and exit never wait: the plain form is cheaper
+                response = await handler(request)
+        except LimitExceeded as exc:
+            if exc.context is not ctx:
+                raise  # the application's own limit, not the request's
+            error = exc
+        finally:
+            state.in_handler = False
+        # a websocket whose handshake was answered; before that, an HTTP request
+        ws = state.response if isinstance(state.response, web.WebSocketResponse) else None
+        if ws is not None and not state.started:
+            ws = None
+        websocket = ws is not None
+        breach = options.breach(ctx, kwargs, error)
+        status = state.status
+        if status is None and response is not None and error is None:
+            status = response.status
+        if ws is not None:
+            outcome = "completed" if ws.closed else "closed"
+        elif state.complete:
+            outcome = "completed"
+        elif state.started:
+            outcome = "aborted"
+        else:
+            outcome = "refused"
+            if error is not None:
+                status = options.status_code
+        await options.finish(
+            ctx, breach, outcome=outcome, status=status,
+            method="WEBSOCKET" if websocket else request.method, path=request.path,
+            route=_route(request), client=_client(request), hook_target=request,
+            record=not websocket,
+        )
+        if error is None:
+            assert response is not None
+            return response
+        if ws is not None:
+            if not ws.closed:
+                await ws.close(code=WS_POLICY_VIOLATION,
+                               message=f"{error.resource} limit exceeded".encode())
+            return ws
+        if outcome == "refused":
+            return web.Response(
+                status=options.status_code,
+                body=_web.plain_text(options.status_code, error.resource),
+                content_type="text/plain", charset="utf-8",
+            )
+        # Started (or complete, with work after it over the limit): nothing more may
+        # reach the client. The writer refuses every write from now on, which aiohttp
+        # takes for a client that went away: it drops the connection, quietly.
+        state.aborted = True
+        return state.response if state.response is not None else web.StreamResponse()
+
+
+def setup(app: web.Application, **options: Any) -> LimitMiddleware:
+    """Install a :class:`LimitMiddleware` built with ``options`` in ``app``; return it."""
+    middleware = LimitMiddleware(**options)
+    middleware.install(app)
+    return middleware

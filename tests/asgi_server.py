@@ -1,0 +1,63 @@
+"""A real uvicorn on 127.0.0.1, in a thread of the test process (its memory is ours to
+read, its logs go through our logging), for the ASGI tests."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import uvicorn
+
+START_TIMEOUT = 10.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server that says when its startup is over, whatever its outcome."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.startup_done = threading.Event()
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            self.startup_done.set()
+
+
+@dataclass
+class Running:
+    url: str
+    ws_url: str
+    thread: threading.Thread
+
+
+@contextlib.contextmanager
+def serving(app: Any, loop: str = "asyncio") -> Iterator[Running]:
+    """Run ``app`` under uvicorn on a free port of 127.0.0.1 in a thread, for the block."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", loop=loop
+    )
+    server = _Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        if not server.startup_done.wait(START_TIMEOUT):
+            raise RuntimeError("uvicorn did not finish its startup")
+        if not server.started:
+            raise RuntimeError("uvicorn failed to start")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield Running(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", thread)
+        # whatever the test did, the server is still there
+        assert thread.is_alive()
+        assert httpx.get(f"http://127.0.0.1:{port}/ok").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(START_TIMEOUT)
+    assert not thread.is_alive(), "uvicorn did not shut down"
+
+
