@@ -1,23 +1,20 @@
 """gotcha_async: per-task allocation budgets for asyncio and trio.
 
-Layout: ``_meter`` (C) hooks the allocators and keeps the counters; ``_context`` is
-the scope API on top of it; ``_units`` parses sizes; ``_memory`` reads held memory
-and allocation sites; ``asgi`` and ``pytest_plugin`` are the integrations.
+Layout: ``_meter`` (C) hooks the allocators and keeps the counters; ``_hook`` installs
+it on first use; ``_context`` is the scope API on top of it; ``_units`` parses sizes
+and validates limits; ``_memory`` reads held memory and allocation sites; ``asgi``,
+``aiohttp`` and ``pytest_plugin`` are the integrations.
+
+Importing the package loads neither the C extension nor anyio: the scope API is
+imported on first use of one of its names, so that a process (a pytest session with
+the plugin installed, say) that never uses gotcha pays nothing for it.
 """
+
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
 __version__ = "0.1.0"
 
-from ._context import GRACE as GRACE
-from ._context import REFUSE_MIN as REFUSE_MIN
-from ._context import Context as Context
-from ._context import HardLimitError as HardLimitError
-from ._context import LimitExceeded as LimitExceeded
-from ._context import Memory as Memory
-from ._context import Usage as Usage
-from ._context import current as current
-from ._context import limit as limit
-from ._context import move_on_limit as move_on_limit
-from ._context import run as run
 from ._units import EB as EB
 from ._units import GB as GB
 from ._units import KB as KB
@@ -38,6 +35,21 @@ from ._units import Tera as Tera
 from ._units import TiB as TiB
 from ._units import parse_size as parse_size
 
+if _TYPE_CHECKING:
+    from ._context import GRACE as GRACE
+    from ._context import REFUSE_MIN as REFUSE_MIN
+    from ._context import Context as Context
+    from ._context import HardLimitError as HardLimitError
+    from ._context import LimitExceeded as LimitExceeded
+    from ._context import Memory as Memory
+    from ._context import Usage as Usage
+    from ._context import current as current
+    from ._context import limit as limit
+    from ._context import move_on_limit as move_on_limit
+    from ._context import run as run
+
+_ENGINE = frozenset({"GRACE", "REFUSE_MIN", "Context", "HardLimitError", "LimitExceeded", "Memory", "Usage", "current", "limit", "move_on_limit", "run"})
+
 __all__ = [
     "EB", "GB", "KB", "MB", "PB", "TB",
     "GRACE", "REFUSE_MIN", "Context", "EiB", "Exa", "GiB", "Giga", "HardLimitError", "KiB",
@@ -45,8 +57,30 @@ __all__ = [
     "current", "limit", "move_on_limit", "parse_size", "run",
 ]
 
+
+
+def _public(obj: _Any) -> _Any:
+    # reprs and docs show gotcha_async.Context, not gotcha_async._context.Context
+    if getattr(obj, "__module__", "").startswith("gotcha_async."):
+        obj.__module__ = __name__
+    return obj
+
+
 for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("gotcha_async."):
-        _obj.__module__ = __name__
-del _name, _obj
+    if _name not in _ENGINE:
+        _public(globals()[_name])
+del _name
+
+
+def __getattr__(name: str) -> _Any:
+    if name not in _ENGINE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import _context
+
+    for engine_name in _ENGINE:
+        globals()[engine_name] = _public(getattr(_context, engine_name))
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -55,6 +55,9 @@ _USED = {
 
 _scope_var = scope_var
 _PACKAGE_DIR = os.path.join(os.path.dirname(__file__), "")
+# asyncio's debug mode is on under -X dev or PYTHONASYNCIODEBUG (asyncio.run(debug=True) and
+# loop.set_debug() too, which this does not see: only then is the loop asked per scope)
+_DEBUG_POSSIBLE = sys.flags.dev_mode or bool(os.environ.get("PYTHONASYNCIODEBUG"))
 _get_running_loop = asyncio.events._get_running_loop
 
 
@@ -379,7 +382,7 @@ class Context(_meter.Meter, anyio.CancelScope):
             if self._cancel_pending:
                 scope.cancel(self._cancel_reason)
             loop = _get_running_loop()
-            if loop is not None and loop.get_debug():
+            if _DEBUG_POSSIBLE and loop is not None and loop.get_debug():
                 # the loop's debug bookkeeping (a stack per call_soon) is not the body's
                 self._quiet_machinery = True
         self._scope = scope

@@ -113,6 +113,23 @@ typedef struct {
 } Site;
 
 extern size_t table_count;
+
+/* A counting filter over the recorded addresses: a free whose slot counts 0
+ * is certainly not recorded and skips the table (most frees, with sampling). */
+#define FILTER_BITS 16
+extern uint8_t held_filter[1 << FILTER_BITS];
+
+static inline size_t
+filter_slot(uintptr_t p)
+{
+    return (size_t)(((uint64_t)p * 0xD6E8FEB86659FD93ull) >> (64 - FILTER_BITS));
+}
+
+static inline int
+table_may_hold(void *p)
+{
+    return held_filter[filter_slot((uintptr_t)p)] != 0;
+}
 extern Py_ssize_t live_holders;
 
 void held_decref(Held *h);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from fractions import Fraction
@@ -86,7 +87,13 @@ def check_limit(name: str, value: object) -> int | None:
     return result
 
 
-def check_ceiling(value: object, hard: object) -> Fraction:
+@functools.lru_cache(maxsize=64)
+def _ratio(value: float | Fraction) -> tuple[int, int]:
+    f = Fraction(value)
+    return f.numerator, f.denominator
+
+
+def check_ceiling(value: object, hard: object) -> tuple[int, int]:
     """Validate a ``ceiling`` argument (a multiple >= 1 of every limit).
 
     :raises TypeError: for a value that is not a real number
@@ -102,14 +109,16 @@ def check_ceiling(value: object, hard: object) -> Fraction:
         raise ValueError(
             f"give hard=True or a ceiling, not both (hard=True is ceiling=1), got ceiling={value!r}"
         )
-    return Fraction(value)
+    return (value, 1) if type(value) is int else _ratio(value)  # type: ignore[arg-type]
 
 
-def scaled(limit: int | None, factor: Fraction) -> int | None:
-    """A limit times a ceiling factor, rounded up and capped to what the counters hold."""
+def scaled(limit: int | None, factor: tuple[int, int]) -> int | None:
+    """A limit times a ceiling factor (numerator, denominator), rounded up and capped
+    to what the counters hold: integer arithmetic, as this runs for every request."""
     if limit is None:
         return None
-    return min(_MAX, math.ceil(limit * factor))
+    num, den = factor
+    return min(_MAX, -(-limit * num // den))
 
 
 #: A sampled memory= scope expects this many samples at its limit: the relative

@@ -12,8 +12,9 @@
  * Interrupts: a hard scope past its ceiling must stop even if its code never
  * awaits. Its thread gets interrupt_type (a MemoryError) raised at a bytecode
  * boundary, the way Ctrl-C is delivered -- but only if, at that boundary, the
- * scope is still current there and the innermost frame is user code: never in
- * the event loop's machinery, ours, or a frame that runs no code. Otherwise
+ * scope is still current there and the innermost frame is the user code whose
+ * allocation asked for it: never in the event loop's machinery, ours, a frame
+ * that runs no code, or one running on top of it (a signal handler). Otherwise
  * the scope is re-armed and the next allocation past its limit asks again.
  * The main thread raises it from the pending call; another thread gets it
  * through PyThreadState_SetAsyncExc from the delivery thread, which holds the
@@ -34,7 +35,10 @@ static int scheduled;          /* a pending call is on its way */
 static PyThread_type_lock wake;
 static int wake_posted;
 
-typedef struct { unsigned long ident; Meter *m; } Request;
+/* An interrupt is raised only in the frame whose allocation asked for it:
+ * never in a signal handler, finalizer or callback that runs on top of it
+ * (there it would replace, say, the KeyboardInterrupt the handler raises). */
+typedef struct { unsigned long ident; Meter *m; void *frame; } Request;
 #define MAX_REQUESTS 64
 static Request requests[MAX_REQUESTS];
 static int n_requests;
@@ -89,9 +93,12 @@ void
 request_interrupt(Meter *m)
 {
     unsigned long ident = PyThread_get_thread_ident();
+    PyThreadState *ts = tstate_unchecked();
+    void *frame = ts == NULL ? NULL : top_frame(ts);
     m->rearm = 0;
     for (int i = 0; i < n_requests; i++) {
         if (requests[i].ident == ident && requests[i].m == m) {
+            requests[i].frame = frame;
             schedule_for(ident);
             return;
         }
@@ -103,6 +110,7 @@ request_interrupt(Meter *m)
     Py_INCREF(m);
     requests[n_requests].ident = ident;
     requests[n_requests].m = m;
+    requests[n_requests].frame = frame;
     n_requests++;
     schedule_for(ident);
 }
@@ -163,9 +171,11 @@ interrupt_here(void)
             i++;
             continue;
         }
+        void *frame = requests[i].frame;
         Meter *m = take_request(i);
         int go = m->state == S_ENTERED && interrupt_type != NULL && !PyErr_Occurred() &&
-                 frame_is_user(ts) && in_scope_of(current_meter(), m);
+                 frame != NULL && top_frame(ts) == frame && frame_is_user(ts) &&
+                 in_scope_of(current_meter(), m);
         if (!go && m->state == S_ENTERED) {
             m->rearm = 1;
         }
@@ -237,10 +247,12 @@ interrupt_remote(void)
             i++;
             continue;
         }
+        void *frame = requests[i].frame;
         Meter *m = take_request(i);
         PyThreadState *t = find_thread(ident);
         int go = t != NULL && m->state == S_ENTERED && interrupt_type != NULL &&
-                 t->async_exc == NULL && frame_is_user(t) && context_in_scope(t->context, m);
+                 t->async_exc == NULL && frame != NULL && top_frame(t) == frame &&
+                 frame_is_user(t) && context_in_scope(t->context, m);
         if (go) {
             PyThreadState_SetAsyncExc(ident, interrupt_type);
         }
@@ -255,10 +267,10 @@ interrupt_remote(void)
  * destroying one per wake-up makes raw allocations that race
  * tracemalloc.stop() (CPython gh-128679). */
 static void
-delivery_main(void *unused)
+delivery_main(void *ready)
 {
-    (void)unused;
     (void)PyGILState_Ensure();
+    PyThread_release_lock((PyThread_type_lock)ready);   /* start_delivery may go on */
     for (;;) {
         PyThread_type_lock lock = wake;
         Py_BEGIN_ALLOW_THREADS
@@ -274,21 +286,36 @@ delivery_main(void *unused)
     }
 }
 
+/* Returns once the thread has its thread state: made here, while the caller
+ * waits, its raw allocations cannot race a tracemalloc.stop() that follows. */
 int
 start_delivery(void)
 {
     PyThread_type_lock lock = PyThread_allocate_lock();
-    if (lock == NULL) {
+    PyThread_type_lock ready = PyThread_allocate_lock();
+    if (lock == NULL || ready == NULL) {
+        if (lock != NULL) {
+            PyThread_free_lock(lock);
+        }
+        if (ready != NULL) {
+            PyThread_free_lock(ready);
+        }
         return -1;
     }
     PyThread_acquire_lock(lock, WAIT_LOCK);   /* held: the thread waits on it */
+    PyThread_acquire_lock(ready, WAIT_LOCK);  /* released by the thread */
     wake = lock;
     wake_posted = 0;
-    if (PyThread_start_new_thread(delivery_main, NULL) == PYTHREAD_INVALID_THREAD_ID) {
+    if (PyThread_start_new_thread(delivery_main, ready) == PYTHREAD_INVALID_THREAD_ID) {
         wake = NULL;
         PyThread_free_lock(lock);
+        PyThread_free_lock(ready);
         return -1;
     }
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(ready, WAIT_LOCK);
+    Py_END_ALLOW_THREADS
+    PyThread_free_lock(ready);
     return 0;
 }
 

@@ -131,19 +131,37 @@ has_prefix(PyObject *s, PyObject *prefix)
 
 /* Is this the event loop's, anyio's or our own code? (File names are
  * compared as text: a non-ASCII path is as good as any.) */
+static int
+is_machinery_file(PyObject *filename)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(exempt);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (has_prefix(filename, PyTuple_GET_ITEM(exempt, i))) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Sites walk several frames per recorded block: the verdict is remembered per
+ * (code object, file name object), both of which would have to be freed and
+ * their addresses reused together for it to go stale. */
+#define VERDICTS 1024
+static struct { PyCodeObject *code; PyObject *filename; char machinery; } verdicts[VERDICTS];
+
 int
 code_is_machinery(PyCodeObject *code)
 {
     if (exempt == NULL) {
         return 1;
     }
-    Py_ssize_t n = PyTuple_GET_SIZE(exempt);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (has_prefix(code->co_filename, PyTuple_GET_ITEM(exempt, i))) {
-            return 1;
-        }
+    size_t i = ((uintptr_t)code >> 4) & (VERDICTS - 1);
+    if (verdicts[i].code != code || verdicts[i].filename != code->co_filename) {
+        verdicts[i].code = code;
+        verdicts[i].filename = code->co_filename;
+        verdicts[i].machinery = (char)is_machinery_file(code->co_filename);
     }
-    return 0;
+    return verdicts[i].machinery;
 }
 
 /* Is a thread's innermost Python frame user code, as opposed to the event

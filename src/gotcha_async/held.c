@@ -19,6 +19,31 @@ static Entry *table;
 static size_t table_cap;
 static int table_shift;    /* 64 - log2(table_cap): the hash keeps the top bits */
 size_t table_count;
+uint8_t held_filter[1 << FILTER_BITS];
+
+static int filter_saturated;
+
+static inline void
+filter_add(uintptr_t p)
+{
+    uint8_t *c = &held_filter[filter_slot(p)];
+    if (*c < 255) {
+        (*c)++;
+    }
+    else {
+        filter_saturated = 1;
+    }
+}
+
+/* a saturated slot stays set: its frees keep looking in the table */
+static inline void
+filter_remove(uintptr_t p)
+{
+    uint8_t *c = &held_filter[filter_slot(p)];
+    if (*c < 255) {
+        (*c)--;
+    }
+}
 /* Tracking scopes whose Context object still exists (see table_purge). */
 Py_ssize_t live_holders;
 
@@ -240,6 +265,7 @@ table_remove(uintptr_t p)
     Held *h = table[i].held;
     held_credit(h, table[i].size);
     held_decref(h);
+    filter_remove(p);
     table_count--;
     /* backward-shift: pull later members of the cluster into the hole */
     size_t hole = i;
@@ -251,6 +277,10 @@ table_remove(uintptr_t p)
         }
     }
     table[hole].key = 0;
+    if (table_count == 0 && filter_saturated) {
+        memset(held_filter, 0, sizeof(held_filter));
+        filter_saturated = 0;
+    }
     if (table_count == 0 && table_cap > 65536) {
         /* after a burst the table would stay at its largest: give it back; a
          * small one stays, or scopes used one after another would build it anew */
@@ -278,6 +308,7 @@ table_insert(uintptr_t p, Held *h, size_t size, uint32_t site)
     }
     else {
         table_count++;
+        filter_add(p);
     }
     table[i].key = p;
     table[i].held = h;
@@ -302,6 +333,8 @@ table_purge(void)
         }
     }
     table_count = 0;
+    memset(held_filter, 0, sizeof(held_filter));
+    filter_saturated = 0;
     sites_clear();
     if (table_cap > 4096) {
         /* a small table is kept for the next burst; a large one goes back */

@@ -436,7 +436,7 @@ hook_realloc(void *ctx, void *ptr, size_t size)
     if (p == NULL) {
         return NULL;
     }
-    if (ptr != NULL && table_count) {
+    if (ptr != NULL && table_count && table_may_hold(ptr)) {
         forget_block(ptr);
     }
     if (n != NULL) {
@@ -464,7 +464,7 @@ hook_free(void *ctx, void *ptr)
     Domain *d = ctx;
     /* frees are credited even while paused: a stale entry would credit the
      * wrong scope when the address comes back */
-    if (table_count != 0 && ptr != NULL) {
+    if (table_count != 0 && ptr != NULL && table_may_hold(ptr)) {
         free_held(d, ptr);
         return;
     }
@@ -558,6 +558,9 @@ verify_chain(void)
 {
     Domain *doms[2] = {&dom_mem, &dom_obj};
     int dropped = 0;
+    if (dom_mem.in_chain && dom_obj.in_chain && on_top(&dom_mem) && on_top(&dom_obj)) {
+        return 0;   /* on top: certainly in the chain, no probe needed */
+    }
     dom_mem.seen = dom_obj.seen = 0;
     paused += PROBING;
     PyMem_Free(PyMem_Malloc(1));
