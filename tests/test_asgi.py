@@ -73,7 +73,13 @@ class State:
 
 
 def make_app(state: State | None = None, **middleware: Any) -> Starlette:
-    """A Starlette app with normal and hog routes, with LimitMiddleware(**middleware)."""
+    """A Starlette app with normal and hog routes, with LimitMiddleware(**middleware).
+
+    Purely soft limits unless a test asks for a ceiling: the hogs allocate in one go, and
+    the default ceiling would refuse that allocation before these tests could watch the
+    soft path deliver (the ceiling has tests of its own, test_asgi_ceiling.py).
+    """
+    middleware.setdefault("ceiling", None)
     app = bare_app(state)
     app.add_middleware(LimitMiddleware, **middleware)
     return app
@@ -718,7 +724,7 @@ async def test_observe_mode_logs_the_summary_once_at_shutdown(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="gotcha_async")
-    middleware = LimitMiddleware(bare_app(), bytes=LIMIT, enforce=False, track_memory=True)
+    middleware = LimitMiddleware(bare_app(), bytes=LIMIT, enforce=False, track_memory=True, ceiling=None)
     with serving(middleware) as server:
         async with httpx.AsyncClient(base_url=server.url) as client:
             for _ in range(3):
@@ -746,7 +752,7 @@ def test_enforce_mode_logs_no_summary(caplog: pytest.LogCaptureFixture) -> None:
 
 @pytest.mark.anyio
 async def test_summary_is_readable_from_the_middleware() -> None:
-    middleware = LimitMiddleware(bare_app(), bytes=LIMIT, track_memory=True)
+    middleware = LimitMiddleware(bare_app(), bytes=LIMIT, track_memory=True, ceiling=None)
     with serving(middleware) as server:
         async with httpx.AsyncClient(base_url=server.url) as client:
             for _ in range(4):

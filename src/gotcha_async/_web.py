@@ -14,7 +14,11 @@ from typing import Any
 
 from . import _otel, _report
 from ._context import Context, LimitExceeded, limit
-from ._units import Limit, check_limit
+from ._units import Limit, check_ceiling, check_limit
+
+#: The middlewares' default ceiling: a request that never reaches a checkpoint is
+#: stopped at twice its budget, wherever it is.
+DEFAULT_CEILING = 2
 
 LimitKwargs = dict[str, Any]
 RouteLimits = (
@@ -93,6 +97,7 @@ class Options:
         calls: Limit,
         memory: Limit,
         hard: bool,
+        ceiling: float | None,
         status_code: int,
         routes: RouteLimits | None,
         on_exceeded: Callable[..., Any] | None,
@@ -109,6 +114,10 @@ class Options:
             "memory": check_limit("memory", memory),
             "hard": check_bool("hard", hard),
         })
+        if ceiling is not None:
+            check_ceiling(ceiling, False)
+        #: The ceiling of every soft limit, a multiple of it (None: purely soft).
+        self.ceiling = ceiling
         if type(status_code) is not int:
             raise TypeError(f"status_code must be an int, not {status_code!r}")
         if not 400 <= status_code <= 599:
@@ -172,7 +181,8 @@ class Options:
         """
         track = self.track_memory or kwargs["memory"] is not None
         if self.enforce:
-            return limit(**kwargs, track_memory=track)
+            ceiling = None if kwargs["hard"] else self.ceiling
+            return limit(**kwargs, ceiling=ceiling, track_memory=track)
         return Context(track_memory=track)
 
     # -- once it is over -----------------------------------------------------------------

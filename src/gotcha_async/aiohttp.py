@@ -180,6 +180,7 @@ class LimitMiddleware:
         calls: Limit = None,
         memory: Limit = None,
         hard: bool = False,
+        ceiling: float | None = _web.DEFAULT_CEILING,
         status_code: int = 503,
         routes: RouteLimits | None = None,
         on_exceeded: Callable[..., Any] | None = None,
@@ -190,7 +191,7 @@ class LimitMiddleware:
     ) -> None:
         self._options = _web.Options(
             bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard,
-            status_code=status_code, routes=routes, on_exceeded=on_exceeded,
+            ceiling=ceiling, status_code=status_code, routes=routes, on_exceeded=on_exceeded,
             enforce=enforce, meter_provider=meter_provider, track_memory=track_memory,
             summary_routes=summary_routes,
         )

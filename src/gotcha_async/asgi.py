@@ -191,8 +191,13 @@ class LimitMiddleware:
     :param objects: limit on each request's object allocations
     :param calls: limit on each request's allocator calls
     :param memory: limit on the peak of memory each request holds
-    :param hard: refuse the allocation that would break a limit instead of letting it
-        through and cancelling at the next checkpoint
+    :param hard: stop the request at the limit itself, checkpoint or not
+        (``ceiling=1``)
+    :param ceiling: a multiple of every limit at which a request is stopped whether it
+        reaches a checkpoint or not (2 by default: a handler that builds a big list
+        without ever awaiting is stopped at twice its budget, with a ``MemoryError`` in
+        its own code, and answered ``status_code``); None for purely soft limits.
+        Requests that stay within their budget never see it.
     :param status_code: the HTTP status answered to a request that broke its limit
         before its response started (400 to 599)
     :param routes: per-route limits, as above
@@ -221,6 +226,7 @@ class LimitMiddleware:
         calls: Limit = None,
         memory: Limit = None,
         hard: bool = False,
+        ceiling: float | None = _web.DEFAULT_CEILING,
         status_code: int = 503,
         routes: RouteLimits | None = None,
         on_exceeded: ExceededHook | None = None,
@@ -234,7 +240,7 @@ class LimitMiddleware:
         self.app = app
         self._options = _web.Options(
             bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard,
-            status_code=status_code, routes=routes, on_exceeded=on_exceeded,
+            ceiling=ceiling, status_code=status_code, routes=routes, on_exceeded=on_exceeded,
             enforce=enforce, meter_provider=meter_provider, track_memory=track_memory,
             summary_routes=summary_routes,
         )
