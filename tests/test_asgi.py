@@ -724,7 +724,9 @@ async def test_observe_mode_logs_the_summary_once_at_shutdown(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="gotcha_async")
-    middleware = LimitMiddleware(bare_app(), bytes=LIMIT, enforce=False, track_memory=True, ceiling=None)
+    middleware = LimitMiddleware(
+        bare_app(), bytes=LIMIT, enforce=False, track_memory=True, ceiling=None
+    )
     with serving(middleware) as server:
         async with httpx.AsyncClient(base_url=server.url) as client:
             for _ in range(3):

@@ -120,8 +120,12 @@ async def test_ceiling_none_is_the_go_semantics_purely_soft() -> None:
     assert response.status_code == 503
 
 
+async def _app(scope: Any, receive: Any, send: Any) -> None:
+    pass
+
+
 def test_bad_ceilings_are_refused_naming_the_parameter() -> None:
     with pytest.raises(ValueError, match="ceiling must be >= 1"):
-        LimitMiddleware(lambda s, r, c: None, bytes=1, ceiling=0.5)  # type: ignore[arg-type]
+        LimitMiddleware(_app, bytes=1, ceiling=0.5)
     with pytest.raises(TypeError, match="ceiling must be a number"):
-        LimitMiddleware(lambda s, r, c: None, bytes=1, ceiling="2")  # type: ignore[arg-type]
+        LimitMiddleware(_app, bytes=1, ceiling="2")  # type: ignore[arg-type]

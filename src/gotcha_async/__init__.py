@@ -48,7 +48,19 @@ if _TYPE_CHECKING:
     from ._context import move_on_limit as move_on_limit
     from ._context import run as run
 
-_ENGINE = frozenset({"GRACE", "REFUSE_MIN", "Context", "HardLimitError", "LimitExceeded", "Memory", "Usage", "current", "limit", "move_on_limit", "run"})
+_ENGINE = frozenset({
+    "GRACE",
+    "REFUSE_MIN",
+    "Context",
+    "HardLimitError",
+    "LimitExceeded",
+    "Memory",
+    "Usage",
+    "current",
+    "limit",
+    "move_on_limit",
+    "run",
+})
 
 __all__ = [
     "EB", "GB", "KB", "MB", "PB", "TB",

@@ -109,7 +109,7 @@ def check_ceiling(value: object, hard: object) -> tuple[int, int]:
         raise ValueError(
             f"give hard=True or a ceiling, not both (hard=True is ceiling=1), got ceiling={value!r}"
         )
-    return (value, 1) if type(value) is int else _ratio(value)  # type: ignore[arg-type]
+    return (value, 1) if type(value) is int else _ratio(value)  # type: ignore[arg-type,unused-ignore]
 
 
 def scaled(limit: int | None, factor: tuple[int, int]) -> int | None:
