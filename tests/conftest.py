@@ -4,7 +4,11 @@ import asyncio
 from collections.abc import Callable, Mapping
 
 import pytest
-import uvloop
+
+try:
+    import uvloop
+except ImportError:  # Windows: uvloop does not exist there
+    uvloop = None  # type: ignore[assignment]
 
 # anyio's plugin runs every @pytest.mark.anyio test on both backends.
 BACKENDS = ["asyncio", "trio"]
@@ -19,4 +23,7 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     # pytest-asyncio runs every @pytest.mark.asyncio test on the stock loop and on uvloop
-    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    factories = {"asyncio": asyncio.new_event_loop}
+    if uvloop is not None:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories

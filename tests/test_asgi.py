@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import logging
 import re
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -998,6 +999,7 @@ def vm_rss() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc (Linux only)")
 @pytest.mark.anyio
 async def test_server_rss_stays_bounded_over_200_hogs() -> None:
     # 200 hogs allocate 1.6 GiB in all; held to the end, even a tenth of that would

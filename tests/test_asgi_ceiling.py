@@ -5,6 +5,7 @@ Behind a real uvicorn on 127.0.0.1, with nothing but a budget given.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import anyio
@@ -65,6 +66,7 @@ def app(used: dict[str, int], errors: list[BaseException]) -> Starlette:
     return LimitMiddleware(inner, bytes=BUDGET, on_exceeded=record)  # type: ignore[return-value]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc (Linux only)")
 async def test_a_hog_that_never_awaits_gets_503_with_rss_near_its_budget() -> None:
     used: dict[str, int] = {}
     with serving(app(used, [])) as server:

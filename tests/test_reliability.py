@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import random
+import sys
 import threading
 import weakref
 
@@ -82,6 +83,7 @@ async def test_ten_thousand_tasks_in_nested_scopes() -> None:
 # -- no leaks ----------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc (Linux only)")
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_a_million_scopes_and_a_hundred_thousand_exceeded_leak_nothing(backend: str) -> None:
     async def cycles(plain: int, exceeded: int) -> None:
