@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
 import random
+import subprocess
 import sys
 import threading
 import weakref
@@ -225,3 +227,36 @@ def test_tracemalloc_toggled_inside_scopes_many_times() -> None:
             del data
     assert 50 * 100 * KiB <= ctx.used().bytes < 50 * 100 * KiB + 50 * SLACK
     assert ctx.memory().current < SLACK  # type: ignore[union-attr]
+
+
+FORK_CHILD = """
+import os, threading, gotcha_async as gotcha
+with gotcha.limit():
+    pass  # installed, delivery thread started, before the fork
+pid = os.fork()
+if pid == 0:
+    stopped = []
+    def grow():
+        keep = []
+        with gotcha.move_on_limit(bytes=gotcha.MiB, hard=True) as ctx:
+            while True:  # only the child's delivery thread can interrupt this thread
+                keep.append(bytearray(100))
+                if len(keep) > 1000:
+                    keep.clear()  # no allocation large enough to be refused
+        stopped.append(ctx.exceeded())
+    t = threading.Thread(target=grow)
+    t.start()
+    t.join(60)
+    os._exit(0 if stopped == [True] else 3)
+_, status = os.waitpid(pid, 0)
+raise SystemExit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_a_forked_child_delivers_to_its_threads() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORK_CHILD],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -6,6 +6,7 @@ scope that is entered does (:func:`ensure_installed`), once per process.
 
 from __future__ import annotations
 
+import _thread
 import contextvars
 import functools
 import importlib.util
@@ -69,6 +70,17 @@ def _deliver(ctx: Context) -> None:
     ctx._on_trip()
 
 
+def _start_delivery() -> None:
+    # Through _thread, not threading: the thread state is made here, under the GIL (see
+    # deliver.c), and the thread is nobody's to join at exit.
+    _thread.start_new_thread(_meter.delivery_loop, ())
+
+
+def _after_fork() -> None:
+    _meter.after_fork()
+    _start_delivery()
+
+
 def ensure_installed() -> None:
     """Install the hook and start the delivery thread, once per process."""
     global _installed
@@ -79,8 +91,9 @@ def ensure_installed() -> None:
             return
         main = threading.main_thread().ident or threading.get_ident()
         _meter.install(scope_var, _deliver, machinery_dirs(), main, HardLimitError)
+        _start_delivery()
         if hasattr(os, "register_at_fork"):  # not on Windows
-            os.register_at_fork(after_in_child=_meter.after_fork)
+            os.register_at_fork(after_in_child=_after_fork)
         _keep_hook_through_tracemalloc_stop()
         _installed = True
 

@@ -212,6 +212,7 @@ extern unsigned long main_ident;
 void trip(Meter *m, int resource);
 void request_interrupt(Meter *m);
 int start_delivery(void);
+PyObject *delivery_loop(void);
 void delivery_after_fork(void);
 int deliver_now(void);
 

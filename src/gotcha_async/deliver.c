@@ -263,19 +263,27 @@ interrupt_remote(void)
     }
 }
 
-/* One thread state for the delivery thread's whole life: creating and
- * destroying one per wake-up makes raw allocations that race
- * tracemalloc.stop() (CPython gh-128679). */
-static void
-delivery_main(void *ready)
+/* The delivery thread's body, called from Python in a thread started with
+ * _thread.start_new_thread: CPython makes that thread's state in the starting
+ * thread, under the GIL, and it keeps it for its whole life. A thread state
+ * made here instead (PyGILState_Ensure) would be allocated without the GIL,
+ * racing tracemalloc.stop() in another thread (CPython gh-128679). Never
+ * returns while the process lives. */
+PyObject *
+delivery_loop(void)
 {
-    (void)PyGILState_Ensure();
-    PyThread_release_lock((PyThread_type_lock)ready);   /* start_delivery may go on */
+    PyThread_type_lock lock = wake;
+    if (lock == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the delivery lock is not set up");
+        return NULL;
+    }
     for (;;) {
-        PyThread_type_lock lock = wake;
         Py_BEGIN_ALLOW_THREADS
         PyThread_acquire_lock(lock, WAIT_LOCK);
         Py_END_ALLOW_THREADS
+        if (lock != wake) {
+            Py_RETURN_NONE;   /* replaced after a fork: a new thread serves the new lock */
+        }
         wake_posted = 0;
         paused++;
         if (deliver_cb != NULL) {
@@ -286,36 +294,17 @@ delivery_main(void *ready)
     }
 }
 
-/* Returns once the thread has its thread state: made here, while the caller
- * waits, its raw allocations cannot race a tracemalloc.stop() that follows. */
+/* The lock the delivery thread waits on, held: each wake-up releases it once. */
 int
 start_delivery(void)
 {
     PyThread_type_lock lock = PyThread_allocate_lock();
-    PyThread_type_lock ready = PyThread_allocate_lock();
-    if (lock == NULL || ready == NULL) {
-        if (lock != NULL) {
-            PyThread_free_lock(lock);
-        }
-        if (ready != NULL) {
-            PyThread_free_lock(ready);
-        }
+    if (lock == NULL) {
         return -1;
     }
-    PyThread_acquire_lock(lock, WAIT_LOCK);   /* held: the thread waits on it */
-    PyThread_acquire_lock(ready, WAIT_LOCK);  /* released by the thread */
+    PyThread_acquire_lock(lock, WAIT_LOCK);
     wake = lock;
     wake_posted = 0;
-    if (PyThread_start_new_thread(delivery_main, ready) == PYTHREAD_INVALID_THREAD_ID) {
-        wake = NULL;
-        PyThread_free_lock(lock);
-        PyThread_free_lock(ready);
-        return -1;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    PyThread_acquire_lock(ready, WAIT_LOCK);
-    Py_END_ALLOW_THREADS
-    PyThread_free_lock(ready);
     return 0;
 }
 
@@ -336,7 +325,7 @@ delivery_after_fork(void)
         }
     }
     scheduled = 0;
-    wake = NULL;
+    wake = NULL;   /* the old lock may be in any state: it is left, not freed */
     if (queue != NULL || n_requests > 0) {
         schedule_main();
     }

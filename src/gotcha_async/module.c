@@ -38,7 +38,7 @@ mod_install(PyObject *mod, PyObject *args)
     }
     main_ident = ident;
     if (start_delivery() < 0) {
-        PyErr_SetString(PyExc_RuntimeError, "cannot start the delivery thread");
+        PyErr_SetString(PyExc_RuntimeError, "cannot make the delivery thread's lock");
         return NULL;
     }
     exempt = Py_NewRef(dirs);
@@ -47,6 +47,14 @@ mod_install(PyObject *mod, PyObject *args)
     interrupt_type = Py_NewRef(itype);
     installed = 1;   /* the first enter() puts the hook in the chain */
     Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_delivery_loop(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return delivery_loop();
 }
 
 static PyObject *
@@ -87,7 +95,7 @@ mod_after_fork(PyObject *mod, PyObject *unused)
     }
     delivery_after_fork();
     if (start_delivery() < 0) {
-        PyErr_SetString(PyExc_RuntimeError, "cannot start the delivery thread");
+        PyErr_SetString(PyExc_RuntimeError, "cannot make the delivery thread's lock");
         return NULL;
     }
     Py_RETURN_NONE;
@@ -161,8 +169,11 @@ mod_refuse_min(PyObject *mod, PyObject *unused)
 static PyMethodDef mod_methods[] = {
     {"install", mod_install, METH_VARARGS,
      "install(var, deliver, exempt_dirs, main_thread_ident, interrupt_type): set the hook up "
-     "and start the delivery thread; once per process."},
+     "and the delivery thread's lock; once per process."},
     {"installed", mod_installed, METH_NOARGS, "Has install() run?"},
+    {"delivery_loop", mod_delivery_loop, METH_NOARGS,
+     "The delivery thread's body: run it in a thread of its own, once after install() "
+     "and once after each fork; it never returns."},
     {"set_types", mod_set_types, METH_VARARGS,
      "set_types(Usage, Memory): the NamedTuples the module returns."},
     {"set_hooked", mod_set_hooked, METH_O,
