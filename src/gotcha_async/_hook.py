@@ -57,9 +57,12 @@ def machinery_dirs() -> tuple[str, ...]:
             spec = None
         if spec is not None and spec.submodule_search_locations:
             paths.extend(os.path.join(p, "") for p in spec.submodule_search_locations)
-    for name in ("threading", "selectors", "contextlib", "traceback", "linecache", "weakref"):
+    for name in ("threading", "selectors", "contextlib", "traceback", "linecache", "weakref",
+                 "abc"):
         spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin:
+        if spec is not None and spec.origin == "frozen":
+            paths.append(f"<frozen {name}>")  # 3.15 freezes linecache, all freeze abc
+        elif spec is not None and spec.origin:
             paths.append(spec.origin)
     return tuple(paths)
 
