@@ -58,7 +58,7 @@ def machinery_dirs() -> tuple[str, ...]:
         if spec is not None and spec.submodule_search_locations:
             paths.extend(os.path.join(p, "") for p in spec.submodule_search_locations)
     for name in ("threading", "selectors", "contextlib", "traceback", "linecache", "weakref",
-                 "abc"):
+                 "abc", "tokenize"):
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin == "frozen":
             paths.append(f"<frozen {name}>")  # 3.15 freezes linecache, all freeze abc
