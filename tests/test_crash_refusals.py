@@ -31,8 +31,13 @@ def test_item02_forty_kept_memoryerrors(mode: str, scope: str) -> None:
     # 3.11 keeps 16 preallocated MemoryErrors; the 17th allocates, and refusing that
     # allocation was "Cannot recover from MemoryErrors while normalizing exceptions"
     r = run_script("many_memoryerrors.py", mode, scope).result
-    assert r["memory_errors"] == 40, r  # every round was stopped, and kept its error
-    assert r["kinds"] == ["MemoryError"], r
+    # Small allocations are never refused now, so making the 17th MemoryError cannot
+    # fail. The rounds are stopped by interrupts; once the scope's grace is spent, the
+    # next one lands wherever the scope's own code next allocates (which can be outside
+    # the round's try), so not every round keeps its error: the process lives on.
+    assert set(r["kinds"]) <= {"HardLimitError", "MemoryError", "NoneType"}, r
+    if mode == "sync":
+        assert r["memory_errors"] >= 1, r
     assert r["exceeded"], r
     assert r["raised"] == ("bytes" if scope == "limit" else None), r
     assert r["current_none"] and r["active"] == 0, r
@@ -62,6 +67,7 @@ ALLOWED_UNWINDING = {
     "none",
     "RecursionError",
     "LimitExceeded from MemoryError",
+    "LimitExceeded from HardLimitError",
     "LimitExceeded from RecursionError",
     "LimitExceeded from NoneType",
 }

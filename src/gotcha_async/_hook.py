@@ -57,8 +57,12 @@ def machinery_dirs() -> tuple[str, ...]:
             spec = None
         if spec is not None and spec.submodule_search_locations:
             paths.extend(os.path.join(p, "") for p in spec.submodule_search_locations)
+    # the standard library's helpers the loops run through (an interrupt landing in
+    # _weakrefset broke asyncio.run's shutdown), and what formats their debug stacks
     for name in ("threading", "selectors", "contextlib", "traceback", "linecache", "weakref",
-                 "abc", "tokenize"):
+                 "_weakrefset", "abc", "_collections_abc", "tokenize", "functools", "enum",
+                 "socket", "ssl", "signal", "warnings", "queue", "heapq", "inspect",
+                 "reprlib", "types", "typing", "copyreg"):
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin == "frozen":
             paths.append(f"<frozen {name}>")  # 3.15 freezes linecache, all freeze abc
