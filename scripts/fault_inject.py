@@ -86,9 +86,11 @@ def child(module: str, seed: int, hard: bool, verbose: bool) -> int:
     unittest.TestCase.run = run  # type: ignore[method-assign]
     suite = unittest.defaultTestLoader.loadTestsFromName(module)
     result = unittest.TextTestRunner(stream=sys.stderr, verbosity=0).run(suite)
+    # to the real stdout: a test stopped in the middle may have left sys.stdout replaced
     print(f"{SUMMARY} tests={result.testsRun} failures={len(result.failures)} "
           f"errors={len(result.errors)} skipped={len(result.skipped)} "
-          f"scopes={stats['scopes']} exceeded={stats['exceeded']}", flush=True)
+          f"scopes={stats['scopes']} exceeded={stats['exceeded']}", flush=True,
+          file=sys.__stdout__)
     return 0
 
 
