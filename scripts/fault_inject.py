@@ -22,9 +22,11 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 from dataclasses import dataclass
@@ -128,9 +130,12 @@ def run_one(python: str, version: str, module: str, seed: int, hard: bool, timeo
     env = dict(os.environ)
     env.pop("PYTHONDEVMODE", None)
     t0 = time.monotonic()
+    # a folder of its own: CPython's tests make temporary files in the current one,
+    # and a run that dies leaves them behind
+    workdir = tempfile.mkdtemp(prefix="fault_inject-")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, cwd=workdir)
         rc, out, err = proc.returncode, proc.stdout, proc.stderr
         hung = False
     except subprocess.TimeoutExpired as exc:
@@ -138,6 +143,8 @@ def run_one(python: str, version: str, module: str, seed: int, hard: bool, timeo
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
         hung = True
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     seconds = time.monotonic() - t0
     found = re.search(rf"{SUMMARY} tests=(\d+) failures=(\d+) errors=(\d+) skipped=\d+ "
                       r"scopes=\d+ exceeded=(\d+)", out)
