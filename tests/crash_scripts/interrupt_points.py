@@ -39,7 +39,9 @@ class Injector:
         if not frame.f_code.co_filename.startswith(PACKAGE):
             return None
         frame.f_trace_opcodes = True
-        if event == "opcode":
+        # line events as well: 3.12.1 delivers no opcode events to a frame whose
+        # f_trace_opcodes was set in its call event
+        if event in ("opcode", "line"):
             self.seen += 1
             if self.seen - 1 == self.at and not self.fired:
                 self.fired = True

@@ -18,6 +18,7 @@ import contextvars
 import random
 import signal
 import sys
+import threading
 
 from _common import report
 
@@ -62,6 +63,29 @@ def trip_until_interrupted() -> str:
         return "caught"
 
 
+def cpython_with_leaks(rounds: int) -> int:
+    """The same storm over ``with threading.Lock()``: how often CPython itself lets an
+    interrupt in between a C ``__enter__`` and the with block (3.14.10 does)."""
+    leaks = 0
+    for _ in range(rounds):
+        lock = threading.Lock()
+        signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.000_01, 0.002))
+        try:
+            for _ in range(SPINS):
+                with lock:
+                    pass
+        except KeyboardInterrupt:
+            pass
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        leaks += lock.locked()
+    return leaks
+
+
+with gotcha.Context():  # first use installs the hook: not what is measured here
+    pass
+signal.signal(signal.SIGALRM, signal.default_int_handler)
+control = cpython_with_leaks(100)
+signal.signal(signal.SIGALRM, on_alarm if python_handler else signal.default_int_handler)
 for _ in range(count):
     state: list[object] = ["", True]
 
@@ -89,5 +113,6 @@ for _ in range(count):
         bytearray(LIMIT * 4)
     except MemoryError:
         refused_outside += 1
-report(fired=fired[0], caught=caught, lost=lost, stuck=stuck, escaped=escaped, dead=dead,
+report(cpython_with_leaks=control, fired=fired[0], caught=caught, lost=lost, stuck=stuck,
+       escaped=escaped, dead=dead,
        refused_outside=refused_outside, active=_meter.active())
