@@ -69,6 +69,12 @@ def child(module: str, seed: int, hard: bool, verbose: bool) -> int:
 
     import gotcha_async as gotcha
 
+    dump_after = float(os.environ.get("FAULT_INJECT_DUMP_AFTER", "0"))
+    if dump_after > 0:
+        import faulthandler
+
+        # where a hang hangs: every thread's stack, shortly before the parent's timeout
+        faulthandler.dump_traceback_later(dump_after, exit=False)
     stats = {"scopes": 0, "exceeded": 0}
     original = unittest.TestCase.run
 
@@ -129,6 +135,7 @@ def run_one(python: str, version: str, module: str, seed: int, hard: bool, timeo
         cmd.append("--soft")
     env = dict(os.environ)
     env.pop("PYTHONDEVMODE", None)
+    env["FAULT_INJECT_DUMP_AFTER"] = str(max(timeout - 10, timeout * 0.9))
     t0 = time.monotonic()
     # a folder of its own: CPython's tests make temporary files in the current one,
     # and a run that dies leaves them behind
