@@ -92,11 +92,14 @@ def child(module: str, seed: int, hard: bool, verbose: bool) -> int:
         return outcome
 
     unittest.TestCase.run = run  # type: ignore[method-assign]
+    # the real streams: a test stopped in its cleanup can leave sys.stdout replaced
+    out, err = sys.__stdout__, sys.__stderr__
+    assert out is not None and err is not None
     suite = unittest.defaultTestLoader.loadTestsFromName(module)
-    result = unittest.TextTestRunner(stream=sys.stderr, verbosity=0).run(suite)
+    result = unittest.TextTestRunner(stream=err, verbosity=0).run(suite)
     print(f"{SUMMARY} tests={result.testsRun} failures={len(result.failures)} "
           f"errors={len(result.errors)} skipped={len(result.skipped)} "
-          f"scopes={stats['scopes']} exceeded={stats['exceeded']}", flush=True)
+          f"scopes={stats['scopes']} exceeded={stats['exceeded']}", file=out, flush=True)
     return 0
 
 
