@@ -22,9 +22,11 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 from dataclasses import dataclass
@@ -67,6 +69,12 @@ def child(module: str, seed: int, hard: bool, verbose: bool) -> int:
 
     import gotcha_async as gotcha
 
+    dump_after = float(os.environ.get("FAULT_INJECT_DUMP_AFTER", "0"))
+    if dump_after > 0:
+        import faulthandler
+
+        # where a hang hangs: every thread's stack, shortly before the parent's timeout
+        faulthandler.dump_traceback_later(dump_after, exit=False)
     stats = {"scopes": 0, "exceeded": 0}
     original = unittest.TestCase.run
 
@@ -84,13 +92,14 @@ def child(module: str, seed: int, hard: bool, verbose: bool) -> int:
         return outcome
 
     unittest.TestCase.run = run  # type: ignore[method-assign]
+    # the real streams: a test stopped in its cleanup can leave sys.stdout replaced
+    out, err = sys.__stdout__, sys.__stderr__
+    assert out is not None and err is not None
     suite = unittest.defaultTestLoader.loadTestsFromName(module)
-    result = unittest.TextTestRunner(stream=sys.stderr, verbosity=0).run(suite)
-    # to the real stdout: a test stopped in the middle may have left sys.stdout replaced
+    result = unittest.TextTestRunner(stream=err, verbosity=0).run(suite)
     print(f"{SUMMARY} tests={result.testsRun} failures={len(result.failures)} "
           f"errors={len(result.errors)} skipped={len(result.skipped)} "
-          f"scopes={stats['scopes']} exceeded={stats['exceeded']}", flush=True,
-          file=sys.__stdout__)
+          f"scopes={stats['scopes']} exceeded={stats['exceeded']}", file=out, flush=True)
     return 0
 
 
@@ -129,10 +138,14 @@ def run_one(python: str, version: str, module: str, seed: int, hard: bool, timeo
         cmd.append("--soft")
     env = dict(os.environ)
     env.pop("PYTHONDEVMODE", None)
+    env["FAULT_INJECT_DUMP_AFTER"] = str(max(timeout - 10, timeout * 0.9))
     t0 = time.monotonic()
+    # a folder of its own: CPython's tests make temporary files in the current one,
+    # and a run that dies leaves them behind
+    workdir = tempfile.mkdtemp(prefix="fault_inject-")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, cwd=workdir)
         rc, out, err = proc.returncode, proc.stdout, proc.stderr
         hung = False
     except subprocess.TimeoutExpired as exc:
@@ -140,6 +153,8 @@ def run_one(python: str, version: str, module: str, seed: int, hard: bool, timeo
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
         hung = True
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     seconds = time.monotonic() - t0
     found = re.search(rf"{SUMMARY} tests=(\d+) failures=(\d+) errors=(\d+) skipped=\d+ "
                       r"scopes=\d+ exceeded=(\d+)", out)

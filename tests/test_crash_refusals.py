@@ -31,13 +31,10 @@ def test_item02_forty_kept_memoryerrors(mode: str, scope: str) -> None:
     # 3.11 keeps 16 preallocated MemoryErrors; the 17th allocates, and refusing that
     # allocation was "Cannot recover from MemoryErrors while normalizing exceptions"
     r = run_script("many_memoryerrors.py", mode, scope).result
-    # Small allocations are never refused now, so making the 17th MemoryError cannot
-    # fail. The rounds are stopped by interrupts; once the scope's grace is spent, the
-    # next one lands wherever the scope's own code next allocates (which can be outside
-    # the round's try), so not every round keeps its error: the process lives on.
-    assert set(r["kinds"]) <= {"HardLimitError", "MemoryError", "NoneType"}, r
+    assert r["all_memory_errors"], r  # what the rounds caught was their MemoryErrors
     if mode == "sync":
         assert r["memory_errors"] >= 1, r
+    assert r["used"] <= r["limit"] + MiB, r  # small-step growth was stopped
     assert r["exceeded"], r
     assert r["raised"] == ("bytes" if scope == "limit" else None), r
     assert r["current_none"] and r["active"] == 0, r
@@ -51,7 +48,10 @@ def test_item02_forty_kept_memoryerrors(mode: str, scope: str) -> None:
 def test_item03_code_run_from_c_inside_an_exhausted_hard_scope(mode: str) -> None:
     # 3.13+: the entry frame's executable is None; reading a code object from it was
     # a SIGSEGV in in_user_code()
-    r = run_script("entry_frame.py", mode).result
+    out = run_script("entry_frame.py", mode)
+    r = out.result
+    # no finalizer or handler was hit by a refusal or a hard scope's interrupt
+    assert "Exception ignored" not in out.stderr, out.stderr[-3000:]
     expected = {"finalizer": 4, "signal": 1, "nested": 0, "gc": 100, "asyncio": 0}[mode]
     if mode == "signal":
         assert r["fired"] >= 1, r  # the handler ran: a signal is never lost
@@ -67,7 +67,6 @@ ALLOWED_UNWINDING = {
     "none",
     "RecursionError",
     "LimitExceeded from MemoryError",
-    "LimitExceeded from HardLimitError",
     "LimitExceeded from RecursionError",
     "LimitExceeded from NoneType",
 }

@@ -1,10 +1,11 @@
 """Items 10 and 11 with real signals: KeyboardInterrupts from a timer while scopes keep
 tripping in synchronous code.
 
-    interrupt_storm.py COUNT soft|hard
+    interrupt_storm.py COUNT soft|hard python|c
 
-SIGALRM's handler is ``signal.default_int_handler`` (it raises KeyboardInterrupt, as
-Ctrl-C does), armed COUNT times at a random delay under 2 ms, while the main thread
+SIGALRM's handler raises KeyboardInterrupt, as Ctrl-C does: a Python function (as
+asyncio.run and trio install for SIGINT) or ``signal.default_int_handler`` (C). It is
+armed COUNT times at a random delay under 2 ms, while the main thread
 enters, trips and leaves scopes in a loop: the interrupts land everywhere, in the
 scope's enter and exit and in the delivery of the broken limit. Every interrupt must
 reach the program (none printed as "Exception ignored" and dropped), and after each
@@ -17,6 +18,7 @@ import contextvars
 import random
 import signal
 import sys
+import threading
 
 from _common import report
 
@@ -24,6 +26,7 @@ import gotcha_async as gotcha
 from gotcha_async import _meter
 
 count, hard = int(sys.argv[1]), sys.argv[2] == "hard"
+python_handler = len(sys.argv) <= 3 or sys.argv[3] == "python"
 fired = [0]
 
 
@@ -32,32 +35,61 @@ def on_alarm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-signal.signal(signal.SIGALRM, on_alarm)
+signal.signal(signal.SIGALRM, on_alarm if python_handler else signal.default_int_handler)
 rng = random.Random(11)
-caught = lost = dead = refused_outside = escaped = 0
+caught = lost = dead = refused_outside = escaped = stuck = 0
+SPINS = 200_000  # a round is ~1,000 scopes at most: this many means the signal is stuck
 LIMIT = 2000
 
 
-def trip_until_interrupted() -> bool:
-    """Trip scopes until an interrupt arrives; False if one fired and never arrived."""
+def trip_until_interrupted() -> str:
+    """Trip scopes until an interrupt arrives: "caught", "lost" (its handler ran and
+    nothing was raised here) or "stuck" (its handler never ran)."""
     expected = fired[0] + 1
     signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.000_01, 0.002))
     try:
-        while fired[0] < expected:
+        for _ in range(SPINS):
+            if fired[0] >= expected:
+                return "lost"
             with gotcha.move_on_limit(bytes=LIMIT, hard=hard):
                 try:
                     bytearray(LIMIT * 2)
                 except MemoryError:
                     pass
-        return False  # it fired, and nothing was raised here
+        return "stuck"
     except KeyboardInterrupt:
-        return True
+        if not python_handler:
+            fired[0] += 1
+        return "caught"
 
 
+def cpython_with_leaks(rounds: int) -> int:
+    """The same storm over ``with threading.Lock()``: how often CPython itself lets an
+    interrupt in between a C ``__enter__`` and the with block (3.14.10 does)."""
+    leaks = 0
+    for _ in range(rounds):
+        lock = threading.Lock()
+        signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.000_01, 0.002))
+        try:
+            for _ in range(SPINS):
+                with lock:
+                    pass
+        except KeyboardInterrupt:
+            pass
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        leaks += lock.locked()
+    return leaks
+
+
+with gotcha.Context():  # first use installs the hook: not what is measured here
+    pass
+signal.signal(signal.SIGALRM, signal.default_int_handler)
+control = cpython_with_leaks(100)
+signal.signal(signal.SIGALRM, on_alarm if python_handler else signal.default_int_handler)
 for _ in range(count):
-    state = [False, True]
+    state: list[object] = ["", True]
 
-    def one(state: list[bool] = state) -> None:
+    def one(state: list[object] = state) -> None:
         state[0] = trip_until_interrupted()
         state[1] = gotcha.current() is None
 
@@ -68,15 +100,19 @@ for _ in range(count):
     except KeyboardInterrupt:
         escaped += 1  # it arrived, but not where it was raised
     signal.setitimer(signal.ITIMER_REAL, 0)
-    if state[0]:
+    if state[0] == "caught":
         caught += 1
-    else:
+    elif state[0] == "lost":
         lost += 1
+    elif state[0] == "stuck":
+        stuck += 1
+        fired[0] += 1  # disarmed above: the next round waits for its own
     if not state[1] or _meter.active() > before:
         dead += 1
     try:
         bytearray(LIMIT * 4)
     except MemoryError:
         refused_outside += 1
-report(fired=fired[0], caught=caught, lost=lost, escaped=escaped, dead=dead,
+report(cpython_with_leaks=control, fired=fired[0], caught=caught, lost=lost, stuck=stuck,
+       escaped=escaped, dead=dead,
        refused_outside=refused_outside, active=_meter.active())

@@ -3,10 +3,10 @@
     tracemalloc_bypass.py early|c
 
 early: ``from tracemalloc import stop`` bound before gotcha_async is imported; c:
-``_tracemalloc.stop()``, the C function itself. Either way, inside a 1 MiB hard
-scope entered after the hook was dropped that way, a 50 MB bytearray must still be
-refused, and later scopes must still count. (A stop inside a scope drops the hook
-for the rest of that scope: nothing reaches the core to tell it.)
+``_tracemalloc.stop()``, the C function itself. Either way, called inside a scope
+entered after tracemalloc.start() (the hook then sits on top of tracemalloc and
+goes with it), it must not drop the hook for good: the next 1 MiB hard scope still
+refuses a 50 MB bytearray, and later scopes still count.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ import gotcha_async as gotcha
 
 stop = early_stop if sys.argv[1] == "early" else _tracemalloc.stop
 results: list[str] = []
+inside: list[int] = []
 for _ in range(3):
     tracemalloc.start()
-    with gotcha.Context():
-        pass  # the hook joins the chain on top of tracemalloc
-    # drops whatever was installed after start(): the hook. The core cannot see this
-    # happen; the next scope entered probes the chain and joins it again.
-    stop()
+    with gotcha.Context() as first:  # the hook joins the chain on top of tracemalloc
+        stop()  # and is dropped here, behind the wrapper's back
+        bytearray(100_000)
+    inside.append(first.used().bytes)  # informational: what the scope saw after stop()
     try:
-        with gotcha.limit(bytes=gotcha.MiB, hard=True) as ctx:
+        with gotcha.limit(bytes=gotcha.MiB, hard=True):
             data = bytearray(50 * gotcha.MiB)
             del data
         results.append("passed")
@@ -40,4 +40,4 @@ for _ in range(3):
         kept = bytearray(100_000)
     results.append(f"later {later.used().bytes}")
     del kept
-report(results=results, current_none=gotcha.current() is None)
+report(results=results, inside=inside, current_none=gotcha.current() is None)

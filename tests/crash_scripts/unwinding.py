@@ -74,9 +74,11 @@ for lim in range(step, top + 8 * step, step):
         what = "none"
     except gotcha.LimitExceeded as exc:
         cause = exc.__cause__
-        what = f"LimitExceeded from {type(cause).__name__}"
+        # a MemoryError subclass (a hard scope's interrupt) counts as a MemoryError
+        kind = MemoryError if isinstance(cause, MemoryError) else type(cause)
+        what = f"LimitExceeded from {kind.__name__}"
     except BaseException as exc:
-        what = type(exc).__name__
+        what = "MemoryError" if isinstance(exc, MemoryError) else type(exc).__name__
     outcomes[what] = outcomes.get(what, 0) + 1
     assert gotcha.current() is None
 report(outcomes=outcomes, top=top, current_none=gotcha.current() is None,
