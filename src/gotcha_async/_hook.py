@@ -26,6 +26,7 @@ scope_var: contextvars.ContextVar[Context] = contextvars.ContextVar("gotcha_asyn
 
 _lock = threading.Lock()
 _installed = False
+_done: set[str] = set()
 
 
 class HardLimitError(MemoryError):
@@ -62,10 +63,14 @@ def machinery_dirs() -> tuple[str, ...]:
     for name in ("threading", "selectors", "contextlib", "traceback", "linecache", "weakref",
                  "_weakrefset", "abc", "_collections_abc", "tokenize", "functools", "enum",
                  "socket", "ssl", "signal", "warnings", "queue", "heapq", "inspect",
-                 "reprlib", "types", "typing", "copyreg"):
+                 "reprlib", "types", "typing", "copyreg", "importlib._bootstrap",
+                 "importlib._bootstrap_external", "zipimport", "os", "posixpath",
+                 "genericpath", "codecs", "io"):
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin == "frozen":
-            paths.append(f"<frozen {name}>")  # 3.15 freezes linecache, all freeze abc
+            # 3.15 freezes linecache; all versions freeze abc and the import system, whose
+            # unmarshalling grows the interned-strings dict (3.13 crashed on a refusal there)
+            paths.append(f"<frozen {name}>")
         elif spec is not None and spec.origin:
             paths.append(spec.origin)
     return tuple(paths)
@@ -89,18 +94,28 @@ def _after_fork() -> None:
 
 
 def ensure_installed() -> None:
-    """Install the hook and start the delivery thread, once per process."""
+    """Install the hook and start the delivery thread, once per process.
+
+    The whole can be retried: a KeyboardInterrupt between two steps leaves the next
+    scope to finish the job.
+    """
     global _installed
     if _installed:
         return
     with _lock:
         if _installed:
             return
-        main = threading.main_thread().ident or threading.get_ident()
-        _meter.install(scope_var, _deliver, machinery_dirs(), main, HardLimitError)
-        _start_delivery()
-        if hasattr(os, "register_at_fork"):  # not on Windows
+        if not _meter.installed():
+            main = threading.main_thread().ident or threading.get_ident()
+            _meter.install(scope_var, _deliver, machinery_dirs(), main, HardLimitError)
+        # each flag is set after its step: interrupted in between, a step runs twice on
+        # the retry, which is harmless (a second delivery thread, a second fork handler)
+        if "delivery" not in _done:
+            _start_delivery()
+            _done.add("delivery")
+        if "fork" not in _done and hasattr(os, "register_at_fork"):  # not on Windows
             os.register_at_fork(after_in_child=_after_fork)
+            _done.add("fork")
         _keep_hook_through_tracemalloc_stop()
         _installed = True
 

@@ -73,10 +73,10 @@ tstate_unchecked(void)
 #define NONE UINT64_MAX     /* "no limit" */
 enum { R_BYTES, R_OBJECTS, R_CALLS, R_MEMORY, NRES };
 
-/* A hard scope refuses only allocations at least this large: CPython handles a
- * failed large allocation as an ordinary MemoryError everywhere, while its own
- * small allocations (exceptions, tracebacks, frames) must never fail. Growth in
- * small steps is stopped by an interrupt at a bytecode boundary instead. */
+/* A hard scope refuses only an allocation at least this large, and on its own
+ * larger than the ceiling it would cross: CPython's small allocations
+ * (exceptions, tracebacks, frames) must never fail, and only the huge buffer
+ * cannot wait for the interrupt that stops growth at a bytecode boundary. */
 #define REFUSE_MIN ((size_t)64 * 1024)
 
 /* Allowance past a hard ceiling after each stop, so that the stopped code's

@@ -176,5 +176,20 @@ frame_is_user(PyThreadState *ts)
     }
     void *f = top_frame(ts);
     PyCodeObject *code = f == NULL ? NULL : frame_code(f);
-    return code != NULL && !code_is_machinery(code);
+    if (code == NULL || code_is_machinery(code)) {
+        return 0;
+    }
+    /* Code made at run time ("<string>": a namedtuple's __new__, a dataclass's
+     * __init__) belongs to whoever calls it: called by the loop's machinery
+     * (selectors' SelectorKey), it is machinery. */
+    PyObject *name = code->co_filename;
+    if (PyUnicode_GET_LENGTH(name) > 0 &&
+        PyUnicode_READ(PyUnicode_KIND(name), PyUnicode_DATA(name), 0) == '<') {
+        void *caller = older_frame(f);
+        PyCodeObject *outer = caller == NULL ? NULL : frame_code(caller);
+        if (outer != NULL && code_is_machinery(outer)) {
+            return 0;
+        }
+    }
+    return 1;
 }

@@ -326,6 +326,15 @@ refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size)
         if (r < 0) {
             continue;
         }
+        /* Refused only if it is on its own larger than the ceiling it would cross (the
+         * bytearray(2 GiB) in a 1 GiB scope), or the scope's code is overdue: asked to
+         * stop and still growing (a worker thread's interrupt waits for the GIL). A
+         * large allocation can be one of CPython's own that it does not expect to fail
+         * (3.13's interned-strings dict growing inside marshal, 3.12's tee): every
+         * other way past a ceiling is left to the interrupt. */
+        if ((r != R_BYTES && r != R_MEMORY) || (bytes <= m->ceiling[r] && m->stops == 0)) {
+            return 0;
+        }
         PyThreadState *ts = tstate_unchecked();
         if (PyErr_Occurred() || !frame_is_user(ts) || !stack_spilled(ts)) {
             return 0;   /* only counted; the interrupt stops the code later */
