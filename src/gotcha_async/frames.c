@@ -179,12 +179,11 @@ frame_is_user(PyThreadState *ts)
     if (code == NULL || code_is_machinery(code)) {
         return 0;
     }
-    /* Code made at run time ("<string>": a namedtuple's __new__, a dataclass's
-     * __init__) belongs to whoever calls it: called by the loop's machinery
-     * (selectors' SelectorKey), it is machinery. */
-    PyObject *name = code->co_filename;
-    if (PyUnicode_GET_LENGTH(name) > 0 &&
-        PyUnicode_READ(PyUnicode_KIND(name), PyUnicode_DATA(name), 0) == '<') {
+    /* A lambda made at run time (a namedtuple's __new__ is one, from "<string>")
+     * belongs to whoever calls it: called by the loop's machinery (selectors'
+     * SelectorKey while asyncio builds a loop), it is machinery. */
+    if (PyUnicode_CompareWithASCIIString(code->co_filename, "<string>") == 0 &&
+        PyUnicode_CompareWithASCIIString(code->co_name, "<lambda>") == 0) {
         void *caller = older_frame(f);
         PyCodeObject *outer = caller == NULL ? NULL : frame_code(caller);
         if (outer != NULL && code_is_machinery(outer)) {
