@@ -201,6 +201,7 @@ int code_line(PyCodeObject *code, int lasti);
 int stack_spilled(PyThreadState *ts);
 int code_is_machinery(PyCodeObject *code);
 int frame_is_user(PyThreadState *ts);
+int frames_init(void);
 
 /* ------------------------------------------------------------------------ */
 /* Delivery (deliver.c)                                                     */

@@ -168,9 +168,21 @@ code_is_machinery(PyCodeObject *code)
  * loop's, anyio's or our own machinery, or no Python code at all? Only user
  * code is ever refused or interrupted: a MemoryError inside asyncio's task
  * step would break the loop for every task. */
+static PyObject *frozen_prefix;   /* "<frozen ", made at init: the hook may not allocate */
+
+int
+frames_init(void)
+{
+    frozen_prefix = PyUnicode_InternFromString("<frozen ");
+    return frozen_prefix == NULL ? -1 : 0;
+}
+
 int
 frame_is_user(PyThreadState *ts)
 {
+    if (frozen_prefix == NULL) {
+        return 0;
+    }
     if (ts == NULL) {
         return 0;
     }
@@ -184,8 +196,19 @@ frame_is_user(PyThreadState *ts)
      * SelectorKey while asyncio builds a loop), it is machinery. */
     if (PyUnicode_CompareWithASCIIString(code->co_filename, "<string>") == 0 &&
         PyUnicode_CompareWithASCIIString(code->co_name, "<lambda>") == 0) {
-        void *caller = older_frame(f);
-        PyCodeObject *outer = caller == NULL ? NULL : frame_code(caller);
+        /* the caller: past the C entry frames of a call made from C (no code on
+         * 3.13+, 3.12's shim code, named "<...>" like no real file) */
+        PyCodeObject *outer = NULL;
+        for (void *caller = older_frame(f); caller != NULL && outer == NULL;
+             caller = older_frame(caller)) {
+            PyCodeObject *c = frame_code(caller);
+            if (c != NULL && PyUnicode_GET_LENGTH(c->co_filename) > 0 &&
+                PyUnicode_READ_CHAR(c->co_filename, 0) == '<' &&
+                PyUnicode_Tailmatch(c->co_filename, frozen_prefix, 0, 8, -1) != 1) {
+                continue;   /* a shim, not a caller */
+            }
+            outer = c;
+        }
         if (outer != NULL && code_is_machinery(outer)) {
             return 0;
         }

@@ -216,7 +216,7 @@ PyInit__meter(void)
         return NULL;
     }
     main_interp = PyInterpreterState_Main();
-    if (meter_init_types() < 0) {
+    if (meter_init_types() < 0 || frames_init() < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&meter_module);
