@@ -112,8 +112,9 @@ class LimitExceeded(Exception):
 #: What a hard scope may still allocate past its ceiling after each time it stops the
 #: code, so that the stopped code's ``except``/``finally`` blocks can run.
 GRACE: dict[str, int] = dict(zip(RESOURCES, _meter.grace(), strict=True))
-#: The smallest allocation a hard scope refuses outright (a ``MemoryError`` at that
-#: very line); smaller steps past the ceiling are stopped by an interrupt.
+#: The smallest allocation a hard scope may refuse outright (a ``MemoryError`` at that
+#: very line: one larger on its own than the ceiling, or from code already told to
+#: stop); everything else past the ceiling is stopped by an interrupt.
 REFUSE_MIN: int = _meter.refuse_min()
 
 
@@ -207,7 +208,8 @@ class Context(_meter.Meter, anyio.CancelScope):
     the code go past twice it); ``hard=True`` is ``ceiling=1``. Past a ceiling:
 
     - an allocation of at least :data:`REFUSE_MIN <gotcha_async.REFUSE_MIN>`
-      (64 KiB) that would cross it is refused before it is made: the code gets a
+      (64 KiB) that would cross it is refused before it is made if it is on its own
+      larger than the ceiling, or the code was already told to stop: the code gets a
       ``MemoryError`` at that very line (``bytearray(2 * GiB)`` never happens);
     - growth in smaller steps is stopped at the next bytecode boundary of the
       scope's own code, where a :class:`HardLimitError` (a ``MemoryError``) is
@@ -218,8 +220,10 @@ class Context(_meter.Meter, anyio.CancelScope):
     of :data:`GRACE <gotcha_async.GRACE>` (64 KiB, 1,000 objects, 1,000 calls) lets
     ``except``/``finally`` blocks run; code that swallows the error and keeps
     allocating is stopped again past it, with no grace after four stops. Nothing is
-    ever refused or raised in the event loop's, anyio's or this package's code, in
-    finalizers or the garbage collector's C work, or while an exception is being
+    ever refused or raised in the event loop's, anyio's or this package's code (nor
+    in the standard-library helpers they run through: the import system, ``os``,
+    ``io``, ``functools``, ``traceback`` and a few more), in finalizers, signal
+    handlers or the garbage collector's C work, or while an exception is being
     raised or handled: CPython survives a failed large allocation anywhere, not a
     failed small one inside its own machinery, so small allocations are never
     refused at all.
