@@ -93,7 +93,9 @@ def demonstrate() -> None:
         for n in range(1, 21):
             client.get(f"/items/{n}").raise_for_status()
         for _ in range(3):
-            print("GET /report:", client.get("/report").status_code)
+            status = client.get("/report").status_code
+            # one write: the server thread logs to the same stream meanwhile
+            print(f"GET /report: {status}")
     scraped = httpx.get(metrics_url).text
     print("scraped from", "/metrics:")
     for line in scraped.splitlines():
