@@ -25,7 +25,7 @@ else:
 
 import anyio
 
-from . import _meter
+from . import _hook, _meter
 from ._hook import HardLimitError, ensure_installed, machinery_dirs, scope_var
 from ._units import _MAX, Limit, check_ceiling, check_limit, sampling_rate, scaled
 
@@ -59,6 +59,7 @@ _PACKAGE_DIR = os.path.join(os.path.dirname(__file__), "")
 # loop.set_debug() too, which this does not see: only then is the loop asked per scope)
 _DEBUG_POSSIBLE = sys.flags.dev_mode or bool(os.environ.get("PYTHONASYNCIODEBUG"))
 _get_running_loop = asyncio.events._get_running_loop
+_new_meter = _meter.Meter.__new__
 
 
 class Usage(NamedTuple, Generic[N]):
@@ -144,6 +145,8 @@ def _new_cancel_scope(deadline: float, shield: bool) -> tuple[Any, Any]:
     if loop is not None:
         cls = _scope_classes.get("asyncio")
         if cls is not None:
+            if not _fast_path and not _DEBUG_POSSIBLE and _hook._installed:
+                _enable_fast_path(cls)
             return cls(deadline=deadline, shield=shield), loop
     else:
         trio = sys.modules.get("trio")
@@ -159,6 +162,20 @@ def _new_cancel_scope(deadline: float, shield: bool) -> tuple[Any, Any]:
     waker = _loop_waker()
     _scope_classes.setdefault("asyncio" if loop is not None else "trio", type(scope))
     return scope, waker
+
+
+_fast_path = False
+
+
+def _enable_fast_path(cls: type) -> None:
+    """From now on the C half enters and leaves plain scopes on asyncio itself.
+
+    Not in asyncio's debug mode, where entering marks the scope quiet (see
+    _before_enter), nor before the hook is installed.
+    """
+    global _fast_path
+    _meter.set_fast(_get_running_loop, cls)
+    _fast_path = True
 
 
 def _call_soon(waker: Any, callback: Callable[[], object]) -> None:
@@ -269,18 +286,9 @@ class Context(_meter.Meter, anyio.CancelScope):
         ``hard=True`` with a ceiling
     """
 
-    __slots__ = (
-        "_cancel_pending",
-        "_cancel_reason",
-        "_deadline",
-        "_done",
-        "_fail",
-        "_hard",
-        "_limits",
-        "_scope",
-        "_shield",
-        "_waker",
-    )
+    # _scope, _waker, _done, _deadline, _shield and _cancel_pending are Meter's, in
+    # C: entering and leaving read them there without a Python frame
+    __slots__ = ("_cancel_reason", "_fail", "_hard", "_limits")
 
     # No __new__ here: Meter's comes first in the MRO, so anyio.CancelScope.__new__
     # (which would hand back the backend's own class) is never reached.
@@ -299,6 +307,25 @@ class Context(_meter.Meter, anyio.CancelScope):
         track_memory: bool = False,
         exact_memory: bool = False,
     ) -> None:
+        self._init(bytes, objects, calls, memory, hard, ceiling, parent, shield, track_memory,
+                   exact_memory, False)
+
+    def _init(
+        self,
+        bytes: Limit,
+        objects: Limit,
+        calls: Limit,
+        memory: Limit,
+        hard: bool,
+        ceiling: float | None,
+        parent: Context | None,
+        shield: bool,
+        track_memory: bool,
+        exact_memory: bool,
+        fail: bool,
+    ) -> None:
+        # positional, so that limit() and move_on_limit() pass their arguments on
+        # without a keyword call through type.__call__ (half the cost of making one)
         limits: tuple[int | None, ...] = (bytes, objects, calls, memory)  # type: ignore[assignment]
         # the common cases (None, a plain int in range) without a call each: this runs
         # for every request
@@ -341,13 +368,8 @@ class Context(_meter.Meter, anyio.CancelScope):
                 ceilings[0], ceilings[1], ceilings[2], ceilings[3], track_memory, rate,
             )
         self._shield = shield
-        self._deadline = math.inf
-        self._cancel_pending = False
         self._cancel_reason: str | None = None
-        self._fail = False
-        self._scope: Any = None
-        self._waker: Any = None
-        self._done: tuple[Any, Any] | None = None
+        self._fail = fail
 
     # -- entering and leaving --------------------------------------------------------
 
@@ -547,6 +569,8 @@ class Context(_meter.Meter, anyio.CancelScope):
 
     @shield.setter
     def shield(self, value: bool) -> None:
+        if type(value) is not bool:
+            raise TypeError(f"shield must be True or False, not {value!r}")
         self._shield = value
         if self._scope is not None:
             self._scope.shield = value
@@ -676,11 +700,9 @@ def limit(
     refused), and the exit raises even if no checkpoint came. The parent is the scope
     current when it is entered. See :class:`Context` for the parameters.
     """
-    ctx = Context(
-        bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard,
-        ceiling=ceiling, shield=shield, track_memory=track_memory, exact_memory=exact_memory,
-    )
-    ctx._fail = True
+    ctx: Context = _new_meter(Context)
+    ctx._init(bytes, objects, calls, memory, hard, ceiling, None, shield, track_memory,
+              exact_memory, True)
     return ctx
 
 
@@ -701,10 +723,10 @@ def move_on_limit(
     After the block, ``ctx.exceeded()`` tells whether it was cut short. See
     :class:`Context` for the parameters.
     """
-    return Context(
-        bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard,
-        ceiling=ceiling, shield=shield, track_memory=track_memory, exact_memory=exact_memory,
-    )
+    ctx: Context = _new_meter(Context)
+    ctx._init(bytes, objects, calls, memory, hard, ceiling, None, shield, track_memory,
+              exact_memory, False)
+    return ctx
 
 
 async def run(

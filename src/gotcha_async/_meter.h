@@ -18,6 +18,13 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#if PY_VERSION_HEX < 0x030C0000
+#  include <structmember.h>
+#  define Py_T_OBJECT_EX T_OBJECT_EX
+#  define Py_T_DOUBLE T_DOUBLE
+#  define Py_T_BOOL T_BOOL
+#endif
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -162,6 +169,13 @@ typedef struct Meter {
     char hard;                 /* has a ceiling */
     char hard_chain;           /* it or an ancestor has a ceiling */
     char queued, state, rearm, quiet_machinery;
+    /* Context's cancel-scope state, here so that entering and leaving need no
+     * Python frame in the common case (strong; None when unset) */
+    PyObject *scope;           /* the anyio cancel scope, once entered in a loop */
+    PyObject *waker;           /* the asyncio loop or trio token it runs on */
+    PyObject *done;            /* (Event, waker) once the scope is awaited */
+    double deadline;
+    char shield, cancel_pending;
 } Meter;
 
 extern PyTypeObject MeterType;

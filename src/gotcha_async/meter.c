@@ -27,6 +27,10 @@ Meter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         for (int r = 0; r < NRES; r++) {
             m->limit[r] = m->ceiling[r] = m->fence[r] = NONE;
         }
+        m->scope = Py_NewRef(Py_None);
+        m->waker = Py_NewRef(Py_None);
+        m->done = Py_NewRef(Py_None);
+        m->deadline = Py_HUGE_VAL;
     }
     return (PyObject *)m;
 }
@@ -36,6 +40,9 @@ Meter_traverse(Meter *m, visitproc visit, void *arg)
 {
     Py_VISIT(m->parent);
     Py_VISIT(m->token);
+    Py_VISIT(m->scope);
+    Py_VISIT(m->waker);
+    Py_VISIT(m->done);
     return 0;
 }
 
@@ -96,6 +103,9 @@ Meter_clear(Meter *m)
 {
     Meter *p = m->parent;
     m->parent = NULL;
+    Py_CLEAR(m->scope);
+    Py_CLEAR(m->waker);
+    Py_CLEAR(m->done);
     if (m->token != NULL) {
         Py_CLEAR(m->token);
         abandon(m);
@@ -243,6 +253,64 @@ Meter_set_parent(Meter *m, PyObject *p)
 /* ------------------------------------------------------------------------ */
 /* Entering and leaving                                                     */
 
+/* Set by Python once the hook is installed and anyio's asyncio scope class is
+ * known (never in asyncio's debug mode): asyncio's _get_running_loop, and that
+ * class. */
+static PyObject *fast_running_loop, *fast_scope_class;
+
+int
+meter_set_fast(PyObject *running_loop, PyObject *scope_class)
+{
+    Py_XSETREF(fast_running_loop, Py_XNewRef(running_loop));
+    Py_XSETREF(fast_scope_class, Py_XNewRef(scope_class));
+    return 0;
+}
+
+/* Context._before_enter for its commonest case, without a Python frame: in a
+ * running asyncio loop, no deadline, no shield, no cancel asked for before
+ * entering. Returns 1 with *scope set, 0 for the Python path, -1 on error. */
+static int
+fast_before_enter(Meter *m, PyObject **scope)
+{
+    if (fast_scope_class == NULL || !installed || m->shield || m->cancel_pending ||
+        m->deadline != Py_HUGE_VAL) {
+        return 0;
+    }
+    PyObject *loop = PyObject_CallNoArgs(fast_running_loop);
+    if (loop == NULL) {
+        return -1;
+    }
+    if (loop == Py_None) {
+        Py_DECREF(loop);
+        return 0;
+    }
+    if (m->parent == NULL) {
+        PyObject *outer;
+        if (PyContextVar_Get(scope_var, NULL, &outer) < 0) {
+            Py_DECREF(loop);
+            return -1;
+        }
+        if (outer != NULL) {
+            PyObject *r = Meter_set_parent(m, outer);
+            Py_DECREF(outer);
+            if (r == NULL) {
+                Py_DECREF(loop);
+                return -1;
+            }
+            Py_DECREF(r);
+        }
+    }
+    PyObject *s = PyObject_CallNoArgs(fast_scope_class);
+    if (s == NULL) {
+        Py_DECREF(loop);
+        return -1;
+    }
+    Py_SETREF(m->waker, loop);
+    Py_SETREF(m->scope, Py_NewRef(s));
+    *scope = s;
+    return 1;
+}
+
 static int
 enter(Meter *m)
 {
@@ -251,9 +319,16 @@ enter(Meter *m)
                         "this Context has already been entered; a Context can be used only once");
         return -1;
     }
-    /* the cancel scope, made and entered by Python: nothing of it is the body's
-     * (and the hook is installed there on first use) */
-    PyObject *scope = PyObject_CallMethodNoArgs((PyObject *)m, str_before_enter);
+    /* the cancel scope, made and entered before the scope is current: nothing
+     * of it is the body's (and the hook is installed in Python on first use) */
+    PyObject *scope = NULL;
+    int fast = fast_before_enter(m, &scope);
+    if (fast < 0) {
+        return -1;
+    }
+    if (fast == 0) {
+        scope = PyObject_CallMethodNoArgs((PyObject *)m, str_before_enter);
+    }
     if (scope == NULL) {
         return -1;
     }
@@ -326,12 +401,42 @@ leave(Meter *m)
     return 0;
 }
 
+static int broken_resource(const Meter *m, uint64_t *reached);
+
 static PyObject *
 after_exit(Meter *m, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "__exit__ takes 3 arguments");
         return NULL;
+    }
+    uint64_t reached;
+    if (fast_scope_class != NULL && m->done == Py_None && m->scope != NULL &&
+        broken_resource(m, &reached) < 0) {
+        /* Context._after_exit when no limit of this scope broke and nobody
+         * awaits it: the cancel scope's exit is all there is */
+        if (m->scope == Py_None) {
+            Py_RETURN_FALSE;
+        }
+        PyObject *call[4] = {m->scope, args[0], args[1], args[2]};
+        PyObject *r = PyObject_VectorcallMethod(str_exit, call,
+                                                4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        if (r == NULL) {
+            return NULL;
+        }
+        int swallowed = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (swallowed < 0) {
+            return NULL;
+        }
+        if (m->done != Py_None) {   /* awaited from a callback the exit ran */
+            PyObject *d = PyObject_CallMethod((PyObject *)m, "_signal_done", NULL);
+            if (d == NULL) {
+                return NULL;
+            }
+            Py_DECREF(d);
+        }
+        return PyBool_FromLong(swallowed);
     }
     PyObject *call[4] = {(PyObject *)m, args[0], args[1], args[2]};
     return PyObject_VectorcallMethod(str_after_exit, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET,
@@ -354,13 +459,15 @@ Meter_exit(Meter *m, PyObject *const *args, Py_ssize_t nargs)
     return after_exit(m, args, nargs);
 }
 
+static PyObject *ready_new(PyObject *value);
+
 /* The awaitable is made before the scope is current: awaiting it allocates
  * nothing, so an empty scope stays charged (0, 0, 0). */
 static PyObject *
 Meter_aenter(Meter *m, PyObject *unused)
 {
     (void)unused;
-    PyObject *ready = PyObject_CallOneArg((PyObject *)&ReadyType, (PyObject *)m);
+    PyObject *ready = ready_new((PyObject *)m);
     if (ready == NULL) {
         return NULL;
     }
@@ -579,6 +686,17 @@ static PyMethodDef Meter_methods[] = {
     {NULL},
 };
 
+static PyMemberDef Meter_members[] = {
+    {"_scope", Py_T_OBJECT_EX, offsetof(Meter, scope), 0, "The anyio cancel scope, or None."},
+    {"_waker", Py_T_OBJECT_EX, offsetof(Meter, waker), 0, "Its loop or trio token, or None."},
+    {"_done", Py_T_OBJECT_EX, offsetof(Meter, done), 0, "(Event, waker) once awaited, or None."},
+    {"_deadline", Py_T_DOUBLE, offsetof(Meter, deadline), 0, "The deadline before entering."},
+    {"_shield", Py_T_BOOL, offsetof(Meter, shield), 0, "The shield before entering."},
+    {"_cancel_pending", Py_T_BOOL, offsetof(Meter, cancel_pending), 0,
+     "Whether cancel() came before entering."},
+    {NULL},
+};
+
 static PyGetSetDef Meter_getset[] = {
     {"parent", (getter)Meter_get_parent, NULL, "The enclosing Context, or None (read-only).", NULL},
     {"_state", (getter)Meter_get_state, NULL, "0 new, 1 entered, 2 exited.", NULL},
@@ -598,6 +716,7 @@ PyTypeObject MeterType = {
     .tp_traverse = (traverseproc)Meter_traverse,
     .tp_clear = (inquiry)Meter_clear,
     .tp_methods = Meter_methods,
+    .tp_members = Meter_members,
     .tp_getset = Meter_getset,
 };
 
@@ -609,6 +728,18 @@ typedef struct {
     PyObject_HEAD
     PyObject *value;
 } Ready;
+
+static PyObject *
+ready_new(PyObject *value)
+{
+    Ready *r = PyObject_GC_New(Ready, &ReadyType);
+    if (r == NULL) {
+        return NULL;
+    }
+    r->value = Py_NewRef(value);
+    PyObject_GC_Track(r);
+    return (PyObject *)r;
+}
 
 static PyObject *
 Ready_new(PyTypeObject *type, PyObject *args, PyObject *kwds)

@@ -10,6 +10,7 @@
 
 int meter_init_types(void);
 int meter_set_types(PyObject *u, PyObject *m);
+int meter_set_fast(PyObject *running_loop, PyObject *scope_class);
 
 /* install(var, deliver, exempt_dirs, main_thread_ident, interrupt_type) */
 static PyObject *
@@ -74,6 +75,27 @@ mod_set_types(PyObject *mod, PyObject *args)
         return NULL;
     }
     meter_set_types(u, m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_set_fast(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    PyObject *loop_fn, *cls;
+    if (!PyArg_ParseTuple(args, "OO", &loop_fn, &cls)) {
+        return NULL;
+    }
+    if (loop_fn == Py_None || cls == Py_None) {
+        meter_set_fast(NULL, NULL);
+    }
+    else if (!PyCallable_Check(loop_fn) || !PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "set_fast(callable, type) or set_fast(None, None)");
+        return NULL;
+    }
+    else {
+        meter_set_fast(loop_fn, cls);
+    }
     Py_RETURN_NONE;
 }
 
@@ -174,6 +196,9 @@ static PyMethodDef mod_methods[] = {
     {"delivery_loop", mod_delivery_loop, METH_NOARGS,
      "The delivery thread's body: run it in a thread of its own, once after install() "
      "and once after each fork; it never returns."},
+    {"set_fast", mod_set_fast, METH_VARARGS,
+     "set_fast(get_running_loop, scope_class): enter and leave without Python in the "
+     "common case (None, None: never)."},
     {"set_types", mod_set_types, METH_VARARGS,
      "set_types(Usage, Memory): the NamedTuples the module returns."},
     {"set_hooked", mod_set_hooked, METH_O,
