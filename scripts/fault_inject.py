@@ -57,6 +57,29 @@ def budget(seed: int, test_id: str) -> int:
 
 # -- the child: one module, one seed ---------------------------------------------------
 
+# What doctest's runner patches process-wide and puts back in a finally block. A test
+# stopped inside that block (a HardLimitError, as a Ctrl-C would) leaves linecache.getlines
+# bound to its runner, which keeps the test's globs alive until shutdown; on 3.12.1 a tee
+# among them (test_generators' refleaks doctest) segfaults the final collection: CPython
+# gh-115874, fixed upstream by gh-116204. KeyboardInterrupt at the same point does the
+# same without gotcha. Put back after every test, as a runner isolating its tests would.
+def process_patches() -> tuple:
+    import linecache
+
+    pdb = sys.modules.get("pdb")
+    return (linecache.getlines, sys.displayhook, sys.gettrace(),
+            pdb, pdb.set_trace if pdb is not None else None)
+
+
+def restore_patches(saved: tuple) -> None:
+    import linecache
+
+    linecache.getlines, sys.displayhook, trace, pdb, set_trace = saved
+    if sys.gettrace() is not trace:
+        sys.settrace(trace)
+    if pdb is not None:
+        pdb.set_trace = set_trace
+
 
 def child(module: str, seed: int, hard: bool, verbose: bool) -> int:
     import importlib
@@ -85,8 +108,10 @@ def child(module: str, seed: int, hard: bool, verbose: bool) -> int:
         if verbose:
             print(f"  {self.id()} bytes={b}", file=sys.stderr, flush=True)
         outcome = None  # a refusal that escapes run() is swallowed by the scope
+        saved = process_patches()
         with gotcha.move_on_limit(bytes=b, hard=hard) as ctx:
             outcome = original(self, result)
+        restore_patches(saved)
         stats["scopes"] += 1
         stats["exceeded"] += ctx.exceeded()
         return outcome

@@ -29,3 +29,20 @@ def test_cpython_suites_survive_random_hard_budgets(modules: list[str]) -> None:
         assert row.endswith("  ok") or "skipped" in row, table  # never died, hung, erred
     assert proc.returncode == 0, table
     assert any(int(row.split()[3]) > 0 for row in rows), table  # tests did run
+
+
+def test_generators_seed_1_survives() -> None:
+    """3.12.1 died here at exit: a HardLimitError stopped a doctest inside its runner's
+    finally block, linecache.getlines stayed bound to the runner, and the tee cycle of the
+    refleaks doctest lived until shutdown, where 3.12.1 segfaults (CPython gh-115874; a
+    KeyboardInterrupt does the same, scripts/repro_cpython_gh115874.py). The harness puts
+    doctest's process-wide patches back after every test."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--timeout", "120", "--seeds", "1",
+         "--modules", "test.test_generators"],
+        capture_output=True, text=True, timeout=300,
+    )
+    table = proc.stdout + proc.stderr[-3000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith(sys.version.split()[0])]
+    assert len(rows) == 1 and (rows[0].endswith("  ok") or "skipped" in rows[0]), table
+    assert proc.returncode == 0, table
