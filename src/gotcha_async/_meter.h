@@ -215,6 +215,7 @@ int code_line(PyCodeObject *code, int lasti);
 int stack_spilled(PyThreadState *ts);
 int code_is_machinery(PyCodeObject *code);
 int frame_is_user(PyThreadState *ts);
+void frames_site(PyThreadState *ts, Site *s);
 int frames_init(void);
 
 /* ------------------------------------------------------------------------ */

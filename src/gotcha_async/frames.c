@@ -149,19 +149,52 @@ is_machinery_file(PyObject *filename)
 #define VERDICTS 1024
 static struct { PyCodeObject *code; PyObject *filename; char machinery; } verdicts[VERDICTS];
 
-int
-code_is_machinery(PyCodeObject *code)
+static Py_NO_INLINE int
+new_verdict(size_t i, PyCodeObject *code)
+{
+    verdicts[i].code = code;
+    verdicts[i].filename = code->co_filename;
+    verdicts[i].machinery = (char)is_machinery_file(code->co_filename);
+    return verdicts[i].machinery;
+}
+
+static inline int
+is_machinery(PyCodeObject *code)
 {
     if (exempt == NULL) {
         return 1;
     }
     size_t i = ((uintptr_t)code >> 4) & (VERDICTS - 1);
     if (verdicts[i].code != code || verdicts[i].filename != code->co_filename) {
-        verdicts[i].code = code;
-        verdicts[i].filename = code->co_filename;
-        verdicts[i].machinery = (char)is_machinery_file(code->co_filename);
+        return new_verdict(i, code);
     }
     return verdicts[i].machinery;
+}
+
+int
+code_is_machinery(PyCodeObject *code)
+{
+    return is_machinery(code);
+}
+
+/* The innermost SITE_FRAMES frames of user code, the event loops' and ours
+ * left out: here, so that the steps of the walk inline (one is taken for
+ * every block held memory records). */
+void
+frames_site(PyThreadState *ts, Site *s)
+{
+    s->n = 0;
+    int depth = 0;
+    for (void *f = ts == NULL ? NULL : top_frame(ts); f != NULL && s->n < SITE_FRAMES && depth < 64;
+         f = older_frame(f), depth++) {
+        PyCodeObject *code = frame_code(f);
+        if (code == NULL || is_machinery(code)) {
+            continue;
+        }
+        s->code[s->n] = code;
+        s->lasti[s->n] = frame_lasti(f, code);
+        s->n++;
+    }
 }
 
 /* Is a thread's innermost Python frame user code, as opposed to the event

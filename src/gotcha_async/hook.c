@@ -220,20 +220,8 @@ next_exponential(void)
 static uint32_t
 capture_site(void)
 {
-    PyThreadState *ts = tstate_unchecked();
     Site s;
-    s.n = 0;
-    int depth = 0;
-    for (void *f = ts == NULL ? NULL : top_frame(ts); f != NULL && s.n < SITE_FRAMES && depth < 64;
-         f = older_frame(f), depth++) {
-        PyCodeObject *code = frame_code(f);
-        if (code == NULL || code_is_machinery(code)) {
-            continue;
-        }
-        s.code[s.n] = code;
-        s.lasti[s.n] = frame_lasti(f, code);
-        s.n++;
-    }
+    frames_site(tstate_unchecked(), &s);
     return site_intern(&s);
 }
 
