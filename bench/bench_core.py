@@ -253,6 +253,7 @@ def main() -> None:
             "ceiling": lambda: time_workload(lambda: gotcha.limit(**limited, ceiling=2)),
             "hard": lambda: time_workload(lambda: gotcha.limit(**limited, hard=True)),
             "memory": lambda: time_workload(lambda: gotcha.limit(memory=gotcha.MiB)),
+            "memory16": lambda: time_workload(lambda: gotcha.limit(memory=16 * gotcha.MiB)),
             "exact": lambda: time_workload(
                 lambda: gotcha.limit(memory=gotcha.MiB, exact_memory=True)
             ),
@@ -270,7 +271,9 @@ def main() -> None:
         ("limited", "limit", "limit(bytes, objects, calls) vs limit()", "<= 1.02"),
         ("ceiling", "limited", "the same with ceiling=2 vs without", "<= 1.02"),
         ("hard", "limited", "the same with hard=True vs without", "<= 1.02"),
+        # a request allocates ~33 KB: 3% of a 1 MiB budget (~33 samples), 0.2% of 16 MiB (~2)
         ("memory", "limit", "limit(memory=1 MiB), sampled, vs limit()", "<= 1.05"),
+        ("memory16", "limit", "limit(memory=16 MiB), sampled, vs limit()", "<= 1.05"),
         ("exact", "limit", "limit(memory=1 MiB, exact_memory=True) vs limit()", "<= 2.0"),
         ("tracemalloc", "bare", "tracemalloc.start(1) alone vs no scope", "(reference)"),
     ):

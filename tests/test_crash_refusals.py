@@ -7,13 +7,17 @@ Everything that can kill the interpreter runs in a subprocess (tests/crash_scrip
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import io
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import pytest
 from crash_scripts import run_script
 
@@ -191,3 +195,69 @@ def test_item16_project_tests_pass_under_dev_mode() -> None:
         env={**os.environ, "PYTHONDEVMODE": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+# -- code generated for classes ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Generated:
+    a: object
+    b: object
+    c: object
+    d: object
+    e: object
+    f: object
+    g: list[int] = dataclasses.field(default_factory=list)  # made in __init__'s frame
+
+
+@attrs.define(slots=False)
+class GeneratedByAttrs:
+    a: object
+    b: object
+    c: object
+    d: object
+    e: object
+    f: object
+    g: list[int] = attrs.field(factory=list)
+
+
+class Written:
+    def __init__(self, a: object, b: object, c: object, d: object, e: object, f: object):
+        self.a, self.b, self.c, self.d, self.e, self.f = a, b, c, d, e, f
+        self.g: list[int] = list()
+
+
+Pair = collections.namedtuple("Pair", "x y")
+
+
+def charged_when_machinery_calls(cls: Callable[..., object], *args: object) -> int:
+    """Bytes a quiet scope (as in asyncio's debug mode: the machinery's allocations are
+    not the task's) is charged when the standard library's threading calls cls."""
+    thread = threading.Thread(target=cls, args=args)
+    ctx = gotcha.Context()
+    ctx._quiet_machinery = True
+    with ctx:
+        thread.run()  # in this thread: threading's run() makes the call
+    return ctx.used().bytes
+
+
+@pytest.mark.parametrize("cls", [Generated, GeneratedByAttrs])
+def test_methods_generated_for_a_class_belong_to_their_caller(cls: type) -> None:
+    # A dataclass's or an attrs class's __init__ (code from "<string>" or "<attrs
+    # generated ...>") called by the loops' machinery is machinery: never interrupted
+    # or refused there (trio's own classes are attrs classes). The list made for the
+    # default is what a user-code __init__ is charged for.
+    args = tuple(range(1000, 1006))
+    assert charged_when_machinery_calls(Written, *args) > 0  # the control
+    assert charged_when_machinery_calls(cls, *args) == 0
+    ctx = gotcha.Context()
+    ctx._quiet_machinery = True
+    with ctx:
+        cls(*args)  # called by user code, it is user code
+    assert ctx.used().bytes > 0
+
+
+def test_a_namedtuple_made_by_machinery_is_machinery() -> None:
+    # its __new__ is a "<string>" lambda: selectors make one while asyncio builds a loop
+    assert charged_when_machinery_calls(Pair, 1001, 1002) == 0

@@ -362,7 +362,9 @@ class Context(_meter.Meter, anyio.CancelScope):
                 ceilings = tuple(scaled(lim, factor) for lim in limits)
             else:
                 ceilings = _NO_LIMITS
-            rate = sampling_rate(limits[3], exact_memory)
+            # only a scope that tracks held memory itself samples at its own rate
+            track = track_memory or limits[3] is not None
+            rate = sampling_rate(limits[3], exact_memory) if track else 0
             self._setup(
                 parent, limits[0], limits[1], limits[2], limits[3],
                 ceilings[0], ceilings[1], ceilings[2], ceilings[3], track_memory, rate,
@@ -392,7 +394,9 @@ class Context(_meter.Meter, anyio.CancelScope):
 
     # __enter__, __exit__, __aenter__ and __aexit__ are Meter's, in C: the scope
     # variable is set as their very last step and reset as their very first, so that a
-    # KeyboardInterrupt can never land between the two halves. These are the halves.
+    # KeyboardInterrupt can never land between the two halves. These are the halves;
+    # for a plain scope on asyncio (no deadline, shield or early cancel; no broken
+    # limit, nobody awaiting it) the C half does their work itself, without a frame.
 
     def _before_enter(self) -> Any:
         """Everything of entering but the scope variable; returns the cancel scope to

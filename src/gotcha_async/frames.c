@@ -202,12 +202,39 @@ frames_site(PyThreadState *ts, Site *s)
  * code is ever refused or interrupted: a MemoryError inside asyncio's task
  * step would break the loop for every task. */
 static PyObject *frozen_prefix;   /* "<frozen ", made at init: the hook may not allocate */
+static PyObject *attrs_prefix;    /* "<attrs generated", the file of attrs' methods */
 
 int
 frames_init(void)
 {
     frozen_prefix = PyUnicode_InternFromString("<frozen ");
-    return frozen_prefix == NULL ? -1 : 0;
+    attrs_prefix = PyUnicode_InternFromString("<attrs generated");
+    return frozen_prefix == NULL || attrs_prefix == NULL ? -1 : 0;
+}
+
+static int
+is_dunder(PyObject *name)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(name);
+    return n > 4 && PyUnicode_READ_CHAR(name, 0) == '_' && PyUnicode_READ_CHAR(name, 1) == '_' &&
+           PyUnicode_READ_CHAR(name, n - 1) == '_' && PyUnicode_READ_CHAR(name, n - 2) == '_';
+}
+
+/* Code made at run time for a class: a namedtuple's __new__ (a "<string>"
+ * lambda), a dataclass's __init__ or __eq__ ("<string>" dunders), attrs'
+ * methods (trio's classes are attrs classes). It belongs to whoever calls it. */
+static int
+is_generated_method(PyCodeObject *code)
+{
+    PyObject *file = code->co_filename;
+    if (PyUnicode_GET_LENGTH(file) == 0 || PyUnicode_READ_CHAR(file, 0) != '<') {
+        return 0;
+    }
+    if (PyUnicode_CompareWithASCIIString(file, "<string>") == 0) {
+        return PyUnicode_CompareWithASCIIString(code->co_name, "<lambda>") == 0 ||
+               is_dunder(code->co_name);
+    }
+    return PyUnicode_Tailmatch(file, attrs_prefix, 0, PY_SSIZE_T_MAX, -1) == 1;
 }
 
 int
@@ -224,11 +251,11 @@ frame_is_user(PyThreadState *ts)
     if (code == NULL || code_is_machinery(code)) {
         return 0;
     }
-    /* A lambda made at run time (a namedtuple's __new__ is one, from "<string>")
-     * belongs to whoever calls it: called by the loop's machinery (selectors'
-     * SelectorKey while asyncio builds a loop), it is machinery. */
-    if (PyUnicode_CompareWithASCIIString(code->co_filename, "<string>") == 0 &&
-        PyUnicode_CompareWithASCIIString(code->co_name, "<lambda>") == 0) {
+    /* A method generated for a class belongs to whoever calls it: called by the
+     * loop's machinery (selectors' SelectorKey while asyncio builds a loop, an
+     * attrs __init__ inside trio), it is machinery. Other "<string>" code (a
+     * thread target written in 'python -c' code) is user code. */
+    if (is_generated_method(code)) {
         /* the caller: past the C entry frames of a call made from C (no code on
          * 3.13+, 3.12's shim code, named "<...>" like no real file) */
         PyCodeObject *outer = NULL;
