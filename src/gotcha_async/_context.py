@@ -352,14 +352,18 @@ class Context(_meter.Meter, anyio.CancelScope):
         if parent is not None and not isinstance(parent, Context):
             raise TypeError(f"parent must be a Context or None, not {parent!r}")
         if ceiling is not None:
-            factor = check_ceiling(ceiling, hard)
+            # the middleware's default (an int) without a call
+            factor = (ceiling, 1) if type(ceiling) is int and ceiling >= 1 and not hard \
+                else check_ceiling(ceiling, hard)
         self._limits = limits
         self._hard = hard or ceiling is not None
         if parent is not None or self._hard or track_memory or limits != _NO_LIMITS:
             if hard:
                 ceilings = limits
             elif ceiling is not None:
-                ceilings = tuple(scaled(lim, factor) for lim in limits)
+                b, o, c, m = limits
+                ceilings = (scaled(b, factor), scaled(o, factor), scaled(c, factor),
+                            scaled(m, factor))
             else:
                 ceilings = _NO_LIMITS
             # only a scope that tracks held memory itself samples at its own rate

@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import _otel, _report
-from ._context import Context, LimitExceeded, limit
+from ._context import Context, LimitExceeded, _new_meter
 from ._units import Limit, check_ceiling, check_limit
 
 #: The middlewares' default ceiling: a request that never reaches a checkpoint is
@@ -179,10 +179,16 @@ class Options:
         Enforcing, it is the request's limit; observing, a pure measurement whose
         figures are compared with the limits once the request is over.
         """
-        track = self.track_memory or kwargs["memory"] is not None
+        memory = kwargs["memory"]
+        track = self.track_memory or memory is not None
         if self.enforce:
-            ceiling = None if kwargs["hard"] else self.ceiling
-            return limit(**kwargs, ceiling=ceiling, track_memory=track)
+            hard = kwargs["hard"]
+            ceiling = None if hard else self.ceiling
+            # limit(**kwargs, ...) without its keyword call: this runs for every request
+            ctx: Context = _new_meter(Context)
+            ctx._init(kwargs["bytes"], kwargs["objects"], kwargs["calls"], memory, hard,
+                      ceiling, None, False, track, False, True)
+            return ctx
         return Context(track_memory=track)
 
     # -- once it is over -----------------------------------------------------------------
