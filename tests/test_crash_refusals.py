@@ -191,3 +191,21 @@ def test_item16_project_tests_pass_under_dev_mode() -> None:
         env={**os.environ, "PYTHONDEVMODE": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+# -- item 17: a refusal on a dict's growth (3.13.0) -----------------------------------
+
+
+@pytest.mark.parametrize("mode", ["setdefault", "setattr"])
+def test_item17_a_dict_growth_is_refused_only_where_cpython_survives_it(mode: str) -> None:
+    # 3.13.0's dict.setdefault / PyDict_SetDefault (string interning) return success
+    # with the MemoryError of a failed resize set, and miscount the dict: SystemError,
+    # then a SIGSEGV at its next resize (fault_inject.py, test_traceback seed 3)
+    r = run_script("dict_growth.py", mode).result
+    assert r["exceeded"], r
+    assert r["count"] == r["actual"], r  # the dict counts what it holds
+    assert set(r["caught"]) <= {"MemoryError", "HardLimitError"} and r["caught"], r
+    if tuple(r["version"]) == (3, 13, 0):
+        assert r["dict_fragile"] == 1, r  # the probe found it, and knows the table sizes
+    elif tuple(r["version"][:2]) in ((3, 11), (3, 12), (3, 15)):
+        assert r["dict_fragile"] == 0, r
