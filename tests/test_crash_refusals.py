@@ -204,7 +204,10 @@ def test_item17_a_dict_growth_is_refused_only_where_cpython_survives_it(mode: st
     r = run_script("dict_growth.py", mode).result
     assert r["exceeded"], r
     assert r["count"] == r["actual"], r  # the dict counts what it holds
-    assert set(r["caught"]) <= {"MemoryError", "HardLimitError"} and r["caught"], r
+    assert set(r["caught"]) <= {"MemoryError", "HardLimitError"}, r
+    # stopped, by the refusal or the interrupt (before 3.13 a refused interning is
+    # silently dropped by CPython: the setattr loop may run to its end)
+    assert r["caught"] or mode == "setattr", r
     if tuple(r["version"]) == (3, 13, 0):
         assert r["dict_fragile"] == 1, r  # the probe found it, and knows the table sizes
     elif tuple(r["version"][:2]) in ((3, 11), (3, 12), (3, 15)):
