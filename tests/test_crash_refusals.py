@@ -261,3 +261,24 @@ def test_methods_generated_for_a_class_belong_to_their_caller(cls: type) -> None
 def test_a_namedtuple_made_by_machinery_is_machinery() -> None:
     # its __new__ is a "<string>" lambda: selectors make one while asyncio builds a loop
     assert charged_when_machinery_calls(Pair, 1001, 1002) == 0
+
+
+# -- item 17: a refusal on a dict's growth (3.13.0) -----------------------------------
+
+
+@pytest.mark.parametrize("mode", ["setdefault", "setattr"])
+def test_item17_a_dict_growth_is_refused_only_where_cpython_survives_it(mode: str) -> None:
+    # 3.13.0's dict.setdefault / PyDict_SetDefault (string interning) return success
+    # with the MemoryError of a failed resize set, and miscount the dict: SystemError,
+    # then a SIGSEGV at its next resize (fault_inject.py, test_traceback seed 3)
+    r = run_script("dict_growth.py", mode).result
+    assert r["exceeded"], r
+    assert r["count"] == r["actual"], r  # the dict counts what it holds
+    assert set(r["caught"]) <= {"MemoryError", "HardLimitError"}, r
+    # stopped, by the refusal or the interrupt (before 3.13 a refused interning is
+    # silently dropped by CPython: the setattr loop may run to its end)
+    assert r["caught"] or mode == "setattr", r
+    if tuple(r["version"]) == (3, 13, 0):
+        assert r["dict_fragile"] == 1, r  # the probe found it, and knows the table sizes
+    elif tuple(r["version"][:2]) in ((3, 11), (3, 12), (3, 15)):
+        assert r["dict_fragile"] == 0, r

@@ -196,6 +196,8 @@ Meter *current_meter(void);
 int in_scope_of(Meter *inner, Meter *m);
 void charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls);
 void ensure_hooked(void);
+int probe_dict_growth(void);  /* sets dict_fragile */
+extern int dict_fragile;
 int verify_chain(void);        /* 1 if the hook had been dropped */
 void step_aside_if_idle(void);
 int hook_on_top(void);

@@ -278,6 +278,141 @@ hold(Meter *n, void *p, size_t size)
     }
 }
 
+/* ------------------------------------------------------------------------ */
+/* Can a dict's growth fail?                                                */
+
+/* 3.13.0's dict.setdefault() and PyDict_SetDefault[Ref]() -- through which
+ * every string is interned, so every setattr() and getattr() of a new name --
+ * do not report a failed resize: they return success with the MemoryError
+ * set, and count the entry they did not insert. The next resize of that dict
+ * reads one entry past the end (a SIGSEGV), and the exception left set is
+ * found by whatever runs next (SystemError: "returned a result with an
+ * exception set"). A refusal must never be such a resize there. install()
+ * asks the running CPython, by failing the one allocation of a resize:
+ * dict_fragile is 0 if it reports the failure, 1 if it does not and the size
+ * of a dict's table is known (those sizes are never refused), 2 if not even
+ * that (nothing is refused; the interrupt stops the code). */
+int dict_fragile;
+
+static PyMemAllocatorEx probe_prev[2];
+static int probe_armed;
+static size_t probe_size;
+
+static int
+probe_fail(void *ctx, size_t size)
+{
+    if (probe_armed) {
+        probe_armed = 0;
+        probe_size = size;
+        return 1;
+    }
+    (void)ctx;
+    return 0;
+}
+
+static void *
+probe_malloc(void *ctx, size_t size)
+{
+    PyMemAllocatorEx *p = ctx;
+    return probe_fail(ctx, size) ? NULL : p->malloc(p->ctx, size);
+}
+
+static void *
+probe_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    PyMemAllocatorEx *p = ctx;
+    return probe_fail(ctx, nelem * elsize) ? NULL : p->calloc(p->ctx, nelem, elsize);
+}
+
+static void *
+probe_realloc(void *ctx, void *ptr, size_t size)
+{
+    PyMemAllocatorEx *p = ctx;
+    return probe_fail(ctx, size) ? NULL : p->realloc(p->ctx, ptr, size);
+}
+
+static void
+probe_free(void *ctx, void *ptr)
+{
+    PyMemAllocatorEx *p = ctx;
+    p->free(p->ctx, ptr);
+}
+
+/* The size of a dict's table of 2**log2 slots, as 3.13 lays it out:
+ * header, indices of 1 to 8 bytes, two thirds of the slots as entries (16
+ * bytes with str keys only, 24 with any). */
+static size_t
+dict_table_size(int log2, int unicode)
+{
+    size_t n = (size_t)1 << log2;
+    size_t index = log2 < 8 ? 1 : log2 < 16 ? 2 : log2 < 32 ? 4 : 8;
+    size_t entry = unicode ? 2 * sizeof(void *) : 3 * sizeof(void *);
+    return 4 * sizeof(void *) + index * n + entry * ((n << 1) / 3);
+}
+
+static int
+is_dict_table_size(size_t size)
+{
+    for (int log2 = 3; log2 < 8 * (int)sizeof(size_t) - 8; log2++) {
+        size_t u = dict_table_size(log2, 1);
+        if (u > size) {
+            return 0;
+        }
+        if (u == size || dict_table_size(log2, 0) == size) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Under the GIL, with no exception set. A dict of 5 int keys fills its first
+ * table: the 6th key makes it grow, and that allocation is the one that fails
+ * (both domains are wrapped for the call, then put back as they were). */
+int
+probe_dict_growth(void)
+{
+    PyMemAllocatorDomain doms[2] = {PYMEM_DOMAIN_MEM, PYMEM_DOMAIN_OBJ};
+    PyObject *d = PyDict_New(), *key = PyLong_FromLong(5);
+    for (long i = 0; d != NULL && key != NULL && i < 5; i++) {
+        PyObject *k = PyLong_FromLong(i);
+        int r = k == NULL ? -1 : PyDict_SetItem(d, k, Py_None);
+        Py_XDECREF(k);
+        if (r < 0) {
+            Py_CLEAR(d);
+        }
+    }
+    if (d == NULL || key == NULL) {
+        Py_XDECREF(d);
+        Py_XDECREF(key);
+        return -1;
+    }
+    for (int i = 0; i < 2; i++) {
+        PyMem_GetAllocator(doms[i], &probe_prev[i]);
+        PyMemAllocatorEx wrap = {&probe_prev[i], probe_malloc, probe_calloc, probe_realloc,
+                                 probe_free};
+        PyMem_SetAllocator(doms[i], &wrap);
+    }
+    probe_size = 0;
+    probe_armed = 1;
+    PyObject *r = PyDict_SetDefault(d, key, Py_None);   /* borrowed */
+    probe_armed = 0;
+    for (int i = 0; i < 2; i++) {
+        PyMem_SetAllocator(doms[i], &probe_prev[i]);
+    }
+    int failed_quietly = r != NULL && PyErr_Occurred();
+    int miscounted = PyDict_GET_SIZE(d) != (r == NULL || failed_quietly ? 5 : 6);
+    PyErr_Clear();
+    Py_DECREF(d);   /* its entries, not its count, say what it holds */
+    Py_DECREF(key);
+    if (!failed_quietly && !miscounted) {
+        dict_fragile = 0;
+    }
+    else {
+        dict_fragile = probe_size != 0 && is_dict_table_size(probe_size) ? 1 : 2;
+    }
+    return 0;
+}
+
 /* Would this large allocation take a hard scope past a fence? Then refuse it,
  * if the scope's own code is running with no exception in flight. For held
  * memory a realloc weighs only its growth over the block it replaces (old_h
@@ -324,7 +459,8 @@ refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size)
             return 0;
         }
         PyThreadState *ts = tstate_unchecked();
-        if (PyErr_Occurred() || !frame_is_user(ts) || !stack_spilled(ts)) {
+        if (PyErr_Occurred() || !frame_is_user(ts) || !stack_spilled(ts) ||
+            (dict_fragile && (dict_fragile == 2 || is_dict_table_size((size_t)bytes)))) {
             return 0;   /* only counted; the interrupt stops the code later */
         }
         if (m->reached[r] < would) {

@@ -37,6 +37,9 @@ mod_install(PyObject *mod, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "the allocator hook is already installed");
         return NULL;
     }
+    if (probe_dict_growth() < 0) {
+        return NULL;
+    }
     main_ident = ident;
     if (start_delivery() < 0) {
         PyErr_SetString(PyExc_RuntimeError, "cannot make the delivery thread's lock");
@@ -188,6 +191,14 @@ mod_refuse_min(PyObject *mod, PyObject *unused)
     return PyLong_FromSize_t(REFUSE_MIN);
 }
 
+static PyObject *
+mod_dict_fragile(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return PyLong_FromLong(dict_fragile);
+}
+
 static PyMethodDef mod_methods[] = {
     {"install", mod_install, METH_VARARGS,
      "install(var, deliver, exempt_dirs, main_thread_ident, interrupt_type): set the hook up "
@@ -213,6 +224,9 @@ static PyMethodDef mod_methods[] = {
     {"grace", mod_grace, METH_NOARGS, "Allowance past a hard ceiling after each stop."},
     {"refuse_min", mod_refuse_min, METH_NOARGS,
      "The smallest allocation a hard scope refuses outright."},
+    {"dict_fragile", mod_dict_fragile, METH_NOARGS,
+     "After install(): 0 if a dict survives a failed resize here; 1 if not, and the sizes "
+     "of its tables are never refused; 2 if not, and nothing is refused."},
     {NULL},
 };
 
