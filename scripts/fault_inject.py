@@ -30,6 +30,7 @@ import tempfile
 import time
 import unittest
 from dataclasses import dataclass
+from typing import Any
 
 MODULES = [
     "test.test_json",
@@ -63,7 +64,7 @@ def budget(seed: int, test_id: str) -> int:
 # among them (test_generators' refleaks doctest) segfaults the final collection: CPython
 # gh-115874, fixed upstream by gh-116204. KeyboardInterrupt at the same point does the
 # same without gotcha. Put back after every test, as a runner isolating its tests would.
-def process_patches() -> tuple:
+def process_patches() -> tuple[Any, ...]:
     import linecache
 
     pdb = sys.modules.get("pdb")
@@ -71,7 +72,7 @@ def process_patches() -> tuple:
             pdb, pdb.set_trace if pdb is not None else None)
 
 
-def restore_patches(saved: tuple) -> None:
+def restore_patches(saved: tuple[Any, ...]) -> None:
     import linecache
 
     linecache.getlines, sys.displayhook, trace, pdb, set_trace = saved

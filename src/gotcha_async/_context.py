@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import math
 import os
 import sys
 import tracemalloc

@@ -39,10 +39,10 @@ if mode == "setdefault":
     for i in range(10**6, 10**6 + 50_000):  # more resizes: the miscount would crash here
         d.setdefault(i, None)
 else:
-    class O:
+    class Plain:
         pass
 
-    o = O()
+    o = Plain()
     names = [f"attribute_number_{i}" for i in range(300_000)]  # made outside, not interned
     with gotcha.move_on_limit(bytes=100_000, hard=True) as ctx:
         try:
