@@ -66,7 +66,11 @@ def _histogram(meter: Any, name: str, unit: str, description: str, buckets: Any)
 class Instruments:
     """The instruments of one middleware, created on one MeterProvider."""
 
-    def __init__(self, meter_provider: Any) -> None:
+    def __init__(self, meter_provider: Any, placeholder: Any = None) -> None:
+        # placeholder: the API's global provider while no SDK has been set. Its
+        # instruments drop what they are given until one is, and then forward to it:
+        # until then, recording is skipped (a tenth of a small request's cost)
+        self.placeholder = placeholder
         meter = meter_provider.get_meter("gotcha_async", _version())
         self.histograms = []
         for resource, (name, unit, description) in METRICS.items():
@@ -86,6 +90,12 @@ class Instruments:
         peak: int | None,
         breach: _report.Exceeded | None,
     ) -> None:
+        if self.placeholder is not None:
+            from opentelemetry import metrics
+
+            if metrics.get_meter_provider() is self.placeholder:
+                return  # nobody could read it yet
+            self.placeholder = None  # set at last: these instruments now forward to it
         attributes: dict[str, str | int | bool] = {"http.request.method": method}
         if route is not None:
             attributes["http.route"] = route
@@ -106,12 +116,15 @@ def instruments_for(meter_provider: Any) -> Instruments | None:
     ``None`` means OpenTelemetry's global provider when ``opentelemetry-api`` is
     installed, and no metrics otherwise.
     """
+    placeholder = None
     if meter_provider is None:
         try:
             from opentelemetry import metrics
         except ImportError:
             return None
         meter_provider = metrics.get_meter_provider()
+        if type(meter_provider).__name__ == "_ProxyMeterProvider":
+            placeholder = meter_provider
     if not callable(getattr(meter_provider, "get_meter", None)):
         raise TypeError(
             f"meter_provider must be an OpenTelemetry MeterProvider or None, not "
@@ -119,4 +132,4 @@ def instruments_for(meter_provider: Any) -> Instruments | None:
         )
     if type(meter_provider).__name__ == "NoOpMeterProvider":
         return None  # asked for no metrics: measure nothing for them
-    return Instruments(meter_provider)
+    return Instruments(meter_provider, placeholder)

@@ -220,27 +220,41 @@ class Options:
         record: bool = True,
     ) -> None:
         """Report a finished request: log line and hook if over, metrics, summary."""
+        if breach is None:  # no log line, no hook
+            if record:
+                self.record(ctx, method, path, route, status)
+            return
         used = ctx.used()
         held = ctx.memory()
         peak = held.peak if held is not None else None
-        exceeded = None
-        if breach is not None:
-            resource, value, lim = breach
-            exceeded = _report.Exceeded(
-                resource=resource, used=value, limit=lim, enforced=self.enforce,
-                outcome=outcome if self.enforce else "observed", status=status,
-                method=method, path=path, route=route, client=client,
-            )
-            exceeded.log()
+        resource, value, lim = breach
+        exceeded = _report.Exceeded(
+            resource=resource, used=value, limit=lim, enforced=self.enforce,
+            outcome=outcome if self.enforce else "observed", status=status,
+            method=method, path=path, route=route, client=client,
+        )
+        exceeded.log()
         if record:
-            self.summary.add(method, route if route is not None else path, used[0], peak,
-                             exceeded is not None)
+            self.summary.add(method, route if route is not None else path, used[0], peak, True)
             if self.instruments is not None:
                 self.instruments.record(method, route, status, (used[0], used[1], used[2]),
                                         peak, exceeded)
-        if exceeded is not None and self.on_exceeded is not None:
+        if self.on_exceeded is not None:
             await _report.call_hook(self.on_exceeded, self.hook_arity, hook_target, ctx,
                                     exceeded)
+
+    def record(
+        self, ctx: Context, method: str, path: str, route: str | None, status: int | None
+    ) -> None:
+        """Metrics and summary of a request that stayed within its limits (finish()'s
+        common case, without a coroutine: it runs for every request)."""
+        used = ctx.used()
+        held = ctx.memory()
+        peak = held.peak if held is not None else None
+        self.summary.add(method, route if route is not None else path, used[0], peak, False)
+        if self.instruments is not None:
+            self.instruments.record(method, route, status, (used[0], used[1], used[2]), peak,
+                                    None)
 
     def log_summary(self) -> None:
         for line in self.summary.text().splitlines():

@@ -351,8 +351,13 @@ class LimitMiddleware:
             outcome = "refused"
             if error is not None:
                 status = options.status_code
+        method = scope.get("method", "GET")
+        if breach is None:
+            # the common case, without finish()'s coroutine
+            options.record(ctx, method, path, route_of(scope, root_path), status)
+            return
         await options.finish(
-            ctx, breach, outcome=outcome, status=status, method=scope.get("method", "GET"),
+            ctx, breach, outcome=outcome, status=status, method=method,
             path=path, route=route_of(scope, root_path),
             client=_report.client_of(scope.get("client")), hook_target=scope,
         )
