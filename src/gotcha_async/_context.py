@@ -368,10 +368,7 @@ class Context(_meter.Meter, anyio.CancelScope):
             # only a scope that tracks held memory itself samples at its own rate
             track = track_memory or limits[3] is not None
             rate = sampling_rate(limits[3], exact_memory) if track else 0
-            self._setup(
-                parent, limits[0], limits[1], limits[2], limits[3],
-                ceilings[0], ceilings[1], ceilings[2], ceilings[3], track_memory, rate,
-            )
+            self._setup(parent, limits, ceilings, track_memory, rate)
         self._shield = shield
         self._cancel_reason: str | None = None
         self._fail = fail

@@ -169,20 +169,22 @@ limit_arg(PyObject *v, uint64_t *out)
 
 static PyObject *Meter_set_parent(Meter *m, PyObject *p);
 
-/* _setup(parent, bytes, objects, calls, memory, ceiling x 4, track, rate):
- * limits and ceilings are validated ints or None, and the sampling rate an int
- * (Python's work). */
+/* _setup(parent, limits, ceilings, track, rate): limits and ceilings are
+ * tuples of NRES validated ints or None, the sampling rate an int (Python's
+ * work). */
 static PyObject *
 Meter_setup(Meter *m, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, "_setup takes 11 arguments");
+    if (nargs != 5 || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != NRES ||
+        !PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != NRES) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_setup(parent, limits, ceilings, track, rate): two 4-tuples");
         return NULL;
     }
     m->hard = 0;
     for (int r = 0; r < NRES; r++) {
-        if (limit_arg(args[1 + r], &m->limit[r]) < 0 ||
-            limit_arg(args[5 + r], &m->ceiling[r]) < 0) {
+        if (limit_arg(PyTuple_GET_ITEM(args[1], r), &m->limit[r]) < 0 ||
+            limit_arg(PyTuple_GET_ITEM(args[2], r), &m->ceiling[r]) < 0) {
             return NULL;
         }
         if (m->ceiling[r] < m->limit[r]) {
@@ -192,11 +194,11 @@ Meter_setup(Meter *m, PyObject *const *args, Py_ssize_t nargs)
         m->hard |= m->ceiling[r] != NONE;
     }
     m->hard_chain = m->hard || (m->parent != NULL && m->parent->hard_chain);
-    int track = PyObject_IsTrue(args[9]);
+    int track = PyObject_IsTrue(args[3]);
     if (track < 0) {
         return NULL;
     }
-    unsigned long long rate = PyLong_AsUnsignedLongLong(args[10]);
+    unsigned long long rate = PyLong_AsUnsignedLongLong(args[4]);
     if (rate == (unsigned long long)-1 && PyErr_Occurred()) {
         return NULL;
     }
@@ -664,8 +666,7 @@ Meter_set_quiet(Meter *m, PyObject *v, void *unused)
 
 static PyMethodDef Meter_methods[] = {
     {"_setup", (PyCFunction)(void (*)(void))Meter_setup, METH_FASTCALL,
-     "_setup(parent, bytes, objects, calls, memory, ceiling_bytes, ceiling_objects, "
-     "ceiling_calls, ceiling_memory, track, rate)"},
+     "_setup(parent, limits, ceilings, track, rate)"},
     {"_set_parent", (PyCFunction)Meter_set_parent, METH_O,
      "Link to a parent scope; refuses cycles."},
     {"__enter__", (PyCFunction)Meter_enter, METH_NOARGS, NULL},
