@@ -71,6 +71,10 @@ class Instruments:
         # instruments drop what they are given until one is, and then forward to it:
         # until then, recording is skipped (a tenth of a small request's cost)
         self.placeholder = placeholder
+        if placeholder is not None:
+            from opentelemetry import metrics
+
+            self.current_provider = metrics.get_meter_provider
         meter = meter_provider.get_meter("gotcha_async", _version())
         self.histograms = []
         for resource, (name, unit, description) in METRICS.items():
@@ -91,9 +95,7 @@ class Instruments:
         breach: _report.Exceeded | None,
     ) -> None:
         if self.placeholder is not None:
-            from opentelemetry import metrics
-
-            if metrics.get_meter_provider() is self.placeholder:
+            if self.current_provider() is self.placeholder:
                 return  # nobody could read it yet
             self.placeholder = None  # set at last: these instruments now forward to it
         attributes: dict[str, str | int | bool] = {"http.request.method": method}
