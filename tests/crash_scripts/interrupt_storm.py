@@ -71,14 +71,15 @@ def cpython_with_leaks(rounds: int) -> int:
     leaks = 0
     for _ in range(rounds):
         lock = threading.Lock()
-        signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.000_01, 0.002))
         try:
+            # armed and disarmed inside the try: a 10 us timer can fire on either side
+            signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.000_01, 0.002))
             for _ in range(SPINS):
                 with lock:
                     pass
+            signal.setitimer(signal.ITIMER_REAL, 0)
         except KeyboardInterrupt:
-            pass
-        signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.setitimer(signal.ITIMER_REAL, 0)
         leaks += lock.locked()
     return leaks
 
