@@ -133,6 +133,10 @@ def test_bad_parent_and_flags() -> None:
         gotcha.limit(hard=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="shield must be True or False"):
         gotcha.limit(shield="yes")  # type: ignore[arg-type]
+    ctx = gotcha.Context()
+    with pytest.raises(TypeError, match="shield must be True or False, not 'yes'"):
+        ctx.shield = "yes"  # type: ignore[assignment]
+    assert ctx.shield is False  # nothing changed
 
 
 def test_str_and_repr() -> None:
