@@ -203,7 +203,8 @@ void step_aside_if_idle(void);
 int hook_on_top(void);
 int hook_leave(void);
 void hook_join(void);
-void forget_no_scope(void);
+void forget_seen(void);
+void forget_meter(Meter *m);
 void stop(Meter *m);
 
 /* ------------------------------------------------------------------------ */

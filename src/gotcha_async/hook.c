@@ -46,75 +46,86 @@ static Domain dom_obj = {.domain = PYMEM_DOMAIN_OBJ, .is_obj = 1};
 /* ------------------------------------------------------------------------ */
 /* Finding the scope                                                        */
 
-#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000 && !defined(Py_GIL_DISABLED)
-/* The leading fields of CPython's private PyContextVar, checked on 3.11 to
- * 3.13 with the GIL: the variable caches its value for one (thread state,
- * context version). Reading that cache here saves a call, a reference count
- * round trip and a type check on most allocations; a miss takes the public
- * path. Other versions always take the public path. */
-#define VAR_CACHE 1
-typedef struct {
-    PyObject_HEAD
-    PyObject *name, *default_value, *cached;
-    uint64_t cached_tsid, cached_tsver;
-} VarCache;
-
-/* CPython caches only a variable that is set. In the contexts where ours is
- * not -- the event loop's own callbacks, a server's protocol code, every other
- * task -- each allocation would search the context anew; this remembers the
- * last (thread state, context version) found without a scope. enter() and
- * exit() set and reset the variable, so they forget it. */
-static uint64_t no_scope_tsid, no_scope_ver = UINT64_MAX;
+#ifndef Py_GIL_DISABLED
+/* The scope last found, for one (thread state, context version): most
+ * allocations are answered from it. CPython bumps a thread state's context
+ * version whenever the thread enters or leaves a context (each step of a
+ * task), and only enter() and exit() set our variable, which they follow with
+ * forget_seen(). The thread state pointer is compared first, so that a state
+ * of another interpreter (whose ids restart) never matches; its id as well,
+ * for a state freed and another made at the same address. The context found
+ * holds a reference to the scope for as long as the version stands. Kept for
+ * contexts without a scope too (a server's protocol code, other tasks, the
+ * loop's callbacks), where there is nothing to find. */
+#define SEEN_CACHE 1
+static PyThreadState *seen_ts = (PyThreadState *)&seen_ts;   /* no state's address */
+static uint64_t seen_tsid, seen_ver;
+static Meter *seen_meter;
 #endif
 
 void
-forget_no_scope(void)
+forget_seen(void)
 {
-#ifdef VAR_CACHE
-    no_scope_ver = UINT64_MAX;
+#ifdef SEEN_CACHE
+    seen_ts = (PyThreadState *)&seen_ts;
+#endif
+}
+
+/* A scope is going away: it must not be found in the cache (a context can lose
+ * its last reference to it without a version change: PyThreadState_Clear). */
+void
+forget_meter(Meter *m)
+{
+#ifdef SEEN_CACHE
+    if (seen_meter == m) {
+        forget_seen();
+    }
+#else
+    (void)m;
 #endif
 }
 
 static Py_NO_INLINE Meter *
 lookup_meter(PyThreadState *ts)
 {
-    PyObject *v = NULL;
-    /* cannot fail for a ContextVar: its hash is precomputed */
-    if (PyContextVar_Get(scope_var, NULL, &v) < 0 || v == NULL) {
-#ifdef VAR_CACHE
-        no_scope_tsid = ts->id;
-        no_scope_ver = ts->context_ver;
-#else
-        (void)ts;
-#endif
+    if (ts == NULL || ts->interp != main_interp) {
         return NULL;
     }
+    PyObject *v = NULL;
+    /* cannot fail for a ContextVar: its hash is precomputed */
+    if (PyContextVar_Get(scope_var, NULL, &v) < 0) {
+        v = NULL;
+    }
     /* the context holds a reference: this never drops to zero here */
-    Py_DECREF(v);
+    Py_XDECREF(v);
+#ifdef SEEN_CACHE
+    seen_ts = ts;
+    seen_tsid = ts->id;
+    seen_ver = ts->context_ver;
+    seen_meter = (Meter *)v;
+#endif
     /* only enter() sets the variable, and only to a Meter */
     return (Meter *)v;
 }
 
 /* The innermost scope of the calling thread's context, borrowed, or NULL
  * (also for every thread of another interpreter). */
-Meter *
-current_meter(void)
+static inline Meter *
+meter_now(void)
 {
     PyThreadState *ts = tstate_unchecked();
-    if (ts == NULL || ts->interp != main_interp) {
-        return NULL;
-    }
-#ifdef VAR_CACHE
-    const VarCache *cache = (const VarCache *)scope_var;
-    if (cache->cached_tsver == ts->context_ver && cache->cached_tsid == ts->id &&
-        cache->cached != NULL) {
-        return (Meter *)cache->cached;   /* the current context holds it */
-    }
-    if (no_scope_ver == ts->context_ver && no_scope_tsid == ts->id) {
-        return NULL;
+#ifdef SEEN_CACHE
+    if (ts == seen_ts && ts->context_ver == seen_ver && ts->id == seen_tsid) {
+        return seen_meter;
     }
 #endif
     return lookup_meter(ts);
+}
+
+Meter *
+current_meter(void)
+{
+    return meter_now();
 }
 
 int
@@ -493,12 +504,50 @@ idle_seen(Domain *d)
     }
 }
 
+/* The common case, inlined in the hooks: a small block for a scope that
+ * holds no memory and measures all code. The counters are plain sums: 2**64
+ * bytes is decades of allocation at memory speed. */
+static inline int
+plain(const Meter *n, size_t size)
+{
+    return n->held == NULL && !n->quiet_machinery && size < REFUSE_MIN;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+/* GCC pairs charge_plain's additions into vector instructions: more of them */
+#  define SCALAR __attribute__((optimize("no-tree-slp-vectorize")))
+#  define UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#  define SCALAR
+#  define UNLIKELY(x) (x)
+#endif
+
+static inline void
+charge_plain(Meter *n, uint64_t bytes, uint64_t objects)
+{
+    Meter *m = n;
+    do {
+        uint64_t b = m->used[R_BYTES] + bytes;
+        uint64_t o = m->used[R_OBJECTS] + objects;
+        uint64_t c = m->used[R_CALLS] + 1;
+        m->used[R_BYTES] = b;
+        m->used[R_OBJECTS] = o;
+        m->used[R_CALLS] = c;
+        if (UNLIKELY((b > m->limit[R_BYTES]) | (o > m->limit[R_OBJECTS]) |
+                        (c > m->limit[R_CALLS]))) {
+            over(m);
+        }
+        m = m->parent;
+    } while (m != NULL);
+}
+
+/* Everything else: machinery left out, large blocks that a hard scope may
+ * refuse, held memory. */
 static Py_NO_INLINE void *
-metered_alloc(Domain *d, size_t nelem, size_t elsize, int zeroed)
+metered_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
 {
     size_t size = nelem * elsize;   /* on overflow the allocator refuses anyway */
-    Meter *n = current_meter();
-    if (n != NULL && n->quiet_machinery && !frame_is_user(tstate_unchecked())) {
+    if (n->quiet_machinery && !frame_is_user(tstate_unchecked())) {
         n = NULL;   /* the loop's debug bookkeeping is not the task's work */
     }
     if (n != NULL && size >= REFUSE_MIN && n->hard_chain &&
@@ -516,6 +565,43 @@ metered_alloc(Domain *d, size_t nelem, size_t elsize, int zeroed)
     return p;
 }
 
+/* The metered halves of hook_malloc and hook_calloc, apart so that an idle
+ * call does not pay for their registers. */
+static Py_NO_INLINE SCALAR void *
+metered_malloc(Domain *d, size_t size)
+{
+    Meter *n = meter_now();
+    if (n == NULL) {
+        return d->prev.malloc(d->prev.ctx, size);
+    }
+    if (!plain(n, size)) {
+        return metered_alloc(d, n, 1, size, 0);
+    }
+    void *p = d->prev.malloc(d->prev.ctx, size);
+    if (p != NULL) {
+        charge_plain(n, size, (uint64_t)d->is_obj);
+    }
+    return p;
+}
+
+static Py_NO_INLINE SCALAR void *
+metered_calloc(Domain *d, size_t nelem, size_t elsize)
+{
+    Meter *n = meter_now();
+    if (n == NULL) {
+        return d->prev.calloc(d->prev.ctx, nelem, elsize);
+    }
+    size_t size = nelem * elsize;   /* on overflow the allocator refuses anyway */
+    if (!plain(n, size)) {
+        return metered_alloc(d, n, nelem, elsize, 1);
+    }
+    void *p = d->prev.calloc(d->prev.ctx, nelem, elsize);
+    if (p != NULL) {
+        charge_plain(n, size, (uint64_t)d->is_obj);
+    }
+    return p;
+}
+
 static void *
 hook_malloc(void *ctx, size_t size)
 {
@@ -524,7 +610,7 @@ hook_malloc(void *ctx, size_t size)
         idle_seen(d);
         return d->prev.malloc(d->prev.ctx, size);
     }
-    return metered_alloc(d, 1, size, 0);
+    return metered_malloc(d, size);
 }
 
 static void *
@@ -535,7 +621,7 @@ hook_calloc(void *ctx, size_t nelem, size_t elsize)
         idle_seen(d);
         return d->prev.calloc(d->prev.ctx, nelem, elsize);
     }
-    return metered_alloc(d, nelem, elsize, 1);
+    return metered_calloc(d, nelem, elsize);
 }
 
 static Py_NO_INLINE void
@@ -549,11 +635,9 @@ forget_block(void *ptr)
 
 /* A realloc is one call, charges its new size as a fresh allocation would, and
  * no object. For held memory the old block is forgotten and the new one held. */
-static void *
-hook_realloc(void *ctx, void *ptr, size_t size)
+static Py_NO_INLINE void *
+metered_realloc(Domain *d, Meter *n, void *ptr, size_t size)
 {
-    Domain *d = ctx;
-    Meter *n = IDLE() ? NULL : current_meter();
     if (n != NULL && n->quiet_machinery && !frame_is_user(tstate_unchecked())) {
         n = NULL;
     }
@@ -579,6 +663,30 @@ hook_realloc(void *ctx, void *ptr, size_t size)
         }
     }
     return p;
+}
+
+static Py_NO_INLINE SCALAR void *
+plain_realloc(Domain *d, Meter *n, void *ptr, size_t size)
+{
+    void *p = d->prev.realloc(d->prev.ctx, ptr, size);
+    if (p != NULL) {
+        charge_plain(n, size, 0);
+    }
+    return p;
+}
+
+static void *
+hook_realloc(void *ctx, void *ptr, size_t size)
+{
+    Domain *d = ctx;
+    Meter *n = IDLE() ? NULL : meter_now();
+    if (table_count != 0 || (n != NULL && !plain(n, size))) {
+        return metered_realloc(d, n, ptr, size);
+    }
+    if (n == NULL) {
+        return d->prev.realloc(d->prev.ctx, ptr, size);
+    }
+    return plain_realloc(d, n, ptr, size);
 }
 
 static Py_NO_INLINE void

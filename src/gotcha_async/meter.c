@@ -119,6 +119,7 @@ Meter_dealloc(Meter *m)
 {
     PyObject_GC_UnTrack(m);
     Meter_clear(m);
+    forget_meter(m);
     if (m->held != NULL) {
         m->held->owner = NULL;   /* its blocks may live on; the scope does not */
         held_decref(m->held);
@@ -352,7 +353,7 @@ enter(Meter *m)
     paused++;
     PyObject *token = PyContextVar_Set(scope_var, (PyObject *)m);
     paused--;
-    forget_no_scope();
+    forget_seen();
     if (token == NULL) {
         active--;
         step_aside_if_idle();
@@ -387,7 +388,7 @@ leave(Meter *m)
     paused++;
     int r = PyContextVar_Reset(scope_var, m->token);
     paused--;
-    forget_no_scope();
+    forget_seen();
     if (r < 0) {
         if (PyErr_ExceptionMatches(PyExc_ValueError)) {
             PyErr_SetString(PyExc_RuntimeError,
