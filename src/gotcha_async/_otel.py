@@ -75,6 +75,11 @@ class Instruments:
             from opentelemetry import metrics
 
             self.current_provider = metrics.get_meter_provider
+            # The placeholder learns of the SDK when it is set (the API's own way of
+            # handing its instruments over): asking it costs an attribute read where
+            # get_meter_provider() reads the environment. Any other API version is
+            # asked through get_meter_provider().
+            self.placeholder_tells = hasattr(placeholder, "_real_meter_provider")
         meter = meter_provider.get_meter("gotcha_async", _version())
         self.histograms = []
         for resource, (name, unit, description) in METRICS.items():
@@ -85,6 +90,18 @@ class Instruments:
         name, unit, description = EXCEEDED
         self.exceeded = meter.create_counter(name, unit=unit, description=description)
 
+    def ready(self) -> bool:
+        """Whether what is recorded can reach an SDK (false while only the API's
+        placeholder provider is set: its instruments drop everything)."""
+        placeholder = self.placeholder
+        if placeholder is None:
+            return True
+        if (placeholder._real_meter_provider is None if self.placeholder_tells
+                else self.current_provider() is placeholder):
+            return False  # nobody could read it yet
+        self.placeholder = None  # set at last: these instruments now forward to it
+        return True
+
     def record(
         self,
         method: str,
@@ -94,10 +111,8 @@ class Instruments:
         peak: int | None,
         breach: _report.Exceeded | None,
     ) -> None:
-        if self.placeholder is not None:
-            if self.current_provider() is self.placeholder:
-                return  # nobody could read it yet
-            self.placeholder = None  # set at last: these instruments now forward to it
+        if not self.ready():
+            return
         attributes: dict[str, str | int | bool] = {"http.request.method": method}
         if route is not None:
             attributes["http.route"] = route

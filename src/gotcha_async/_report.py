@@ -11,6 +11,7 @@ import inspect
 import logging
 import math
 from array import array
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -202,10 +203,13 @@ _STEPS = 8
 _BUCKETS = 64 * _STEPS + 2
 
 
+# Bucket k + 1 holds the values from 2 ** (k / _STEPS) up, bucket 0 the zeros: a
+# bisection finds it, without a logarithm per request.
+_LOWS = [math.ceil(2 ** (k / _STEPS)) for k in range(_BUCKETS - 1)]
+
+
 def _bucket(value: int) -> int:
-    if value <= 0:
-        return 0
-    return min(int(math.log2(value) * _STEPS) + 1, _BUCKETS - 1)
+    return bisect_right(_LOWS, value) if value > 0 else 0
 
 
 def _bucket_top(index: int) -> int:
@@ -223,7 +227,7 @@ class _Histogram:
         self.max = 0
 
     def add(self, value: int) -> None:
-        self.counts[_bucket(value)] += 1
+        self.counts[bisect_right(_LOWS, value) if value > 0 else 0] += 1
         self.count += 1
         if value > self.max:
             self.max = value

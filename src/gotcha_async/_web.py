@@ -248,13 +248,13 @@ class Options:
     ) -> None:
         """Metrics and summary of a request that stayed within its limits (finish()'s
         common case, without a coroutine: it runs for every request)."""
-        used = ctx.used()
-        held = ctx.memory()
+        held = ctx._memory()
         peak = held.peak if held is not None else None
-        self.summary.add(method, route if route is not None else path, used[0], peak, False)
-        if self.instruments is not None:
-            self.instruments.record(method, route, status, (used[0], used[1], used[2]), peak,
-                                    None)
+        self.summary.add(method, route if route is not None else path, ctx._bytes, peak, False)
+        instruments = self.instruments
+        if instruments is not None and instruments.ready():
+            b, o, c = ctx._counts()
+            instruments.record(method, route, status, (b, o, c), peak, None)
 
     def log_summary(self) -> None:
         for line in self.summary.text().splitlines():

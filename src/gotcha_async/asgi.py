@@ -278,28 +278,11 @@ class LimitMiddleware:
     # -- the ASGI callable ---------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "websocket":
-            await self._websocket(scope, receive, send)
-        elif kind == "lifespan" and not self._options.enforce:
-            await self.app(scope, self._watch_shutdown(receive), send)
-        else:
-            await self.app(scope, receive, send)
-
-    def _watch_shutdown(self, receive: Receive) -> Receive:
-        async def watched() -> Message:
-            message = await receive()
-            if message.get("type") == "lifespan.shutdown" and not self._summary_logged:
-                # the server has drained its connections: every request is in
-                self._summary_logged = True
-                self._options.log_summary()
-            return message
-
-        return watched
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._other(scope, receive, send)
+            return
+        # An HTTP request, in this coroutine rather than one more: it runs for every
+        # request.
         options = self._options
         path = scope.get("path", "")
         kwargs = options.limits_for(path, scope)
@@ -373,6 +356,26 @@ class LimitMiddleware:
             await send({"type": "http.response.start", "status": options.status_code,
                         "headers": _error_headers(body)})
             await send({"type": "http.response.body", "body": body})
+
+    async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan" and not self._options.enforce:
+            await self.app(scope, self._watch_shutdown(receive), send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _watch_shutdown(self, receive: Receive) -> Receive:
+        async def watched() -> Message:
+            message = await receive()
+            if message.get("type") == "lifespan.shutdown" and not self._summary_logged:
+                # the server has drained its connections: every request is in
+                self._summary_logged = True
+                self._options.log_summary()
+            return message
+
+        return watched
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         options = self._options

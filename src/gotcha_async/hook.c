@@ -565,11 +565,17 @@ metered_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
     return p;
 }
 
-/* The metered halves of hook_malloc and hook_calloc, apart so that an idle
- * call does not pay for their registers. */
-static Py_NO_INLINE SCALAR void *
-metered_malloc(Domain *d, size_t size)
+/* One function each, the common case inline: a call outside any scope (a
+ * server's own work while requests run) costs the lookup of the scope, a call
+ * in a plain scope that and the charge. */
+static SCALAR void *
+hook_malloc(void *ctx, size_t size)
 {
+    Domain *d = ctx;
+    if (IDLE()) {
+        idle_seen(d);
+        return d->prev.malloc(d->prev.ctx, size);
+    }
     Meter *n = meter_now();
     if (n == NULL) {
         return d->prev.malloc(d->prev.ctx, size);
@@ -584,9 +590,14 @@ metered_malloc(Domain *d, size_t size)
     return p;
 }
 
-static Py_NO_INLINE SCALAR void *
-metered_calloc(Domain *d, size_t nelem, size_t elsize)
+static SCALAR void *
+hook_calloc(void *ctx, size_t nelem, size_t elsize)
 {
+    Domain *d = ctx;
+    if (IDLE()) {
+        idle_seen(d);
+        return d->prev.calloc(d->prev.ctx, nelem, elsize);
+    }
     Meter *n = meter_now();
     if (n == NULL) {
         return d->prev.calloc(d->prev.ctx, nelem, elsize);
@@ -600,28 +611,6 @@ metered_calloc(Domain *d, size_t nelem, size_t elsize)
         charge_plain(n, size, (uint64_t)d->is_obj);
     }
     return p;
-}
-
-static void *
-hook_malloc(void *ctx, size_t size)
-{
-    Domain *d = ctx;
-    if (IDLE()) {
-        idle_seen(d);
-        return d->prev.malloc(d->prev.ctx, size);
-    }
-    return metered_malloc(d, size);
-}
-
-static void *
-hook_calloc(void *ctx, size_t nelem, size_t elsize)
-{
-    Domain *d = ctx;
-    if (IDLE()) {
-        idle_seen(d);
-        return d->prev.calloc(d->prev.ctx, nelem, elsize);
-    }
-    return metered_calloc(d, nelem, elsize);
 }
 
 static Py_NO_INLINE void

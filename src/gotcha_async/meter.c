@@ -696,6 +696,8 @@ static PyMemberDef Meter_members[] = {
     {"_shield", Py_T_BOOL, offsetof(Meter, shield), 0, "The shield before entering."},
     {"_cancel_pending", Py_T_BOOL, offsetof(Meter, cancel_pending), 0,
      "Whether cancel() came before entering."},
+    {"_bytes", Py_T_ULONGLONG, offsetof(Meter, used), Py_READONLY,
+     "Bytes charged so far: used()[0] without the tuple (a middleware's summary)."},
     {NULL},
 };
 
