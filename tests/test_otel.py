@@ -163,7 +163,8 @@ def test_importing_the_middleware_does_not_import_opentelemetry() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_default_is_the_global_provider() -> None:
+@pytest.mark.parametrize("placeholder_tells", [True, False], ids=["attribute", "getter"])
+def test_default_is_the_global_provider(placeholder_tells: bool) -> None:
     # in a process of its own: the global provider can be set once per process
     code = """
 import asyncio
@@ -177,6 +178,10 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": b""})
 
 middleware = LimitMiddleware(app)  # built before the SDK is configured, as apps are
+assert middleware._options.instruments.placeholder_tells
+# the API's placeholder says when the SDK is set; with an API whose placeholder did
+# not, the middleware would ask get_meter_provider() instead: both must work
+middleware._options.instruments.placeholder_tells = PLACEHOLDER_TELLS
 reader = InMemoryMetricReader()
 metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 
@@ -192,6 +197,7 @@ names = [m.name for rm in reader.get_metrics_data().resource_metrics
          for sm in rm.scope_metrics for m in sm.metrics]
 print(sorted(names))
 """
+    code = code.replace("PLACEHOLDER_TELLS", str(placeholder_tells))
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
