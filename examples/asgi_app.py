@@ -51,12 +51,13 @@ def on_exceeded(scope: MutableMapping[str, Any], ctx: gotcha.Context) -> None:
     print(f"over budget: {scope['path']} ({ctx})")
 
 
-def build(limited: bool) -> Starlette:
+def build(limited: bool, memory: int | None = None) -> Starlette:
     app = Starlette(routes=[Route("/", index), Route("/hog", hog), Route("/big", hog)])
     if limited:
         app.add_middleware(
             LimitMiddleware,
             bytes=4 * gotcha.MiB,
+            memory=memory,  # a cap on what a request holds at once, if given
             routes={"/big": {"bytes": "64 MiB"}},
             on_exceeded=on_exceeded,
         )

@@ -171,6 +171,7 @@ typedef struct Meter {
     char hard;                 /* has a ceiling */
     char hard_chain;           /* it or an ancestor has a ceiling */
     char queued, state, rearm, quiet_machinery;
+    char path;                 /* which path the hook takes for it: meter_path() */
     /* Context's cancel-scope state, here so that entering and leaving need no
      * Python frame in the common case (strong; None when unset) */
     PyObject *scope;           /* the anyio cancel scope, once entered in a loop */
@@ -179,6 +180,19 @@ typedef struct Meter {
     double deadline;
     char shield, cancel_pending;
 } Meter;
+
+/* What the hook does for a small block (hook.c): charge it (the common case),
+ * charge it and count down to the next sample, or take the general path. */
+enum { P_PLAIN, P_SAMPLED, P_GENERAL };
+
+static inline void
+meter_path(struct Meter *m)
+{
+    m->path = m->quiet_machinery ? P_GENERAL
+              : m->held == NULL  ? P_PLAIN
+              : m->held->rate    ? P_SAMPLED
+                                 : P_GENERAL;
+}
 
 extern PyTypeObject MeterType;
 extern PyTypeObject ReadyType;

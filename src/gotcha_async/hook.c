@@ -20,6 +20,15 @@
 #include <math.h>
 #include <time.h>
 
+#if defined(__GNUC__) && !defined(__clang__)
+/* GCC pairs charge_plain's additions into vector instructions: more of them */
+#  define SCALAR __attribute__((optimize("no-tree-slp-vectorize")))
+#  define UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#  define SCALAR
+#  define UNLIKELY(x) (x)
+#endif
+
 const uint64_t grace[NRES] = {64 * 1024, 1000, 1000, 64 * 1024};
 
 PyObject *scope_var;
@@ -510,17 +519,25 @@ idle_seen(Domain *d)
 static inline int
 plain(const Meter *n, size_t size)
 {
-    return n->held == NULL && !n->quiet_machinery && size < REFUSE_MIN;
+    return n->path == P_PLAIN && size < REFUSE_MIN;
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-/* GCC pairs charge_plain's additions into vector instructions: more of them */
-#  define SCALAR __attribute__((optimize("no-tree-slp-vectorize")))
-#  define UNLIKELY(x) __builtin_expect(!!(x), 0)
-#else
-#  define SCALAR
-#  define UNLIKELY(x) (x)
-#endif
+/* The common case of a scope that samples held memory: a block below the rate
+ * (at most counted down, rarely recorded), charged as in a plain scope. */
+static inline int
+sampled_small(const Meter *n, size_t size)
+{
+    return n->path == P_SAMPLED && size < REFUSE_MIN && size < n->held->rate;
+}
+
+/* 1 if this block is the sample */
+static inline int
+count_down(Meter *n, size_t size)
+{
+    sample_left -= (double)size * n->held->inv_rate;
+    return UNLIKELY(sample_left <= 0);
+}
+
 
 static inline void
 charge_plain(Meter *n, uint64_t bytes, uint64_t objects)
@@ -565,29 +582,62 @@ metered_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
     return p;
 }
 
-/* One function each, the common case inline: a call outside any scope (a
+static inline int
+mul_overflows(size_t a, size_t b, size_t *product)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_mul_overflow(a, b, product);
+#else
+    *product = a * b;
+    return b != 0 && *product / b != a;
+#endif
+}
+
+/* The allocation that a sampling scope's countdown reached: charged already. */
+static Py_NO_INLINE void *
+sampled_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
+{
+    size_t size = nelem * elsize;
+    void *p = zeroed ? d->prev.calloc(d->prev.ctx, nelem, elsize)
+                     : d->prev.malloc(d->prev.ctx, size);
+    if (p != NULL) {
+        hold_sampled(n, p, size);   /* else the next block is the sample */
+    }
+    return p;
+}
+
+/* One function each, the common cases inline: a call outside any scope (a
  * server's own work while requests run) costs the lookup of the scope, a call
- * in a plain scope that and the charge. */
+ * in a plain scope that and the charge, one in a sampling scope a countdown
+ * more. A small block is charged before it is allocated, so that the
+ * allocation is the hook's last call: the allocator fails a small block only
+ * when the process is out of memory, and then the scope has counted one block
+ * too many. */
 static SCALAR void *
 hook_malloc(void *ctx, size_t size)
 {
     Domain *d = ctx;
     if (IDLE()) {
         idle_seen(d);
-        return d->prev.malloc(d->prev.ctx, size);
     }
-    Meter *n = meter_now();
-    if (n == NULL) {
-        return d->prev.malloc(d->prev.ctx, size);
+    else {
+        Meter *n = meter_now();
+        if (n != NULL) {
+            if (plain(n, size)) {
+                charge_plain(n, size, (uint64_t)d->is_obj);
+            }
+            else if (sampled_small(n, size)) {
+                charge_plain(n, size, (uint64_t)d->is_obj);
+                if (count_down(n, size)) {
+                    return sampled_alloc(d, n, 1, size, 0);
+                }
+            }
+            else {
+                return metered_alloc(d, n, 1, size, 0);
+            }
+        }
     }
-    if (!plain(n, size)) {
-        return metered_alloc(d, n, 1, size, 0);
-    }
-    void *p = d->prev.malloc(d->prev.ctx, size);
-    if (p != NULL) {
-        charge_plain(n, size, (uint64_t)d->is_obj);
-    }
-    return p;
+    return d->prev.malloc(d->prev.ctx, size);
 }
 
 static SCALAR void *
@@ -596,21 +646,29 @@ hook_calloc(void *ctx, size_t nelem, size_t elsize)
     Domain *d = ctx;
     if (IDLE()) {
         idle_seen(d);
-        return d->prev.calloc(d->prev.ctx, nelem, elsize);
     }
-    Meter *n = meter_now();
-    if (n == NULL) {
-        return d->prev.calloc(d->prev.ctx, nelem, elsize);
+    else {
+        Meter *n = meter_now();
+        size_t size;   /* an overflow, which the allocator refuses, is not charged */
+        if (n != NULL) {
+            if (mul_overflows(nelem, elsize, &size)) {
+                return metered_alloc(d, n, nelem, elsize, 1);
+            }
+            if (plain(n, size)) {
+                charge_plain(n, size, (uint64_t)d->is_obj);
+            }
+            else if (sampled_small(n, size)) {
+                charge_plain(n, size, (uint64_t)d->is_obj);
+                if (count_down(n, size)) {
+                    return sampled_alloc(d, n, nelem, elsize, 1);
+                }
+            }
+            else {
+                return metered_alloc(d, n, nelem, elsize, 1);
+            }
+        }
     }
-    size_t size = nelem * elsize;   /* on overflow the allocator refuses anyway */
-    if (!plain(n, size)) {
-        return metered_alloc(d, n, nelem, elsize, 1);
-    }
-    void *p = d->prev.calloc(d->prev.ctx, nelem, elsize);
-    if (p != NULL) {
-        charge_plain(n, size, (uint64_t)d->is_obj);
-    }
-    return p;
+    return d->prev.calloc(d->prev.ctx, nelem, elsize);
 }
 
 static Py_NO_INLINE void

@@ -151,6 +151,7 @@ start_holding(Meter *m, uint64_t rate)
         m->held->rate = rate;
     }
     m->held->inv_rate = m->held->rate ? 1.0 / (double)m->held->rate : 0.0;
+    meter_path(m);
     return 0;
 }
 
@@ -662,6 +663,7 @@ Meter_set_quiet(Meter *m, PyObject *v, void *unused)
         return -1;
     }
     m->quiet_machinery = (char)on;
+    meter_path(m);
     return 0;
 }
 
