@@ -106,7 +106,6 @@ def test_contexts_are_collected() -> None:
     assert all(r() is None for r in refs)
 
 
-
 def test_a_scope_entered_where_none_was_found_is_seen_after_another_thread_looked() -> None:
     # The hook remembers the last (thread, context version) in which it found no scope.
     # Entering a scope changes that answer without a context switch; another thread's
@@ -142,3 +141,43 @@ def test_a_scope_entered_where_none_was_found_is_seen_after_another_thread_looke
         a_done.set()
         thread.join()
     assert MB <= used.bytes < MB + SLACK
+
+
+def test_a_thread_that_ended_inside_its_scope_is_not_mistaken_for_the_next() -> None:
+    # The hook remembers the scope it last found for a (thread state, context version).
+    # A thread that ends inside its scope leaves its state's memory to the next thread,
+    # whose version starts where the first one's did: the next thread's allocations
+    # must not be charged to the old scope.
+    keeper = threading.Event()
+    keeper_in = threading.Event()
+
+    def keep_active() -> None:  # an entered scope elsewhere keeps the hook metering
+        with gotcha.Context():
+            keeper_in.set()
+            keeper.wait()
+
+    other = threading.Thread(target=keep_active)
+    other.start()
+    keeper_in.wait()
+    left: list[gotcha.Context] = []
+
+    def enter_and_end() -> None:
+        ctx = gotcha.Context()
+        ctx.__enter__()  # never exited: the thread ends inside it
+        big(1000)
+        left.append(ctx)
+
+    try:
+        for _ in range(20):  # thread states come back at the same address, mostly
+            first = threading.Thread(target=enter_and_end)
+            first.start()
+            first.join()
+            before = left[-1].used()
+            second = threading.Thread(target=lambda: big(MB))
+            second.start()
+            second.join()
+            assert left[-1].used() == before
+    finally:
+        keeper.set()
+        other.join()
+
