@@ -224,6 +224,41 @@ async def test_sites_are_the_innermost_user_frames() -> None:
     del kept
 
 
+async def test_consecutive_blocks_get_the_site_of_their_own_line_and_caller() -> None:
+    # The hook remembers the frames of the last site it read, for the next block made
+    # at the same place (a C call makes many). A block one line further on, or made
+    # by the same helper called from elsewhere, must get a site of its own.
+    def helper() -> bytearray:
+        return big(100 * KiB)
+
+    def caller_a() -> bytearray:
+        return helper()
+
+    def caller_b() -> bytearray:
+        return helper()
+
+    async with gotcha.Context(track_memory=True, exact_memory=True) as ctx:
+        line = sys._getframe().f_lineno
+        first = big(65536)  # literal sizes: no block of another site in between
+        second = big(65536)
+        via_a = caller_a()
+        via_b = caller_b()
+        sites = ctx.allocation_sites(None, key_type="traceback")
+    by_frames = {
+        tuple((f.filename, f.lineno) for f in site.traceback): site.count for site in sites
+    }
+    here = [frames for frames in by_frames if (__file__, line + 1) in frames]
+    after = [frames for frames in by_frames if (__file__, line + 2) in frames]
+    assert here and after
+    callers = {
+        code.co_firstlineno: [frames for frames in by_frames
+                              if any(n == code.co_firstlineno + 1 for _, n in frames)]
+        for code in (caller_a.__code__, caller_b.__code__)
+    }
+    assert all(callers.values()), callers
+    del first, second, via_a, via_b
+
+
 async def test_tracemalloc_stopped_inside_a_memory_scope_keeps_crediting() -> None:
     tracemalloc.start()
     try:

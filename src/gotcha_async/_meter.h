@@ -235,6 +235,9 @@ int stack_spilled(PyThreadState *ts);
 int code_is_machinery(PyCodeObject *code);
 int frame_is_user(PyThreadState *ts);
 void frames_site(PyThreadState *ts, Site *s);
+int frames_same_site(PyThreadState *ts, uint32_t *site);
+void frames_remember_site(uint32_t site);
+void frames_forget_site(void);
 int frames_init(void);
 
 /* ------------------------------------------------------------------------ */

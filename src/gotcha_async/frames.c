@@ -177,16 +177,86 @@ code_is_machinery(PyCodeObject *code)
     return is_machinery(code);
 }
 
+/* What a frame runs and where it is, as two words read straight off it: a
+ * frame's part in a site is a function of these. */
+static inline uintptr_t
+frame_runs(void *frame)
+{
+#if PY_VERSION_HEX >= 0x030E0000
+    return ((Frame *)frame)->executable;
+#else
+    return (uintptr_t)((Frame *)frame)->code;
+#endif
+}
+
+static inline uintptr_t
+frame_at(void *frame)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return (uintptr_t)((Frame *)frame)->instr_ptr;
+#else
+    return (uintptr_t)((Frame *)frame)->prev_instr;
+#endif
+}
+
+/* The frames the last walk read, innermost first, and whether it ran out of
+ * frames: a site is a function of what each frame runs and where, so a walk
+ * past the same frames finds the same site. A C call that allocates many
+ * blocks (json.loads, a list growing) is then read once. */
+#define WALK_MAX 64
+static struct {
+    int depth, ended, known;
+    uintptr_t runs[WALK_MAX], at[WALK_MAX];
+    uint32_t site;
+} walk;
+
+int
+frames_same_site(PyThreadState *ts, uint32_t *site)
+{
+    if (!walk.known || ts == NULL) {
+        return 0;
+    }
+    void *f = top_frame(ts);
+    for (int i = 0; i < walk.depth; i++, f = older_frame(f)) {
+        if (f == NULL || frame_runs(f) != walk.runs[i] || frame_at(f) != walk.at[i]) {
+            return 0;
+        }
+    }
+    if (walk.ended && f != NULL) {
+        return 0;
+    }
+    *site = walk.site;
+    return 1;
+}
+
+void
+frames_remember_site(uint32_t site)
+{
+    walk.site = site;
+    walk.known = 1;
+}
+
+void
+frames_forget_site(void)
+{
+    walk.known = 0;
+}
+
 /* The innermost SITE_FRAMES frames of user code, the event loops' and ours
  * left out: here, so that the steps of the walk inline (one is taken for
- * every block held memory records). */
+ * every block held memory records). The frames it reads are remembered for
+ * frames_same_site(). */
 void
 frames_site(PyThreadState *ts, Site *s)
 {
     s->n = 0;
-    int depth = 0;
-    for (void *f = ts == NULL ? NULL : top_frame(ts); f != NULL && s->n < SITE_FRAMES && depth < 64;
-         f = older_frame(f), depth++) {
+    walk.known = 0;
+    walk.depth = 0;
+    void *f = ts == NULL ? NULL : top_frame(ts);
+    for (; f != NULL && s->n < SITE_FRAMES && walk.depth < WALK_MAX; f = older_frame(f)) {
+        walk.runs[walk.depth] = frame_runs(f);
+        walk.at[walk.depth] = frame_at(f);
+        walk.depth++;
         PyCodeObject *code = frame_code(f);
         if (code == NULL || is_machinery(code)) {
             continue;
@@ -195,6 +265,7 @@ frames_site(PyThreadState *ts, Site *s)
         s->lasti[s->n] = frame_lasti(f, code);
         s->n++;
     }
+    walk.ended = f == NULL;
 }
 
 /* Is a thread's innermost Python frame user code, as opposed to the event

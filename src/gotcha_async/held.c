@@ -211,6 +211,7 @@ sites_clear(void)
         }
     }
     n_sites = 1;
+    frames_forget_site();   /* its id is gone */
     if (site_slots != NULL) {
         memset(site_slots, 0, site_slots_cap * sizeof(uint32_t));
     }

@@ -240,9 +240,18 @@ next_exponential(void)
 static uint32_t
 capture_site(void)
 {
+    PyThreadState *ts = tstate_unchecked();
+    uint32_t id;
+    if (frames_same_site(ts, &id)) {
+        return id;
+    }
     Site s;
-    frames_site(tstate_unchecked(), &s);
-    return site_intern(&s);
+    frames_site(ts, &s);
+    id = site_intern(&s);
+    if (id != 0 || s.n == 0) {   /* not a site the table had no room for */
+        frames_remember_site(id);
+    }
+    return id;
 }
 
 static Py_NO_INLINE void
