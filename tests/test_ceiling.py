@@ -167,3 +167,20 @@ def test_counters_saturate_instead_of_wrapping() -> None:
     ctx.add(bytes=2**64 - 2)
     assert ctx.used().bytes >= 2**64 - 2
     assert ctx.exceeded()
+
+
+def test_allocations_after_add_saturated_the_counters_do_not_wrap_them() -> None:
+    # the hook's own charge of each block saturates too, in the scope and its ancestors
+    top = 2**64 - 2
+    ctx = gotcha.Context(bytes=100)
+    with ctx:
+        ctx.add(bytes=top, objects=top, calls=top)
+        kept = [[i] * 10 for i in range(10)]
+    assert all(value >= top for value in ctx.used()), ctx.used()
+    outer = gotcha.Context()
+    with outer:
+        outer.add(bytes=top)
+        with gotcha.Context():
+            kept = [[i] for i in range(100)]
+    assert outer.used().bytes >= top
+    del kept

@@ -523,8 +523,7 @@ idle_seen(Domain *d)
 }
 
 /* The common case, inlined in the hooks: a small block for a scope that
- * holds no memory and measures all code. The counters are plain sums: 2**64
- * bytes is decades of allocation at memory speed. */
+ * holds no memory and measures all code. */
 static inline int
 plain(const Meter *n, size_t size)
 {
@@ -553,9 +552,10 @@ charge_plain(Meter *n, uint64_t bytes, uint64_t objects)
 {
     Meter *m = n;
     do {
-        uint64_t b = m->used[R_BYTES] + bytes;
-        uint64_t o = m->used[R_OBJECTS] + objects;
-        uint64_t c = m->used[R_CALLS] + 1;
+        /* saturating: add() can take a counter to the top */
+        uint64_t b = sat_add(m->used[R_BYTES], bytes);
+        uint64_t o = sat_add(m->used[R_OBJECTS], objects);
+        uint64_t c = sat_add(m->used[R_CALLS], 1);
         m->used[R_BYTES] = b;
         m->used[R_OBJECTS] = o;
         m->used[R_CALLS] = c;
