@@ -547,15 +547,24 @@ count_down(Meter *n, size_t size)
 }
 
 
+/* a + b, or the top on overflow: without a constant to hold in a register */
+static inline uint64_t
+sat_add_top(uint64_t a, uint64_t b)
+{
+    uint64_t s = a + b;
+    return s | ((uint64_t)0 - (uint64_t)(s < a));
+}
+
 static inline void
 charge_plain(Meter *n, uint64_t bytes, uint64_t objects)
 {
     Meter *m = n;
     do {
-        /* saturating: add() can take a counter to the top */
-        uint64_t b = sat_add(m->used[R_BYTES], bytes);
-        uint64_t o = sat_add(m->used[R_OBJECTS], objects);
-        uint64_t c = sat_add(m->used[R_CALLS], 1);
+        /* saturating, as add() can take a counter to the top */
+        uint64_t b = sat_add_top(m->used[R_BYTES], bytes);
+        uint64_t o = sat_add_top(m->used[R_OBJECTS], objects);
+        uint64_t c = m->used[R_CALLS];
+        c += c != NONE;
         m->used[R_BYTES] = b;
         m->used[R_OBJECTS] = o;
         m->used[R_CALLS] = c;
@@ -618,10 +627,9 @@ sampled_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
 /* One function each, the common cases inline: a call outside any scope (a
  * server's own work while requests run) costs the lookup of the scope, a call
  * in a plain scope that and the charge, one in a sampling scope a countdown
- * more. A small block is charged before it is allocated, so that the
- * allocation is the hook's last call: the allocator fails a small block only
- * when the process is out of memory, and then the scope has counted one block
- * too many. */
+ * more. A small block is charged before it is allocated, so that the allocation is the hook's last call: the allocator
+ * fails a small block only when the process is out of memory, and then the
+ * scope has counted one block too many. */
 static SCALAR void *
 hook_malloc(void *ctx, size_t size)
 {
@@ -632,17 +640,12 @@ hook_malloc(void *ctx, size_t size)
     else {
         Meter *n = meter_now();
         if (n != NULL) {
-            if (plain(n, size)) {
-                charge_plain(n, size, (uint64_t)d->is_obj);
-            }
-            else if (sampled_small(n, size)) {
-                charge_plain(n, size, (uint64_t)d->is_obj);
-                if (count_down(n, size)) {
-                    return sampled_alloc(d, n, 1, size, 0);
-                }
-            }
-            else {
+            if (!plain(n, size) && !sampled_small(n, size)) {
                 return metered_alloc(d, n, 1, size, 0);
+            }
+            charge_plain(n, size, (uint64_t)d->is_obj);
+            if (n->path == P_SAMPLED && count_down(n, size)) {
+                return sampled_alloc(d, n, 1, size, 0);
             }
         }
     }
@@ -663,17 +666,12 @@ hook_calloc(void *ctx, size_t nelem, size_t elsize)
             if (mul_overflows(nelem, elsize, &size)) {
                 return metered_alloc(d, n, nelem, elsize, 1);
             }
-            if (plain(n, size)) {
-                charge_plain(n, size, (uint64_t)d->is_obj);
-            }
-            else if (sampled_small(n, size)) {
-                charge_plain(n, size, (uint64_t)d->is_obj);
-                if (count_down(n, size)) {
-                    return sampled_alloc(d, n, nelem, elsize, 1);
-                }
-            }
-            else {
+            if (!plain(n, size) && !sampled_small(n, size)) {
                 return metered_alloc(d, n, nelem, elsize, 1);
+            }
+            charge_plain(n, size, (uint64_t)d->is_obj);
+            if (n->path == P_SAMPLED && count_down(n, size)) {
+                return sampled_alloc(d, n, nelem, elsize, 1);
             }
         }
     }
