@@ -136,7 +136,10 @@ def main() -> None:
     print(f"|{'-' * (width + 2)}|-------|------|")
     for v, b, goal in ROWS:
         ratio = per[v] / per[b]
-        mark = "(reference)" if goal is None else f"<= {goal}" + ("" if ratio <= goal else " (missed)")
+        if goal is None:
+            mark = "(reference)"
+        else:
+            mark = f"<= {goal}" + ("" if ratio <= goal else " (missed)")
         print(f"| {f'{v} vs {b}':<{width}} | {ratio:5.3f} | {mark} |")
 
 
