@@ -60,9 +60,10 @@ static Domain dom_obj = {.domain = PYMEM_DOMAIN_OBJ, .is_obj = 1};
  * allocations are answered from it. CPython bumps a thread state's context
  * version whenever the thread enters or leaves a context (each step of a
  * task), and only enter() and exit() set our variable, which they follow with
- * forget_seen(). The thread state pointer is compared first, so that a state
- * of another interpreter (whose ids restart) never matches; its id as well,
- * for a state freed and another made at the same address. The context found
+ * forget_seen(). The thread state's id is compared as well as its address,
+ * for a state freed and another made at the same address; its interpreter
+ * too, as ids restart in every interpreter and another interpreter's thread
+ * may run beside ours under a GIL of its own. The context found
  * holds a reference to the scope for as long as the version stands. Kept for
  * contexts without a scope too (a server's protocol code, other tasks, the
  * loop's callbacks), where there is nothing to find. */
@@ -124,7 +125,8 @@ meter_now(void)
 {
     PyThreadState *ts = tstate_unchecked();
 #ifdef SEEN_CACHE
-    if (ts == seen_ts && ts->context_ver == seen_ver && ts->id == seen_tsid) {
+    if (ts == seen_ts && ts->context_ver == seen_ver && ts->id == seen_tsid &&
+        ts->interp == main_interp) {
         return seen_meter;
     }
 #endif
