@@ -184,3 +184,17 @@ def test_allocations_after_add_saturated_the_counters_do_not_wrap_them() -> None
             kept = [[i] for i in range(100)]
     assert outer.used().bytes >= top
     del kept
+
+
+@pytest.mark.anyio
+async def test_an_ancestors_ceiling_stops_a_loop_in_a_scope_without_limits() -> None:
+    # the inner scope's blocks are batched against what its whole chain has left:
+    # the outer ceiling is crossed, and acted on, at the block that crosses it
+    keep: list[bytearray] = []
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(bytes=2 * MiB, ceiling=3) as outer:
+            async with gotcha.limit() as inner:
+                grow_without_checkpoint(keep)
+    assert info.value.context is outer
+    assert 6 * MiB < outer.used().bytes <= 6 * MiB + SLIP
+    assert inner.used().bytes <= outer.used().bytes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import gc
+import sys
 import threading
 import tracemalloc
 import weakref
@@ -190,3 +191,57 @@ def test_a_thread_that_ended_inside_its_scope_is_not_mistaken_for_the_next() -> 
         del left[:]
         gc.collect()
     assert _meter.active() == 0
+
+
+def test_an_ancestor_counts_an_open_descendants_small_blocks() -> None:
+    # Small blocks are charged in batches, one scope's chain at a time; reading any
+    # scope's counters settles the batch first, so an ancestor read while its
+    # descendant is still running counts every block made so far.
+    with gotcha.Context() as outer:
+        with gotcha.Context() as inner:
+            kept = [bytearray(1000) for _ in range(100)]
+            outer_now, outer_bytes = outer.used(), outer._bytes
+            inner_now = inner.used()
+    assert outer_now.bytes >= inner_now.bytes >= 100 * 1000
+    assert outer_bytes >= outer_now.bytes
+    assert outer_now.calls >= inner_now.calls >= 100
+    del kept
+
+
+def test_scopes_of_threads_taking_turns_are_each_charged_their_own_blocks() -> None:
+    # The batch belongs to the scope last charged; a thread switch moves it to the
+    # other thread's scope. Each thread's work, run beside the other's with switches
+    # every few hundred blocks, is charged what it is charged alone.
+    n = 20_000
+    used: dict[int, gotcha.Usage] = {}
+
+    def work(size: int, start: threading.Barrier | None = None) -> None:
+        kept: list[list[None]] = []
+        if start is not None:
+            start.wait()
+        with gotcha.Context() as ctx:
+            for _ in range(n):
+                # a list and its items, two mallocs (a bytearray's buffer is a realloc,
+                # which would move the batch to this scope itself)
+                kept.append([None] * size)
+        used[size] = ctx.used()
+
+    sizes = (10, 100)
+    for size in sizes:
+        work(size)
+    alone = dict(used)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        start = threading.Barrier(len(sizes))
+        threads = [threading.Thread(target=work, args=(size, start)) for size in sizes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    for size in sizes:
+        assert used[size].bytes >= n * size * 8
+        assert abs(used[size].bytes - alone[size].bytes) <= SLACK, (size, used, alone)
+        assert abs(used[size].calls - alone[size].calls) <= 100, (size, used, alone)

@@ -211,6 +211,7 @@ extern PyObject *exempt;           /* tuple of str: path prefixes of loop machin
 Meter *current_meter(void);
 int in_scope_of(Meter *inner, Meter *m);
 void charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls);
+void settle(void);   /* before reading or changing any scope's counters or thresholds */
 void ensure_hooked(void);
 int probe_dict_growth(void);  /* sets dict_fragile */
 extern int dict_fragile;

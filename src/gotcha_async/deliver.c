@@ -104,6 +104,7 @@ request_interrupt(Meter *m)
         }
     }
     if (n_requests == MAX_REQUESTS) {
+        settle();   /* a batch would not see the stop owed */
         m->rearm = 1;   /* asked again at its next allocation */
         return;
     }
@@ -177,6 +178,7 @@ interrupt_here(void)
                  frame != NULL && top_frame(ts) == frame && frame_is_user(ts) &&
                  in_scope_of(current_meter(), m);
         if (!go && m->state == S_ENTERED) {
+            settle();
             m->rearm = 1;
         }
         Py_DECREF(m);
@@ -257,6 +259,7 @@ interrupt_remote(void)
             PyThreadState_SetAsyncExc(ident, interrupt_type);
         }
         else if (m->state == S_ENTERED) {
+            settle();
             m->rearm = 1;
         }
         Py_DECREF(m);

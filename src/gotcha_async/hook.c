@@ -20,12 +20,11 @@
 #include <math.h>
 #include <time.h>
 
-#if defined(__GNUC__) && !defined(__clang__)
-/* GCC pairs charge_plain's additions into vector instructions: more of them */
-#  define SCALAR __attribute__((optimize("no-tree-slp-vectorize")))
+#if defined(__GNUC__) || defined(__clang__)
+#  define LIKELY(x) __builtin_expect(!!(x), 1)
 #  define UNLIKELY(x) __builtin_expect(!!(x), 0)
 #else
-#  define SCALAR
+#  define LIKELY(x) (x)
 #  define UNLIKELY(x) (x)
 #endif
 
@@ -47,10 +46,21 @@ typedef struct {
     int is_obj;
     int in_chain;
     int seen;      /* the probe reached this hook */
+    PyMemAllocatorEx ours;
 } Domain;
 
 static Domain dom_mem = {.domain = PYMEM_DOMAIN_MEM, .is_obj = 0};
 static Domain dom_obj = {.domain = PYMEM_DOMAIN_OBJ, .is_obj = 1};
+
+/* The batch (see settle()): what the scope batch_meter and its ancestors have
+ * left before a threshold, per resource, and what they had when it began. */
+#define ROOM_CAP ((uint64_t)1 << 62)   /* "no threshold": far, and no overflow */
+static Meter *batch_meter;             /* borrowed; freeing it settles */
+static uint64_t batch_room[3];
+static int64_t left_b, left_o, left_c;
+static size_t batch_bound;             /* blocks below this size are batched */
+static size_t batch_small;             /* batch_bound while the batch is the scope last found, or 0 */
+static char batch_sampled;
 
 /* ------------------------------------------------------------------------ */
 /* Finding the scope                                                        */
@@ -76,6 +86,7 @@ static Meter *seen_meter;
 void
 forget_seen(void)
 {
+    settle();
 #ifdef SEEN_CACHE
     seen_ts = (PyThreadState *)&seen_ts;
 #endif
@@ -86,6 +97,9 @@ forget_seen(void)
 void
 forget_meter(Meter *m)
 {
+    if (batch_meter == m) {
+        settle();
+    }
 #ifdef SEEN_CACHE
     if (seen_meter == m) {
         forget_seen();
@@ -113,6 +127,8 @@ lookup_meter(PyThreadState *ts)
     seen_tsid = ts->id;
     seen_ver = ts->context_ver;
     seen_meter = (Meter *)v;
+    /* the inline path needs no comparison with batch_meter */
+    batch_small = seen_meter == batch_meter ? batch_bound : 0;
 #endif
     /* only enter() sets the variable, and only to a Meter */
     return (Meter *)v;
@@ -125,8 +141,8 @@ meter_now(void)
 {
     PyThreadState *ts = tstate_unchecked();
 #ifdef SEEN_CACHE
-    if (ts == seen_ts && ts->context_ver == seen_ver && ts->id == seen_tsid &&
-        ts->interp == main_interp) {
+    if (LIKELY(ts == seen_ts && ts->context_ver == seen_ver && ts->id == seen_tsid &&
+               ts->interp == main_interp)) {
         return seen_meter;
     }
 #endif
@@ -158,6 +174,7 @@ in_scope_of(Meter *inner, Meter *m)
 static void
 raise_fences(Meter *m)
 {
+    settle();   /* its counters, and thresholds that are about to move */
     int rounds = ++m->stops;
     for (int r = 0; r < NRES; r++) {
         if (m->ceiling[r] == NONE) {
@@ -193,8 +210,8 @@ over(Meter *m)
     }
 }
 
-void
-charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls)
+static void
+charge_chain(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls)
 {
     for (Meter *m = n; m != NULL; m = m->parent) {
         uint64_t b = m->used[R_BYTES] = sat_add(m->used[R_BYTES], bytes);
@@ -204,6 +221,77 @@ charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls)
             over(m);
         }
     }
+}
+
+/* Batched charges. A scope's small blocks are not added to its counters and
+ * its ancestors' one by one: they are taken from what the chain has left
+ * before any of its thresholds (a limit, a fence, a stop owed), three signed
+ * counters for the three resources. The block that takes one below zero is
+ * the one that crosses a threshold, and settle() then charges the chain
+ * exactly as charging each block would have, at that block. Everything that
+ * reads or changes a scope's counters or thresholds settles first (the hook
+ * never delays a trip or a stop: a batch cannot cross a threshold unseen).
+ * One batch at a time, for the scope last charged, under the GIL. */
+void
+settle(void)
+{
+    Meter *n = batch_meter;
+    if (n == NULL) {
+        return;
+    }
+    batch_meter = NULL;
+    batch_small = batch_bound = 0;
+    uint64_t b = batch_room[R_BYTES] - (uint64_t)left_b;
+    uint64_t o = batch_room[R_OBJECTS] - (uint64_t)left_o;
+    uint64_t c = batch_room[R_CALLS] - (uint64_t)left_c;
+    if (b | o | c) {
+        charge_chain(n, b, o, c);
+    }
+}
+
+/* How much more of resource r this scope can take before the hook must act:
+ * reach its limit (a trip), a hard scope's fence or an owed stop (a stop). */
+static uint64_t
+room(const Meter *m, int r)
+{
+    uint64_t u = m->used[r];
+    if (u <= m->limit[r]) {
+        return m->limit[r] - u;
+    }
+    if (m->hard) {
+        return m->rearm || u > m->fence[r] ? 0 : m->fence[r] - u;
+    }
+    return m->tripped ? ROOM_CAP : 0;   /* past a soft limit: nothing more to do */
+}
+
+/* n: a scope whose small blocks take the plain or the sampled path */
+static void
+start_batch(Meter *n)
+{
+    uint64_t rm[3] = {ROOM_CAP, ROOM_CAP, ROOM_CAP};
+    for (const Meter *m = n; m != NULL; m = m->parent) {
+        for (int r = 0; r < 3; r++) {
+            uint64_t t = room(m, r);
+            rm[r] = t < rm[r] ? t : rm[r];
+        }
+    }
+    memcpy(batch_room, rm, sizeof(rm));
+    left_b = (int64_t)rm[R_BYTES];
+    left_o = (int64_t)rm[R_OBJECTS];
+    left_c = (int64_t)rm[R_CALLS];
+    batch_sampled = n->path == P_SAMPLED;
+    batch_bound = batch_sampled && n->held->rate < REFUSE_MIN ? (size_t)n->held->rate : REFUSE_MIN;
+    batch_small = batch_bound;   /* n is the scope last found: the caller's meter_now() */
+    batch_meter = n;
+}
+
+void
+charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls)
+{
+    if (batch_meter != NULL) {
+        settle();
+    }
+    charge_chain(n, bytes, objects, calls);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -451,6 +539,7 @@ probe_dict_growth(void)
 static Py_NO_INLINE int
 refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size)
 {
+    settle();
     uint64_t delta[3] = {bytes, objects, 1};
     for (Meter *m = n; m != NULL; m = m->parent) {
         if (!m->hard) {
@@ -524,20 +613,14 @@ idle_seen(Domain *d)
     }
 }
 
-/* The common case, inlined in the hooks: a small block for a scope that
- * holds no memory and measures all code. */
+/* Can this block take the batch (hook.c's plain and sampled paths)? A small
+ * block for a scope that holds no memory and measures all code, or one below
+ * the sampling rate of a scope that samples held memory. */
 static inline int
-plain(const Meter *n, size_t size)
+batchable(const Meter *n, size_t size)
 {
-    return n->path == P_PLAIN && size < REFUSE_MIN;
-}
-
-/* The common case of a scope that samples held memory: a block below the rate
- * (at most counted down, rarely recorded), charged as in a plain scope. */
-static inline int
-sampled_small(const Meter *n, size_t size)
-{
-    return n->path == P_SAMPLED && size < REFUSE_MIN && size < n->held->rate;
+    return size < REFUSE_MIN &&
+           (n->path == P_PLAIN || (n->path == P_SAMPLED && size < n->held->rate));
 }
 
 /* 1 if this block is the sample */
@@ -548,34 +631,24 @@ count_down(Meter *n, size_t size)
     return UNLIKELY(sample_left <= 0);
 }
 
-
-/* a + b, or the top on overflow: without a constant to hold in a register */
-static inline uint64_t
-sat_add_top(uint64_t a, uint64_t b)
+/* Take a block from the batch, starting one for n if it is not n's. */
+static Py_NO_INLINE void
+batch_charge(Meter *n, size_t size, int is_obj)
 {
-    uint64_t s = a + b;
-    return s | ((uint64_t)0 - (uint64_t)(s < a));
-}
-
-static inline void
-charge_plain(Meter *n, uint64_t bytes, uint64_t objects)
-{
-    Meter *m = n;
-    do {
-        /* saturating, as add() can take a counter to the top */
-        uint64_t b = sat_add_top(m->used[R_BYTES], bytes);
-        uint64_t o = sat_add_top(m->used[R_OBJECTS], objects);
-        uint64_t c = m->used[R_CALLS];
-        c += c != NONE;
-        m->used[R_BYTES] = b;
-        m->used[R_OBJECTS] = o;
-        m->used[R_CALLS] = c;
-        if (UNLIKELY((b > m->limit[R_BYTES]) | (o > m->limit[R_OBJECTS]) |
-                        (c > m->limit[R_CALLS]))) {
-            over(m);
-        }
-        m = m->parent;
-    } while (m != NULL);
+#ifdef Py_GIL_DISABLED
+    charge(n, size, (uint64_t)is_obj, 1);
+#else
+    if (n != batch_meter) {
+        settle();
+        start_batch(n);
+    }
+    left_b -= (int64_t)size;
+    left_o -= is_obj;
+    left_c -= 1;
+    if ((left_b | left_o | left_c) < 0) {
+        settle();
+    }
+#endif
 }
 
 /* Everything else: machinery left out, large blocks that a hard scope may
@@ -626,38 +699,91 @@ sampled_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
     return p;
 }
 
-/* One function each, the common cases inline: a call outside any scope (a
- * server's own work while requests run) costs the lookup of the scope, a call
- * in a plain scope that and the charge, one in a sampling scope a countdown
- * more. A small block is charged before it is allocated, so that the allocation is the hook's last call: the allocator
- * fails a small block only when the process is out of memory, and then the
- * scope has counted one block too many. */
-static SCALAR void *
-hook_malloc(void *ctx, size_t size)
+/* A block the inline path did not finish (why): n's first since another
+ * scope's (start a batch) or one for the general path (SLOW_MISS), one that
+ * took the batch below zero (a threshold was crossed at this block: the rest
+ * of the block is taken, and the batch settled), or the sample (SLOW_SAMPLE). */
+enum { SLOW_MISS, SLOW_OVER_B, SLOW_OVER_C, SLOW_OVER_O, SLOW_SAMPLE };
+
+static Py_NO_INLINE void *
+hook_slow(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed, int why)
 {
-    Domain *d = ctx;
+    size_t size = nelem * elsize;
+    if (why == SLOW_SAMPLE) {
+        return sampled_alloc(d, n, nelem, elsize, zeroed);
+    }
+    if (why != SLOW_MISS) {
+        /* the inline path stops at the first counter below zero */
+        left_c -= why == SLOW_OVER_B;
+        left_o -= d->is_obj && why != SLOW_OVER_O;
+        settle();
+    }
+    else if (batchable(n, size)) {
+        batch_charge(n, size, d->is_obj);
+    }
+    else {
+        return metered_alloc(d, n, nelem, elsize, zeroed);
+    }
+    if (n->path == P_SAMPLED && count_down(n, size)) {
+        return sampled_alloc(d, n, nelem, elsize, zeroed);
+    }
+    return zeroed ? d->prev.calloc(d->prev.ctx, nelem, elsize)
+                  : d->prev.malloc(d->prev.ctx, size);
+}
+
+/* The inline path: the scope's lookup, and a block taken from its batch,
+ * with one sign test for the three resources. A small block is charged before
+ * it is allocated, so that the allocation is the hook's last call: the
+ * allocator fails a small block only when the process is out of memory, and
+ * then the scope has counted one block too many. is_obj is a constant: each
+ * domain has hooks of its own, and the memory domain never counts an object. */
+#define TAKE(n, size, is_obj, slow, general)                                   \
+    do {                                                                       \
+        if (UNLIKELY((size) >= batch_small)) {                                 \
+            return (n)->path == P_GENERAL ? (general) : slow(SLOW_MISS);       \
+        }                                                                      \
+        if (UNLIKELY((left_b -= (int64_t)(size)) < 0)) {                       \
+            return slow(SLOW_OVER_B);                                          \
+        }                                                                      \
+        if (UNLIKELY(--left_c < 0)) {                                          \
+            return slow(SLOW_OVER_C);                                          \
+        }                                                                      \
+        if ((is_obj) && UNLIKELY(--left_o < 0)) {                              \
+            return slow(SLOW_OVER_O);                                          \
+        }                                                                      \
+        if (UNLIKELY(batch_sampled) && count_down((n), (size))) {              \
+            return slow(SLOW_SAMPLE);                                          \
+        }                                                                      \
+    } while (0)
+
+#if defined(__GNUC__) || defined(__clang__)
+#  define ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#  define ALWAYS_INLINE __forceinline
+#else
+#  define ALWAYS_INLINE inline
+#endif
+
+static ALWAYS_INLINE void *
+malloc_in(Domain *d, size_t size, const int is_obj)
+{
     if (IDLE()) {
         idle_seen(d);
     }
     else {
         Meter *n = meter_now();
         if (n != NULL) {
-            if (!plain(n, size) && !sampled_small(n, size)) {
-                return metered_alloc(d, n, 1, size, 0);
-            }
-            charge_plain(n, size, (uint64_t)d->is_obj);
-            if (n->path == P_SAMPLED && count_down(n, size)) {
-                return sampled_alloc(d, n, 1, size, 0);
-            }
+#define SLOW_MALLOC(why) hook_slow(d, n, 1, size, 0, (why))
+            TAKE(n, size, is_obj, SLOW_MALLOC, metered_alloc(d, n, 1, size, 0));
+#undef SLOW_MALLOC
         }
     }
     return d->prev.malloc(d->prev.ctx, size);
 }
 
-static SCALAR void *
-hook_calloc(void *ctx, size_t nelem, size_t elsize)
+static ALWAYS_INLINE void *
+calloc_in(Domain *d, size_t nelem, size_t elsize, const int is_obj)
 {
-    Domain *d = ctx;
     if (IDLE()) {
         idle_seen(d);
     }
@@ -668,16 +794,36 @@ hook_calloc(void *ctx, size_t nelem, size_t elsize)
             if (mul_overflows(nelem, elsize, &size)) {
                 return metered_alloc(d, n, nelem, elsize, 1);
             }
-            if (!plain(n, size) && !sampled_small(n, size)) {
-                return metered_alloc(d, n, nelem, elsize, 1);
-            }
-            charge_plain(n, size, (uint64_t)d->is_obj);
-            if (n->path == P_SAMPLED && count_down(n, size)) {
-                return sampled_alloc(d, n, nelem, elsize, 1);
-            }
+#define SLOW_CALLOC(why) hook_slow(d, n, nelem, elsize, 1, (why))
+            TAKE(n, size, is_obj, SLOW_CALLOC, metered_alloc(d, n, nelem, elsize, 1));
+#undef SLOW_CALLOC
         }
     }
     return d->prev.calloc(d->prev.ctx, nelem, elsize);
+}
+
+static void *
+hook_malloc_mem(void *ctx, size_t size)
+{
+    return malloc_in(ctx, size, 0);
+}
+
+static void *
+hook_malloc_obj(void *ctx, size_t size)
+{
+    return malloc_in(ctx, size, 1);
+}
+
+static void *
+hook_calloc_mem(void *ctx, size_t nelem, size_t elsize)
+{
+    return calloc_in(ctx, nelem, elsize, 0);
+}
+
+static void *
+hook_calloc_obj(void *ctx, size_t nelem, size_t elsize)
+{
+    return calloc_in(ctx, nelem, elsize, 1);
 }
 
 static Py_NO_INLINE void
@@ -721,12 +867,12 @@ metered_realloc(Domain *d, Meter *n, void *ptr, size_t size)
     return p;
 }
 
-static Py_NO_INLINE SCALAR void *
+static Py_NO_INLINE void *
 plain_realloc(Domain *d, Meter *n, void *ptr, size_t size)
 {
     void *p = d->prev.realloc(d->prev.ctx, ptr, size);
     if (p != NULL) {
-        charge_plain(n, size, 0);
+        batch_charge(n, size, 0);
     }
     return p;
 }
@@ -736,7 +882,7 @@ hook_realloc(void *ctx, void *ptr, size_t size)
 {
     Domain *d = ctx;
     Meter *n = IDLE() ? NULL : meter_now();
-    if (table_count != 0 || (n != NULL && !plain(n, size))) {
+    if (table_count != 0 || (n != NULL && !(n->path == P_PLAIN && size < REFUSE_MIN))) {
         return metered_realloc(d, n, ptr, size);
     }
     if (n == NULL) {
@@ -780,14 +926,17 @@ on_top(Domain *d)
 {
     PyMemAllocatorEx now;
     PyMem_GetAllocator(d->domain, &now);
-    return now.malloc == hook_malloc && now.ctx == d;
+    return now.malloc == d->ours.malloc && now.ctx == d;
 }
 
 static void
 join_chain(Domain *d)
 {
     if (!d->in_chain) {
-        PyMemAllocatorEx ours = {d, hook_malloc, hook_calloc, hook_realloc, hook_free};
+        PyMemAllocatorEx ours = {d, d->is_obj ? hook_malloc_obj : hook_malloc_mem,
+                                 d->is_obj ? hook_calloc_obj : hook_calloc_mem, hook_realloc,
+                                 hook_free};
+        d->ours = ours;
         /* wrap whatever is there now: pymalloc, tracemalloc, a debug hook */
         PyMem_GetAllocator(d->domain, &d->prev);
         PyMem_SetAllocator(d->domain, &ours);

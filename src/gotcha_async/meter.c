@@ -101,6 +101,7 @@ release_parent(Meter *p)
 static int
 Meter_clear(Meter *m)
 {
+    settle();   /* a batch may be owed to the parent about to go */
     Meter *p = m->parent;
     m->parent = NULL;
     Py_CLEAR(m->scope);
@@ -118,8 +119,8 @@ static void
 Meter_dealloc(Meter *m)
 {
     PyObject_GC_UnTrack(m);
+    forget_meter(m);   /* first: clearing can run code that allocates */
     Meter_clear(m);
-    forget_meter(m);
     if (m->held != NULL) {
         m->held->owner = NULL;   /* its blocks may live on; the scope does not */
         held_decref(m->held);
@@ -150,6 +151,7 @@ start_holding(Meter *m, uint64_t rate)
     else if (rate < m->held->rate) {
         m->held->rate = rate;
     }
+    settle();   /* a batch of the old path */
     m->held->inv_rate = m->held->rate ? 1.0 / (double)m->held->rate : 0.0;
     meter_path(m);
     return 0;
@@ -183,6 +185,7 @@ Meter_setup(Meter *m, PyObject *const *args, Py_ssize_t nargs)
                         "_setup(parent, limits, ceilings, track, rate): two 4-tuples");
         return NULL;
     }
+    settle();
     m->hard = 0;
     for (int r = 0; r < NRES; r++) {
         if (limit_arg(PyTuple_GET_ITEM(args[1], r), &m->limit[r]) < 0 ||
@@ -239,6 +242,7 @@ Meter_set_parent(Meter *m, PyObject *p)
         return NULL;
     }
     Meter *parent = (Meter *)p;
+    settle();   /* charged to the chain as it was */
     /* inside a scope that tracks held memory, every scope does */
     if (parent->held != NULL) {
         if (start_holding(m, parent->held->rate) < 0) {
@@ -522,6 +526,7 @@ Meter_counts(Meter *m, PyObject *unused)
         PyErr_SetString(PyExc_RuntimeError, "set_types() has not run");
         return NULL;
     }
+    settle();
     paused++;
     PyObject *r = PyObject_CallFunction(usage_type, "KKK", (unsigned long long)m->used[0],
                                         (unsigned long long)m->used[1],
@@ -564,6 +569,7 @@ static PyObject *
 Meter_reset(Meter *m, PyObject *unused)
 {
     (void)unused;
+    settle();
     memset(m->used, 0, sizeof(m->used));
     memset(m->reached, 0, sizeof(m->reached));
     for (int r = 0; r < NRES; r++) {
@@ -605,6 +611,7 @@ Meter_broken(Meter *m, PyObject *unused)
 {
     (void)unused;
     uint64_t v;
+    settle();
     int k = broken_resource(m, &v);
     if (k < 0) {
         Py_RETURN_NONE;
@@ -618,6 +625,7 @@ Meter_exceeded(Meter *m, PyObject *unused)
 {
     (void)unused;
     uint64_t v;
+    settle();
     for (const Meter *a = m; a != NULL; a = a->parent) {
         if (broken_resource(a, &v) >= 0) {
             Py_RETURN_TRUE;
@@ -648,6 +656,14 @@ Meter_get_state(Meter *m, void *unused)
 }
 
 static PyObject *
+Meter_get_bytes(Meter *m, void *unused)
+{
+    (void)unused;
+    settle();
+    return PyLong_FromUnsignedLongLong((unsigned long long)m->used[R_BYTES]);
+}
+
+static PyObject *
 Meter_get_quiet(Meter *m, void *unused)
 {
     (void)unused;
@@ -662,6 +678,7 @@ Meter_set_quiet(Meter *m, PyObject *v, void *unused)
     if (on < 0) {
         return -1;
     }
+    settle();
     m->quiet_machinery = (char)on;
     meter_path(m);
     return 0;
@@ -698,14 +715,14 @@ static PyMemberDef Meter_members[] = {
     {"_shield", Py_T_BOOL, offsetof(Meter, shield), 0, "The shield before entering."},
     {"_cancel_pending", Py_T_BOOL, offsetof(Meter, cancel_pending), 0,
      "Whether cancel() came before entering."},
-    {"_bytes", Py_T_ULONGLONG, offsetof(Meter, used), Py_READONLY,
-     "Bytes charged so far: used()[0] without the tuple (a middleware's summary)."},
     {NULL},
 };
 
 static PyGetSetDef Meter_getset[] = {
     {"parent", (getter)Meter_get_parent, NULL, "The enclosing Context, or None (read-only).", NULL},
     {"_state", (getter)Meter_get_state, NULL, "0 new, 1 entered, 2 exited.", NULL},
+    {"_bytes", (getter)Meter_get_bytes, NULL,
+     "Bytes charged so far: used()[0] without the tuple (a middleware's summary).", NULL},
     {"_quiet_machinery", (getter)Meter_get_quiet, (setter)Meter_set_quiet,
      "Charge nothing the event loop's own code allocates (its debug mode).", NULL},
     {NULL},
