@@ -241,7 +241,9 @@ def test_scopes_of_threads_taking_turns_are_each_charged_their_own_blocks() -> N
             t.join()
     finally:
         sys.setswitchinterval(interval)
+    # the interpreter's free lists, shared by the threads, save a few hundred blocks
+    # either way; a block charged to the other scope moves thousands
     for size in sizes:
         assert used[size].bytes >= n * size * 8
         assert abs(used[size].bytes - alone[size].bytes) <= SLACK, (size, used, alone)
-        assert abs(used[size].calls - alone[size].calls) <= 100, (size, used, alone)
+        assert abs(used[size].calls - alone[size].calls) <= n // 20, (size, used, alone)
