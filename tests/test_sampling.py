@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from collections.abc import Callable
+
+import pytest
 
 import gotcha_async as gotcha
 from gotcha_async._units import SAMPLES_AT_LIMIT, sampling_rate
@@ -22,9 +25,26 @@ TRIALS = 200
 SIZES = [random.Random(11).randrange(16, 2000) for _ in range(3000)]
 
 
-def hold(exact: bool) -> tuple[int, list[bytearray]]:
+def bytearrays() -> list[object]:
+    return [bytearray(n) for n in SIZES]
+
+
+def lists() -> list[object]:
+    return [[None] * (n // 8) for n in SIZES]
+
+
+# each workload, and the one block besides its object that each of its items allocates:
+# a bytearray's buffer (n + 1 bytes) is a realloc, which takes the hook's general path;
+# a list's items (8 bytes each) and the list are plain mallocs, the inline path
+WORKLOADS = {
+    "bytearray": (bytearrays, lambda n: n + 1),
+    "list": (lists, lambda n: n // 8 * 8),
+}
+
+
+def hold(exact: bool, make: Callable[[], list[object]] = bytearrays) -> tuple[int, list[object]]:
     with gotcha.Context(memory=LIMIT, exact_memory=exact) as ctx:
-        kept = [bytearray(n) for n in SIZES]
+        kept = make()
     held = ctx.memory()
     assert held is not None
     return held.current, kept
@@ -48,17 +68,19 @@ def test_the_rate_follows_the_limit() -> None:
     assert sampling_rate(LIMIT, exact=True) == 0
 
 
-def test_estimates_are_unbiased_and_spread_as_documented() -> None:
-    truth, kept = hold(exact=True)
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_estimates_are_unbiased_and_spread_as_documented(workload: str) -> None:
+    make, block = WORKLOADS[workload]
+    truth, kept = hold(exact=True, make=make)
     del kept
-    # what each bytearray allocates: its object and its buffer (n + 1 bytes)
-    blocks = [b for n in SIZES for b in (n + 1,)]
+    # what each item allocates: its object and one block
+    blocks = [block(n) for n in SIZES]
     objects = truth - sum(blocks)
     assert 0 < objects < 200 * len(SIZES)
     expected_sd = sampling_sd(blocks + [objects // len(SIZES)] * len(SIZES), RATE)
     errors = []
     for _ in range(TRIALS):
-        estimate, kept = hold(exact=False)
+        estimate, kept = hold(exact=False, make=make)
         del kept
         errors.append(estimate - truth)
     mean = statistics.fmean(errors)

@@ -61,6 +61,16 @@ static int64_t left_b, left_o, left_c;
 static size_t batch_bound;             /* blocks below this size are batched */
 static size_t batch_small;             /* batch_bound while the batch is the scope last found, or 0 */
 static char batch_sampled;
+/* A sampling batch counts down to its next sample in bytes, one subtraction
+ * on the inline path; a plain batch's countdown is never reached. */
+#define NO_SAMPLE ((int64_t)ROOM_CAP)
+static int64_t batch_sample = NO_SAMPLE;
+
+/* Outside a batch, the countdown to the next sample is the thread's own, in
+ * expected samples (see hold()). */
+static GOTCHA_TLS double sample_left;
+static GOTCHA_TLS uint64_t rng;
+static double next_exponential(void);
 
 /* ------------------------------------------------------------------------ */
 /* Finding the scope                                                        */
@@ -241,6 +251,12 @@ settle(void)
     }
     batch_meter = NULL;
     batch_small = batch_bound = 0;
+    if (batch_sampled) {
+        /* memoryless: whichever thread settles takes the countdown on */
+        sample_left = (double)batch_sample * n->held->inv_rate;
+        batch_sampled = 0;
+    }
+    batch_sample = NO_SAMPLE;
     uint64_t b = batch_room[R_BYTES] - (uint64_t)left_b;
     uint64_t o = batch_room[R_OBJECTS] - (uint64_t)left_o;
     uint64_t c = batch_room[R_CALLS] - (uint64_t)left_c;
@@ -281,6 +297,12 @@ start_batch(Meter *n)
     left_c = (int64_t)rm[R_CALLS];
     batch_sampled = n->path == P_SAMPLED;
     batch_bound = batch_sampled && n->held->rate < REFUSE_MIN ? (size_t)n->held->rate : REFUSE_MIN;
+    if (batch_sampled) {
+        if (rng == 0) {
+            sample_left = next_exponential();   /* a fresh thread: no sample owed yet */
+        }
+        batch_sample = (int64_t)(sample_left * (double)n->held->rate);
+    }
     batch_small = batch_bound;   /* n is the scope last found: the caller's meter_now() */
     batch_meter = n;
 }
@@ -304,9 +326,6 @@ charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls)
  * 1 - exp(-s/rate), and stands for s / (1 - exp(-s/rate)) bytes: the sum over
  * recorded blocks is an unbiased estimate of what is held. Blocks of `rate`
  * bytes or more are always recorded, at their size. */
-static GOTCHA_TLS double sample_left;
-static GOTCHA_TLS uint64_t rng;
-
 static double
 next_exponential(void)
 {
@@ -379,6 +398,10 @@ hold_sampled(Meter *n, void *p, size_t size)
         }
     }
     sample_left = next_exponential();
+    if (batch_meter == n && batch_sampled) {
+        /* before hold_block(), which may settle the batch */
+        batch_sample = (int64_t)(sample_left * (double)n->held->rate);
+    }
     double s = (double)size, weight = s / -expm1(-s * n->held->inv_rate);
     hold_block(n, p, (uint64_t)(weight + 0.5));
 }
@@ -627,6 +650,9 @@ batchable(const Meter *n, size_t size)
 static inline int
 count_down(Meter *n, size_t size)
 {
+    if (batch_meter == n && batch_sampled) {
+        return (batch_sample -= (int64_t)size) < 0;
+    }
     sample_left -= (double)size * n->held->inv_rate;
     return UNLIKELY(sample_left <= 0);
 }
@@ -751,7 +777,7 @@ hook_slow(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed, int why)
         if ((is_obj) && UNLIKELY(--left_o < 0)) {                              \
             return slow(SLOW_OVER_O);                                          \
         }                                                                      \
-        if (UNLIKELY(batch_sampled) && count_down((n), (size))) {              \
+        if (UNLIKELY((batch_sample -= (int64_t)(size)) < 0)) {                 \
             return slow(SLOW_SAMPLE);                                          \
         }                                                                      \
     } while (0)
