@@ -128,16 +128,10 @@ extern size_t table_count;
 #define FILTER_BITS 16
 extern uint8_t held_filter[1 << FILTER_BITS];
 
-/* The slots of one 16 KiB stretch of addresses (a pymalloc pool) share a
- * cache line of the filter: a burst of frees in the same pools reads few lines,
- * where a slot per address would read one line a free, most of them out of the
- * first-level cache. */
 static inline size_t
 filter_slot(uintptr_t p)
 {
-    size_t line = (size_t)((((uint64_t)p >> 14) * 0xD6E8FEB86659FD93ull) >> (64 - (FILTER_BITS - 6)));
-    /* hashed too: blocks of one size class sit at a fixed stride in a pool */
-    return line << 6 | (size_t)(((uint64_t)p * 0x9E3779B97F4A7C15ull) >> 58);
+    return (size_t)(((uint64_t)p * 0xD6E8FEB86659FD93ull) >> (64 - FILTER_BITS));
 }
 
 static inline int
