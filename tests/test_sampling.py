@@ -36,9 +36,17 @@ def lists() -> list[object]:
 # each workload, and the one block besides its object that each of its items allocates:
 # a bytearray's buffer (n + 1 bytes) is a realloc, which takes the hook's general path;
 # a list's items (8 bytes each) and the list are plain mallocs, the inline path
-WORKLOADS = {
-    "bytearray": (bytearrays, lambda n: n + 1),
-    "list": (lists, lambda n: n // 8 * 8),
+def buffer_size(n: int) -> int:
+    return n + 1
+
+
+def items_size(n: int) -> int:
+    return n // 8 * 8
+
+
+WORKLOADS: dict[str, tuple[Callable[[], list[object]], Callable[[int], int]]] = {
+    "bytearray": (bytearrays, buffer_size),
+    "list": (lists, items_size),
 }
 
 
