@@ -491,8 +491,8 @@ class Context(_meter.Meter, anyio.CancelScope):
         of its limit in small blocks is stopped by mistake about once in 400 times
         (measured: 5 in 2,000), one holding 80% of it never was (0 in 2,000). The cost
         is about 1,024 samples per limit's worth of allocation: a request that allocates
-        3% of its limit takes some 30 samples (13 to 25% more time on a small JSON
-        handler), one that allocates 0.2% of it two (up to 10% more). With
+        3% of its limit takes some 30 samples (20 to 30% more time on a small JSON
+        handler), one that allocates 0.2% of it two (up to 15% more). With
         ``exact_memory=True`` every block is recorded and the figures are exact, for
         about twice the cost of a plain scope.
         """

@@ -23,8 +23,6 @@
 #  define Py_T_OBJECT_EX T_OBJECT_EX
 #  define Py_T_DOUBLE T_DOUBLE
 #  define Py_T_BOOL T_BOOL
-#  define Py_T_ULONGLONG T_ULONGLONG
-#  define Py_READONLY READONLY
 #endif
 #include <stddef.h>
 #include <stdint.h>

@@ -297,6 +297,7 @@ start_batch(Meter *n)
     left_c = (int64_t)rm[R_CALLS];
     batch_sampled = n->path == P_SAMPLED;
     batch_bound = batch_sampled && n->held->rate < REFUSE_MIN ? (size_t)n->held->rate : REFUSE_MIN;
+    batch_sample = NO_SAMPLE;
     if (batch_sampled) {
         if (rng == 0) {
             sample_left = next_exponential();   /* a fresh thread: no sample owed yet */
@@ -636,14 +637,20 @@ idle_seen(Domain *d)
     }
 }
 
-/* Can this block take the batch (hook.c's plain and sampled paths)? A small
- * block for a scope that holds no memory and measures all code, or one below
- * the sampling rate of a scope that samples held memory. */
+/* A small block for a scope that holds no memory and measures all code. */
+static inline int
+plain(const Meter *n, size_t size)
+{
+    return n->path == P_PLAIN && size < REFUSE_MIN;
+}
+
+/* Can this block take the batch? A plain one, or one below the sampling rate
+ * of a scope that samples held memory. */
 static inline int
 batchable(const Meter *n, size_t size)
 {
-    return size < REFUSE_MIN &&
-           (n->path == P_PLAIN || (n->path == P_SAMPLED && size < n->held->rate));
+    return plain(n, size) ||
+           (n->path == P_SAMPLED && size < REFUSE_MIN && size < n->held->rate);
 }
 
 /* 1 if this block is the sample */
@@ -757,8 +764,8 @@ hook_slow(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed, int why)
                   : d->prev.malloc(d->prev.ctx, size);
 }
 
-/* The inline path: the scope's lookup, and a block taken from its batch,
- * with one sign test for the three resources. A small block is charged before
+/* The inline path: the scope's lookup, and a block taken from its batch, a
+ * subtraction and a sign test per counter. A small block is charged before
  * it is allocated, so that the allocation is the hook's last call: the
  * allocator fails a small block only when the process is out of memory, and
  * then the scope has counted one block too many. is_obj is a constant: each
@@ -908,7 +915,7 @@ hook_realloc(void *ctx, void *ptr, size_t size)
 {
     Domain *d = ctx;
     Meter *n = IDLE() ? NULL : meter_now();
-    if (table_count != 0 || (n != NULL && !(n->path == P_PLAIN && size < REFUSE_MIN))) {
+    if (table_count != 0 || (n != NULL && !plain(n, size))) {
         return metered_realloc(d, n, ptr, size);
     }
     if (n == NULL) {
