@@ -209,6 +209,25 @@ def test_an_ancestor_counts_an_open_descendants_small_blocks() -> None:
     del kept
 
 
+def test_the_librarys_own_work_is_not_charged() -> None:
+    # used() builds its tuple with the hook paused. Pausing also forgets the scope the
+    # hook last found, as the hook's common path does not ask whether its thread is
+    # paused: were the scope still remembered, each tuple and its ints (the counts
+    # are all above the small-int cache) would be charged to it.
+    reads = 1000
+    slots = list(range(1, reads + 1))  # the loop's ints, made before the scope
+    kept: list[gotcha.Usage | None] = [None] * (reads + 2)
+    with gotcha.Context() as ctx:
+        kept[0] = ctx.used()
+        for i in slots:
+            kept[i] = ctx.used()
+        kept[-1] = ctx.used()
+    before, after = kept[0], kept[-1]
+    assert isinstance(before, gotcha.Usage) and isinstance(after, gotcha.Usage)
+    assert after.objects - before.objects < reads // 10  # against 4,000 unpaused
+    assert after.calls - before.calls < reads // 10
+
+
 def test_scopes_of_threads_taking_turns_are_each_charged_their_own_blocks() -> None:
     # The batch belongs to the scope last charged; a thread switch moves it to the
     # other thread's scope. Each thread's work, run beside the other's with thread

@@ -8,6 +8,7 @@
  *              call, the delivery thread, and interrupts of hard scopes
  *   meter.c    the Meter type (the C half of gotcha_async.Context) and Ready
  *   module.c   module functions and init
+ *   runtime.c  where 3.11 keeps the thread state, for the hook to read
  *
  * Everything here is guarded by the main interpreter's GIL: the hooked domains
  * are only called with a GIL held, and the hooks pass other interpreters'
@@ -207,6 +208,16 @@ extern int installed;
 extern PyObject *exempt;           /* tuple of str: path prefixes of loop machinery */
 
 Meter *current_meter(void);
+PyThreadState **runtime_ts_slot(void);   /* runtime.c: 3.11's own, or NULL */
+/* Our own work is not charged. Pausing also forgets the scope last found, so
+ * that the hook's fast path need not test paused: a paused thread's state is
+ * never in the cache (hook.c). */
+void pause_hook(void);
+static inline void
+resume_hook(void)
+{
+    paused--;
+}
 int in_scope_of(Meter *inner, Meter *m);
 void charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls);
 void settle(void);   /* before reading or changing any scope's counters or thresholds */

@@ -132,7 +132,7 @@ static int
 run_queue(int can_raise)
 {
     int status = 0;
-    paused++;
+    pause_hook();
     while (queue != NULL) {
         Meter *m = queue;
         queue = m->next_queued;
@@ -154,7 +154,7 @@ run_queue(int can_raise)
         PyErr_WriteUnraisable(deliver_cb);
         Py_DECREF(m);
     }
-    paused--;
+    resume_hook();
     if (status < 0) {
         schedule_main();
     }
@@ -288,12 +288,12 @@ delivery_loop(void)
             Py_RETURN_NONE;   /* replaced after a fork: a new thread serves the new lock */
         }
         wake_posted = 0;
-        paused++;
+        pause_hook();
         if (deliver_cb != NULL) {
             run_queue(0);
         }
         interrupt_remote();
-        paused--;
+        resume_hook();
     }
 }
 

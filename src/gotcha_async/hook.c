@@ -119,6 +119,15 @@ forget_meter(Meter *m)
 #endif
 }
 
+void
+pause_hook(void)
+{
+    paused++;
+#ifdef SEEN_CACHE
+    seen_ts = (PyThreadState *)&seen_ts;
+#endif
+}
+
 static Py_NO_INLINE Meter *
 lookup_meter(PyThreadState *ts)
 {
@@ -133,6 +142,9 @@ lookup_meter(PyThreadState *ts)
     /* the context holds a reference: this never drops to zero here */
     Py_XDECREF(v);
 #ifdef SEEN_CACHE
+    if (paused) {
+        return (Meter *)v;   /* a paused thread is never in the cache */
+    }
     seen_ts = ts;
     seen_tsid = ts->id;
     seen_ver = ts->context_ver;
@@ -144,6 +156,14 @@ lookup_meter(PyThreadState *ts)
     return (Meter *)v;
 }
 
+#ifdef SEEN_CACHE
+#  define SEEN(ts)                                                                     \
+    LIKELY((ts) == seen_ts && (ts)->context_ver == seen_ver && (ts)->id == seen_tsid && \
+           (ts)->interp == main_interp)
+#else
+#  define SEEN(ts) 0
+#endif
+
 /* The innermost scope of the calling thread's context, borrowed, or NULL
  * (also for every thread of another interpreter). */
 static inline Meter *
@@ -151,8 +171,7 @@ meter_now(void)
 {
     PyThreadState *ts = tstate_unchecked();
 #ifdef SEEN_CACHE
-    if (LIKELY(ts == seen_ts && ts->context_ver == seen_ver && ts->id == seen_tsid &&
-               ts->interp == main_interp)) {
+    if (SEEN(ts)) {
         return seen_meter;
     }
 #endif
@@ -622,12 +641,9 @@ refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size)
 /* ------------------------------------------------------------------------ */
 /* The hooks                                                                */
 
-/* While no scope is entered anywhere the hooks cost a load of a global and of
- * a thread-local and go straight on to the next allocator; the metered paths
- * live in functions of their own so that an idle call does not pay for their
- * registers. */
-
-#define IDLE() (active == 0 || paused)
+/* While no scope is entered anywhere the hooks cost a load of a global and go
+ * straight on to the next allocator; the metered paths live in functions of
+ * their own so that the inline path saves no registers. */
 
 static inline void
 idle_seen(Domain *d)
@@ -732,16 +748,25 @@ sampled_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
     return p;
 }
 
-/* A block the inline path did not finish (why): n's first since another
- * scope's (start a batch) or one for the general path (SLOW_MISS), one that
- * took the batch below zero (a threshold was crossed at this block: the rest
- * of the block is taken, and the batch settled), or the sample (SLOW_SAMPLE). */
-enum { SLOW_MISS, SLOW_OVER_B, SLOW_OVER_C, SLOW_OVER_O, SLOW_SAMPLE };
+/* A block the inline path did not finish: n's first since another scope's
+ * (start a batch) or one for the general path (SLOW_MISS), or one that took a
+ * counter of the batch below zero (SLOW_OVER). Which counter says why: a
+ * threshold crossed at this block (the rest of the block is taken, and the
+ * batch settled), or the sample. The counters are never below zero between
+ * blocks, and the inline path takes them in this order and stops at the first
+ * below zero, so the first below zero is the one this block took there. */
+enum { SLOW_MISS, SLOW_OVER, SLOW_OVER_B, SLOW_OVER_C, SLOW_OVER_O, SLOW_SAMPLE };
 
 static Py_NO_INLINE void *
 hook_slow(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed, int why)
 {
     size_t size = nelem * elsize;
+    if (why == SLOW_OVER) {
+        why = left_b < 0                 ? SLOW_OVER_B
+              : left_c < 0               ? SLOW_OVER_C
+              : d->is_obj && left_o < 0 ? SLOW_OVER_O
+                                         : SLOW_SAMPLE;
+    }
     if (why == SLOW_SAMPLE) {
         return sampled_alloc(d, n, nelem, elsize, zeroed);
     }
@@ -776,16 +801,16 @@ hook_slow(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed, int why)
             return (n)->path == P_GENERAL ? (general) : slow(SLOW_MISS);       \
         }                                                                      \
         if (UNLIKELY((left_b -= (int64_t)(size)) < 0)) {                       \
-            return slow(SLOW_OVER_B);                                          \
+            return slow(SLOW_OVER);                                          \
         }                                                                      \
         if (UNLIKELY(--left_c < 0)) {                                          \
-            return slow(SLOW_OVER_C);                                          \
+            return slow(SLOW_OVER);                                          \
         }                                                                      \
         if ((is_obj) && UNLIKELY(--left_o < 0)) {                              \
-            return slow(SLOW_OVER_O);                                          \
+            return slow(SLOW_OVER);                                          \
         }                                                                      \
         if (UNLIKELY((batch_sample -= (int64_t)(size)) < 0)) {                 \
-            return slow(SLOW_SAMPLE);                                          \
+            return slow(SLOW_OVER);                                          \
         }                                                                      \
     } while (0)
 
@@ -797,67 +822,112 @@ hook_slow(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed, int why)
 #  define ALWAYS_INLINE inline
 #endif
 
-static ALWAYS_INLINE void *
-malloc_in(Domain *d, size_t size, const int is_obj)
+/* The thread state: on 3.11 read where the interpreter keeps it (runtime.c),
+ * else asked for. direct is a constant: each way has hooks of its own. */
+static PyThreadState **ts_slot;
+static int ts_slot_checked;
+
+static ALWAYS_INLINE PyThreadState *
+tstate_in(const int direct)
 {
-    if (IDLE()) {
-        idle_seen(d);
-    }
-    else {
-        Meter *n = meter_now();
-        if (n != NULL) {
+    return direct ? *ts_slot : tstate_unchecked();
+}
+
+/* A small block in the scope found, from its batch; anything else past it. */
+static ALWAYS_INLINE void *
+malloc_take(Domain *d, Meter *n, size_t size, const int is_obj)
+{
+    if (n != NULL) {
 #define SLOW_MALLOC(why) hook_slow(d, n, 1, size, 0, (why))
-            TAKE(n, size, is_obj, SLOW_MALLOC, metered_alloc(d, n, 1, size, 0));
+        TAKE(n, size, is_obj, SLOW_MALLOC, metered_alloc(d, n, 1, size, 0));
 #undef SLOW_MALLOC
-        }
     }
     return d->prev.malloc(d->prev.ctx, size);
 }
 
 static ALWAYS_INLINE void *
-calloc_in(Domain *d, size_t nelem, size_t elsize, const int is_obj)
+calloc_take(Domain *d, Meter *n, size_t nelem, size_t elsize, const int is_obj)
 {
-    if (IDLE()) {
-        idle_seen(d);
-    }
-    else {
-        Meter *n = meter_now();
-        size_t size;   /* an overflow, which the allocator refuses, is not charged */
-        if (n != NULL) {
-            if (mul_overflows(nelem, elsize, &size)) {
-                return metered_alloc(d, n, nelem, elsize, 1);
-            }
-#define SLOW_CALLOC(why) hook_slow(d, n, nelem, elsize, 1, (why))
-            TAKE(n, size, is_obj, SLOW_CALLOC, metered_alloc(d, n, nelem, elsize, 1));
-#undef SLOW_CALLOC
+    size_t size;   /* an overflow, which the allocator refuses, is not charged */
+    if (n != NULL) {
+        if (mul_overflows(nelem, elsize, &size)) {
+            return metered_alloc(d, n, nelem, elsize, 1);
         }
+#define SLOW_CALLOC(why) hook_slow(d, n, nelem, elsize, 1, (why))
+        TAKE(n, size, is_obj, SLOW_CALLOC, metered_alloc(d, n, nelem, elsize, 1));
+#undef SLOW_CALLOC
     }
     return d->prev.calloc(d->prev.ctx, nelem, elsize);
 }
 
-static void *
-hook_malloc_mem(void *ctx, size_t size)
+/* Past the cache: a paused thread, another scope, another thread. A tail call
+ * from the inline path, which then saves no register for a call of its own. */
+static Py_NO_INLINE void *
+malloc_lookup(Domain *d, PyThreadState *ts, size_t size)
 {
-    return malloc_in(ctx, size, 0);
+    if (paused) {
+        idle_seen(d);
+        return d->prev.malloc(d->prev.ctx, size);
+    }
+    return malloc_take(d, lookup_meter(ts), size, d->is_obj);
 }
 
-static void *
-hook_malloc_obj(void *ctx, size_t size)
+static Py_NO_INLINE void *
+calloc_lookup(Domain *d, PyThreadState *ts, size_t nelem, size_t elsize)
 {
-    return malloc_in(ctx, size, 1);
+    if (paused) {
+        idle_seen(d);
+        return d->prev.calloc(d->prev.ctx, nelem, elsize);
+    }
+    return calloc_take(d, lookup_meter(ts), nelem, elsize, d->is_obj);
 }
 
-static void *
-hook_calloc_mem(void *ctx, size_t nelem, size_t elsize)
+/* paused is not tested here: pause_hook() empties the cache, and a paused
+ * thread's state is never put back in it, so a paused thread always takes the
+ * lookup. */
+static ALWAYS_INLINE void *
+malloc_in(Domain *d, size_t size, const int is_obj, const int direct)
 {
-    return calloc_in(ctx, nelem, elsize, 0);
+    if (active == 0) {
+        idle_seen(d);
+        return d->prev.malloc(d->prev.ctx, size);
+    }
+    PyThreadState *ts = tstate_in(direct);
+    if (!SEEN(ts)) {
+        return malloc_lookup(d, ts, size);
+    }
+    return malloc_take(d, seen_meter, size, is_obj);
 }
 
-static void *
-hook_calloc_obj(void *ctx, size_t nelem, size_t elsize)
+static ALWAYS_INLINE void *
+calloc_in(Domain *d, size_t nelem, size_t elsize, const int is_obj, const int direct)
 {
-    return calloc_in(ctx, nelem, elsize, 1);
+    if (active == 0) {
+        idle_seen(d);
+        return d->prev.calloc(d->prev.ctx, nelem, elsize);
+    }
+    PyThreadState *ts = tstate_in(direct);
+    if (!SEEN(ts)) {
+        return calloc_lookup(d, ts, nelem, elsize);
+    }
+    return calloc_take(d, seen_meter, nelem, elsize, is_obj);
 }
+
+/* the hooks of one domain (mem, obj) and one way to the thread state */
+#define HOOKS(name, is_obj, direct)                                        \
+    static void *hook_malloc_##name(void *ctx, size_t size)                \
+    {                                                                      \
+        return malloc_in(ctx, size, is_obj, direct);                       \
+    }                                                                      \
+    static void *hook_calloc_##name(void *ctx, size_t nelem, size_t elsize) \
+    {                                                                      \
+        return calloc_in(ctx, nelem, elsize, is_obj, direct);              \
+    }
+HOOKS(mem, 0, 0)
+HOOKS(obj, 1, 0)
+HOOKS(mem_direct, 0, 1)
+HOOKS(obj_direct, 1, 1)
+#undef HOOKS
 
 static Py_NO_INLINE void
 forget_block(void *ptr)
@@ -914,7 +984,7 @@ static void *
 hook_realloc(void *ctx, void *ptr, size_t size)
 {
     Domain *d = ctx;
-    Meter *n = IDLE() ? NULL : meter_now();
+    Meter *n = active == 0 || paused ? NULL : meter_now();
     if (table_count != 0 || (n != NULL && !plain(n, size))) {
         return metered_realloc(d, n, ptr, size);
     }
@@ -965,10 +1035,20 @@ on_top(Domain *d)
 static void
 join_chain(Domain *d)
 {
+    if (!ts_slot_checked) {
+        ts_slot = runtime_ts_slot();
+        ts_slot_checked = 1;
+    }
     if (!d->in_chain) {
-        PyMemAllocatorEx ours = {d, d->is_obj ? hook_malloc_obj : hook_malloc_mem,
-                                 d->is_obj ? hook_calloc_obj : hook_calloc_mem, hook_realloc,
-                                 hook_free};
+        PyMemAllocatorEx ours = {d, NULL, NULL, hook_realloc, hook_free};
+        if (ts_slot != NULL) {
+            ours.malloc = d->is_obj ? hook_malloc_obj_direct : hook_malloc_mem_direct;
+            ours.calloc = d->is_obj ? hook_calloc_obj_direct : hook_calloc_mem_direct;
+        }
+        else {
+            ours.malloc = d->is_obj ? hook_malloc_obj : hook_malloc_mem;
+            ours.calloc = d->is_obj ? hook_calloc_obj : hook_calloc_mem;
+        }
         d->ours = ours;
         /* wrap whatever is there now: pymalloc, tracemalloc, a debug hook */
         PyMem_GetAllocator(d->domain, &d->prev);
@@ -1042,6 +1122,7 @@ verify_chain(void)
     }
     dom_mem.seen = dom_obj.seen = 0;
     paused += PROBING;
+    forget_seen();   /* as pause_hook() */
     PyMem_Free(PyMem_Malloc(1));
     PyObject_Free(PyObject_Malloc(1));
     paused -= PROBING;

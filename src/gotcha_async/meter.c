@@ -355,9 +355,9 @@ enter(Meter *m)
     }
     active++;
     verify_chain();
-    paused++;
+    pause_hook();
     PyObject *token = PyContextVar_Set(scope_var, (PyObject *)m);
-    paused--;
+    resume_hook();
     forget_seen();
     if (token == NULL) {
         active--;
@@ -390,9 +390,9 @@ leave(Meter *m)
                         "this Context is not active: exit without a matching enter");
         return -1;
     }
-    paused++;
+    pause_hook();
     int r = PyContextVar_Reset(scope_var, m->token);
-    paused--;
+    resume_hook();
     forget_seen();
     if (r < 0) {
         if (PyErr_ExceptionMatches(PyExc_ValueError)) {
@@ -527,11 +527,11 @@ Meter_counts(Meter *m, PyObject *unused)
         return NULL;
     }
     settle();
-    paused++;
+    pause_hook();
     PyObject *r = PyObject_CallFunction(usage_type, "KKK", (unsigned long long)m->used[0],
                                         (unsigned long long)m->used[1],
                                         (unsigned long long)m->used[2]);
-    paused--;
+    resume_hook();
     return r;
 }
 
@@ -547,10 +547,10 @@ Meter_memory(Meter *m, PyObject *unused)
         PyErr_SetString(PyExc_RuntimeError, "set_types() has not run");
         return NULL;
     }
-    paused++;
+    pause_hook();
     PyObject *r = PyObject_CallFunction(memory_type, "KK", (unsigned long long)h->current,
                                         (unsigned long long)h->peak);
-    paused--;
+    resume_hook();
     return r;
 }
 
@@ -817,13 +817,13 @@ Ready_next(Ready *r)
     if (r->value == Py_None) {
         return NULL;   /* exhausted without an exception: the result is None */
     }
-    paused++;
+    pause_hook();
     PyObject *stop_exc = PyObject_CallOneArg(PyExc_StopIteration, r->value);
     if (stop_exc != NULL) {
         PyErr_SetObject(PyExc_StopIteration, stop_exc);
         Py_DECREF(stop_exc);
     }
-    paused--;
+    resume_hook();
     return NULL;
 }
 
