@@ -970,12 +970,33 @@ metered_realloc(Domain *d, Meter *n, void *ptr, size_t size)
     return p;
 }
 
+/* A block that could take the batch, as a malloc of its size would: the old
+ * block forgotten if it was held, the new one charged from the batch, and in a
+ * sampling scope counted down to the next sample. */
 static Py_NO_INLINE void *
-plain_realloc(Domain *d, Meter *n, void *ptr, size_t size)
+batched_realloc(Domain *d, Meter *n, void *ptr, size_t size)
+{
+    void *p = d->prev.realloc(d->prev.ctx, ptr, size);
+    if (p == NULL) {
+        return NULL;
+    }
+    if (ptr != NULL && table_count && table_may_hold(ptr)) {
+        forget_block(ptr);
+    }
+    batch_charge(n, size, 0);
+    if (n->path == P_SAMPLED && count_down(n, size)) {
+        hold_sampled(n, p, size);
+    }
+    return p;
+}
+
+/* Outside any scope, while some scope holds memory: the old block forgotten. */
+static Py_NO_INLINE void *
+unmetered_realloc(Domain *d, void *ptr, size_t size)
 {
     void *p = d->prev.realloc(d->prev.ctx, ptr, size);
     if (p != NULL) {
-        batch_charge(n, size, 0);
+        forget_block(ptr);
     }
     return p;
 }
@@ -985,13 +1006,16 @@ hook_realloc(void *ctx, void *ptr, size_t size)
 {
     Domain *d = ctx;
     Meter *n = active == 0 || paused ? NULL : meter_now();
-    if (table_count != 0 || (n != NULL && !plain(n, size))) {
-        return metered_realloc(d, n, ptr, size);
-    }
     if (n == NULL) {
+        if (table_count != 0 && ptr != NULL && table_may_hold(ptr)) {
+            return unmetered_realloc(d, ptr, size);
+        }
         return d->prev.realloc(d->prev.ctx, ptr, size);
     }
-    return plain_realloc(d, n, ptr, size);
+    if (batchable(n, size)) {
+        return batched_realloc(d, n, ptr, size);
+    }
+    return metered_realloc(d, n, ptr, size);
 }
 
 static Py_NO_INLINE void
