@@ -17,6 +17,7 @@ typedef struct { uintptr_t key; Held *held; size_t size; uint32_t site; } Entry;
 
 static Entry *table;
 static size_t table_cap;
+#define TABLE_KEEP 65536   /* slots (2 MiB) of an empty table kept for the next burst */
 static int table_shift;    /* 64 - log2(table_cap): the hash keeps the top bits */
 size_t table_count;
 uint8_t held_filter[1 << FILTER_BITS];
@@ -282,7 +283,7 @@ table_remove(uintptr_t p)
         memset(held_filter, 0, sizeof(held_filter));
         filter_saturated = 0;
     }
-    if (table_count == 0 && table_cap > 65536) {
+    if (table_count == 0 && table_cap > TABLE_KEEP) {
         /* after a burst the table would stay at its largest: give it back; a
          * small one stays, or scopes used one after another would build it anew */
         free(table);
@@ -337,8 +338,11 @@ table_purge(void)
     memset(held_filter, 0, sizeof(held_filter));
     filter_saturated = 0;
     sites_clear();
-    if (table_cap > 4096) {
-        /* a small table is kept for the next burst; a large one goes back */
+    if (table_cap > TABLE_KEEP) {
+        /* a table up to TABLE_KEEP is kept for the next burst, emptied already (the
+         * loop above cleared each entry): built anew, it would grow through every
+         * size again, each growth a rehash (at 500 requests in flight, 3,000
+         * instructions a request); a larger one goes back */
         free(table);
         table = NULL;
         table_cap = 0;

@@ -407,6 +407,21 @@ hold_block(Meter *n, void *p, uint64_t weight)
     }
 }
 
+/* What a sampled block of size s stands for: s / (1 - exp(-s/rate)), the
+ * inverse of its chance of being sampled. Blocks below the rate (every block
+ * sampled, the larger ones are held exactly) take the series of x/(1-e^-x) in
+ * x = s/rate, whose next term is x^6/30240 (under 0.004% at x = 1): a few
+ * multiplications instead of expm1 and a division. */
+static inline double
+sample_weight(size_t size, const Held *h)
+{
+    double s = (double)size, x = s * h->inv_rate;
+    if (x >= 1.0) {
+        return s / -expm1(-x);
+    }
+    return (double)h->rate * (1.0 + x * (0.5 + x * (1.0 / 12.0 - x * x * (1.0 / 720.0))));
+}
+
 static Py_NO_INLINE void
 hold_sampled(Meter *n, void *p, size_t size)
 {
@@ -422,8 +437,7 @@ hold_sampled(Meter *n, void *p, size_t size)
         /* before hold_block(), which may settle the batch */
         batch_sample = (int64_t)(sample_left * (double)n->held->rate);
     }
-    double s = (double)size, weight = s / -expm1(-s * n->held->inv_rate);
-    hold_block(n, p, (uint64_t)(weight + 0.5));
+    hold_block(n, p, (uint64_t)(sample_weight(size, n->held) + 0.5));
 }
 
 static inline void
