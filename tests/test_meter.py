@@ -36,6 +36,15 @@ def test_hook_is_in_the_chain_only_while_it_has_work() -> None:
     assert _meter.hooked() == (_meter.held_blocks() > 0)
 
 
+def test_the_hook_reads_the_thread_state_where_3_11_keeps_it() -> None:
+    # On 3.11 the hook finds the thread state in _PyRuntime, at the place the build's
+    # headers give, once the running interpreter is found to agree; a release that
+    # disagreed would silently cost a call on every allocation. Later versions ask.
+    with gotcha.limit():
+        direct = _meter.reads_thread_state()
+    assert direct == (sys.version_info[:2] == (3, 11))
+
+
 def test_tracemalloc_started_first_and_stopped_inside_a_scope() -> None:
     tracemalloc.start()
     try:

@@ -34,7 +34,7 @@ def lists() -> list[object]:
 
 
 # each workload, and the one block besides its object that each of its items allocates:
-# a bytearray's buffer (n + 1 bytes) is a realloc, which takes the hook's general path;
+# a bytearray's buffer (n + 1 bytes) is a realloc, which takes the hook's realloc path;
 # a list's items (8 bytes each) and the list are plain mallocs, the inline path
 def buffer_size(n: int) -> int:
     return n + 1
@@ -101,6 +101,31 @@ def test_estimates_are_unbiased_and_spread_as_documented(workload: str) -> None:
     assert sum(abs(e) > 5 * expected_sd for e in errors) <= 1
     # the documented bound near the limit: 1/sqrt(1024) of the limit, 3.1%
     assert expected_sd / truth < math.sqrt(RATE / truth) * 1.05
+
+
+def test_a_grown_block_is_a_fresh_draw_and_freed_leaves_nothing_held() -> None:
+    # Growing a bytearray reallocates its buffer: the old block, if it was sampled, is
+    # forgotten, and the new one is sampled as a malloc of its size would be.
+    def grow(exact: bool) -> tuple[int, int]:
+        with gotcha.Context(memory=LIMIT, exact_memory=exact) as ctx:
+            kept = [bytearray(n) for n in SIZES]
+            for b in kept:
+                b.extend(b"x" * 64)
+            grown = ctx.memory()
+            del kept, b
+            freed = ctx.memory()
+        assert grown is not None and freed is not None
+        return grown.current, freed.current
+
+    truth, left = grow(exact=True)
+    assert left == 0
+    # the grown buffers' sizes are the allocator's business: 8 standard errors of a
+    # block of the mean size
+    sd = sampling_sd([truth // len(SIZES)] * len(SIZES), RATE)
+    for _ in range(20):
+        estimate, left = grow(exact=False)
+        assert abs(estimate - truth) < 8 * sd, (estimate, truth, sd)
+        assert left == 0  # every sampled block, old or grown, was credited back
 
 
 def test_blocks_of_the_rate_or_more_are_recorded_exactly() -> None:

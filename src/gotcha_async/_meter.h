@@ -229,6 +229,7 @@ void step_aside_if_idle(void);
 int hook_on_top(void);
 int hook_leave(void);
 void hook_join(void);
+int hook_reads_thread_state(void);
 void forget_seen(void);
 void forget_meter(Meter *m);
 void stop(Meter *m);

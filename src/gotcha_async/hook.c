@@ -1120,6 +1120,13 @@ hook_leave(void)
     return a && b;
 }
 
+/* 1 where the hooks in the chain read the thread state where 3.11 keeps it */
+int
+hook_reads_thread_state(void)
+{
+    return dom_obj.in_chain && dom_obj.ours.malloc == hook_malloc_obj_direct;
+}
+
 int
 hook_on_top(void)
 {

@@ -134,6 +134,14 @@ mod_hooked(PyObject *mod, PyObject *unused)
     return PyBool_FromLong(hook_on_top());
 }
 
+static PyObject *
+mod_reads_thread_state(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return PyBool_FromLong(hook_reads_thread_state());
+}
+
 /* For benchmarks and tests: take the hook out of the chain (it must be on
  * top), or force it in while no scope needs it. */
 static PyObject *
@@ -218,6 +226,8 @@ static PyMethodDef mod_methods[] = {
      "Call after tracemalloc.stop(): rejoin the chain if it dropped the hook; "
      "True if it had."},
     {"hooked", mod_hooked, METH_NOARGS, "Is the hook in place on both domains?"},
+    {"reads_thread_state", mod_reads_thread_state, METH_NOARGS,
+     "Do the hooks in the chain read the thread state where CPython 3.11 keeps it?"},
     {"after_fork", mod_after_fork, METH_NOARGS, "Restart delivery in a forked child."},
     {"active", mod_active, METH_NOARGS, "Number of entered scopes in the process."},
     {"held_blocks", mod_held_blocks, METH_NOARGS, "Number of blocks in the held-memory table."},
