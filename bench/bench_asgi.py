@@ -198,19 +198,25 @@ def load_python(port: int, connections: int, seconds: float) -> float:
     return float(out.split()[-1])
 
 
+async def get_on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 request: bytes) -> None:
+    """One keep-alive GET on an open connection; anything but a 200 is an error."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"unexpected response: {head[:60]!r}")
+    m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+    if m is None:
+        raise RuntimeError("the load generator needs Content-Length responses")
+    await reader.readexactly(int(m.group(1)))
+
+
 async def _client(port: int, deadline: float, counts: list[int]) -> None:
     reader, writer = await asyncio.open_connection(HOST, port)
     request = f"GET / HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
     try:
         while time.monotonic() < deadline:
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(f"unexpected response: {head[:60]!r}")
-            m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
-            if m is None:
-                raise RuntimeError("the load generator needs Content-Length responses")
-            await reader.readexactly(int(m.group(1)))
+            await get_on(reader, writer, request)
             counts[0] += 1
     finally:
         writer.close()

@@ -63,14 +63,7 @@ async def _client(port: int, left: list[int]) -> None:
     try:
         while left[0] > 0:
             left[0] -= 1
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(f"unexpected response: {head[:60]!r}")
-            m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
-            if m is None:
-                raise RuntimeError("the client needs Content-Length responses")
-            await reader.readexactly(int(m.group(1)))
+            await bench_asgi.get_on(reader, writer, request)
     finally:
         writer.close()
         await writer.wait_closed()
