@@ -50,21 +50,40 @@ WORKLOADS: dict[str, tuple[Callable[[], list[object]], Callable[[int], int]]] = 
 }
 
 
-def hold(exact: bool, make: Callable[[], list[object]] = bytearrays) -> tuple[int, list[object]]:
-    with gotcha.Context(memory=LIMIT, exact_memory=exact) as ctx:
+def hold(
+    exact: bool, make: Callable[[], list[object]] = bytearrays, limit: int = LIMIT
+) -> tuple[int, list[object]]:
+    with gotcha.Context(memory=limit, exact_memory=exact) as ctx:
         kept = make()
     held = ctx.memory()
     assert held is not None
     return held.current, kept
 
 
+def block_variance(s: int, rate: float) -> float:
+    """A block is a Bernoulli draw with p = 1 - exp(-s/rate) and weight s/p."""
+    p = -math.expm1(-s / rate)
+    return s * s * (1 - p) / p
+
+
 def sampling_sd(sizes: list[int], rate: int) -> float:
-    """The standard deviation of the estimate: each block is a Bernoulli draw with
-    p = 1 - exp(-s/rate) and weight s/p."""
+    """The standard deviation of the estimate at one rate throughout."""
+    return math.sqrt(sum(block_variance(s, rate) for s in sizes))
+
+
+def tiered_sd(sizes: list[int], limit: int) -> float:
+    """The standard deviation of the estimate of a scope that allocates ``sizes`` in
+    that order and keeps them: sampled at 4 times its rate while it holds less than a
+    16th of its limit, at 4/5 of it after, blocks of the rate or more exactly (the
+    scope switches on its estimate; the truth stands in for it)."""
+    base = sampling_rate(limit, exact=False)
     var = 0.0
+    held = 0
     for s in sizes:
-        p = -math.expm1(-s / rate)
-        var += s * s * (1 - p) / p
+        rate = 4 * base if held < limit // 16 else base - base // 5
+        if s < rate:
+            var += block_variance(s, rate)
+        held += s
     return math.sqrt(var)
 
 
@@ -85,7 +104,8 @@ def test_estimates_are_unbiased_and_spread_as_documented(workload: str) -> None:
     blocks = [block(n) for n in SIZES]
     objects = truth - sum(blocks)
     assert 0 < objects < 200 * len(SIZES)
-    expected_sd = sampling_sd(blocks + [objects // len(SIZES)] * len(SIZES), RATE)
+    per_object = objects // len(SIZES)
+    expected_sd = tiered_sd([size for b in blocks for size in (per_object, b)], LIMIT)
     errors = []
     for _ in range(TRIALS):
         estimate, kept = hold(exact=False, make=make)
@@ -99,8 +119,59 @@ def test_estimates_are_unbiased_and_spread_as_documented(workload: str) -> None:
     assert 0.75 * expected_sd < sd < 1.3 * expected_sd, (sd, expected_sd)
     # and no tail beyond it
     assert sum(abs(e) > 5 * expected_sd for e in errors) <= 1
-    # the documented bound near the limit: 1/sqrt(1024) of the limit, 3.1%
-    assert expected_sd / truth < math.sqrt(RATE / truth) * 1.05
+    # under the documented bound at the limit: 1/sqrt(1024) of it, 3.1%
+    assert expected_sd < LIMIT / math.sqrt(SAMPLES_AT_LIMIT)
+
+
+def test_near_its_limit_a_scope_errs_by_the_documented_bound() -> None:
+    # 80% of a 2 MiB limit in small blocks, past the 16th where the rate turns finer:
+    # what the blocks sampled coarsely early on add is made up for by the finer rate,
+    # and the error is what one rate throughout gives, 1/32 of the limit at the limit
+    limit = 2 * MiB
+    n = int(0.8 * limit / 1100)
+    items = SIZES * (n // len(SIZES) + 1)
+
+    def make() -> list[object]:
+        return [bytearray(k) for k in items[:n]]
+
+    truth, kept = hold(exact=True, make=make, limit=limit)
+    del kept
+    assert 0.7 * limit < truth < 0.9 * limit
+    per_object = (truth - sum(k + 1 for k in items[:n])) // n
+    expected_sd = tiered_sd([size for k in items[:n] for size in (per_object, k + 1)], limit)
+    one_rate = sampling_sd([per_object + k + 1 for k in items[:n]], RATE * limit // LIMIT)
+    assert 0.95 < expected_sd / one_rate < 1.1  # the same error as at one rate
+    assert expected_sd < limit / math.sqrt(SAMPLES_AT_LIMIT)
+    errors = []
+    for _ in range(TRIALS):
+        estimate, kept = hold(exact=False, make=make, limit=limit)
+        del kept
+        errors.append(estimate - truth)
+    assert abs(statistics.fmean(errors)) < 5 * expected_sd / math.sqrt(TRIALS)
+    # a sampler that stayed at the coarse rate would spread twice as wide
+    assert 0.75 * expected_sd < statistics.stdev(errors) < 1.3 * expected_sd
+
+
+def test_far_below_its_limit_a_scope_takes_a_quarter_of_the_samples() -> None:
+    # 3.3 MB of small blocks under a 64 MiB limit: below a 16th of it throughout
+    limit = 64 * MiB
+    base = sampling_rate(limit, exact=False)
+    truth, kept = hold(exact=True, limit=limit)
+    del kept
+    assert truth < limit // 16
+
+    def samples() -> int:
+        with gotcha.Context(memory=limit) as ctx:
+            kept = bytearrays()
+            count = sum(stat.count for stat in ctx.allocation_sites(None))
+        del kept
+        return count
+
+    counts = [samples() for _ in range(50)]
+    # every block is far below the rate: one sample per rate's worth of bytes
+    expected = truth / (4 * base)
+    assert abs(statistics.fmean(counts) - expected) < 5 * math.sqrt(expected / len(counts))
+    assert statistics.fmean(counts) < truth / base / 2   # not the base rate's
 
 
 def test_a_grown_block_is_a_fresh_draw_and_freed_leaves_nothing_held() -> None:

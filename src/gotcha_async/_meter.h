@@ -109,7 +109,8 @@ typedef struct Held {
     struct Held *parent;
     struct Meter *owner;   /* borrowed; NULL once the scope object is gone */
     uint64_t current, peak;
-    uint64_t rate;         /* mean bytes between samples; 0: every block, exactly */
+    uint64_t base_rate;    /* the scope's rate (see held_retune); 0: every block, exactly */
+    uint64_t rate;         /* mean bytes between samples now */
     double inv_rate;
 } Held;
 
@@ -221,6 +222,7 @@ resume_hook(void)
 int in_scope_of(Meter *inner, Meter *m);
 void charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls);
 void settle(void);   /* before reading or changing any scope's counters or thresholds */
+void held_retune(Held *inner);
 void ensure_hooked(void);
 int probe_dict_growth(void);  /* sets dict_fragile */
 extern int dict_fragile;

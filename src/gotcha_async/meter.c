@@ -145,14 +145,14 @@ start_holding(Meter *m, uint64_t rate)
         }
         m->held->refcnt = 1;
         m->held->owner = m;
-        m->held->rate = rate;
+        m->held->base_rate = rate;
         live_holders++;
     }
-    else if (rate < m->held->rate) {
-        m->held->rate = rate;
+    else if (rate < m->held->base_rate) {
+        m->held->base_rate = rate;
     }
     settle();   /* a batch of the old path */
-    m->held->inv_rate = m->held->rate ? 1.0 / (double)m->held->rate : 0.0;
+    held_retune(m->held);
     meter_path(m);
     return 0;
 }
@@ -245,11 +245,12 @@ Meter_set_parent(Meter *m, PyObject *p)
     settle();   /* charged to the chain as it was */
     /* inside a scope that tracks held memory, every scope does */
     if (parent->held != NULL) {
-        if (start_holding(m, parent->held->rate) < 0) {
+        if (start_holding(m, parent->held->base_rate) < 0) {
             return NULL;
         }
         m->held->parent = parent->held;
         parent->held->refcnt++;
+        held_retune(m->held);   /* near an ancestor's limit, the finer rate */
     }
     Py_INCREF(parent);
     parent->children++;
