@@ -153,24 +153,30 @@ def test_near_its_limit_a_scope_errs_by_the_documented_bound() -> None:
 
 
 def test_far_below_its_limit_a_scope_takes_a_quarter_of_the_samples() -> None:
-    # 3.3 MB of small blocks under a 64 MiB limit: below a 16th of it throughout
+    # 1 MB of small blocks under a 64 MiB limit: the estimate would have to be six
+    # standard errors off to reach a 16th of the limit, where the rate turns finer
     limit = 64 * MiB
     base = sampling_rate(limit, exact=False)
-    truth, kept = hold(exact=True, limit=limit)
+
+    def make() -> list[object]:
+        return [bytearray(n) for n in SIZES[:1000]]
+
+    truth, kept = hold(exact=True, make=make, limit=limit)
     del kept
-    assert truth < limit // 16
+    assert truth + 6 * math.sqrt(4 * base * truth) < limit // 16
 
     def samples() -> int:
         with gotcha.Context(memory=limit) as ctx:
-            kept = bytearrays()
+            kept = make()
             count = sum(stat.count for stat in ctx.allocation_sites(None))
         del kept
         return count
 
-    counts = [samples() for _ in range(50)]
-    # every block is far below the rate: one sample per rate's worth of bytes
+    counts = [samples() for _ in range(TRIALS)]
+    # every block is far below the rate: one sample per rate's worth of bytes, a
+    # count whose variance is at most its mean
     expected = truth / (4 * base)
-    assert abs(statistics.fmean(counts) - expected) < 5 * math.sqrt(expected / len(counts))
+    assert abs(statistics.fmean(counts) - expected) < 5 * math.sqrt(expected / TRIALS)
     assert statistics.fmean(counts) < truth / base / 2   # not the base rate's
 
 
