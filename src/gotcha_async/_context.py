@@ -494,8 +494,8 @@ class Context(_meter.Meter, anyio.CancelScope):
         (measured: 2 in 20,000), one holding 95% of it 3.5% of the time, one holding
         80% of it never was (0 in 20,000). The cost is about 256 samples per limit's
         worth of allocation while the scope holds under a 16th of its limit (1,280
-        above it): a request that allocates 4% of its limit and holds less takes some
-        11 samples (4% more instructions than a plain scope on a small JSON handler,
+        above it): a request that allocates 3% of its limit and holds less records some
+        11 blocks (4% more instructions than a plain scope on a small JSON handler,
         about 10% more time). With
         ``exact_memory=True`` every block is recorded and the figures are exact, for
         about twice the cost of a plain scope.
