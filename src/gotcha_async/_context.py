@@ -204,6 +204,68 @@ def _only_refusals(exc: BaseException | None) -> bool:
     return False
 
 
+#: A scope's checked arguments, as Context._apply takes them: (limits, whether it has
+#: a ceiling, ceilings, track_memory, sampling rate, whether the C half needs them).
+_Recipe = tuple[tuple[Any, ...], bool, tuple[Any, ...], bool, int, bool]
+
+
+def _recipe(
+    bytes: Limit,
+    objects: Limit,
+    calls: Limit,
+    memory: Limit,
+    hard: bool,
+    ceiling: float | None,
+    track_memory: bool,
+    exact_memory: bool,
+) -> _Recipe:
+    """Check a scope's arguments once: the middlewares make every request's scope of a
+    route from one recipe.
+
+    :raises TypeError: for an argument of the wrong type
+    :raises ValueError: for a bad limit or ceiling
+    """
+    limits: tuple[int | None, ...] = (bytes, objects, calls, memory)  # type: ignore[assignment]
+    # the common cases (None, a plain int in range) without a call each
+    if not (
+        (bytes is None or (type(bytes) is int and 0 <= bytes <= _MAX))
+        and (objects is None or (type(objects) is int and 0 <= objects <= _MAX))
+        and (calls is None or (type(calls) is int and 0 <= calls <= _MAX))
+        and (memory is None or (type(memory) is int and 0 <= memory <= _MAX))
+    ):
+        limits = (
+            check_limit("bytes", bytes),
+            check_limit("objects", objects),
+            check_limit("calls", calls),
+            check_limit("memory", memory),
+        )
+    if type(hard) is not bool:
+        raise TypeError(f"hard must be True or False, not {hard!r}")
+    if type(track_memory) is not bool:
+        raise TypeError(f"track_memory must be True or False, not {track_memory!r}")
+    if type(exact_memory) is not bool:
+        raise TypeError(f"exact_memory must be True or False, not {exact_memory!r}")
+    if hard:
+        if ceiling is not None:
+            check_ceiling(ceiling, hard)  # raises: hard=True is ceiling=1
+        ceilings = limits
+    elif ceiling is not None:
+        # the middlewares' default (an int) without a call
+        factor = (ceiling, 1) if type(ceiling) is int and ceiling >= 1 \
+            else check_ceiling(ceiling, hard)
+        b, o, c, m = limits
+        ceilings = (scaled(b, factor), scaled(o, factor), scaled(c, factor),
+                    scaled(m, factor))
+    else:
+        ceilings = _NO_LIMITS
+    has_ceiling = hard or ceiling is not None
+    # only a scope that tracks held memory itself samples at its own rate
+    track = track_memory or limits[3] is not None
+    rate = sampling_rate(limits[3], exact_memory) if track else 0
+    setup = has_ceiling or track_memory or limits != _NO_LIMITS
+    return (limits, has_ceiling, ceilings, track_memory, rate, setup)
+
+
 class Context(_meter.Meter, anyio.CancelScope):
     """A cancel scope that counts what its work allocates, with optional limits.
 
@@ -325,49 +387,20 @@ class Context(_meter.Meter, anyio.CancelScope):
     ) -> None:
         # positional, so that limit() and move_on_limit() pass their arguments on
         # without a keyword call through type.__call__ (half the cost of making one)
-        limits: tuple[int | None, ...] = (bytes, objects, calls, memory)  # type: ignore[assignment]
-        # the common cases (None, a plain int in range) without a call each: this runs
-        # for every request
-        if not (
-            (bytes is None or (type(bytes) is int and 0 <= bytes <= _MAX))
-            and (objects is None or (type(objects) is int and 0 <= objects <= _MAX))
-            and (calls is None or (type(calls) is int and 0 <= calls <= _MAX))
-            and (memory is None or (type(memory) is int and 0 <= memory <= _MAX))
-        ):
-            limits = (
-                check_limit("bytes", bytes),
-                check_limit("objects", objects),
-                check_limit("calls", calls),
-                check_limit("memory", memory),
-            )
-        if type(hard) is not bool:
-            raise TypeError(f"hard must be True or False, not {hard!r}")
+        recipe = _recipe(bytes, objects, calls, memory, hard, ceiling, track_memory,
+                         exact_memory)
         if type(shield) is not bool:
             raise TypeError(f"shield must be True or False, not {shield!r}")
-        if type(track_memory) is not bool:
-            raise TypeError(f"track_memory must be True or False, not {track_memory!r}")
-        if type(exact_memory) is not bool:
-            raise TypeError(f"exact_memory must be True or False, not {exact_memory!r}")
         if parent is not None and not isinstance(parent, Context):
             raise TypeError(f"parent must be a Context or None, not {parent!r}")
-        if ceiling is not None:
-            # the middleware's default (an int) without a call
-            factor = (ceiling, 1) if type(ceiling) is int and ceiling >= 1 and not hard \
-                else check_ceiling(ceiling, hard)
+        self._apply(recipe, parent, shield, fail)
+
+    def _apply(self, recipe: _Recipe, parent: Context | None, shield: bool,
+               fail: bool) -> None:
+        limits, hard, ceilings, track_memory, rate, setup = recipe
         self._limits = limits
-        self._hard = hard or ceiling is not None
-        if parent is not None or self._hard or track_memory or limits != _NO_LIMITS:
-            if hard:
-                ceilings = limits
-            elif ceiling is not None:
-                b, o, c, m = limits
-                ceilings = (scaled(b, factor), scaled(o, factor), scaled(c, factor),
-                            scaled(m, factor))
-            else:
-                ceilings = _NO_LIMITS
-            # only a scope that tracks held memory itself samples at its own rate
-            track = track_memory or limits[3] is not None
-            rate = sampling_rate(limits[3], exact_memory) if track else 0
+        self._hard = hard
+        if setup or parent is not None:
             self._setup(parent, limits, ceilings, track_memory, rate)
         self._shield = shield
         self._cancel_reason: str | None = None

@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import _otel, _report
-from ._context import Context, LimitExceeded, _new_meter
+from ._context import Context, LimitExceeded, _new_meter, _Recipe, _recipe
 from ._units import Limit, check_ceiling, check_limit
 
 #: The middlewares' default ceiling: a request that never reaches a checkpoint is
@@ -86,6 +86,18 @@ def plain_text(status_code: int, resource: str) -> bytes:
     return f"{phrase}: the request exceeded its {resource} limit\n".encode()
 
 
+class Plan:
+    """What applies to the requests of one route: their limit arguments, checked, and
+    the recipe of their scopes (checked once, not per request)."""
+
+    __slots__ = ("fail", "kwargs", "recipe")
+
+    def __init__(self, kwargs: LimitKwargs, recipe: _Recipe, fail: bool) -> None:
+        self.kwargs = kwargs
+        self.recipe = recipe
+        self.fail = fail
+
+
 class Options:
     """The validated options of a middleware, and the per-request steps they imply."""
 
@@ -125,11 +137,15 @@ class Options:
                 f"status_code must be an HTTP error status (400 to 599), got {status_code!r}"
             )
         self.status_code = status_code
-        self.route_table: list[tuple[re.Pattern[str], LimitKwargs]] | None = None
+        self.enforce = check_bool("enforce", enforce)
+        self.track_memory = check_bool("track_memory", track_memory)
+        self.route_table: list[tuple[re.Pattern[str], Plan]] | None = None
         self.route_fn: Callable[[Any], Mapping[str, Any] | None] | None = None
         if isinstance(routes, Mapping):
             self.route_table = [
-                (_compile_pattern(pattern), check_limit_kwargs(f"routes[{pattern!r}]", kw))
+                (_compile_pattern(pattern),
+                 self._plan({**self.limits,
+                             **check_limit_kwargs(f"routes[{pattern!r}]", kw)}))
                 for pattern, kw in routes.items()
             ]
         elif callable(routes):
@@ -145,62 +161,61 @@ class Options:
             raise TypeError(f"on_exceeded must be callable or None, not {on_exceeded!r}")
         self.on_exceeded = on_exceeded
         self.hook_arity = _report.hook_arity(on_exceeded) if on_exceeded is not None else 2
-        self.enforce = check_bool("enforce", enforce)
-        self.track_memory = check_bool("track_memory", track_memory)
         self.instruments = _otel.instruments_for(meter_provider)
         self.summary = _report.Summary(summary_routes)
-        # a plain dict: ** unpacks it faster than the read-only view, once per request
-        self.default_limits: LimitKwargs = dict(self.limits)
+        self.default_plan = self._plan(dict(self.limits))
 
     # -- which limits --------------------------------------------------------------------
 
-    def limits_for(self, path: str, target: Any) -> LimitKwargs:
-        """The limit arguments for a request to ``path``; ``target`` goes to a callable."""
+    def _plan(self, kwargs: LimitKwargs) -> Plan:
+        """The plan of requests with these (checked, complete) limit arguments.
+
+        Enforcing, their scope is their limit; observing, a pure measurement whose
+        figures are compared with the limits once the request is over.
+        """
+        track = self.track_memory or kwargs["memory"] is not None
+        if self.enforce:
+            hard = kwargs["hard"]
+            recipe = _recipe(kwargs["bytes"], kwargs["objects"], kwargs["calls"],
+                             kwargs["memory"], hard, None if hard else self.ceiling, track,
+                             False)
+        else:
+            recipe = _recipe(None, None, None, None, False, None, track, False)
+        return Plan(kwargs, recipe, self.enforce)
+
+    def limits_for(self, path: str, target: Any) -> Plan:
+        """The plan for a request to ``path``; ``target`` goes to a callable."""
         if not self.routed:
-            return self.default_limits
-        route: Mapping[str, Any] | None = None
+            return self.default_plan
         if self.route_table is not None:
-            for pattern, kwargs in self.route_table:
+            for pattern, plan in self.route_table:
                 if pattern.fullmatch(path):
-                    route = kwargs
-                    break
+                    return plan
         elif self.route_fn is not None:
             found = self.route_fn(target)
             if found is not None:
                 # a callable's answer is checked per request: it exists only now
                 route = check_limit_kwargs(f"routes({path!r})", found)
-        if route is None:
-            return self.default_limits
-        return {**self.limits, **route}
+                return self._plan({**self.limits, **route})
+        return self.default_plan
 
-    def new_scope(self, kwargs: LimitKwargs) -> Context:
-        """The scope that measures one request: the one place requests' scopes are made.
-
-        Enforcing, it is the request's limit; observing, a pure measurement whose
-        figures are compared with the limits once the request is over.
-        """
-        memory = kwargs["memory"]
-        track = self.track_memory or memory is not None
-        if self.enforce:
-            hard = kwargs["hard"]
-            ceiling = None if hard else self.ceiling
-            # limit(**kwargs, ...) without its keyword call: this runs for every request
-            ctx: Context = _new_meter(Context)
-            ctx._init(kwargs["bytes"], kwargs["objects"], kwargs["calls"], memory, hard,
-                      ceiling, None, False, track, False, True)
-            return ctx
-        return Context(track_memory=track)
+    def new_scope(self, plan: Plan) -> Context:
+        """The scope that measures one request: the one place requests' scopes are made."""
+        ctx: Context = _new_meter(Context)
+        ctx._apply(plan.recipe, None, False, plan.fail)
+        return ctx
 
     # -- once it is over -----------------------------------------------------------------
 
     def breach(
-        self, ctx: Context, kwargs: LimitKwargs, exc: LimitExceeded | None
+        self, ctx: Context, plan: Plan, exc: LimitExceeded | None
     ) -> tuple[str, int, int] | None:
         """(resource, used, limit) the request went over, or None."""
         if exc is not None:
             return exc.resource, exc.used, exc.limit
         if self.enforce:
             return None
+        kwargs = plan.kwargs
         held = ctx.memory()
         limits = (kwargs["bytes"], kwargs["objects"], kwargs["calls"], kwargs["memory"])
         return _report.first_breach(limits, tuple(ctx.used()), held.peak if held else None)

@@ -245,8 +245,8 @@ class LimitMiddleware:
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         options = self._options
-        kwargs = options.limits_for(request.path, request)
-        ctx = options.new_scope(kwargs)
+        plan = options.limits_for(request.path, request)
+        ctx = options.new_scope(plan)
         state = _State(ctx)
         request[_STATE] = state
         writer = getattr(request, "_payload_writer", None)
@@ -268,7 +268,7 @@ class LimitMiddleware:
         if ws is not None and not state.started:
             ws = None
         websocket = ws is not None
-        breach = options.breach(ctx, kwargs, error)
+        breach = options.breach(ctx, plan, error)
         status = state.status
         if status is None and response is not None and error is None:
             status = response.status

@@ -23,7 +23,7 @@ from . import _report, _web
 from ._context import Context, LimitExceeded
 from ._report import Exceeded, RouteSummary
 from ._units import Limit
-from ._web import WS_POLICY_VIOLATION, LimitKwargs, RouteLimits
+from ._web import WS_POLICY_VIOLATION, RouteLimits
 
 __all__ = ["Exceeded", "LimitMiddleware", "RouteSummary"]
 
@@ -285,13 +285,13 @@ class LimitMiddleware:
         # request.
         options = self._options
         path = scope.get("path", "")
-        kwargs = options.limits_for(path, scope)
+        plan = options.limits_for(path, scope)
         root_path = scope.get("root_path", "")
         status: int | None = None
         response_started = False
         response_complete = False
         trailers = False
-        ctx = options.new_scope(kwargs)
+        ctx = options.new_scope(plan)
 
         # Plain functions that hand back the server's own awaitable: an async wrapper
         # would add a coroutine per message, a measurable share of a small request.
@@ -325,7 +325,7 @@ class LimitMiddleware:
             if exc.context is not ctx:
                 raise  # the application's own limit, not the request's
             error = exc
-        breach = options.breach(ctx, kwargs, error)
+        breach = options.breach(ctx, plan, error)
         if response_complete:
             outcome = "completed"
         elif response_started:
@@ -380,11 +380,11 @@ class LimitMiddleware:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         options = self._options
         path = scope.get("path", "")
-        kwargs: LimitKwargs = options.limits_for(path, scope)
+        plan = options.limits_for(path, scope)
         root_path = scope.get("root_path", "")
         accepted = False
         closed = False
-        ctx = options.new_scope(kwargs)
+        ctx = options.new_scope(plan)
         guarded_receive = _guard_receive(ctx, receive)
 
         def guarded_send(message: Message) -> Awaitable[None]:
@@ -406,7 +406,7 @@ class LimitMiddleware:
             if exc.context is not ctx:
                 raise
             error = exc
-        breach = options.breach(ctx, kwargs, error)
+        breach = options.breach(ctx, plan, error)
         denial = "websocket.http.response" in (scope.get("extensions") or {})
         if closed:
             outcome, status = "completed", None
