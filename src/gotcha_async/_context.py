@@ -393,7 +393,15 @@ class Context(_meter.Meter, anyio.CancelScope):
             raise TypeError(f"shield must be True or False, not {shield!r}")
         if parent is not None and not isinstance(parent, Context):
             raise TypeError(f"parent must be a Context or None, not {parent!r}")
-        self._apply(recipe, parent, shield, fail)
+        # _apply, inline: limit() runs this for every request
+        limits, hard, ceilings, track_memory, rate, setup = recipe
+        self._limits = limits
+        self._hard = hard
+        if setup or parent is not None:
+            self._setup(parent, limits, ceilings, track_memory, rate)
+        self._shield = shield
+        self._cancel_reason: str | None = None
+        self._fail = fail
 
     def _apply(self, recipe: _Recipe, parent: Context | None, shield: bool,
                fail: bool) -> None:

@@ -329,21 +329,31 @@ class Summary:
     def add(
         self, method: str, route: str, used_bytes: int, peak: int | None, exceeded: bool
     ) -> None:
-        key = (method, route)
-        stats = self._routes.get(key)
+        stats = self._routes.get((method, route))
         if stats is None:
-            if len(self._routes) >= self.max_routes:
-                key = (method, OTHER)
-                stats = self._routes.get(key)
-            if stats is None:
-                stats = self._routes[key] = _RouteStats()
-        stats.bytes.add(used_bytes)
+            stats = self._new_route(method, route)
+        # _Histogram.add, inline: this runs for every request
+        figure = stats.bytes
+        figure.counts[bisect_right(_LOWS, used_bytes) if used_bytes > 0 else 0] += 1
+        figure.count += 1
+        if used_bytes > figure.max:
+            figure.max = used_bytes
         if peak is not None:
             if stats.memory is None:
                 stats.memory = _Histogram()
             stats.memory.add(peak)
         if exceeded:
             stats.exceeded += 1
+
+    def _new_route(self, method: str, route: str) -> _RouteStats:
+        key = (method, route)
+        if len(self._routes) >= self.max_routes:
+            key = (method, OTHER)
+            stats = self._routes.get(key)
+            if stats is not None:
+                return stats
+        stats = self._routes[key] = _RouteStats()
+        return stats
 
     def rows(self) -> list[RouteSummary]:
         """One row per route, the most requested first."""

@@ -104,11 +104,12 @@ def route_of(scope: Scope, root_path: str) -> str | None:
     ``Mount`` that route's path is relative to the mount, whose matched prefix the
     router adds to ``root_path``.
     """
-    route = scope.get("route")
-    template = getattr(route, "path", None)
+    template = getattr(scope.get("route"), "path", None)
     if not isinstance(template, str):
         return None
     mounted = scope.get("root_path", "")
+    if mounted == root_path:
+        return template  # not mounted: the common case, without a new string
     if isinstance(mounted, str) and mounted.startswith(root_path):
         return mounted[len(root_path):] + template
     return template
@@ -295,7 +296,10 @@ class LimitMiddleware:
 
         # Plain functions that hand back the server's own awaitable: an async wrapper
         # would add a coroutine per message, a measurable share of a small request.
-        guarded_receive = _guard_receive(ctx, receive)
+        def guarded_receive() -> Awaitable[Message]:
+            if ctx.exceeded():
+                return _stop_then_receive(ctx, receive)
+            return receive()
 
         def guarded_send(message: Message) -> Awaitable[None]:
             nonlocal response_started, response_complete, trailers, status
@@ -304,12 +308,15 @@ class LimitMiddleware:
                 # the status will be ours, after it the response will be aborted.
                 return _stop(ctx)
             kind = message["type"]
-            if kind == "http.response.start":
+            if kind == "http.response.body":
+                if not trailers and not message.get("more_body", False):
+                    response_complete = True
+            elif kind == "http.response.start":
                 response_started = True
                 status = message.get("status")
-                trailers = bool(message.get("trailers", False))
-            elif kind == "http.response.body" or kind == "http.response.zerocopysend":
-                if not message.get("more_body", False) and not trailers:
+                trailers = message.get("trailers", False)
+            elif kind == "http.response.zerocopysend":
+                if not trailers and not message.get("more_body", False):
                     response_complete = True
             elif kind == "http.response.trailers":
                 response_complete = not message.get("more_trailers", False)
@@ -317,14 +324,20 @@ class LimitMiddleware:
                 response_complete = True
             return send(message)
 
-        error: LimitExceeded | None = None
         try:
             with ctx:  # enter and exit never wait: the plain form is cheaper
                 await self.app(scope, guarded_receive, guarded_send)
         except LimitExceeded as exc:
             if exc.context is not ctx:
                 raise  # the application's own limit, not the request's
-            error = exc
+            error: LimitExceeded | None = exc
+        else:
+            if options.enforce:
+                # the common case: no breach, no log line, no finish() coroutine
+                options.record(ctx, scope.get("method", "GET"), path,
+                               route_of(scope, root_path), status)
+                return
+            error = None
         breach = options.breach(ctx, plan, error)
         if response_complete:
             outcome = "completed"
@@ -336,7 +349,6 @@ class LimitMiddleware:
                 status = options.status_code
         method = scope.get("method", "GET")
         if breach is None:
-            # the common case, without finish()'s coroutine
             options.record(ctx, method, path, route_of(scope, root_path), status)
             return
         await options.finish(
