@@ -962,20 +962,24 @@ calloc_in(Domain *d, size_t nelem, size_t elsize, const int is_obj, const int di
     return calloc_take(d, seen_meter, nelem, elsize, is_obj);
 }
 
-/* the hooks of one domain (mem, obj) and one way to the thread state */
-#define HOOKS(name, is_obj, direct)                                        \
+/* the hooks of one domain (mem, obj) and one way to the thread state; each
+ * names its domain itself, so that reaching the next allocator costs no load
+ * through ctx (which is that domain all the same) */
+#define HOOKS(name, dom, is_obj, direct)                                   \
     static void *hook_malloc_##name(void *ctx, size_t size)                \
     {                                                                      \
-        return malloc_in(ctx, size, is_obj, direct);                       \
+        (void)ctx;                                                         \
+        return malloc_in(&dom, size, is_obj, direct);                      \
     }                                                                      \
     static void *hook_calloc_##name(void *ctx, size_t nelem, size_t elsize) \
     {                                                                      \
-        return calloc_in(ctx, nelem, elsize, is_obj, direct);              \
+        (void)ctx;                                                         \
+        return calloc_in(&dom, nelem, elsize, is_obj, direct);             \
     }
-HOOKS(mem, 0, 0)
-HOOKS(obj, 1, 0)
-HOOKS(mem_direct, 0, 1)
-HOOKS(obj_direct, 1, 1)
+HOOKS(mem, dom_mem, 0, 0)
+HOOKS(obj, dom_obj, 1, 0)
+HOOKS(mem_direct, dom_mem, 0, 1)
+HOOKS(obj_direct, dom_obj, 1, 1)
 #undef HOOKS
 
 static Py_NO_INLINE void
@@ -1032,7 +1036,16 @@ batched_realloc(Domain *d, Meter *n, void *ptr, size_t size)
     if (ptr != NULL && table_count && table_may_hold(ptr)) {
         forget_block(ptr);
     }
-    batch_charge(n, size, 0);
+    if (n == batch_meter) {   /* batch_charge's common case, without its call */
+        left_b -= (int64_t)size;
+        left_c -= 1;
+        if ((left_b | left_c) < 0) {
+            settle();
+        }
+    }
+    else {
+        batch_charge(n, size, 0);
+    }
     if (n->path == P_SAMPLED && count_down(n, size)) {
         hold_sampled(n, p, size);
     }
@@ -1050,18 +1063,23 @@ unmetered_realloc(Domain *d, void *ptr, size_t size)
     return p;
 }
 
-static void *
-hook_realloc(void *ctx, void *ptr, size_t size)
+static ALWAYS_INLINE void *
+realloc_in(Domain *d, void *ptr, size_t size, const int direct)
 {
-    Domain *d = ctx;
-    Meter *n = active == 0 || paused ? NULL : meter_now();
+    Meter *n = NULL;
+    if (active != 0) {
+        PyThreadState *ts = tstate_in(direct);
+        /* a paused thread's state is never in the cache (see malloc_in) */
+        n = SEEN(ts) ? seen_meter : paused ? NULL : lookup_meter(ts);
+    }
     if (n == NULL) {
         if (table_count != 0 && ptr != NULL && table_may_hold(ptr)) {
             return unmetered_realloc(d, ptr, size);
         }
         return d->prev.realloc(d->prev.ctx, ptr, size);
     }
-    if (batchable(n, size)) {
+    /* below batch_small: n is the batch's scope, and the block can take it */
+    if (size < batch_small || batchable(n, size)) {
         return batched_realloc(d, n, ptr, size);
     }
     return metered_realloc(d, n, ptr, size);
@@ -1077,10 +1095,9 @@ free_held(Domain *d, void *ptr)
     d->prev.free(d->prev.ctx, ptr);
 }
 
-static void
-hook_free(void *ctx, void *ptr)
+static ALWAYS_INLINE void
+free_in(Domain *d, void *ptr)
 {
-    Domain *d = ctx;
     /* frees are credited even while paused: a stale entry would credit the
      * wrong scope when the address comes back */
     if (table_count != 0 && ptr != NULL && table_may_hold(ptr)) {
@@ -1089,6 +1106,24 @@ hook_free(void *ctx, void *ptr)
     }
     d->prev.free(d->prev.ctx, ptr);
 }
+
+/* realloc and free of one domain and one way to the thread state, as HOOKS */
+#define MORE_HOOKS(name, dom, direct)                                       \
+    static void *hook_realloc_##name(void *ctx, void *ptr, size_t size)     \
+    {                                                                       \
+        (void)ctx;                                                          \
+        return realloc_in(&dom, ptr, size, direct);                         \
+    }                                                                       \
+    static void hook_free_##name(void *ctx, void *ptr)                      \
+    {                                                                       \
+        (void)ctx;                                                          \
+        free_in(&dom, ptr);                                                 \
+    }
+MORE_HOOKS(mem, dom_mem, 0)
+MORE_HOOKS(obj, dom_obj, 0)
+MORE_HOOKS(mem_direct, dom_mem, 1)
+MORE_HOOKS(obj_direct, dom_obj, 1)
+#undef MORE_HOOKS
 
 /* ------------------------------------------------------------------------ */
 /* The allocator chain                                                      */
@@ -1113,14 +1148,20 @@ join_chain(Domain *d)
         ts_slot_checked = 1;
     }
     if (!d->in_chain) {
-        PyMemAllocatorEx ours = {d, NULL, NULL, hook_realloc, hook_free};
+        PyMemAllocatorEx ours;
         if (ts_slot != NULL) {
-            ours.malloc = d->is_obj ? hook_malloc_obj_direct : hook_malloc_mem_direct;
-            ours.calloc = d->is_obj ? hook_calloc_obj_direct : hook_calloc_mem_direct;
+            ours = d->is_obj ? (PyMemAllocatorEx){d, hook_malloc_obj_direct,
+                                                  hook_calloc_obj_direct,
+                                                  hook_realloc_obj_direct, hook_free_obj_direct}
+                             : (PyMemAllocatorEx){d, hook_malloc_mem_direct,
+                                                  hook_calloc_mem_direct,
+                                                  hook_realloc_mem_direct, hook_free_mem_direct};
         }
         else {
-            ours.malloc = d->is_obj ? hook_malloc_obj : hook_malloc_mem;
-            ours.calloc = d->is_obj ? hook_calloc_obj : hook_calloc_mem;
+            ours = d->is_obj ? (PyMemAllocatorEx){d, hook_malloc_obj, hook_calloc_obj,
+                                                  hook_realloc_obj, hook_free_obj}
+                             : (PyMemAllocatorEx){d, hook_malloc_mem, hook_calloc_mem,
+                                                  hook_realloc_mem, hook_free_mem};
         }
         d->ours = ours;
         /* wrap whatever is there now: pymalloc, tracemalloc, a debug hook */
