@@ -349,7 +349,8 @@ class Context(_meter.Meter, anyio.CancelScope):
 
     # _scope, _waker, _done, _deadline, _shield and _cancel_pending are Meter's, in
     # C: entering and leaving read them there without a Python frame
-    __slots__ = ("_cancel_reason", "_fail", "_hard", "_limits")
+    # _limits, _hard, _fail and _cancel_reason too, set by one call: Meter._apply
+    __slots__ = ()
 
     # No __new__ here: Meter's comes first in the MRO, so anyio.CancelScope.__new__
     # (which would hand back the backend's own class) is never reached.
@@ -393,26 +394,7 @@ class Context(_meter.Meter, anyio.CancelScope):
             raise TypeError(f"shield must be True or False, not {shield!r}")
         if parent is not None and not isinstance(parent, Context):
             raise TypeError(f"parent must be a Context or None, not {parent!r}")
-        # _apply, inline: limit() runs this for every request
-        limits, hard, ceilings, track_memory, rate, setup = recipe
-        self._limits = limits
-        self._hard = hard
-        if setup or parent is not None:
-            self._setup(parent, limits, ceilings, track_memory, rate)
-        self._shield = shield
-        self._cancel_reason: str | None = None
-        self._fail = fail
-
-    def _apply(self, recipe: _Recipe, parent: Context | None, shield: bool,
-               fail: bool) -> None:
-        limits, hard, ceilings, track_memory, rate, setup = recipe
-        self._limits = limits
-        self._hard = hard
-        if setup or parent is not None:
-            self._setup(parent, limits, ceilings, track_memory, rate)
-        self._shield = shield
-        self._cancel_reason: str | None = None
-        self._fail = fail
+        self._apply(recipe, parent, shield, fail)
 
     # -- entering and leaving --------------------------------------------------------
 

@@ -184,6 +184,10 @@ typedef struct Meter {
     PyObject *done;            /* (Event, waker) once the scope is awaited */
     double deadline;
     char shield, cancel_pending;
+    /* Context's own fields, set by _apply() in one call (strong) */
+    PyObject *limits_obj;      /* the 4-tuple of limits */
+    PyObject *cancel_reason;   /* str or None */
+    char has_ceiling, fail;
 } Meter;
 
 /* What the hook does for a small block (hook.c): charge it (the common case),

@@ -15,6 +15,10 @@ class Meter:
     _deadline: float
     _shield: bool
     _cancel_pending: bool
+    _limits: tuple[int | None, ...]
+    _cancel_reason: str | None
+    _hard: bool
+    _fail: bool
     @property
     def _bytes(self) -> int: ...
     @property
@@ -28,6 +32,14 @@ class Meter:
         ceilings: tuple[int | None, ...],
         track: bool,
         rate: int,
+        /,
+    ) -> None: ...
+    def _apply(
+        self,
+        recipe: tuple[tuple[int | None, ...], bool, tuple[int | None, ...], bool, int, bool],
+        parent: Any,
+        shield: bool,
+        fail: bool,
         /,
     ) -> None: ...
     def _set_parent(self, parent: Any, /) -> None: ...

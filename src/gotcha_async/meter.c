@@ -129,6 +129,9 @@ Meter_dealloc(Meter *m)
             table_purge();
         }
     }
+    /* a tuple of ints and a str: never in a cycle, so not tp_clear's */
+    Py_CLEAR(m->limits_obj);
+    Py_CLEAR(m->cancel_reason);
     Py_TYPE(m)->tp_free((PyObject *)m);
 }
 
@@ -212,6 +215,35 @@ Meter_setup(Meter *m, PyObject *const *args, Py_ssize_t nargs)
     }
     if (args[0] != Py_None) {
         return Meter_set_parent(m, args[0]);
+    }
+    Py_RETURN_NONE;
+}
+
+/* _apply(recipe, parent, shield, fail): what Context's constructors and the
+ * middlewares' scopes do once their arguments are checked, in one call. The
+ * recipe is _context._recipe()'s tuple: (limits, has_ceiling, ceilings,
+ * track_memory, rate, whether _setup is needed). */
+static PyObject *
+Meter_apply(Meter *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyTuple_Check(args[0]) || PyTuple_GET_SIZE(args[0]) != 6) {
+        PyErr_SetString(PyExc_TypeError, "_apply(recipe, parent, shield, fail): a 6-tuple");
+        return NULL;
+    }
+    PyObject *const *r = &PyTuple_GET_ITEM(args[0], 0);
+    int shield = PyObject_IsTrue(args[2]), fail = PyObject_IsTrue(args[3]);
+    int has_ceiling = PyObject_IsTrue(r[1]), setup = PyObject_IsTrue(r[5]);
+    if (shield < 0 || fail < 0 || has_ceiling < 0 || setup < 0) {
+        return NULL;
+    }
+    Py_XSETREF(m->limits_obj, Py_NewRef(r[0]));
+    Py_XSETREF(m->cancel_reason, Py_NewRef(Py_None));
+    m->has_ceiling = (char)has_ceiling;
+    m->shield = (char)shield;
+    m->fail = (char)fail;
+    if (setup || args[1] != Py_None) {
+        PyObject *setup_args[5] = {args[1], r[0], r[2], r[3], r[4]};
+        return Meter_setup(m, setup_args, 5);
     }
     Py_RETURN_NONE;
 }
@@ -688,6 +720,8 @@ Meter_set_quiet(Meter *m, PyObject *v, void *unused)
 static PyMethodDef Meter_methods[] = {
     {"_setup", (PyCFunction)(void (*)(void))Meter_setup, METH_FASTCALL,
      "_setup(parent, limits, ceilings, track, rate)"},
+    {"_apply", (PyCFunction)(void (*)(void))Meter_apply, METH_FASTCALL,
+     "_apply(recipe, parent, shield, fail)"},
     {"_set_parent", (PyCFunction)Meter_set_parent, METH_O,
      "Link to a parent scope; refuses cycles."},
     {"__enter__", (PyCFunction)Meter_enter, METH_NOARGS, NULL},
@@ -716,6 +750,13 @@ static PyMemberDef Meter_members[] = {
     {"_shield", Py_T_BOOL, offsetof(Meter, shield), 0, "The shield before entering."},
     {"_cancel_pending", Py_T_BOOL, offsetof(Meter, cancel_pending), 0,
      "Whether cancel() came before entering."},
+    {"_limits", Py_T_OBJECT_EX, offsetof(Meter, limits_obj), 0,
+     "The (bytes, objects, calls, memory) limits."},
+    {"_cancel_reason", Py_T_OBJECT_EX, offsetof(Meter, cancel_reason), 0,
+     "The reason given to cancel(), or None."},
+    {"_hard", Py_T_BOOL, offsetof(Meter, has_ceiling), 0, "Whether it has a ceiling."},
+    {"_fail", Py_T_BOOL, offsetof(Meter, fail), 0,
+     "Whether leaving it raises LimitExceeded (limit())."},
     {NULL},
 };
 
