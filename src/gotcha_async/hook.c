@@ -53,11 +53,15 @@ static Domain dom_mem = {.domain = PYMEM_DOMAIN_MEM, .is_obj = 0};
 static Domain dom_obj = {.domain = PYMEM_DOMAIN_OBJ, .is_obj = 1};
 
 /* The batch (see settle()): what the scope batch_meter and its ancestors have
- * left before a threshold, per resource, and what they had when it began. */
+ * left before a threshold, and what they had when it began: bytes (left_b),
+ * allocations that are an object and a call (left_o: the object domain's) and
+ * calls that are not an object (left_m: the memory domain's, reallocs). Calls
+ * are split between the two in advance, so that an object's allocation counts
+ * down one counter, not two. */
 #define ROOM_CAP ((uint64_t)1 << 62)   /* "no threshold": far, and no overflow */
 static Meter *batch_meter;             /* borrowed; freeing it settles */
-static uint64_t batch_room[3];
-static int64_t left_b, left_o, left_c;
+static uint64_t batch_b0, batch_o0, batch_m0;
+static int64_t left_b, left_o, left_m;
 static size_t batch_bound;             /* blocks below this size are batched */
 static size_t batch_small;             /* batch_bound while the batch is the scope last found, or 0 */
 static char batch_sampled;
@@ -254,10 +258,10 @@ charge_chain(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls)
 
 /* Batched charges. A scope's small blocks are not added to its counters and
  * its ancestors' one by one: they are taken from what the chain has left
- * before any of its thresholds (a limit, a fence, a stop owed), three signed
- * counters for the three resources. The block that takes one below zero is
- * the one that crosses a threshold, and settle() then charges the chain
- * exactly as charging each block would have, at that block. Everything that
+ * before any of its thresholds (a limit, a fence, a stop owed), in signed
+ * counters (see left_b). The block that takes one below zero is the one that
+ * crosses a threshold, or the calls' share of one, and settle() then charges
+ * the chain exactly as charging each block would have, at that block. Everything that
  * reads or changes a scope's counters or thresholds settles first (the hook
  * never delays a trip or a stop: a batch cannot cross a threshold unseen).
  * One batch at a time, for the scope last charged, under the GIL. */
@@ -276,10 +280,10 @@ settle(void)
         batch_sampled = 0;
     }
     batch_sample = NO_SAMPLE;
-    uint64_t b = batch_room[R_BYTES] - (uint64_t)left_b;
-    uint64_t o = batch_room[R_OBJECTS] - (uint64_t)left_o;
-    uint64_t c = batch_room[R_CALLS] - (uint64_t)left_c;
-    if (b | o | c) {
+    uint64_t b = batch_b0 - (uint64_t)left_b;
+    uint64_t o = batch_o0 - (uint64_t)left_o;
+    uint64_t c = o + (batch_m0 - (uint64_t)left_m);
+    if (b | c) {
         charge_chain(n, b, o, c);
     }
 }
@@ -310,10 +314,15 @@ start_batch(Meter *n)
             rm[r] = t < rm[r] ? t : rm[r];
         }
     }
-    memcpy(batch_room, rm, sizeof(rm));
-    left_b = (int64_t)rm[R_BYTES];
-    left_o = (int64_t)rm[R_OBJECTS];
-    left_c = (int64_t)rm[R_CALLS];
+    /* a quarter of the calls for those that are not objects: the memory
+     * domain's allocations are a few in a hundred */
+    uint64_t m_share = rm[R_CALLS] / 4, o_share = rm[R_CALLS] - m_share;
+    batch_b0 = rm[R_BYTES];
+    batch_o0 = rm[R_OBJECTS] < o_share ? rm[R_OBJECTS] : o_share;
+    batch_m0 = m_share;
+    left_b = (int64_t)batch_b0;
+    left_o = (int64_t)batch_o0;
+    left_m = (int64_t)batch_m0;
     batch_sampled = n->path == P_SAMPLED;
     batch_bound = batch_sampled && n->held->rate < REFUSE_MIN ? (size_t)n->held->rate : REFUSE_MIN;
     batch_sample = NO_SAMPLE;
@@ -741,9 +750,13 @@ batch_charge(Meter *n, size_t size, int is_obj)
         start_batch(n);
     }
     left_b -= (int64_t)size;
-    left_o -= is_obj;
-    left_c -= 1;
-    if ((left_b | left_o | left_c) < 0) {
+    if (is_obj) {
+        left_o -= 1;
+    }
+    else {
+        left_m -= 1;
+    }
+    if ((left_b | left_o | left_m) < 0) {
         settle();
     }
 #endif
@@ -804,25 +817,30 @@ sampled_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
  * batch settled), or the sample. The counters are never below zero between
  * blocks, and the inline path takes them in this order and stops at the first
  * below zero, so the first below zero is the one this block took there. */
-enum { SLOW_MISS, SLOW_OVER, SLOW_OVER_B, SLOW_OVER_C, SLOW_OVER_O, SLOW_SAMPLE };
+enum { SLOW_MISS, SLOW_OVER, SLOW_OVER_B, SLOW_OVER_CALLS, SLOW_SAMPLE };
 
 static Py_NO_INLINE void *
 hook_slow(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed, int why)
 {
     size_t size = nelem * elsize;
     if (why == SLOW_OVER) {
-        why = left_b < 0                 ? SLOW_OVER_B
-              : left_c < 0               ? SLOW_OVER_C
-              : d->is_obj && left_o < 0 ? SLOW_OVER_O
-                                         : SLOW_SAMPLE;
+        why = left_b < 0                           ? SLOW_OVER_B
+              : (d->is_obj ? left_o : left_m) < 0 ? SLOW_OVER_CALLS
+                                                   : SLOW_SAMPLE;
     }
     if (why == SLOW_SAMPLE) {
         return sampled_alloc(d, n, nelem, elsize, zeroed);
     }
     if (why != SLOW_MISS) {
         /* the inline path stops at the first counter below zero */
-        left_c -= why == SLOW_OVER_B;
-        left_o -= d->is_obj && why != SLOW_OVER_O;
+        if (why == SLOW_OVER_B) {
+            if (d->is_obj) {
+                left_o -= 1;
+            }
+            else {
+                left_m -= 1;
+            }
+        }
         settle();
     }
     else if (batchable(n, size)) {
@@ -852,10 +870,7 @@ hook_slow(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed, int why)
         if (UNLIKELY((left_b -= (int64_t)(size)) < 0)) {                       \
             return slow(SLOW_OVER);                                          \
         }                                                                      \
-        if (UNLIKELY(--left_c < 0)) {                                          \
-            return slow(SLOW_OVER);                                          \
-        }                                                                      \
-        if ((is_obj) && UNLIKELY(--left_o < 0)) {                              \
+        if (UNLIKELY(--*((is_obj) ? &left_o : &left_m) < 0)) {                \
             return slow(SLOW_OVER);                                          \
         }                                                                      \
         if (UNLIKELY((batch_sample -= (int64_t)(size)) < 0)) {                 \
@@ -1038,8 +1053,8 @@ batched_realloc(Domain *d, Meter *n, void *ptr, size_t size)
     }
     if (n == batch_meter) {   /* batch_charge's common case, without its call */
         left_b -= (int64_t)size;
-        left_c -= 1;
-        if ((left_b | left_c) < 0) {
+        left_m -= 1;
+        if ((left_b | left_m) < 0) {
             settle();
         }
     }
