@@ -42,6 +42,13 @@ class Meter:
         fail: bool,
         /,
     ) -> None: ...
+    @classmethod
+    def _made(
+        cls,
+        recipe: tuple[tuple[int | None, ...], bool, tuple[int | None, ...], bool, int, bool],
+        fail: bool,
+        /,
+    ) -> Any: ...
     def _set_parent(self, parent: Any, /) -> None: ...
     def __enter__(self) -> Any: ...
     def __exit__(

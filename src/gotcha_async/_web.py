@@ -8,12 +8,13 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Mapping
+from functools import partial
 from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
 
 from . import _otel, _report
-from ._context import Context, LimitExceeded, _new_meter, _Recipe, _recipe
+from ._context import Context, LimitExceeded, _Recipe, _recipe
 from ._units import Limit, check_ceiling, check_limit
 
 #: The middlewares' default ceiling: a request that never reaches a checkpoint is
@@ -87,15 +88,15 @@ def plain_text(status_code: int, resource: str) -> bytes:
 
 
 class Plan:
-    """What applies to the requests of one route: their limit arguments, checked, and
-    the recipe of their scopes (checked once, not per request)."""
+    """What applies to the requests of one route: their limit arguments, checked once,
+    and ``new_scope()``, which makes the scope that measures one request (enforcing, the
+    request's limit; observing, a pure measurement) in one C call."""
 
-    __slots__ = ("fail", "kwargs", "recipe")
+    __slots__ = ("kwargs", "new_scope")
 
     def __init__(self, kwargs: LimitKwargs, recipe: _Recipe, fail: bool) -> None:
         self.kwargs = kwargs
-        self.recipe = recipe
-        self.fail = fail
+        self.new_scope: Callable[[], Context] = partial(Context._made, recipe, fail)
 
 
 class Options:
@@ -198,12 +199,6 @@ class Options:
                 route = check_limit_kwargs(f"routes({path!r})", found)
                 return self._plan({**self.limits, **route})
         return self.default_plan
-
-    def new_scope(self, plan: Plan) -> Context:
-        """The scope that measures one request: the one place requests' scopes are made."""
-        ctx: Context = _new_meter(Context)
-        ctx._apply(plan.recipe, None, False, plan.fail)
-        return ctx
 
     # -- once it is over -----------------------------------------------------------------
 

@@ -246,7 +246,7 @@ class LimitMiddleware:
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         options = self._options
         plan = options.limits_for(request.path, request)
-        ctx = options.new_scope(plan)
+        ctx = plan.new_scope()
         state = _State(ctx)
         request[_STATE] = state
         writer = getattr(request, "_payload_writer", None)

@@ -286,13 +286,13 @@ class LimitMiddleware:
         # request.
         options = self._options
         path = scope.get("path", "")
-        plan = options.limits_for(path, scope)
+        plan = options.limits_for(path, scope) if options.routed else options.default_plan
         root_path = scope.get("root_path", "")
         status: int | None = None
         response_started = False
         response_complete = False
         trailers = False
-        ctx = options.new_scope(plan)
+        ctx = plan.new_scope()
 
         # Plain functions that hand back the server's own awaitable: an async wrapper
         # would add a coroutine per message, a measurable share of a small request.
@@ -396,7 +396,7 @@ class LimitMiddleware:
         root_path = scope.get("root_path", "")
         accepted = False
         closed = False
-        ctx = options.new_scope(plan)
+        ctx = plan.new_scope()
         guarded_receive = _guard_receive(ctx, receive)
 
         def guarded_send(message: Message) -> Awaitable[None]:

@@ -248,6 +248,30 @@ Meter_apply(Meter *m, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* Context._made(recipe, fail): a new scope of the class, with no parent and no
+ * shield, set up from a checked recipe: the middlewares make every request's
+ * scope this way, in one call. */
+static PyObject *
+Meter_made(PyTypeObject *cls, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_made(recipe, fail)");
+        return NULL;
+    }
+    PyObject *m = Meter_new(cls, NULL, NULL);
+    if (m == NULL) {
+        return NULL;
+    }
+    PyObject *apply_args[4] = {args[0], Py_None, Py_False, args[1]};
+    PyObject *r = Meter_apply((Meter *)m, apply_args, 4);
+    if (r == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return m;
+}
+
 static PyObject *
 Meter_set_parent(Meter *m, PyObject *p)
 {
@@ -722,6 +746,8 @@ static PyMethodDef Meter_methods[] = {
      "_setup(parent, limits, ceilings, track, rate)"},
     {"_apply", (PyCFunction)(void (*)(void))Meter_apply, METH_FASTCALL,
      "_apply(recipe, parent, shield, fail)"},
+    {"_made", (PyCFunction)(void (*)(void))Meter_made, METH_FASTCALL | METH_CLASS,
+     "_made(recipe, fail): a new scope of this class set up from a checked recipe."},
     {"_set_parent", (PyCFunction)Meter_set_parent, METH_O,
      "Link to a parent scope; refuses cycles."},
     {"__enter__", (PyCFunction)Meter_enter, METH_NOARGS, NULL},
