@@ -57,18 +57,19 @@ static Domain dom_obj = {.domain = PYMEM_DOMAIN_OBJ, .is_obj = 1};
  * allocations that are an object and a call (left_o: the object domain's) and
  * calls that are not an object (left_m: the memory domain's, reallocs). Calls
  * are split between the two in advance, so that an object's allocation counts
- * down one counter, not two. */
+ * down one counter, not two. A sampling batch's countdown to its next sample
+ * is in bytes too, and left_b counts down to whichever comes first, the bytes'
+ * threshold or the sample: one subtraction on the inline path for both. */
 #define ROOM_CAP ((uint64_t)1 << 62)   /* "no threshold": far, and no overflow */
+#define NO_SAMPLE ROOM_CAP             /* a plain batch's sample: never reached */
 static Meter *batch_meter;             /* borrowed; freeing it settles */
 static uint64_t batch_b0, batch_o0, batch_m0;
+static uint64_t batch_b_room;          /* bytes before the threshold, from the start */
+static uint64_t batch_sample_at;       /* bytes before the sample, from the start */
 static int64_t left_b, left_o, left_m;
 static size_t batch_bound;             /* blocks below this size are batched */
 static size_t batch_small;             /* batch_bound while the batch is the scope last found, or 0 */
 static char batch_sampled;
-/* A sampling batch counts down to its next sample in bytes, one subtraction
- * on the inline path; a plain batch's countdown is never reached. */
-#define NO_SAMPLE ((int64_t)ROOM_CAP)
-static int64_t batch_sample = NO_SAMPLE;
 
 /* Outside a batch, the countdown to the next sample is the thread's own, in
  * expected samples (see hold()). */
@@ -274,13 +275,13 @@ settle(void)
     }
     batch_meter = NULL;
     batch_small = batch_bound = 0;
+    uint64_t b = batch_b0 - (uint64_t)left_b;
     if (batch_sampled) {
-        /* memoryless: whichever thread settles takes the countdown on */
-        sample_left = (double)batch_sample * n->held->inv_rate;
+        /* memoryless: whichever thread settles takes the countdown on (below
+         * zero if the last block taken is the sample) */
+        sample_left = ((double)batch_sample_at - (double)b) * n->held->inv_rate;
         batch_sampled = 0;
     }
-    batch_sample = NO_SAMPLE;
-    uint64_t b = batch_b0 - (uint64_t)left_b;
     uint64_t o = batch_o0 - (uint64_t)left_o;
     uint64_t c = o + (batch_m0 - (uint64_t)left_m);
     if (b | c) {
@@ -317,21 +318,23 @@ start_batch(Meter *n)
     /* a quarter of the calls for those that are not objects: the memory
      * domain's allocations are a few in a hundred */
     uint64_t m_share = rm[R_CALLS] / 4, o_share = rm[R_CALLS] - m_share;
-    batch_b0 = rm[R_BYTES];
     batch_o0 = rm[R_OBJECTS] < o_share ? rm[R_OBJECTS] : o_share;
     batch_m0 = m_share;
-    left_b = (int64_t)batch_b0;
     left_o = (int64_t)batch_o0;
     left_m = (int64_t)batch_m0;
     batch_sampled = n->path == P_SAMPLED;
     batch_bound = batch_sampled && n->held->rate < REFUSE_MIN ? (size_t)n->held->rate : REFUSE_MIN;
-    batch_sample = NO_SAMPLE;
+    batch_b_room = rm[R_BYTES];
+    batch_sample_at = NO_SAMPLE;
     if (batch_sampled) {
         if (rng == 0) {
             sample_left = next_exponential();   /* a fresh thread: no sample owed yet */
         }
-        batch_sample = (int64_t)(sample_left * (double)n->held->rate);
+        double at = sample_left * (double)n->held->rate;
+        batch_sample_at = at <= 0 ? 0 : at >= (double)NO_SAMPLE ? NO_SAMPLE : (uint64_t)at;
     }
+    batch_b0 = batch_sample_at < batch_b_room ? batch_sample_at : batch_b_room;
+    left_b = (int64_t)batch_b0;
     batch_small = batch_bound;   /* n is the scope last found: the caller's meter_now() */
     batch_meter = n;
 }
@@ -466,6 +469,20 @@ sample_weight(size_t size, const Held *h)
     return (double)h->rate * (1.0 + x * (0.5 + x * (1.0 / 12.0 - x * x * (1.0 / 720.0))));
 }
 
+/* The sample was taken inside n's batch: count down to the next from here. */
+static void
+batch_resample(const Meter *n)
+{
+    if (batch_meter != n || !batch_sampled) {
+        return;   /* no batch, or another scope's: the countdown is sample_left */
+    }
+    uint64_t taken = batch_b0 - (uint64_t)left_b;   /* never past batch_b_room here */
+    double at = sample_left * (double)n->held->rate;
+    batch_sample_at = taken + (at >= (double)NO_SAMPLE ? NO_SAMPLE : (uint64_t)at);
+    batch_b0 = batch_sample_at < batch_b_room ? batch_sample_at : batch_b_room;
+    left_b = (int64_t)(batch_b0 - taken);
+}
+
 static Py_NO_INLINE void
 hold_sampled(Meter *n, void *p, size_t size)
 {
@@ -473,14 +490,12 @@ hold_sampled(Meter *n, void *p, size_t size)
         sample_left = next_exponential();   /* a fresh thread: no sample owed yet */
         sample_left -= (double)size * n->held->inv_rate;
         if (sample_left > 0) {
+            batch_resample(n);
             return;
         }
     }
     sample_left = next_exponential();
-    if (batch_meter == n && batch_sampled) {
-        /* before hold_block(), which may settle the batch */
-        batch_sample = (int64_t)(sample_left * (double)n->held->rate);
-    }
+    batch_resample(n);   /* before hold_block(), which may settle the batch */
     hold_block(n, p, (uint64_t)(sample_weight(size, n->held) + 0.5));
 }
 
@@ -727,23 +742,33 @@ batchable(const Meter *n, size_t size)
            (n->path == P_SAMPLED && size < REFUSE_MIN && size < n->held->rate);
 }
 
-/* 1 if this block is the sample */
-static inline int
-count_down(Meter *n, size_t size)
+/* The block just taken took a counter of the batch below zero: settle if it
+ * crossed the bytes' threshold or used up its share of the calls (which is
+ * also what crossing a threshold of objects or calls does). 1 if the block is
+ * the sample (then the batch, if it stands, counts on from it: hold_sampled). */
+static Py_NO_INLINE int
+batch_over(void)
 {
-    if (batch_meter == n && batch_sampled) {
-        return (batch_sample -= (int64_t)size) < 0;
+    uint64_t taken = batch_b0 - (uint64_t)left_b;
+    int sample = batch_sampled && taken > batch_sample_at;
+    if (taken > batch_b_room || (left_o | left_m) < 0) {
+        settle();   /* the countdown goes on past this block */
     }
-    sample_left -= (double)size * n->held->inv_rate;
-    return UNLIKELY(sample_left <= 0);
+    return sample;
 }
 
-/* Take a block from the batch, starting one for n if it is not n's. */
-static Py_NO_INLINE void
-batch_charge(Meter *n, size_t size, int is_obj)
+/* Take a block from the batch, starting one for n if it is not n's; 1 if the
+ * block is the sample. */
+static Py_NO_INLINE int
+batch_take(Meter *n, size_t size, int is_obj)
 {
 #ifdef Py_GIL_DISABLED
     charge(n, size, (uint64_t)is_obj, 1);
+    if (n->path != P_SAMPLED) {
+        return 0;
+    }
+    sample_left -= (double)size * n->held->inv_rate;
+    return sample_left <= 0;
 #else
     if (n != batch_meter) {
         settle();
@@ -756,9 +781,7 @@ batch_charge(Meter *n, size_t size, int is_obj)
     else {
         left_m -= 1;
     }
-    if ((left_b | left_o | left_m) < 0) {
-        settle();
-    }
+    return (left_b | left_o | left_m) < 0 ? batch_over() : 0;
 #endif
 }
 
@@ -812,28 +835,19 @@ sampled_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
 
 /* A block the inline path did not finish: n's first since another scope's
  * (start a batch) or one for the general path (SLOW_MISS), or one that took a
- * counter of the batch below zero (SLOW_OVER). Which counter says why: a
- * threshold crossed at this block (the rest of the block is taken, and the
- * batch settled), or the sample. The counters are never below zero between
- * blocks, and the inline path takes them in this order and stops at the first
- * below zero, so the first below zero is the one this block took there. */
-enum { SLOW_MISS, SLOW_OVER, SLOW_OVER_B, SLOW_OVER_CALLS, SLOW_SAMPLE };
+ * counter of the batch below zero (SLOW_OVER): a threshold or a share of the
+ * calls crossed at this block (the rest of the block is taken, and the batch
+ * settled), or the sample. The inline path takes the bytes first and stops at
+ * the first counter below zero. */
+enum { SLOW_MISS, SLOW_OVER };
 
 static Py_NO_INLINE void *
 hook_slow(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed, int why)
 {
     size_t size = nelem * elsize;
+    int sample;
     if (why == SLOW_OVER) {
-        why = left_b < 0                           ? SLOW_OVER_B
-              : (d->is_obj ? left_o : left_m) < 0 ? SLOW_OVER_CALLS
-                                                   : SLOW_SAMPLE;
-    }
-    if (why == SLOW_SAMPLE) {
-        return sampled_alloc(d, n, nelem, elsize, zeroed);
-    }
-    if (why != SLOW_MISS) {
-        /* the inline path stops at the first counter below zero */
-        if (why == SLOW_OVER_B) {
+        if (left_b < 0) {   /* the object's or the call's counter is still to take */
             if (d->is_obj) {
                 left_o -= 1;
             }
@@ -841,15 +855,15 @@ hook_slow(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed, int why)
                 left_m -= 1;
             }
         }
-        settle();
+        sample = batch_over();
     }
     else if (batchable(n, size)) {
-        batch_charge(n, size, d->is_obj);
+        sample = batch_take(n, size, d->is_obj);
     }
     else {
         return metered_alloc(d, n, nelem, elsize, zeroed);
     }
-    if (n->path == P_SAMPLED && count_down(n, size)) {
+    if (sample) {
         return sampled_alloc(d, n, nelem, elsize, zeroed);
     }
     return zeroed ? d->prev.calloc(d->prev.ctx, nelem, elsize)
@@ -871,9 +885,6 @@ hook_slow(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed, int why)
             return slow(SLOW_OVER);                                          \
         }                                                                      \
         if (UNLIKELY(--*((is_obj) ? &left_o : &left_m) < 0)) {                \
-            return slow(SLOW_OVER);                                          \
-        }                                                                      \
-        if (UNLIKELY((batch_sample -= (int64_t)(size)) < 0)) {                 \
             return slow(SLOW_OVER);                                          \
         }                                                                      \
     } while (0)
@@ -1051,17 +1062,16 @@ batched_realloc(Domain *d, Meter *n, void *ptr, size_t size)
     if (ptr != NULL && table_count && table_may_hold(ptr)) {
         forget_block(ptr);
     }
-    if (n == batch_meter) {   /* batch_charge's common case, without its call */
+    int sample;
+    if (n == batch_meter) {   /* batch_take's common case, without its call */
         left_b -= (int64_t)size;
         left_m -= 1;
-        if ((left_b | left_m) < 0) {
-            settle();
-        }
+        sample = (left_b | left_m) < 0 ? batch_over() : 0;
     }
     else {
-        batch_charge(n, size, 0);
+        sample = batch_take(n, size, 0);
     }
-    if (n->path == P_SAMPLED && count_down(n, size)) {
+    if (sample) {
         hold_sampled(n, p, size);
     }
     return p;
