@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import random
 import sys
+from bisect import bisect_right
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import gotcha_async as gotcha
 from gotcha_async._report import (
+    _LOWS,
     OTHER,
     Figure,
     Summary,
@@ -74,6 +78,29 @@ def test_quantiles_are_within_nine_percent() -> None:
     assert row.bytes.max == max(values)
     assert row.memory is not None and row.memory.max == max(values) // 2
     assert row.count == 20_000
+
+
+# runs of repeated values, as a route's requests often are, and values on and around
+# the bucket bounds, where the remembered bucket must give way to a bisection
+_AROUND_BOUNDS = st.sampled_from(_LOWS).flatmap(lambda low: st.integers(low - 1, low + 1))
+
+
+@given(st.lists(st.tuples(st.one_of(_AROUND_BOUNDS, st.integers(-5, 2**70)),
+                          st.integers(1, 4)), max_size=60))
+def test_each_value_lands_in_its_bucket_whatever_came_before(
+    runs: list[tuple[int, int]],
+) -> None:
+    summary = Summary()
+    expected = [0] * (len(_LOWS) + 1)
+    for value, repeat in runs:
+        for _ in range(repeat):
+            summary.add("GET", "/x", value, value, False)
+            expected[bisect_right(_LOWS, value) if value > 0 else 0] += 1
+    if not runs:
+        return
+    stats = summary._routes[("GET", "/x")]
+    assert list(stats.bytes.counts) == expected
+    assert stats.memory is not None and list(stats.memory.counts) == expected
 
 
 def test_summary_keeps_a_fixed_number_of_routes() -> None:

@@ -219,15 +219,28 @@ def _bucket_top(index: int) -> int:
 
 
 class _Histogram:
-    __slots__ = ("count", "counts", "max")
+    # low <= value < high: the values of the bucket last found (index last), which
+    # most of a route's requests fall in again: found without a bisection
+    __slots__ = ("count", "counts", "high", "last", "low", "max")
 
     def __init__(self) -> None:
         self.counts = array("Q", bytes(8 * _BUCKETS))
         self.count = 0
         self.max = 0
+        self.low = self.high = self.last = 0
+
+    def find(self, value: int) -> int:
+        """The bucket of ``value``, remembered with its bounds."""
+        if value <= 0:
+            return 0
+        index = bisect_right(_LOWS, value)
+        self.low = _LOWS[index - 1]
+        self.high = _LOWS[index] if index < len(_LOWS) else math.inf  # type: ignore[assignment]
+        self.last = index
+        return index
 
     def add(self, value: int) -> None:
-        self.counts[bisect_right(_LOWS, value) if value > 0 else 0] += 1
+        self.counts[self.last if self.low <= value < self.high else self.find(value)] += 1
         self.count += 1
         if value > self.max:
             self.max = value
@@ -334,7 +347,9 @@ class Summary:
             stats = self._new_route(method, route)
         # _Histogram.add, inline: this runs for every request
         figure = stats.bytes
-        figure.counts[bisect_right(_LOWS, used_bytes) if used_bytes > 0 else 0] += 1
+        figure.counts[
+            figure.last if figure.low <= used_bytes < figure.high else figure.find(used_bytes)
+        ] += 1
         figure.count += 1
         if used_bytes > figure.max:
             figure.max = used_bytes
