@@ -30,6 +30,7 @@ from starlette.websockets import WebSocket
 
 import gotcha_async as gotcha
 import gotcha_async.asgi
+from gotcha_async._meter import SendGuard
 from gotcha_async._report import human_size
 from gotcha_async.asgi import LimitMiddleware
 
@@ -1087,3 +1088,107 @@ def test_size_strings_are_accepted() -> None:
     assert middleware.limits["objects"] == 10_000
     assert middleware.limits["memory"] == 64_000_000
 
+
+
+# -- the middleware's send (guard.c) ------------------------------------------------------
+
+
+class _Sent:
+    """The server's send: what reached it, and an awaitable of its own to hand back."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    def __call__(self, message: Any) -> str:
+        self.messages.append(message)
+        return "the server's awaitable"
+
+
+def _stopped(ctx: gotcha.Context) -> str:
+    return f"stopped {ctx.used().calls >= 0}"
+
+
+class _Mapping(dict):  # type: ignore[type-arg]
+    """A message that is a mapping but not exactly a dict: read through its get()."""
+
+
+@pytest.mark.parametrize(
+    ("messages", "started", "complete", "status"),
+    [
+        ([], False, False, None),
+        ([{"type": "http.response.start", "status": 201}], True, False, 201),
+        ([{"type": "http.response.start", "status": 200},
+          {"type": "http.response.body", "body": b"a", "more_body": True}], True, False, 200),
+        ([{"type": "http.response.start", "status": 200},
+          {"type": "http.response.body", "body": b"a", "more_body": True},
+          {"type": "http.response.body", "body": b"b"}], True, True, 200),
+        # trailers: the body's end is not the response's end, the last trailers are
+        ([{"type": "http.response.start", "status": 200, "trailers": True},
+          {"type": "http.response.body", "body": b"a"}], True, False, 200),
+        ([{"type": "http.response.start", "status": 200, "trailers": True},
+          {"type": "http.response.body", "body": b"a"},
+          {"type": "http.response.trailers", "headers": [], "more_trailers": True}],
+         True, False, 200),
+        ([{"type": "http.response.start", "status": 200, "trailers": True},
+          {"type": "http.response.body", "body": b"a"},
+          {"type": "http.response.trailers", "headers": []}], True, True, 200),
+        ([{"type": "http.response.start", "status": 200},
+          {"type": "http.response.zerocopysend", "file": 3, "more_body": True}],
+         True, False, 200),
+        ([{"type": "http.response.start", "status": 200},
+          {"type": "http.response.zerocopysend", "file": 3}], True, True, 200),
+        ([{"type": "http.response.start", "status": 200},
+          {"type": "http.response.pathsend", "path": "/x"}], True, True, 200),
+        ([_Mapping(type="http.response.start", status=204),
+          _Mapping(type="http.response.body", body=b"")], True, True, 204),
+        # a type the middleware does not know is passed on and changes nothing
+        ([{"type": "http.response.debug", "info": {}}], False, False, None),
+    ],
+)
+def test_send_notes_how_far_the_response_went(
+    messages: list[Any], started: bool, complete: bool, status: int | None
+) -> None:
+    sent = _Sent()
+    guard = SendGuard(gotcha.Context(bytes=10**9), sent, _stopped)
+    for message in messages:
+        assert guard(message) == "the server's awaitable"
+    assert sent.messages == messages
+    assert (guard.started, guard.complete, guard.status) == (started, complete, status)
+
+
+def test_send_past_the_limit_stops_and_passes_nothing_on() -> None:
+    sent = _Sent()
+    ctx = gotcha.Context(bytes=10)
+    guard = SendGuard(ctx, sent, _stopped)
+    assert guard({"type": "http.response.start", "status": 200}) == "the server's awaitable"
+    ctx.add(bytes=11)
+    assert guard({"type": "http.response.body", "body": b"x"}) == "stopped True"
+    assert len(sent.messages) == 1 and not guard.complete
+
+
+def test_send_past_an_ancestors_limit_stops() -> None:
+    sent = _Sent()
+    parent = gotcha.Context(bytes=10)
+    ctx = gotcha.Context(parent=parent)
+    guard = SendGuard(ctx, sent, _stopped)
+    parent.add(bytes=11)
+    assert guard({"type": "http.response.start", "status": 200}) == "stopped True"
+    assert sent.messages == [] and not guard.started
+
+
+def test_send_of_a_message_without_a_type_raises_and_passes_nothing_on() -> None:
+    sent = _Sent()
+    guard = SendGuard(gotcha.Context(), sent, _stopped)
+    with pytest.raises(KeyError, match="type"):
+        guard({"status": 200})
+    assert sent.messages == []
+
+
+def test_send_guard_rejects_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="ctx must be a Context, not int"):
+        SendGuard(1, _Sent(), _stopped)  # type: ignore[arg-type]
+    guard = SendGuard(gotcha.Context(), _Sent(), _stopped)
+    with pytest.raises(TypeError, match="one positional argument"):
+        guard({"type": "http.response.start"}, {"type": "x"})  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="one positional argument"):
+        guard(message={"type": "http.response.start"})  # type: ignore[call-arg]

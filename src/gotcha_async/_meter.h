@@ -24,6 +24,7 @@
 #  define Py_T_OBJECT_EX T_OBJECT_EX
 #  define Py_T_DOUBLE T_DOUBLE
 #  define Py_T_BOOL T_BOOL
+#  define Py_READONLY READONLY
 #endif
 #include <stddef.h>
 #include <stdint.h>
@@ -204,6 +205,9 @@ meter_path(struct Meter *m)
 }
 
 extern PyTypeObject MeterType;
+extern PyTypeObject GuardType;
+int meter_exceeded(struct Meter *m);   /* its own limit or an ancestor's broken */
+int guard_init(void);                  /* guard.c: SendGuard's type */
 extern PyTypeObject ReadyType;
 extern PyObject *ready_true, *ready_none;
 

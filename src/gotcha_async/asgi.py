@@ -21,6 +21,7 @@ import anyio.lowlevel
 
 from . import _report, _web
 from ._context import Context, LimitExceeded
+from ._meter import SendGuard
 from ._report import Exceeded, RouteSummary
 from ._units import Limit
 from ._web import WS_POLICY_VIOLATION, RouteLimits
@@ -288,42 +289,20 @@ class LimitMiddleware:
         path = scope.get("path", "")
         plan = options.limits_for(path, scope) if options.routed else options.default_plan
         root_path = scope.get("root_path", "")
-        status: int | None = None
-        response_started = False
-        response_complete = False
-        trailers = False
         ctx = plan.new_scope()
 
-        # Plain functions that hand back the server's own awaitable: an async wrapper
-        # would add a coroutine per message, a measurable share of a small request.
+        # Each hands back the server's own awaitable: an async wrapper would add a
+        # coroutine per message, a measurable share of a small request. The send,
+        # which runs for every message, is C (guard.c): once ctx is over its limit
+        # nothing more of the response reaches the client (before the start the
+        # status will be ours, after it the response will be aborted); until then it
+        # notes the response's status and how far it has gone.
         def guarded_receive() -> Awaitable[Message]:
             if ctx.exceeded():
                 return _stop_then_receive(ctx, receive)
             return receive()
 
-        def guarded_send(message: Message) -> Awaitable[None]:
-            nonlocal response_started, response_complete, trailers, status
-            if ctx.exceeded():
-                # Nothing more of this response may reach the client: before the start
-                # the status will be ours, after it the response will be aborted.
-                return _stop(ctx)
-            kind = message["type"]
-            if kind == "http.response.body":
-                if not trailers and not message.get("more_body", False):
-                    response_complete = True
-            elif kind == "http.response.start":
-                response_started = True
-                status = message.get("status")
-                trailers = message.get("trailers", False)
-            elif kind == "http.response.zerocopysend":
-                if not trailers and not message.get("more_body", False):
-                    response_complete = True
-            elif kind == "http.response.trailers":
-                response_complete = not message.get("more_trailers", False)
-            elif kind == "http.response.pathsend":
-                response_complete = True
-            return send(message)
-
+        guarded_send = SendGuard(ctx, send, _stop)
         try:
             with ctx:  # enter and exit never wait: the plain form is cheaper
                 await self.app(scope, guarded_receive, guarded_send)
@@ -335,13 +314,14 @@ class LimitMiddleware:
             if options.enforce:
                 # the common case: no breach, no log line, no finish() coroutine
                 options.record(ctx, scope.get("method", "GET"), path,
-                               route_of(scope, root_path), status)
+                               route_of(scope, root_path), guarded_send.status)
                 return
             error = None
         breach = options.breach(ctx, plan, error)
-        if response_complete:
+        status = guarded_send.status
+        if guarded_send.complete:
             outcome = "completed"
-        elif response_started:
+        elif guarded_send.started:
             outcome = "aborted"
         else:
             outcome = "refused"

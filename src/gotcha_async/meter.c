@@ -677,18 +677,24 @@ Meter_broken(Meter *m, PyObject *unused)
 }
 
 /* In C because the ASGI middleware asks before every message it passes on. */
-static PyObject *
-Meter_exceeded(Meter *m, PyObject *unused)
+int
+meter_exceeded(Meter *m)
 {
-    (void)unused;
     uint64_t v;
     settle();
     for (const Meter *a = m; a != NULL; a = a->parent) {
         if (broken_resource(a, &v) >= 0) {
-            Py_RETURN_TRUE;
+            return 1;
         }
     }
-    Py_RETURN_FALSE;
+    return 0;
+}
+
+static PyObject *
+Meter_exceeded(Meter *m, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(meter_exceeded(m));
 }
 
 static PyObject *

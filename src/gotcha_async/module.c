@@ -265,7 +265,7 @@ PyInit__meter(void)
         return NULL;
     }
     main_interp = PyInterpreterState_Main();
-    if (meter_init_types() < 0 || frames_init() < 0) {
+    if (meter_init_types() < 0 || frames_init() < 0 || guard_init() < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&meter_module);
@@ -273,7 +273,8 @@ PyInit__meter(void)
         return NULL;
     }
     if (PyModule_AddObjectRef(m, "Meter", (PyObject *)&MeterType) < 0 ||
-        PyModule_AddObjectRef(m, "Ready", (PyObject *)&ReadyType) < 0) {
+        PyModule_AddObjectRef(m, "Ready", (PyObject *)&ReadyType) < 0 ||
+        PyModule_AddObjectRef(m, "SendGuard", (PyObject *)&GuardType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
