@@ -297,11 +297,7 @@ class LimitMiddleware:
         # nothing more of the response reaches the client (before the start the
         # status will be ours, after it the response will be aborted); until then it
         # notes the response's status and how far it has gone.
-        def guarded_receive() -> Awaitable[Message]:
-            if ctx.exceeded():
-                return _stop_then_receive(ctx, receive)
-            return receive()
-
+        guarded_receive = _guard_receive(ctx, receive)
         guarded_send = SendGuard(ctx, send, _stop)
         try:
             with ctx:  # enter and exit never wait: the plain form is cheaper
