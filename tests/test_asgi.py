@@ -30,7 +30,7 @@ from starlette.websockets import WebSocket
 
 import gotcha_async as gotcha
 import gotcha_async.asgi
-from gotcha_async._meter import SendGuard
+from gotcha_async._meter import ReceiveGuard, SendGuard
 from gotcha_async._report import human_size
 from gotcha_async.asgi import LimitMiddleware
 
@@ -1192,3 +1192,30 @@ def test_send_guard_rejects_bad_arguments() -> None:
         guard({"type": "http.response.start"}, {"type": "x"})  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="one positional argument"):
         guard(message={"type": "http.response.start"})  # type: ignore[call-arg]
+
+
+def test_receive_is_the_servers_until_the_limit_then_stops() -> None:
+    ctx = gotcha.Context(bytes=10)
+    calls: list[str] = []
+
+    def receive() -> str:
+        calls.append("receive")
+        return "the server's awaitable"
+
+    def stop(scope: gotcha.Context, inner: Any) -> str:
+        assert scope is ctx and inner is receive
+        return "stopped"
+
+    guard = ReceiveGuard(ctx, receive, stop)
+    assert guard() == "the server's awaitable"
+    ctx.add(bytes=11)
+    assert guard() == "stopped"
+    assert calls == ["receive"]
+
+
+def test_receive_guard_rejects_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="ctx must be a Context, not str"):
+        ReceiveGuard("x", _Sent(), _stopped)  # type: ignore[arg-type]
+    guard = ReceiveGuard(gotcha.Context(), _Sent(), lambda ctx, receive: None)
+    with pytest.raises(TypeError, match="takes no arguments"):
+        guard(1)  # type: ignore[call-arg]

@@ -205,9 +205,9 @@ meter_path(struct Meter *m)
 }
 
 extern PyTypeObject MeterType;
-extern PyTypeObject GuardType;
+extern PyTypeObject GuardType, ReceiveGuardType;
 int meter_exceeded(struct Meter *m);   /* its own limit or an ancestor's broken */
-int guard_init(void);                  /* guard.c: SendGuard's type */
+int guard_init(void);                  /* guard.c: SendGuard's and ReceiveGuard's types */
 extern PyTypeObject ReadyType;
 extern PyObject *ready_true, *ready_none;
 

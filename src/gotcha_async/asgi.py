@@ -21,7 +21,7 @@ import anyio.lowlevel
 
 from . import _report, _web
 from ._context import Context, LimitExceeded
-from ._meter import SendGuard
+from ._meter import ReceiveGuard, SendGuard
 from ._report import Exceeded, RouteSummary
 from ._units import Limit
 from ._web import WS_POLICY_VIOLATION, RouteLimits
@@ -85,17 +85,6 @@ def _error_headers(body: bytes) -> list[tuple[bytes, bytes]]:
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode("ascii")),
     ]
-
-
-def _guard_receive(ctx: Context, receive: Receive) -> Receive:
-    """receive, stopped at once (cancelled, at a checkpoint) once ctx is exceeded."""
-
-    def guarded_receive() -> Awaitable[Message]:
-        if ctx.exceeded():
-            return _stop_then_receive(ctx, receive)
-        return receive()
-
-    return guarded_receive
 
 
 def route_of(scope: Scope, root_path: str) -> str | None:
@@ -292,12 +281,13 @@ class LimitMiddleware:
         ctx = plan.new_scope()
 
         # Each hands back the server's own awaitable: an async wrapper would add a
-        # coroutine per message, a measurable share of a small request. The send,
-        # which runs for every message, is C (guard.c): once ctx is over its limit
+        # coroutine per message, a measurable share of a small request. Both are C
+        # (guard.c), the send running for every message: once ctx is over its limit
         # nothing more of the response reaches the client (before the start the
-        # status will be ours, after it the response will be aborted); until then it
-        # notes the response's status and how far it has gone.
-        guarded_receive = _guard_receive(ctx, receive)
+        # status will be ours, after it the response will be aborted) and the receive
+        # stops the request; until then the send notes the response's status and how
+        # far it has gone.
+        guarded_receive = ReceiveGuard(ctx, receive, _stop_then_receive)
         guarded_send = SendGuard(ctx, send, _stop)
         try:
             with ctx:  # enter and exit never wait: the plain form is cheaper
@@ -373,7 +363,7 @@ class LimitMiddleware:
         accepted = False
         closed = False
         ctx = plan.new_scope()
-        guarded_receive = _guard_receive(ctx, receive)
+        guarded_receive = ReceiveGuard(ctx, receive, _stop_then_receive)
 
         def guarded_send(message: Message) -> Awaitable[None]:
             nonlocal accepted, closed

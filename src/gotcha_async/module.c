@@ -274,7 +274,8 @@ PyInit__meter(void)
     }
     if (PyModule_AddObjectRef(m, "Meter", (PyObject *)&MeterType) < 0 ||
         PyModule_AddObjectRef(m, "Ready", (PyObject *)&ReadyType) < 0 ||
-        PyModule_AddObjectRef(m, "SendGuard", (PyObject *)&GuardType) < 0) {
+        PyModule_AddObjectRef(m, "SendGuard", (PyObject *)&GuardType) < 0 ||
+        PyModule_AddObjectRef(m, "ReceiveGuard", (PyObject *)&ReceiveGuardType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
