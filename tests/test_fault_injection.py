@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from cpython_suite import needs
 
 SCRIPT = Path(__file__).parent.parent / "scripts" / "fault_inject.py"
 
 
 @pytest.mark.parametrize("modules", [["test.test_json", "test.test_re", "test.test_contextlib"]],
                          ids=["json-re-contextlib"])
+@needs("test.test_json", "test.test_re", "test.test_contextlib")
 def test_cpython_suites_survive_random_hard_budgets(modules: list[str]) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--timeout", "120", "--seeds", "1", "2",
@@ -31,6 +33,7 @@ def test_cpython_suites_survive_random_hard_budgets(modules: list[str]) -> None:
     assert any(int(row.split()[3]) > 0 for row in rows), table  # tests did run
 
 
+@needs("test.test_generators")
 def test_generators_seed_1_survives() -> None:
     """3.12.1 died here at exit: a HardLimitError stopped a doctest inside its runner's
     finally block, linecache.getlines stayed bound to the runner, and the tee cycle of the

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cpython_suite import needs
 
 SCRIPT = Path(__file__).parent.parent / "scripts" / "peer_suites.py"
 
@@ -19,6 +20,7 @@ SCRIPT = Path(__file__).parent.parent / "scripts" / "peer_suites.py"
     ],
     ids=["unlimited", "hard"],
 )
+@needs("test.test_context", "test.test_asyncio.test_tasks")
 def test_cpython_suites_pass_inside_scopes(args: list[str]) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600
