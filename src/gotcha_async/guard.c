@@ -11,12 +11,14 @@
  */
 #include "_meter.h"
 
+/* Both guards: SendGuard(ctx, send, stop) and ReceiveGuard(ctx, receive, stop).
+ * The receive's uses no more than ctx, inner and stop. */
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     PyObject *ctx;      /* a Meter */
-    PyObject *send;     /* the server's send */
-    PyObject *stop;     /* called with ctx for a message past the limit */
+    PyObject *inner;    /* the server's send or receive */
+    PyObject *stop;     /* called past the limit: stop(ctx), or stop(ctx, receive) */
     PyObject *status;   /* the response's status, None before its start */
     char started, complete, trailers;
 } Guard;
@@ -129,22 +131,40 @@ Guard_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject 
     if (note(g, args[0]) < 0) {
         return NULL;
     }
-    return PyObject_CallOneArg(g->send, args[0]);
+    return PyObject_CallOneArg(g->inner, args[0]);
 }
 
 static PyObject *
-Guard_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+Receive_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    PyObject *ctx, *send, *stop;
-    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
-        PyErr_SetString(PyExc_TypeError, "SendGuard(ctx, send, stop) takes no keywords");
+    (void)args;
+    Guard *g = (Guard *)self;
+    if (PyVectorcall_NARGS(nargsf) != 0 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "receive() takes no arguments");
         return NULL;
     }
-    if (!PyArg_UnpackTuple(args, "SendGuard", 3, 3, &ctx, &send, &stop)) {
+    if (meter_exceeded((Meter *)g->ctx)) {
+        return PyObject_CallFunctionObjArgs(g->stop, g->ctx, g->inner, NULL);
+    }
+    return PyObject_CallNoArgs(g->inner);
+}
+
+/* Guard(ctx, inner, stop) of either type: its name in errors is the type's */
+static PyObject *
+Guard_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    const char *name = type == &GuardType ? "SendGuard" : "ReceiveGuard";
+    PyObject *ctx, *inner, *stop;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_Format(PyExc_TypeError, "%s(ctx, %s, stop) takes no keywords", name,
+                     type == &GuardType ? "send" : "receive");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, name, 3, 3, &ctx, &inner, &stop)) {
         return NULL;
     }
     if (!PyObject_TypeCheck(ctx, &MeterType)) {
-        PyErr_Format(PyExc_TypeError, "SendGuard: ctx must be a Context, not %.100s",
+        PyErr_Format(PyExc_TypeError, "%s: ctx must be a Context, not %.100s", name,
                      Py_TYPE(ctx)->tp_name);
         return NULL;
     }
@@ -152,9 +172,9 @@ Guard_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (g == NULL) {
         return NULL;
     }
-    g->vectorcall = Guard_vectorcall;
+    g->vectorcall = type == &GuardType ? Guard_vectorcall : Receive_vectorcall;
     g->ctx = Py_NewRef(ctx);
-    g->send = Py_NewRef(send);
+    g->inner = Py_NewRef(inner);
     g->stop = Py_NewRef(stop);
     g->status = Py_NewRef(Py_None);
     return (PyObject *)g;
@@ -164,7 +184,7 @@ static int
 Guard_traverse(Guard *g, visitproc visit, void *arg)
 {
     Py_VISIT(g->ctx);
-    Py_VISIT(g->send);
+    Py_VISIT(g->inner);
     Py_VISIT(g->stop);
     Py_VISIT(g->status);
     return 0;
@@ -174,7 +194,7 @@ static int
 Guard_clear(Guard *g)
 {
     Py_CLEAR(g->ctx);
-    Py_CLEAR(g->send);
+    Py_CLEAR(g->inner);
     Py_CLEAR(g->stop);
     Py_CLEAR(g->status);
     return 0;
@@ -213,96 +233,18 @@ PyTypeObject GuardType = {
     .tp_members = Guard_members,
 };
 
-/* ReceiveGuard(ctx, receive, stop): receive(), or stop(ctx, receive) once ctx
- * is over its limit */
-typedef struct {
-    PyObject_HEAD
-    vectorcallfunc vectorcall;
-    PyObject *ctx;       /* a Meter */
-    PyObject *receive;   /* the server's receive */
-    PyObject *stop;      /* called with ctx and receive past the limit */
-} RGuard;
-
-static PyObject *
-RGuard_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
-{
-    (void)args;
-    RGuard *g = (RGuard *)self;
-    if (PyVectorcall_NARGS(nargsf) != 0 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
-        PyErr_SetString(PyExc_TypeError, "receive() takes no arguments");
-        return NULL;
-    }
-    if (meter_exceeded((Meter *)g->ctx)) {
-        return PyObject_CallFunctionObjArgs(g->stop, g->ctx, g->receive, NULL);
-    }
-    return PyObject_CallNoArgs(g->receive);
-}
-
-static PyObject *
-RGuard_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    PyObject *ctx, *receive, *stop;
-    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
-        PyErr_SetString(PyExc_TypeError, "ReceiveGuard(ctx, receive, stop) takes no keywords");
-        return NULL;
-    }
-    if (!PyArg_UnpackTuple(args, "ReceiveGuard", 3, 3, &ctx, &receive, &stop)) {
-        return NULL;
-    }
-    if (!PyObject_TypeCheck(ctx, &MeterType)) {
-        PyErr_Format(PyExc_TypeError, "ReceiveGuard: ctx must be a Context, not %.100s",
-                     Py_TYPE(ctx)->tp_name);
-        return NULL;
-    }
-    RGuard *g = (RGuard *)type->tp_alloc(type, 0);
-    if (g == NULL) {
-        return NULL;
-    }
-    g->vectorcall = RGuard_vectorcall;
-    g->ctx = Py_NewRef(ctx);
-    g->receive = Py_NewRef(receive);
-    g->stop = Py_NewRef(stop);
-    return (PyObject *)g;
-}
-
-static int
-RGuard_traverse(RGuard *g, visitproc visit, void *arg)
-{
-    Py_VISIT(g->ctx);
-    Py_VISIT(g->receive);
-    Py_VISIT(g->stop);
-    return 0;
-}
-
-static int
-RGuard_clear(RGuard *g)
-{
-    Py_CLEAR(g->ctx);
-    Py_CLEAR(g->receive);
-    Py_CLEAR(g->stop);
-    return 0;
-}
-
-static void
-RGuard_dealloc(RGuard *g)
-{
-    PyObject_GC_UnTrack(g);
-    RGuard_clear(g);
-    Py_TYPE(g)->tp_free((PyObject *)g);
-}
-
 PyTypeObject ReceiveGuardType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "gotcha_async._meter.ReceiveGuard",
-    .tp_basicsize = sizeof(RGuard),
+    .tp_basicsize = sizeof(Guard),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_doc = "ReceiveGuard(ctx, receive, stop): the ASGI middleware's receive (see guard.c).",
-    .tp_new = RGuard_new,
+    .tp_new = Guard_new,
     .tp_call = PyVectorcall_Call,
-    .tp_vectorcall_offset = offsetof(RGuard, vectorcall),
-    .tp_traverse = (traverseproc)RGuard_traverse,
-    .tp_clear = (inquiry)RGuard_clear,
-    .tp_dealloc = (destructor)RGuard_dealloc,
+    .tp_vectorcall_offset = offsetof(Guard, vectorcall),
+    .tp_traverse = (traverseproc)Guard_traverse,
+    .tp_clear = (inquiry)Guard_clear,
+    .tp_dealloc = (destructor)Guard_dealloc,
 };
 
 int
