@@ -291,8 +291,8 @@ class Context(_meter.Meter, anyio.CancelScope):
       ``MemoryError`` at that very line (``bytearray(2 * GiB)`` never happens);
     - growth in smaller steps is stopped at the next bytecode boundary of the
       scope's own code, where a :class:`HardLimitError` (a ``MemoryError``) is
-      raised, the way Ctrl-C is delivered; in a worker thread that can take up to
-      the interpreter's switch interval (5 ms).
+      raised, the way Ctrl-C is delivered; in a worker thread that waits for the
+      GIL: one switch interval (5 ms) or more, while other threads compete for it.
 
     Either way the scope is cancelled as for a soft limit. After each stop a grace
     of :data:`GRACE <gotcha_async.GRACE>` (64 KiB, 1,000 objects, 1,000 calls) lets
