@@ -104,7 +104,6 @@ def test_memory_outlives_its_scope_and_is_credited_later() -> None:
     assert ctx.memory().current < SLACK  # type: ignore[union-attr]
 
 
-
 def test_held_memory_stays_exact_while_blocks_sharing_filter_slots_come_and_go() -> None:
     # A free first asks a filter of 65,536 slots whether its block may be recorded:
     # 300,000 blocks put several in most slots, and a slot must answer yes until the last
