@@ -7,7 +7,9 @@
  * that is a pending call, right after the allocation: the cancellation lands
  * at the task's very next checkpoint. Only the main thread runs pending
  * calls, and it may be blocked in C (a loop in a worker thread, join()), so a
- * trip in any other thread wakes a delivery thread of ours instead.
+ * trip in any other thread also wakes a delivery thread of ours: whichever of
+ * the two gets the GIL first delivers. (Waiting for the delivery thread alone,
+ * a worker's interrupt lost the GIL to a busy main thread time after time.)
  *
  * Interrupts: a hard scope past its ceiling must stop even if its code never
  * awaits. Its thread gets interrupt_type (a MemoryError) raised at a bytecode
@@ -17,8 +19,9 @@
  * that runs no code, or one running on top of it (a signal handler). Otherwise
  * the scope is re-armed and the next allocation past its limit asks again.
  * The main thread raises it from the pending call; another thread gets it
- * through PyThreadState_SetAsyncExc from the delivery thread, which holds the
- * GIL while it looks, so the target stands still at the point it inspects.
+ * through PyThreadState_SetAsyncExc from the main thread's pending call or the
+ * delivery thread, whichever runs first: either holds the GIL while it looks,
+ * so the target stands still at the point it inspects.
  */
 #include "_meter.h"
 
@@ -44,6 +47,7 @@ static Request requests[MAX_REQUESTS];
 static int n_requests;
 
 static int deliver_pending(void *);
+static void interrupt_remote(void);
 
 static void
 schedule_main(void)
@@ -65,12 +69,10 @@ wake_delivery(void)
 static void
 schedule_for(unsigned long ident)
 {
-    if (ident == main_ident) {
-        schedule_main();
-    }
-    else {
+    if (ident != main_ident) {
         wake_delivery();
     }
+    schedule_main();
 }
 
 void
@@ -201,6 +203,9 @@ deliver_pending(void *unused)
     if (run_queue(1) < 0) {
         return -1;
     }
+    pause_hook();
+    interrupt_remote();
+    resume_hook();
     return interrupt_here();
 }
 
