@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import gc
+import platform
 import sys
 import threading
 import tracemalloc
@@ -36,13 +37,47 @@ def test_hook_is_in_the_chain_only_while_it_has_work() -> None:
     assert _meter.hooked() == (_meter.held_blocks() > 0)
 
 
-def test_the_hook_reads_the_thread_state_where_3_11_keeps_it() -> None:
-    # On 3.11 the hook finds the thread state in _PyRuntime, at the place the build's
-    # headers give, once the running interpreter is found to agree; a release that
-    # disagreed would silently cost a call on every allocation. Later versions ask.
+def test_the_hook_reads_the_thread_state_where_the_interpreter_keeps_it() -> None:
+    # 3.11 keeps it in _PyRuntime, at the place the build's headers give; 3.12 and later
+    # in a thread-local variable, found at install where the interpreter's thread-local
+    # block is static (runtime.c). A release or a build where the check fails silently
+    # costs a call on every allocation: this says where it must not.
     with gotcha.limit():
         direct = _meter.reads_thread_state()
-    assert direct == (sys.version_info[:2] == (3, 11))
+    linux_tls = sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
+    assert direct == (sys.version_info[:2] == (3, 11) or linux_tls)
+    assert _meter.thread_state_agrees() is (True if direct else None)
+
+
+def test_the_direct_read_is_each_threads_own_state() -> None:
+    # every thread alive at once (so that no two share a thread-local block), each with
+    # its own scope: the read gives that thread's state, and each scope gets exactly
+    # its own thread's allocations, not its neighbours'
+    with gotcha.limit():
+        expected = _meter.thread_state_agrees()
+    n = 8
+    sizes = [(i + 1) * MB for i in range(n)]
+    barrier = threading.Barrier(n)
+    agrees: list[bool | None] = [None] * n
+    used = [0] * n
+
+    def work(i: int) -> None:
+        barrier.wait()
+        agrees[i] = _meter.thread_state_agrees()
+        with gotcha.limit() as ctx:
+            barrier.wait()
+            big(sizes[i])
+            barrier.wait()
+        used[i] = ctx.used().bytes
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert agrees == [expected] * n
+    for i in range(n):
+        assert sizes[i] <= used[i] < sizes[i] + SLACK, (i, used)
 
 
 def test_tracemalloc_started_first_and_stopped_inside_a_scope() -> None:

@@ -8,7 +8,7 @@
  *              call, the delivery thread, and interrupts of hard scopes
  *   meter.c    the Meter type (the C half of gotcha_async.Context) and Ready
  *   module.c   module functions and init
- *   runtime.c  where 3.11 keeps the thread state, for the hook to read
+ *   runtime.c  where the interpreter keeps the thread state, for the hook to read
  *
  * Everything here is guarded by the main interpreter's GIL: the hooked domains
  * are only called with a GIL held, and the hooks pass other interpreters'
@@ -75,6 +75,56 @@ tstate_unchecked(void)
     return _PyThreadState_UncheckedGet();
 #endif
 }
+
+/* The thread state read where the interpreter keeps it (runtime.c): on 3.11 a
+ * field of _PyRuntime (ts_slot); on 3.12 and later, on Linux, a thread-local
+ * variable at ts_tls_offset from the thread pointer. Only once
+ * find_thread_state() has said so. */
+#if PY_VERSION_HEX >= 0x030C0000 && defined(__linux__) && \
+    (defined(__x86_64__) || defined(__aarch64__)) && (defined(__GNUC__) || defined(__clang__))
+#  define HAVE_TLS_SLOT 1
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+/* hidden: the hook loads them directly, not through the GOT */
+extern PyThreadState **ts_slot __attribute__((visibility("hidden")));
+extern intptr_t ts_tls_offset __attribute__((visibility("hidden")));
+#else
+extern PyThreadState **ts_slot;
+extern intptr_t ts_tls_offset;
+#endif
+int find_thread_state(void);   /* 1: tstate_direct() may be used */
+
+#ifdef HAVE_TLS_SLOT
+static inline char *
+thread_pointer(void)
+{
+    char *tp;
+#  if defined(__x86_64__)
+    __asm__ volatile("mov %%fs:0, %0" : "=r"(tp));   /* the TCB's pointer to itself */
+#  else
+    __asm__ volatile("mrs %0, tpidr_el0" : "=r"(tp));
+#  endif
+    return tp;
+}
+
+static inline PyThreadState *
+tstate_direct(void)
+{
+    PyThreadState *ts;
+#  if defined(__x86_64__)
+    __asm__ volatile("mov %%fs:(%1), %0" : "=r"(ts) : "r"(ts_tls_offset));
+#  else
+    ts = *(PyThreadState *const *)(thread_pointer() + ts_tls_offset);
+#  endif
+    return ts;
+}
+#else
+static inline PyThreadState *
+tstate_direct(void)
+{
+    return *ts_slot;
+}
+#endif
 
 /* ------------------------------------------------------------------------ */
 /* Resources and limits                                                     */
@@ -222,7 +272,6 @@ extern int installed;
 extern PyObject *exempt;           /* tuple of str: path prefixes of loop machinery */
 
 Meter *current_meter(void);
-PyThreadState **runtime_ts_slot(void);   /* runtime.c: 3.11's own, or NULL */
 /* Our own work is not charged. Pausing also forgets the scope last found, so
  * that the hook's fast path need not test paused: a paused thread's state is
  * never in the cache (hook.c). */
@@ -244,6 +293,8 @@ void step_aside_if_idle(void);
 int hook_on_top(void);
 int hook_leave(void);
 void hook_join(void);
+void hook_find_thread_state(void);
+int hook_found_thread_state(void);
 int hook_reads_thread_state(void);
 void forget_seen(void);
 void forget_meter(Meter *m);

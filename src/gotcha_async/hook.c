@@ -897,15 +897,15 @@ hook_slow(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed, int why)
 #  define ALWAYS_INLINE inline
 #endif
 
-/* The thread state: on 3.11 read where the interpreter keeps it (runtime.c),
- * else asked for. direct is a constant: each way has hooks of its own. */
-static PyThreadState **ts_slot;
-static int ts_slot_checked;
+/* The thread state: read where the interpreter keeps it, once runtime.c has
+ * found where that is, else asked for. direct is a constant: each way has
+ * hooks of its own. */
+static int ts_found = -1;   /* not looked for yet */
 
 static ALWAYS_INLINE PyThreadState *
 tstate_in(const int direct)
 {
-    return direct ? *ts_slot : tstate_unchecked();
+    return direct ? tstate_direct() : tstate_unchecked();
 }
 
 /* A small block in the scope found, from its batch; anything else past it. */
@@ -1168,13 +1168,9 @@ on_top(Domain *d)
 static void
 join_chain(Domain *d)
 {
-    if (!ts_slot_checked) {
-        ts_slot = runtime_ts_slot();
-        ts_slot_checked = 1;
-    }
     if (!d->in_chain) {
         PyMemAllocatorEx ours;
-        if (ts_slot != NULL) {
+        if (ts_found == 1) {
             ours = d->is_obj ? (PyMemAllocatorEx){d, hook_malloc_obj_direct,
                                                   hook_calloc_obj_direct,
                                                   hook_realloc_obj_direct, hook_free_obj_direct}
@@ -1221,7 +1217,24 @@ hook_leave(void)
     return a && b;
 }
 
-/* 1 where the hooks in the chain read the thread state where 3.11 keeps it */
+/* Once, at install (it may release the GIL: before anything is set up). */
+void
+hook_find_thread_state(void)
+{
+    if (ts_found < 0) {
+        ts_found = find_thread_state();
+    }
+}
+
+/* 1 if the thread state can be read directly, 0 if not, -1 before install */
+int
+hook_found_thread_state(void)
+{
+    return ts_found;
+}
+
+/* 1 where the hooks in the chain read the thread state where the interpreter
+ * keeps it */
 int
 hook_reads_thread_state(void)
 {

@@ -33,6 +33,8 @@ mod_install(PyObject *mod, PyObject *args)
             return NULL;
         }
     }
+    /* first: it may release the GIL, and nothing is set up before the check */
+    hook_find_thread_state();
     if (installed) {
         PyErr_SetString(PyExc_RuntimeError, "the allocator hook is already installed");
         return NULL;
@@ -144,6 +146,24 @@ mod_reads_thread_state(PyObject *mod, PyObject *unused)
 
 /* For benchmarks and tests: take the hook out of the chain (it must be on
  * top), or force it in while no scope needs it. */
+/* For tests: does the direct read give this thread's state? None where the
+ * hook asks for it instead. */
+static PyObject *
+mod_thread_state_agrees(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    int found = hook_found_thread_state();
+    if (found < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the hook is not installed");
+        return NULL;
+    }
+    if (!found) {
+        Py_RETURN_NONE;
+    }
+    return PyBool_FromLong(tstate_direct() == PyThreadState_Get());
+}
+
 static PyObject *
 mod_set_hooked(PyObject *mod, PyObject *flag)
 {
@@ -227,7 +247,9 @@ static PyMethodDef mod_methods[] = {
      "True if it had."},
     {"hooked", mod_hooked, METH_NOARGS, "Is the hook in place on both domains?"},
     {"reads_thread_state", mod_reads_thread_state, METH_NOARGS,
-     "Do the hooks in the chain read the thread state where CPython 3.11 keeps it?"},
+     "Do the hooks in the chain read the thread state where the interpreter keeps it?"},
+    {"thread_state_agrees", mod_thread_state_agrees, METH_NOARGS,
+     "Does the hook's direct read give the calling thread's state? None if it asks."},
     {"after_fork", mod_after_fork, METH_NOARGS, "Restart delivery in a forked child."},
     {"active", mod_active, METH_NOARGS, "Number of entered scopes in the process."},
     {"held_blocks", mod_held_blocks, METH_NOARGS, "Number of blocks in the held-memory table."},
