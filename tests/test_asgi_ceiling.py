@@ -26,7 +26,7 @@ MiB, KiB = gotcha.MiB, gotcha.KiB
 BUDGET = 10 * MiB
 # the default ceiling (2), plus what the handler allocates before it is interrupted: the
 # test server's loop runs in a worker thread, where the interrupt waits for the GIL
-# (about a 5 ms switch interval of allocation, on the 3.15 debug build up to twice that
+# (one to three 5 ms switch intervals of allocation, up to four on the 3.15 debug build
 # with the client's thread competing for it; in a main-thread server it is at once)
 STOPPED_BY = 2 * BUDGET + 16 * MiB
 

@@ -292,7 +292,7 @@ class Context(_meter.Meter, anyio.CancelScope):
     - growth in smaller steps is stopped at the next bytecode boundary of the
       scope's own code, where a :class:`HardLimitError` (a ``MemoryError``) is
       raised, the way Ctrl-C is delivered; in a worker thread that waits for the
-      GIL, about one switch interval (5 ms) of allocation.
+      GIL: one to three switch intervals (5 ms each) of allocation.
 
     Either way the scope is cancelled as for a soft limit. After each stop a grace
     of :data:`GRACE <gotcha_async.GRACE>` (64 KiB, 1,000 objects, 1,000 calls) lets

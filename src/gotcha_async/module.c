@@ -144,8 +144,6 @@ mod_reads_thread_state(PyObject *mod, PyObject *unused)
     return PyBool_FromLong(hook_reads_thread_state());
 }
 
-/* For benchmarks and tests: take the hook out of the chain (it must be on
- * top), or force it in while no scope needs it. */
 /* For tests: does the direct read give this thread's state? None where the
  * hook asks for it instead. */
 static PyObject *
@@ -164,6 +162,8 @@ mod_thread_state_agrees(PyObject *mod, PyObject *unused)
     return PyBool_FromLong(tstate_direct() == PyThreadState_Get());
 }
 
+/* For benchmarks and tests: take the hook out of the chain (it must be on
+ * top), or force it in while no scope needs it. */
 static PyObject *
 mod_set_hooked(PyObject *mod, PyObject *flag)
 {
