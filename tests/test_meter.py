@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextvars
 import gc
 import platform
+import subprocess
 import sys
+import textwrap
 import threading
 import tracemalloc
 import weakref
@@ -78,6 +80,84 @@ def test_the_direct_read_is_each_threads_own_state() -> None:
     assert agrees == [expected] * n
     for i in range(n):
         assert sizes[i] <= used[i] < sizes[i] + SLACK, (i, used)
+
+
+def in_a_fresh_process(body: str) -> None:
+    """Run body (asserts, with MB and SLACK defined) where no memory scope exists yet.
+
+    A free reaches the hook only while some memory scope exists anywhere in the
+    process, and a test suite keeps scopes alive in the tracebacks it stores.
+    """
+    code = (
+        "import gc, tracemalloc, _tracemalloc\n"
+        "import gotcha_async as gotcha\n"
+        "from gotcha_async import _meter\n"
+        f"MB, SLACK = {MB}, {SLACK}\n" + textwrap.dedent(body)
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_frees_reach_the_hook_only_while_a_scope_can_hold_memory() -> None:
+    # a free has nothing to do for a plain scope: it goes to the allocator below (on a
+    # build with profile-guided optimization, pymalloc's free inlined), and comes back
+    # before a memory scope can hold a block
+    in_a_fresh_process("""
+        with gotcha.limit():
+            assert _meter.hook_form() == "light"
+            holder = gotcha.limit(memory=10 * MB)
+            assert _meter.hook_form() == "full"
+            with holder:
+                data = bytearray(MB)
+                assert MB <= holder.memory().current < MB + SLACK
+                del data
+                assert holder.memory().current < SLACK
+            del holder
+            assert _meter.hook_form() == "light"
+        assert _meter.hook_form() == "out"
+    """)
+
+
+def test_a_memory_scope_under_tracemalloc_started_over_a_light_hook() -> None:
+    # tracemalloc saved the hook while it left frees to pymalloc: they never come back
+    # to it through tracemalloc, so a link of its own goes on top and sees them
+    in_a_fresh_process("""
+        with gotcha.limit():
+            tracemalloc.start()
+            with gotcha.limit(memory=10 * MB) as ctx:
+                data = bytearray(MB)
+                assert MB <= ctx.memory().current < MB + SLACK
+                del data
+                assert ctx.memory().current < SLACK
+                assert _meter.hook_form() == "light, watched"
+                tracemalloc.stop()  # the light hook back on top, the link gone with it
+                assert _meter.hook_form() == "full"
+                data = bytearray(MB)
+                assert MB <= ctx.memory().current < MB + SLACK
+                del data
+                assert ctx.memory().current < SLACK
+            del ctx
+            assert _meter.hook_form() == "light"
+    """)
+
+
+def test_a_stop_that_bypasses_the_wrapper_drops_the_link_until_the_next_scope() -> None:
+    in_a_fresh_process("""
+        with gotcha.limit():
+            tracemalloc.start()
+            holder = gotcha.limit(memory=10 * MB)
+            assert _meter.hook_form() == "light, watched"
+            _tracemalloc.stop()  # behind our back: the link is gone, unnoticed
+            with holder:  # entering probes the chain, and frees reach the hook again
+                assert _meter.hook_form() == "full"
+                data = bytearray(MB)
+                assert MB <= holder.memory().current < MB + SLACK
+                del data
+                assert holder.memory().current < SLACK
+            del holder
+            assert _meter.hook_form() == "light"
+    """)
 
 
 def test_tracemalloc_started_first_and_stopped_inside_a_scope() -> None:

@@ -291,8 +291,10 @@ extern int dict_fragile;
 int verify_chain(void);        /* 1 if the hook had been dropped */
 void step_aside_if_idle(void);
 int hook_on_top(void);
+const char *hook_form(void);
 int hook_leave(void);
 void hook_join(void);
+void hook_fit_frees(void);     /* after live_holders or table_count left or reached 0 */
 void hook_find_thread_state(void);
 int hook_found_thread_state(void);
 int hook_reads_thread_state(void);

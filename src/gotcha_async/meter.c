@@ -125,8 +125,11 @@ Meter_dealloc(Meter *m)
         m->held->owner = NULL;   /* its blocks may live on; the scope does not */
         held_decref(m->held);
         m->held = NULL;
-        if (--live_holders == 0 && table_count > 0) {
-            table_purge();
+        if (--live_holders == 0) {
+            if (table_count > 0) {
+                table_purge();
+            }
+            hook_fit_frees();
         }
     }
     /* a tuple of ints and a str: never in a cycle, so not tp_clear's */
@@ -149,7 +152,9 @@ start_holding(Meter *m, uint64_t rate)
         m->held->refcnt = 1;
         m->held->owner = m;
         m->held->base_rate = rate;
-        live_holders++;
+        if (live_holders++ == 0) {
+            hook_fit_frees();   /* before this scope can hold a block */
+        }
     }
     else if (rate < m->held->base_rate) {
         m->held->base_rate = rate;

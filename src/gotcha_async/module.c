@@ -137,6 +137,14 @@ mod_hooked(PyObject *mod, PyObject *unused)
 }
 
 static PyObject *
+mod_hook_form(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return PyUnicode_FromString(hook_form());
+}
+
+static PyObject *
 mod_reads_thread_state(PyObject *mod, PyObject *unused)
 {
     (void)mod;
@@ -250,6 +258,9 @@ static PyMethodDef mod_methods[] = {
      "Do the hooks in the chain read the thread state where the interpreter keeps it?"},
     {"thread_state_agrees", mod_thread_state_agrees, METH_NOARGS,
      "Does the hook's direct read give the calling thread's state? None if it asks."},
+    {"hook_form", mod_hook_form, METH_NOARGS,
+     "How the object domain's frees reach the hook: 'out' of the chain, 'full', 'light' "
+     "(left to the allocator below), 'light, watched' (a link above a wrapper sees them)."},
     {"after_fork", mod_after_fork, METH_NOARGS, "Restart delivery in a forked child."},
     {"active", mod_active, METH_NOARGS, "Number of entered scopes in the process."},
     {"held_blocks", mod_held_blocks, METH_NOARGS, "Number of blocks in the held-memory table."},
