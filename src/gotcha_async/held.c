@@ -20,14 +20,19 @@ static size_t table_cap;
 #define TABLE_KEEP 65536   /* slots (2 MiB) of an empty table kept for the next burst */
 static int table_shift;    /* 64 - log2(table_cap): the hash keeps the top bits */
 size_t table_count;
-uint8_t held_filter[1 << FILTER_BITS];
+static uint8_t held_filter[1 << FILTER_BITS];   /* the counts */
+uint64_t held_bits[(1 << FILTER_BITS) / 64];
 
 static int filter_saturated;
 
 static inline void
 filter_add(uintptr_t p)
 {
-    uint8_t *c = &held_filter[filter_slot(p)];
+    size_t s = filter_slot(p);
+    uint8_t *c = &held_filter[s];
+    if (*c == 0) {
+        held_bits[s >> 6] |= (uint64_t)1 << (s & 63);
+    }
     if (*c < 255) {
         (*c)++;
     }
@@ -40,10 +45,19 @@ filter_add(uintptr_t p)
 static inline void
 filter_remove(uintptr_t p)
 {
-    uint8_t *c = &held_filter[filter_slot(p)];
-    if (*c < 255) {
-        (*c)--;
+    size_t s = filter_slot(p);
+    uint8_t *c = &held_filter[s];
+    if (*c < 255 && --*c == 0) {
+        held_bits[s >> 6] &= ~((uint64_t)1 << (s & 63));
     }
+}
+
+static void
+filter_clear(void)
+{
+    memset(held_filter, 0, sizeof(held_filter));
+    memset(held_bits, 0, sizeof(held_bits));
+    filter_saturated = 0;
 }
 /* Tracking scopes whose Context object still exists (see table_purge). */
 Py_ssize_t live_holders;
@@ -280,8 +294,7 @@ table_remove(uintptr_t p)
     }
     table[hole].key = 0;
     if (table_count == 0 && filter_saturated) {
-        memset(held_filter, 0, sizeof(held_filter));
-        filter_saturated = 0;
+        filter_clear();
     }
     if (table_count == 0 && table_cap > TABLE_KEEP) {
         /* after a burst the table would stay at its largest: give it back; a
@@ -335,8 +348,7 @@ table_purge(void)
         }
     }
     table_count = 0;
-    memset(held_filter, 0, sizeof(held_filter));
-    filter_saturated = 0;
+    filter_clear();
     sites_clear();
     if (table_cap > TABLE_KEEP) {
         /* a table up to TABLE_KEEP is kept for the next burst, emptied already (the
