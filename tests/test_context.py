@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import pickle
 import threading
 from typing import Any
@@ -185,6 +186,44 @@ async def test_known_allocation_is_counted_exactly() -> None:
     assert MB <= b <= MB + SLACK
     assert 1 <= o and 1 <= c <= 10
     assert len(data) == MB
+
+
+def _pymem() -> tuple[Any, Any]:
+    realloc = ctypes.pythonapi.PyMem_Realloc
+    realloc.restype = ctypes.c_void_p
+    realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    free = ctypes.pythonapi.PyMem_Free
+    free.restype = None
+    free.argtypes = [ctypes.c_void_p]
+    return realloc, free
+
+
+REALLOC_SIZES = [1000 + 100 * i for i in range(200)]  # 298,000 bytes in 200 calls
+
+
+def test_small_reallocs_are_charged_their_new_sizes() -> None:
+    # with no block held anywhere the hook charges a small realloc from the scope's
+    # batch before making it: one call and its new size each
+    realloc, free = _pymem()
+    with gotcha.limit() as ctx:
+        p = None
+        for size in REALLOC_SIZES:
+            p = realloc(p, size)
+        free(p)
+    used = ctx.used()
+    assert sum(REALLOC_SIZES) <= used.bytes < sum(REALLOC_SIZES) + SLACK
+    assert len(REALLOC_SIZES) <= used.calls
+
+
+def test_small_reallocs_trip_the_limit_they_cross() -> None:
+    realloc, free = _pymem()
+    p = None
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        with gotcha.limit(bytes=sum(REALLOC_SIZES) // 2):
+            for size in REALLOC_SIZES:
+                p = realloc(p, size)
+    free(p)
+    assert info.value.resource == "bytes"
 
 
 async def test_reading_the_counters_does_not_move_them() -> None:

@@ -307,6 +307,7 @@ int hook_found_thread_state(void);
 int hook_reads_thread_state(void);
 void forget_seen(void);
 void forget_meter(Meter *m);
+void seen_entered(Meter *m);   /* after enter() set the variable to m */
 void stop(Meter *m);
 
 /* ------------------------------------------------------------------------ */

@@ -112,6 +112,26 @@ forget_seen(void)
 #endif
 }
 
+/* enter() has just set the variable to m in this thread's context, which
+ * changes no version: the next allocation would look m up, and need not. */
+void
+seen_entered(Meter *m)
+{
+#ifdef SEEN_CACHE
+    PyThreadState *ts = tstate_unchecked();
+    if (paused || active == 0 || ts == NULL || ts->interp != main_interp) {
+        return;   /* never in the cache (lookup_meter) */
+    }
+    seen_ts = ts;
+    seen_tsid = ts->id;
+    seen_ver = ts->context_ver;
+    seen_meter = m;
+    batch_small = m == batch_meter ? batch_bound : 0;
+#else
+    (void)m;
+#endif
+}
+
 /* A scope is going away: it must not be found in the cache (a context can lose
  * its last reference to it without a version change: PyThreadState_Clear). */
 void
@@ -152,8 +172,8 @@ lookup_meter(PyThreadState *ts)
     /* the context holds a reference: this never drops to zero here */
     Py_XDECREF(v);
 #ifdef SEEN_CACHE
-    if (paused) {
-        return (Meter *)v;   /* a paused thread is never in the cache */
+    if (paused || active == 0) {
+        return (Meter *)v;   /* a paused thread or an idle hook is never in the cache */
     }
     seen_ts = ts;
     seen_tsid = ts->id;
@@ -340,8 +360,12 @@ start_batch(Meter *n)
     }
     batch_b0 = batch_sample_at < batch_b_room ? batch_sample_at : batch_b_room;
     left_b = (int64_t)batch_b0;
-    batch_small = batch_bound;   /* n is the scope last found: the caller's meter_now() */
     batch_meter = n;
+#ifdef SEEN_CACHE
+    /* n is the scope last found (the caller's lookup), and batch_small must be 0
+     * while the scope last found is not the batch's (malloc_in) */
+    batch_small = n == seen_meter ? batch_bound : 0;
+#endif
 }
 
 void
@@ -941,11 +965,13 @@ calloc_take(Domain *d, Meter *n, size_t nelem, size_t elsize, const int is_obj)
 }
 
 /* Past the cache: a paused thread, another scope, another thread. A tail call
- * from the inline path, which then saves no register for a call of its own. */
+ * from the inline path, which then saves no register for a call of its own;
+ * the thread state comes last, so that the size stays where the next
+ * allocator takes it. */
 static Py_NO_INLINE void *
-malloc_lookup(Domain *d, PyThreadState *ts, size_t size)
+malloc_lookup(Domain *d, size_t size, PyThreadState *ts)
 {
-    if (paused) {
+    if (paused || active == 0) {
         idle_seen(d);
         return d->prev.malloc(d->prev.ctx, size);
     }
@@ -953,28 +979,34 @@ malloc_lookup(Domain *d, PyThreadState *ts, size_t size)
 }
 
 static Py_NO_INLINE void *
-calloc_lookup(Domain *d, PyThreadState *ts, size_t nelem, size_t elsize)
+calloc_lookup(Domain *d, size_t nelem, size_t elsize, PyThreadState *ts)
 {
-    if (paused) {
+    if (paused || active == 0) {
         idle_seen(d);
         return d->prev.calloc(d->prev.ctx, nelem, elsize);
     }
     return calloc_take(d, lookup_meter(ts), nelem, elsize, d->is_obj);
 }
 
-/* paused is not tested here: pause_hook() empties the cache, and a paused
- * thread's state is never put back in it, so a paused thread always takes the
- * lookup. */
+/* Neither paused nor an idle hook (no scope entered anywhere) is tested here:
+ * pause_hook() and the last scope's exit empty the cache, and it is filled
+ * again only while the thread is not paused and some scope is entered, so
+ * both always take the lookup. */
 static ALWAYS_INLINE void *
 malloc_in(Domain *d, size_t size, const int is_obj, const int direct)
 {
-    if (active == 0) {
-        idle_seen(d);
-        return d->prev.malloc(d->prev.ctx, size);
-    }
     PyThreadState *ts = tstate_in(direct);
     if (!SEEN(ts)) {
-        return malloc_lookup(d, ts, size);
+        return malloc_lookup(d, size, ts);
+    }
+    /* the batch's own test first: batch_small is 0 unless the scope found is the
+     * batch's, so that a block under it needs no test of the scope */
+    if (LIKELY(size < batch_small)) {
+        if (UNLIKELY((left_b -= (int64_t)size) < 0 ||
+                     --*(is_obj ? &left_o : &left_m) < 0)) {
+            return hook_slow(d, seen_meter, 1, size, 0, SLOW_OVER);
+        }
+        return d->prev.malloc(d->prev.ctx, size);
     }
     return malloc_take(d, seen_meter, size, is_obj);
 }
@@ -982,13 +1014,9 @@ malloc_in(Domain *d, size_t size, const int is_obj, const int direct)
 static ALWAYS_INLINE void *
 calloc_in(Domain *d, size_t nelem, size_t elsize, const int is_obj, const int direct)
 {
-    if (active == 0) {
-        idle_seen(d);
-        return d->prev.calloc(d->prev.ctx, nelem, elsize);
-    }
     PyThreadState *ts = tstate_in(direct);
     if (!SEEN(ts)) {
-        return calloc_lookup(d, ts, nelem, elsize);
+        return calloc_lookup(d, nelem, elsize, ts);
     }
     return calloc_take(d, seen_meter, nelem, elsize, is_obj);
 }
@@ -1097,10 +1125,21 @@ static ALWAYS_INLINE void *
 realloc_in(Domain *d, void *ptr, size_t size, const int direct)
 {
     Meter *n = NULL;
-    if (active != 0) {
-        PyThreadState *ts = tstate_in(direct);
-        /* a paused thread's state is never in the cache (see malloc_in) */
-        n = SEEN(ts) ? seen_meter : paused ? NULL : lookup_meter(ts);
+    PyThreadState *ts = tstate_in(direct);
+    if (SEEN(ts)) {
+        /* below batch_small: the batch's scope, and a block that can take it. With
+         * no block held anywhere there is nothing to forget after the call, so a
+         * block that leaves the batch above zero is charged before it, as a malloc
+         * is, and the call is the hook's last (the light hook's common case) */
+        if (size < batch_small && table_count == 0 && left_b >= (int64_t)size && left_m > 0) {
+            left_b -= (int64_t)size;
+            left_m -= 1;
+            return d->prev.realloc(d->prev.ctx, ptr, size);
+        }
+        n = seen_meter;
+    }
+    else if (!paused && active != 0) {   /* as in malloc_in */
+        n = lookup_meter(ts);
     }
     if (n == NULL) {
         if (table_count != 0 && ptr != NULL && table_may_hold(ptr)) {

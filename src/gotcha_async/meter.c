@@ -54,6 +54,7 @@ abandon(Meter *m)
     if (m->state == S_ENTERED) {
         m->state = S_EXITED;
         active--;
+        forget_seen();   /* with no scope entered the cache must be empty (malloc_in) */
         step_aside_if_idle();
     }
 }
@@ -421,6 +422,9 @@ enter(Meter *m)
     PyObject *token = PyContextVar_Set(scope_var, (PyObject *)m);
     resume_hook();
     forget_seen();
+    if (token != NULL) {
+        seen_entered(m);
+    }
     if (token == NULL) {
         active--;
         step_aside_if_idle();
