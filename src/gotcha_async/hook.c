@@ -1206,7 +1206,7 @@ MORE_HOOKS(obj_direct, dom_obj, 1)
  * ignore ctx), so that a free costs no call of ours. Builds with
  * profile-guided optimization (Debian's, the python.org images') go further:
  * they inline pymalloc's free behind a test that the chain's free is pymalloc's
- * own, which any hook of free defeats (3.15: 9,000 instructions a request of
+ * own, which any hook of free defeats (3.15: 6,000 instructions a request of
  * the handler benchmark). Before a scope can hold a block, the hook on top
  * takes its frees back; a light hook that something has wrapped cannot, and a
  * link of its own that only sees frees goes on top of the wrapper instead. */
