@@ -59,6 +59,7 @@ filter_clear(void)
     memset(held_bits, 0, sizeof(held_bits));
     filter_saturated = 0;
 }
+
 /* Tracking scopes whose Context object still exists (see table_purge). */
 Py_ssize_t live_holders;
 
