@@ -160,6 +160,59 @@ def test_a_stop_that_bypasses_the_wrapper_drops_the_link_until_the_next_scope() 
     """)
 
 
+def test_held_memory_stays_exact_through_every_form_while_threads_allocate() -> None:
+    # the hook changes form (out, light, full, light with the link) with every memory
+    # scope made and dropped and every tracemalloc start and stop, the bypassing one
+    # too, while three threads allocate in plain scopes: a held block's free must
+    # reach the hook in every form it takes
+    in_a_fresh_process("""
+        import threading
+        stop = threading.Event()
+        errors = []
+
+        def worker():
+            try:
+                while not stop.is_set():
+                    with gotcha.limit():
+                        x = [bytearray(100) for _ in range(200)]
+                        y = bytearray(70_000)
+                        y += b"x" * 1000
+                        del x, y
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker) for _ in range(3)]
+        for t in threads:
+            t.start()
+        forms = set()
+        try:
+            for i in range(120):
+                if i % 4 == 1:
+                    tracemalloc.start()  # over a light hook: the link goes on top
+                with gotcha.limit(memory=10 * MB, exact_memory=True) as ctx:
+                    forms.add(_meter.hook_form())
+                    data = [bytearray(5000) for _ in range(50)]
+                    assert 250_000 <= ctx.memory().current < 250_000 + SLACK
+                    if i % 4 == 1:
+                        tracemalloc.stop()
+                    elif i % 4 == 2:
+                        tracemalloc.start()  # over the full hook
+                    del data
+                    assert ctx.memory().current < SLACK, ctx.memory()
+                if i % 4 == 2:
+                    (_tracemalloc.stop if i % 8 == 2 else tracemalloc.stop)()
+                del ctx
+                gc.collect()
+                forms.add(_meter.hook_form())
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not errors, errors
+        assert {"full", "light", "light, watched"} <= forms, forms
+    """)
+
+
 def test_tracemalloc_started_first_and_stopped_inside_a_scope() -> None:
     tracemalloc.start()
     try:
