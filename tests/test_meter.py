@@ -82,8 +82,18 @@ def test_the_direct_read_is_each_threads_own_state() -> None:
         assert sizes[i] <= used[i] < sizes[i] + SLACK, (i, used)
 
 
+# in the fresh process: a block of known size is held by ctx, and no longer once freed
+HOLD_AND_FREE = """
+def hold_and_free(ctx):
+    data = bytearray(MB)
+    assert MB <= ctx.memory().current < MB + SLACK, ctx.memory()
+    del data
+    assert ctx.memory().current < SLACK, ctx.memory()
+"""
+
+
 def in_a_fresh_process(body: str) -> None:
-    """Run body (asserts, with MB and SLACK defined) where no memory scope exists yet.
+    """Run body (asserts; MB, SLACK and hold_and_free defined) where no memory scope exists.
 
     A free reaches the hook only while some memory scope exists anywhere in the
     process, and a test suite keeps scopes alive in the tracebacks it stores.
@@ -92,7 +102,7 @@ def in_a_fresh_process(body: str) -> None:
         "import gc, tracemalloc, _tracemalloc\n"
         "import gotcha_async as gotcha\n"
         "from gotcha_async import _meter\n"
-        f"MB, SLACK = {MB}, {SLACK}\n" + textwrap.dedent(body)
+        f"MB, SLACK = {MB}, {SLACK}\n" + HOLD_AND_FREE + textwrap.dedent(body)
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
@@ -109,10 +119,7 @@ def test_frees_reach_the_hook_only_while_a_scope_can_hold_memory() -> None:
             holder = gotcha.limit(memory=10 * MB)
             assert _meter.hook_form() == "full"
             with holder:
-                data = bytearray(MB)
-                assert MB <= holder.memory().current < MB + SLACK
-                del data
-                assert holder.memory().current < SLACK
+                hold_and_free(holder)
             del holder
             assert _meter.hook_form() == "light"
         assert _meter.hook_form() == "out"
@@ -126,17 +133,11 @@ def test_a_memory_scope_under_tracemalloc_started_over_a_light_hook() -> None:
         with gotcha.limit():
             tracemalloc.start()
             with gotcha.limit(memory=10 * MB) as ctx:
-                data = bytearray(MB)
-                assert MB <= ctx.memory().current < MB + SLACK
-                del data
-                assert ctx.memory().current < SLACK
+                hold_and_free(ctx)
                 assert _meter.hook_form() == "light, watched"
                 tracemalloc.stop()  # the light hook back on top, the link gone with it
                 assert _meter.hook_form() == "full"
-                data = bytearray(MB)
-                assert MB <= ctx.memory().current < MB + SLACK
-                del data
-                assert ctx.memory().current < SLACK
+                hold_and_free(ctx)
             del ctx
             assert _meter.hook_form() == "light"
     """)
@@ -151,10 +152,7 @@ def test_a_stop_that_bypasses_the_wrapper_drops_the_link_until_the_next_scope() 
             _tracemalloc.stop()  # behind our back: the link is gone, unnoticed
             with holder:  # entering probes the chain, and frees reach the hook again
                 assert _meter.hook_form() == "full"
-                data = bytearray(MB)
-                assert MB <= holder.memory().current < MB + SLACK
-                del data
-                assert holder.memory().current < SLACK
+                hold_and_free(holder)
             del holder
             assert _meter.hook_form() == "light"
     """)
