@@ -190,12 +190,23 @@ extern uint64_t held_bits[(1 << FILTER_BITS) / 64] __attribute__((visibility("hi
 extern uint64_t held_bits[(1 << FILTER_BITS) / 64];
 #endif
 
+/* An address's slot: its 16-byte granule in its 1 MiB window, the granule's
+ * bits XORed with the window's. Blocks allocated together (and freed together,
+ * as a request's are) share a line of the bit map, where a multiplicative hash
+ * spread them over all 128 lines: in callgrind's cache simulation of
+ * bench_instructions.py's memory=1 MiB requests, 40 first-level misses at the
+ * filter a request instead of 215. The
+ * XOR keeps page-aligned blocks of different windows out of each other's
+ * slots. */
 static inline size_t
 filter_slot(uintptr_t p)
 {
-    return (size_t)(((uint64_t)p * 0xD6E8FEB86659FD93ull) >> (64 - FILTER_BITS));
+    uintptr_t x = p ^ (p >> 16);
+    return (size_t)((x >> 4) & ((1u << FILTER_BITS) - 1));
 }
 
+/* No bit is set while the table is empty (its last entry's removal clears a
+ * saturated filter), so a free needs no other test; NULL has a slot too. */
 static inline int
 table_may_hold(void *p)
 {

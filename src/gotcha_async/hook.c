@@ -1128,10 +1128,13 @@ realloc_in(Domain *d, void *ptr, size_t size, const int direct)
     PyThreadState *ts = tstate_in(direct);
     if (SEEN(ts)) {
         /* below batch_small: the batch's scope, and a block that can take it. With
-         * no block held anywhere there is nothing to forget after the call, so a
-         * block that leaves the batch above zero is charged before it, as a malloc
-         * is, and the call is the hook's last (the light hook's common case) */
-        if (size < batch_small && table_count == 0 && left_b >= (int64_t)size && left_m > 0) {
+         * an old block that the filter says is not held (no block held anywhere,
+         * or most of them with sampling) there is nothing to forget after the
+         * call, so a block that leaves the batch above zero (short of the next
+         * sample) is charged before it, as a malloc is, and the call is the
+         * hook's last */
+        if (size < batch_small && left_b >= (int64_t)size && left_m > 0 &&
+            (table_count == 0 || !table_may_hold(ptr))) {
             left_b -= (int64_t)size;
             left_m -= 1;
             return d->prev.realloc(d->prev.ctx, ptr, size);
@@ -1157,6 +1160,10 @@ realloc_in(Domain *d, void *ptr, size_t size, const int direct)
 static Py_NO_INLINE void
 free_held(Domain *d, void *ptr)
 {
+    if (ptr == NULL) {   /* its slot was set by some block; the table has no NULL */
+        d->prev.free(d->prev.ctx, ptr);
+        return;
+    }
     forget_block(ptr);
     if (table_count == 0) {
         step_aside_if_idle();
@@ -1169,7 +1176,7 @@ free_in(Domain *d, void *ptr)
 {
     /* frees are credited even while paused: a stale entry would credit the
      * wrong scope when the address comes back */
-    if (table_count != 0 && ptr != NULL && table_may_hold(ptr)) {
+    if (UNLIKELY(table_may_hold(ptr))) {
         free_held(d, ptr);
         return;
     }
