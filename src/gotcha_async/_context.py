@@ -519,7 +519,7 @@ class Context(_meter.Meter, anyio.CancelScope):
         worth of allocation while the scope holds under a 16th of its limit (1,280
         above it): a request that allocates 3% of its limit and holds less records some
         11 blocks (4% more instructions than a plain scope on a small JSON handler,
-        about 10% more time). With
+        about 12% more time). With
         ``exact_memory=True`` every block is recorded and the figures are exact, for
         about twice the cost of a plain scope.
         """
