@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The C core under valgrind memcheck: no invalid reads or writes anywhere, no definite
-# leak with a frame in _meter.c. Slow (about 50x): run by hand, not in CI.
+# leak with a frame in the extension's C. Slow (about 50x): run by hand, not in CI.
 #
 #   bash scripts/memcheck.sh [pytest args]    # default: the core test modules
 set -euo pipefail
@@ -14,12 +14,15 @@ args=("$@")
 PYTHONMALLOC=malloc valgrind --tool=memcheck --leak-check=full --show-leak-kinds=definite \
     --errors-for-leak-kinds=definite --num-callers=30 --log-file="$log" \
     python -m pytest -q -p no:cacheprovider -x "${args[@]}" || true
-# an error is ours when a frame of its stack is in _meter.c; a definite leak is ours when
-# _meter.c called the allocator itself (tracemalloc's own leaks under our hook are not)
-errors=$(awk '/Invalid (read|write)|uninitialised|Invalid free|Mismatched free/{b=1; s=""}
-              b{s=s $0} /^==[0-9]+== $/{if (b && s ~ /_meter\.c/) n++; b=0} END{print n+0}' "$log")
-leaks=$(awk '/definitely lost/{b=1; k=0; next}
-             b && /by 0x/{if (++k == 1) {if ($0 ~ /_meter\.c/) n++; b=0}} END{print n+0}' "$log")
+# Our frames: "(hook.c:123)" for each C source and header of the extension (it is
+# built with debug information), or "(in .../_meter.cpython-...so)" without it. An error is ours when a
+# frame of its stack is; a definite leak is ours when the extension called the allocator
+# itself (tracemalloc's own leaks under our hook are not).
+ours="[(]($(cd src/gotcha_async && ls -- *.c *.h | sed 's/[.]\([ch]\)$/[.]\1/' | paste -sd'|' -)):|_meter[.]cpython"
+errors=$(awk -v ours="$ours" '/Invalid (read|write)|uninitialised|Invalid free|Mismatched free/{b=1; s=""}
+              b{s=s $0} /^==[0-9]+== $/{if (b && s ~ ours) n++; b=0} END{print n+0}' "$log")
+leaks=$(awk -v ours="$ours" '/definitely lost/{b=1; k=0; next}
+             b && /by 0x/{if (++k == 1) {if ($0 ~ ours) n++; b=0}} END{print n+0}' "$log")
 grep -E "ERROR SUMMARY|definitely lost" "$log" | tail -2
-echo "memcheck: $errors invalid accesses and $leaks definite leaks from _meter.c (log: $log)"
+echo "memcheck: $errors invalid accesses and $leaks definite leaks from the extension (log: $log)"
 [ "$errors" -eq 0 ] && [ "$leaks" -eq 0 ]

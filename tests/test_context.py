@@ -201,11 +201,13 @@ def _pymem() -> tuple[Any, Any]:
 REALLOC_SIZES = [1000 + 100 * i for i in range(200)]  # 2,190,000 bytes in 200 calls, each small
 
 
-def test_small_reallocs_are_charged_their_new_sizes() -> None:
-    # with no block held anywhere the hook charges a small realloc from the scope's
-    # batch before making it (else after it): one call and its new size each, either way
+@pytest.mark.parametrize("memory", [None, 64 * MB], ids=["plain", "sampling"])
+def test_small_reallocs_are_charged_their_new_sizes(memory: int | None) -> None:
+    # a small realloc whose old block is not held (any, while nothing is held; most,
+    # while a scope samples) is charged from the scope's batch before it is made, else
+    # after: one call and its new size each, either way
     realloc, free = _pymem()
-    with gotcha.limit() as ctx:
+    with gotcha.limit(memory=memory) as ctx:
         p = None
         for size in REALLOC_SIZES:
             p = realloc(p, size)

@@ -195,9 +195,8 @@ extern uint64_t held_bits[(1 << FILTER_BITS) / 64];
  * as a request's are) share a line of the bit map, where a multiplicative hash
  * spread them over all 128 lines: in callgrind's cache simulation of
  * bench_instructions.py's memory=1 MiB requests, 40 first-level misses at the
- * filter a request instead of 215. The
- * XOR keeps page-aligned blocks of different windows out of each other's
- * slots. */
+ * filter a request instead of 215. The XOR keeps page-aligned blocks of
+ * different windows out of each other's slots. */
 static inline size_t
 filter_slot(uintptr_t p)
 {

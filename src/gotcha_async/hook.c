@@ -1127,10 +1127,10 @@ realloc_in(Domain *d, void *ptr, size_t size, const int direct)
     Meter *n = NULL;
     PyThreadState *ts = tstate_in(direct);
     if (SEEN(ts)) {
-        /* below batch_small: the batch's scope, and a block that can take it. With
-         * an old block that the filter says is not held (no block held anywhere,
-         * or most of them with sampling) there is nothing to forget after the
-         * call, so a block that leaves the batch above zero (short of the next
+        /* below batch_small: the batch's scope, and a block that can take it. An
+         * old block the filter says is not held (any block while the table is
+         * empty, most of them while scopes sample) leaves nothing to forget after
+         * the call, so a block that leaves the batch above zero (short of the next
          * sample) is charged before it, as a malloc is, and the call is the
          * hook's last */
         if (size < batch_small && left_b >= (int64_t)size && left_m > 0 &&
