@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import random
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from gotcha_async import _meter
 
 pytestmark = pytest.mark.anyio
 
-KiB, MiB = gotcha.KiB, gotcha.MiB
+KiB, MiB, GiB = gotcha.KiB, gotcha.MiB, gotcha.GiB
 SLACK = 64 * KiB
 
 
@@ -103,6 +104,23 @@ def test_memory_outlives_its_scope_and_is_credited_later() -> None:
     t.join()
     del kept
     assert ctx.memory().current < SLACK  # type: ignore[union-attr]
+
+
+def test_a_scope_starts_from_nothing_where_spent_scopes_counters_are_reused() -> None:
+    # A scope's held counters outlive it until its last block is freed; then they are
+    # kept for the next scopes, which must not see the old peaks, parents or rates.
+    for _ in range(8):
+        with gotcha.Context(memory=GiB) as outer, gotcha.Context(parent=outer):
+            kept = big(MiB)
+        del kept, outer
+    gc.collect()
+    with gotcha.Context(track_memory=True, exact_memory=True) as fresh:
+        start = fresh.memory()
+        block = big(10_000)
+        current, peak = fresh.memory()  # type: ignore[misc]
+    assert start is not None and start.peak < KiB, start
+    assert 10_000 <= current == peak < 10_000 + KiB, (current, peak)
+    del block
 
 
 def test_held_memory_stays_exact_while_blocks_sharing_filter_slots_come_and_go() -> None:

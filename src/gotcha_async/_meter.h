@@ -214,6 +214,7 @@ table_may_hold(void *p)
 }
 extern Py_ssize_t live_holders;
 
+Held *held_new(void);   /* zeroed, or NULL */
 void held_decref(Held *h);
 int table_insert(uintptr_t p, Held *h, size_t weight, uint32_t site);   /* -1: no memory */
 uint32_t site_intern(const Site *s);

@@ -136,4 +136,7 @@ def sampling_rate(memory: int | None, exact: bool) -> int:
         return 0
     if memory is None:
         return TRACKING_RATE
-    return max(MIN_SAMPLING_RATE, min(MAX_SAMPLING_RATE, memory // SAMPLES_AT_LIMIT))
+    # not max(min()): on 3.11 each parses its arguments as keywords (500 instructions)
+    rate = memory // SAMPLES_AT_LIMIT
+    return MIN_SAMPLING_RATE if rate < MIN_SAMPLING_RATE else \
+        MAX_SAMPLING_RATE if rate > MAX_SAMPLING_RATE else rate

@@ -145,7 +145,7 @@ static int
 start_holding(Meter *m, uint64_t rate)
 {
     if (m->held == NULL) {
-        m->held = calloc(1, sizeof(Held));
+        m->held = held_new();
         if (m->held == NULL) {
             PyErr_NoMemory();
             return -1;
