@@ -82,10 +82,10 @@ held_new(void)
     return h;
 }
 
-void
-held_decref(Held *h)
+static Py_NO_INLINE void
+held_release(Held *h)
 {
-    while (h != NULL && --h->refcnt == 0) {
+    do {
         Held *parent = h->parent;
         if (n_spare_held < SPARE_HELD) {
             spare_held[n_spare_held++] = h;
@@ -94,6 +94,15 @@ held_decref(Held *h)
             free(h);
         }
         h = parent;
+    } while (h != NULL && --h->refcnt == 0);
+}
+
+/* small enough to inline into table_remove(), which calls it for every block */
+void
+held_decref(Held *h)
+{
+    if (h != NULL && --h->refcnt == 0) {
+        held_release(h);
     }
 }
 
