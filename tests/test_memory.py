@@ -108,7 +108,7 @@ def test_memory_outlives_its_scope_and_is_credited_later() -> None:
 
 def test_a_scope_starts_from_nothing_where_spent_scopes_counters_are_reused() -> None:
     # A scope's held counters outlive it until its last block is freed; then they are
-    # kept for the next scopes, which must not see the old peaks, parents or rates.
+    # kept for the next scopes, which must start from zero, not from the old peaks.
     for _ in range(8):
         with gotcha.Context(memory=GiB) as outer, gotcha.Context(parent=outer):
             kept = big(MiB)
