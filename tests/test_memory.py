@@ -276,10 +276,11 @@ async def test_sites_are_the_innermost_user_frames() -> None:
     async with gotcha.Context(track_memory=True) as ctx:
         kept = inner()
     (site,) = ctx.allocation_sites(1, key_type="traceback")
-    frames = [(f.filename, f.lineno) for f in site.traceback][-3:]
-    # oldest first: this test, inner(), big(); nothing of the package or the loop
+    frames = [(f.filename, f.lineno) for f in site.traceback]
+    # oldest first: this test, inner(), big(); nothing of the package or the loop,
+    # nothing older than the loop's dispatch of the task (pytest's frames, which run
+    # the loop, had filled the fourth place), and not 3.12's "<shim>" entry frame
     assert [f for f, _ in frames] == [__file__] * 3
-    assert all("gotcha_async" not in f.filename for f in site.traceback)
     assert frames[-1][1] == big.__code__.co_firstlineno + 1
     assert site.size >= 200 * KiB
     del kept

@@ -76,6 +76,28 @@ def machinery_dirs() -> tuple[str, ...]:
     return tuple(paths)
 
 
+@functools.cache
+def dispatch_frames() -> tuple[tuple[str, str], ...]:
+    """The functions from which the event loops run a task's step, as (file, name).
+
+    Every frame older than one of these belongs to whoever started the loop (a
+    ``main()``, pytest's runner), never to the task: an allocation site's walk of the
+    stack stops there. uvloop runs the step from C, whose caller is asyncio's runner.
+    """
+    places = (("asyncio", "events.py", "_run"),   # Handle._run: task steps, callbacks
+              ("asyncio", "runners.py", "run"),   # Runner.run, under uvloop's C loop
+              ("trio", os.path.join("_core", "_run.py"), "unrolled_run"))
+    found: list[tuple[str, str]] = []
+    for package, file, name in places:
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.submodule_search_locations:
+            found.extend((os.path.join(p, file), name) for p in spec.submodule_search_locations)
+    return tuple(found)
+
+
 def _deliver(ctx: Context) -> None:
     # Called by the C core with the hook paused: from a pending call, at whatever
     # point the main thread had reached, or from the core's delivery thread.
@@ -107,7 +129,8 @@ def ensure_installed() -> None:
             return
         if not _meter.installed():
             main = threading.main_thread().ident or threading.get_ident()
-            _meter.install(scope_var, _deliver, machinery_dirs(), main, HardLimitError)
+            _meter.install(scope_var, _deliver, machinery_dirs(), dispatch_frames(), main,
+                           HardLimitError)
         # each flag is set after its step: interrupted in between, a step runs twice on
         # the retry, which is harmless (a second delivery thread, a second fork handler)
         if "delivery" not in _done:

@@ -288,6 +288,7 @@ extern GOTCHA_TLS int paused;      /* our own work: not charged, never refused *
 extern Py_ssize_t active;          /* entered scopes, anywhere */
 extern int installed;
 extern PyObject *exempt;           /* tuple of str: path prefixes of loop machinery */
+extern PyObject *dispatch;         /* tuple of (file, name): where loops run a task's step */
 
 Meter *current_meter(void);
 /* Our own work is not charged. Pausing also forgets the scope last found, so

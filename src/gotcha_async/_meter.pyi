@@ -87,6 +87,7 @@ def install(
     var: ContextVar[Any],
     deliver: Callable[[Any], object],
     exempt_dirs: tuple[str, ...],
+    dispatch: tuple[tuple[str, str], ...],
     main_thread_ident: int,
     interrupt_type: type[BaseException],
     /,

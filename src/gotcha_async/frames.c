@@ -143,38 +143,61 @@ is_machinery_file(PyObject *filename)
     return 0;
 }
 
+/* Is this the function a loop runs a task's step from (dispatch's file and
+ * name)? Older frames are whoever started the loop, not the task. */
+static int
+is_dispatch(PyCodeObject *code)
+{
+    Py_ssize_t n = dispatch == NULL ? 0 : PyTuple_GET_SIZE(dispatch);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *place = PyTuple_GET_ITEM(dispatch, i);
+        if (PyUnicode_Compare(code->co_name, PyTuple_GET_ITEM(place, 1)) == 0 &&
+            PyUnicode_Compare(code->co_filename, PyTuple_GET_ITEM(place, 0)) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+enum { USER, MACHINERY, DISPATCH };
+
 /* Sites walk several frames per recorded block: the verdict is remembered per
  * (code object, file name object), both of which would have to be freed and
  * their addresses reused together for it to go stale. */
 #define VERDICTS 1024
-static struct { PyCodeObject *code; PyObject *filename; char machinery; } verdicts[VERDICTS];
+static struct { PyCodeObject *code; PyObject *filename; char verdict; } verdicts[VERDICTS];
 
 static Py_NO_INLINE int
 new_verdict(size_t i, PyCodeObject *code)
 {
     verdicts[i].code = code;
     verdicts[i].filename = code->co_filename;
-    verdicts[i].machinery = (char)is_machinery_file(code->co_filename);
-    return verdicts[i].machinery;
+    /* 3.12 enters Python from C through a "<shim>" frame of its own code */
+    int shim = PyUnicode_CompareWithASCIIString(code->co_filename, "<shim>") == 0;
+    verdicts[i].verdict = shim                                    ? MACHINERY
+                          : !is_machinery_file(code->co_filename) ? USER
+                          : is_dispatch(code)                     ? DISPATCH
+                                                                  : MACHINERY;
+    return verdicts[i].verdict;
 }
 
 static inline int
-is_machinery(PyCodeObject *code)
+verdict(PyCodeObject *code)
 {
     if (exempt == NULL) {
-        return 1;
+        return MACHINERY;
     }
     size_t i = ((uintptr_t)code >> 4) & (VERDICTS - 1);
     if (verdicts[i].code != code || verdicts[i].filename != code->co_filename) {
         return new_verdict(i, code);
     }
-    return verdicts[i].machinery;
+    return verdicts[i].verdict;
 }
 
 int
 code_is_machinery(PyCodeObject *code)
 {
-    return is_machinery(code);
+    return verdict(code) != USER;
 }
 
 /* What a frame runs and where it is, as two words read straight off it: a
@@ -243,9 +266,10 @@ frames_forget_site(void)
 }
 
 /* The innermost SITE_FRAMES frames of user code, the event loops' and ours
- * left out: here, so that the steps of the walk inline (one is taken for
- * every block held memory records). The frames it reads are remembered for
- * frames_same_site(). */
+ * left out, and none older than the loop's dispatch of the task: here, so
+ * that the steps of the walk inline (one is taken for every block held
+ * memory records). The frames it reads are remembered for
+ * frames_same_site(); past a dispatch frame none can change the site. */
 void
 frames_site(PyThreadState *ts, Site *s)
 {
@@ -258,7 +282,12 @@ frames_site(PyThreadState *ts, Site *s)
         walk.at[walk.depth] = frame_at(f);
         walk.depth++;
         PyCodeObject *code = frame_code(f);
-        if (code == NULL || is_machinery(code)) {
+        int v = code == NULL ? MACHINERY : verdict(code);
+        if (v == DISPATCH) {
+            walk.ended = 0;
+            return;
+        }
+        if (v == MACHINERY) {
             continue;
         }
         s->code[s->n] = code;

@@ -44,6 +44,7 @@ GOTCHA_TLS int paused;
 Py_ssize_t active;
 int installed;
 PyObject *exempt;
+PyObject *dispatch;
 
 /* paused carries this bit while verify_chain probes the chain */
 #define PROBING (1 << 20)

@@ -12,16 +12,25 @@ int meter_init_types(void);
 int meter_set_types(PyObject *u, PyObject *m);
 int meter_set_fast(PyObject *running_loop, PyObject *scope_class);
 
-/* install(var, deliver, exempt_dirs, main_thread_ident, interrupt_type) */
+/* install(var, deliver, exempt_dirs, dispatch, main_thread_ident, interrupt_type) */
 static PyObject *
 mod_install(PyObject *mod, PyObject *args)
 {
     (void)mod;
-    PyObject *var, *cb, *dirs, *itype;
+    PyObject *var, *cb, *dirs, *places, *itype;
     unsigned long ident;
-    if (!PyArg_ParseTuple(args, "O!OO!kO", &PyContextVar_Type, &var, &cb, &PyTuple_Type, &dirs,
-                          &ident, &itype)) {
+    if (!PyArg_ParseTuple(args, "O!OO!O!kO", &PyContextVar_Type, &var, &cb, &PyTuple_Type, &dirs,
+                          &PyTuple_Type, &places, &ident, &itype)) {
         return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(places); i++) {
+        PyObject *place = PyTuple_GET_ITEM(places, i);
+        if (!PyTuple_Check(place) || PyTuple_GET_SIZE(place) != 2 ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(place, 0)) ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(place, 1))) {
+            PyErr_SetString(PyExc_TypeError, "dispatch must be a tuple of (str, str)");
+            return NULL;
+        }
     }
     if (!PyExceptionClass_Check(itype)) {
         PyErr_SetString(PyExc_TypeError, "interrupt_type must be an exception class");
@@ -48,6 +57,7 @@ mod_install(PyObject *mod, PyObject *args)
         return NULL;
     }
     exempt = Py_NewRef(dirs);
+    dispatch = Py_NewRef(places);
     scope_var = Py_NewRef(var);
     deliver_cb = Py_NewRef(cb);
     interrupt_type = Py_NewRef(itype);
@@ -237,8 +247,8 @@ mod_dict_fragile(PyObject *mod, PyObject *unused)
 
 static PyMethodDef mod_methods[] = {
     {"install", mod_install, METH_VARARGS,
-     "install(var, deliver, exempt_dirs, main_thread_ident, interrupt_type): set the hook up "
-     "and the delivery thread's lock; once per process."},
+     "install(var, deliver, exempt_dirs, dispatch, main_thread_ident, interrupt_type): set the "
+     "hook up and the delivery thread's lock; once per process."},
     {"installed", mod_installed, METH_NOARGS, "Has install() run?"},
     {"delivery_loop", mod_delivery_loop, METH_NOARGS,
      "The delivery thread's body: run it in a thread of its own, once after install() "
