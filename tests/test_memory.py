@@ -123,6 +123,55 @@ def test_a_scope_starts_from_nothing_where_spent_scopes_counters_are_reused() ->
     del block
 
 
+def test_blocks_of_4_mib_and_more_are_held_exactly_as_they_come_grow_and_go() -> None:
+    # A table entry packs a weight below 4 MiB - 1 into 22 bits; the larger ones live in
+    # a second table. Sizes on both sides of the boundary, a block grown across it by
+    # realloc, and frees in another order than the allocations.
+    sizes = [4 * MiB - 2, 4 * MiB - 1, 4 * MiB, 9 * MiB + 7, 64 * MiB]
+    with gotcha.Context(track_memory=True, exact_memory=True) as ctx:
+        base = ctx.memory().current  # type: ignore[union-attr]
+        blocks = [bytearray(n) for n in sizes]
+        held = ctx.memory().current - base  # type: ignore[union-attr]
+        assert sum(sizes) <= held < sum(sizes) + len(sizes) * KiB, held
+        grown = bytearray(4 * MiB - 100)
+        grown.extend(bytes(200))  # realloc past the boundary, with bytearray's eighth more
+        after = ctx.memory().current - base  # type: ignore[union-attr]
+        # the old block's weight credited: without, after would be held + 8.5 MiB
+        assert held + 4 * MiB + 100 <= after < held + 4 * MiB * 9 // 8 + 2 * KiB, (held, after)
+        for i in (3, 0, 4, 1, 2):
+            before = ctx.memory().current  # type: ignore[union-attr]
+            blocks[i] = bytearray()
+            freed = before - ctx.memory().current  # type: ignore[union-attr]
+            assert sizes[i] <= freed < sizes[i] + KiB, (i, freed)
+        del grown
+        assert ctx.memory().current - base < SLACK  # type: ignore[union-attr]
+
+
+def test_many_scopes_whose_blocks_outlive_them_are_each_credited_at_the_free() -> None:
+    # An entry names its scope's counters by an index, reused once they are spent: 500
+    # scopes (more than the 64 kept spare) each leave a block behind inside one parent,
+    # which must be credited each one's size when it goes, in any order.
+    with gotcha.Context(track_memory=True, exact_memory=True) as outer:
+        base = outer.memory().current  # type: ignore[union-attr]
+        kept = []
+        for i in range(500):
+            with gotcha.Context(parent=outer):
+                kept.append(bytearray(1000 + i))
+        held = outer.memory().current - base  # type: ignore[union-attr]
+        want = sum(1000 + i for i in range(500))
+        assert want <= held < want + 500 * 200, (held, want)
+        random.Random(3).shuffle(kept)
+        while kept:
+            kept.pop()
+        assert outer.memory().current - base < SLACK  # type: ignore[union-attr]
+    for _ in range(3):  # the indices given back serve the next scopes
+        with gotcha.Context(track_memory=True, exact_memory=True) as fresh:
+            block = bytearray(10_000)
+            current = fresh.memory().current  # type: ignore[union-attr]
+        assert 10_000 <= current < 10_000 + KiB, current
+        del block
+
+
 def test_held_memory_stays_exact_while_blocks_sharing_filter_slots_come_and_go() -> None:
     # A free first asks a filter of 65,536 slots whether its block may be recorded:
     # 300,000 blocks put several in most slots, and a slot must answer yes until the last

@@ -163,6 +163,7 @@ typedef struct Held {
     uint64_t base_rate;    /* the scope's rate (see held_retune); 0: every block, exactly */
     uint64_t rate;         /* mean bytes between samples now */
     double inv_rate;
+    uint32_t idx;          /* in held.c's registry, which table entries name */
 } Held;
 
 #define SITE_FRAMES 4

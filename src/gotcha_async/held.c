@@ -13,13 +13,29 @@
  */
 #include "_meter.h"
 
-typedef struct { uintptr_t key; Held *held; size_t size; uint32_t site; } Entry;
+/* 16 bytes a block: at 500 requests in flight the table holds 130,000 of
+ * them, and every insert and removal is a cache miss into it; at 32 (a
+ * pointer for the scope, a size_t for the weight) the exact mode took 1.15
+ * times as long. The scope is an index into held_reg, the weight past
+ * WEIGHT_BIG lives in a second table of its own (blocks of 4 MiB and more are
+ * few). */
+typedef struct { uintptr_t key; uint64_t info; } Entry;
+#define HELD_BITS 22
+#define SITE_BITS 20
+#define WEIGHT_BITS 22
+#define WEIGHT_BIG ((1ull << WEIGHT_BITS) - 1)
+#define MAX_HELD (1u << HELD_BITS)
 
-static Entry *table;
-static size_t table_cap;
-#define TABLE_KEEP 65536   /* slots (2 MiB) of an empty table kept for the next burst */
-static int table_shift;    /* 64 - log2(table_cap): the hash keeps the top bits */
-size_t table_count;
+typedef struct {
+    Entry *slot;
+    size_t cap, count;
+    int shift;      /* 64 - log2(cap): the hash keeps the top bits */
+} Table;
+
+static Table blocks;   /* every recorded block: info packs its Held, site and weight */
+static Table big;      /* the weights of blocks of WEIGHT_BIG and more: info is the weight */
+#define TABLE_KEEP 65536   /* slots (1 MiB) of an empty table kept for the next burst */
+size_t table_count;        /* blocks.count, for the free hook */
 static uint8_t held_filter[1 << FILTER_BITS];   /* the counts */
 uint64_t held_bits[(1 << FILTER_BITS) / 64];
 
@@ -71,14 +87,57 @@ Py_ssize_t live_holders;
 static Held *spare_held[SPARE_HELD];
 static int n_spare_held;
 
+/* index -> counters, so that an entry names its scope in 22 bits; 0 is none */
+static Held **held_reg;
+static uint32_t held_reg_cap, held_reg_used = 1;
+static uint32_t *free_idx;      /* indices given back, reused first */
+static uint32_t n_free_idx;
+
+static int
+held_register(Held *h)
+{
+    if (n_free_idx > 0) {
+        h->idx = free_idx[--n_free_idx];
+    }
+    else {
+        if (held_reg_used == MAX_HELD) {
+            return -1;
+        }
+        if (held_reg_used >= held_reg_cap) {
+            uint32_t cap = held_reg_cap ? held_reg_cap * 2 : 256;
+            Held **reg = realloc(held_reg, cap * sizeof(Held *));
+            if (reg == NULL) {
+                return -1;
+            }
+            held_reg = reg;
+            uint32_t *fi = realloc(free_idx, cap * sizeof(uint32_t));
+            if (fi == NULL) {
+                return -1;   /* the larger registry is kept: fine, cap is not raised */
+            }
+            free_idx = fi;
+            held_reg_cap = cap;
+        }
+        h->idx = held_reg_used++;
+    }
+    held_reg[h->idx] = h;
+    return 0;
+}
+
 Held *
 held_new(void)
 {
     if (n_spare_held == 0) {
-        return calloc(1, sizeof(Held));
+        Held *h = calloc(1, sizeof(Held));
+        if (h != NULL && held_register(h) < 0) {
+            free(h);
+            return NULL;
+        }
+        return h;
     }
     Held *h = spare_held[--n_spare_held];
+    uint32_t idx = h->idx;   /* a spare keeps its index */
     memset(h, 0, sizeof *h);
+    h->idx = idx;
     return h;
 }
 
@@ -91,6 +150,8 @@ held_release(Held *h)
             spare_held[n_spare_held++] = h;
         }
         else {
+            held_reg[h->idx] = NULL;
+            free_idx[n_free_idx++] = h->idx;
             free(h);
         }
         h = parent;
@@ -109,33 +170,100 @@ held_decref(Held *h)
 /* Fibonacci hashing: one multiply, one shift, and the top bits mix every bit
  * of the address. */
 static inline size_t
-slot_of(uintptr_t p)
+slot_of(const Table *t, uintptr_t p)
 {
-    return (size_t)(((uint64_t)p * 0x9E3779B97F4A7C15ull) >> table_shift);
+    return (size_t)(((uint64_t)p * 0x9E3779B97F4A7C15ull) >> t->shift);
 }
 
 static int
-table_grow(void)
+t_grow(Table *t)
 {
-    size_t old_cap = table_cap, cap = old_cap ? old_cap * 2 : 1024;
-    Entry *old = table, *fresh = calloc(cap, sizeof(Entry));
+    size_t old_cap = t->cap, cap = old_cap ? old_cap * 2 : 1024;
+    Entry *old = t->slot, *fresh = calloc(cap, sizeof(Entry));
     if (fresh == NULL) {
         return -1;
     }
-    table = fresh;
-    table_cap = cap;
-    table_shift = 64 - ctz64((uint64_t)cap);
+    t->slot = fresh;
+    t->cap = cap;
+    t->shift = 64 - ctz64((uint64_t)cap);
     for (size_t i = 0; i < old_cap; i++) {
         if (old[i].key) {
-            size_t j = slot_of(old[i].key);
-            while (table[j].key) {
+            size_t j = slot_of(t, old[i].key);
+            while (fresh[j].key) {
                 j = (j + 1) & (cap - 1);
             }
-            table[j] = old[i];
+            fresh[j] = old[i];
         }
     }
     free(old);
     return 0;
+}
+
+static inline size_t
+t_find(const Table *t, uintptr_t p)
+{
+    if (t->count == 0) {
+        return SIZE_MAX;
+    }
+    size_t mask = t->cap - 1, i = slot_of(t, p);
+    while (t->slot[i].key != p) {
+        if (t->slot[i].key == 0) {
+            return SIZE_MAX;
+        }
+        i = (i + 1) & mask;
+    }
+    return i;
+}
+
+/* The slot of p, or the free one it would take (the table grown first). */
+static inline size_t
+t_place(Table *t, uintptr_t p)
+{
+    if ((t->count + 1) * 2 > t->cap && t_grow(t) < 0) {
+        return SIZE_MAX;
+    }
+    size_t i = slot_of(t, p);
+    while (t->slot[i].key && t->slot[i].key != p) {
+        i = (i + 1) & (t->cap - 1);
+    }
+    return i;
+}
+
+/* Empty slot i: backward-shift pulls later members of its cluster into the
+ * hole (no tombstones). An emptied table larger than TABLE_KEEP goes back:
+ * after a burst it would stay at its largest, while a small one stays, or
+ * scopes used one after another would build it anew. */
+static void
+t_delete(Table *t, size_t i)
+{
+    size_t mask = t->cap - 1, hole = i;
+    t->count--;
+    for (size_t j = (i + 1) & mask; t->slot[j].key; j = (j + 1) & mask) {
+        size_t home = slot_of(t, t->slot[j].key);
+        if (((j - home) & mask) >= ((j - hole) & mask)) {
+            t->slot[hole] = t->slot[j];
+            hole = j;
+        }
+    }
+    t->slot[hole].key = 0;
+    if (t->count == 0 && t->cap > TABLE_KEEP) {
+        free(t->slot);
+        *t = (Table){0};
+    }
+}
+
+/* Every entry gone; the slots of a table up to TABLE_KEEP are kept. */
+static void
+t_clear(Table *t)
+{
+    if (t->cap > TABLE_KEEP) {
+        free(t->slot);
+        *t = (Table){0};
+    }
+    else if (t->slot != NULL) {
+        memset(t->slot, 0, t->cap * sizeof(Entry));
+        t->count = 0;
+    }
 }
 
 static void
@@ -146,17 +274,27 @@ held_credit(Held *h, size_t size)
     }
 }
 
-static inline size_t
-find(uintptr_t p)
+static inline Held *
+entry_held(const Entry *e)
 {
-    size_t mask = table_cap - 1, i = slot_of(p);
-    while (table[i].key != p) {
-        if (table[i].key == 0) {
-            return SIZE_MAX;
-        }
-        i = (i + 1) & mask;
+    return held_reg[e->info & (MAX_HELD - 1)];
+}
+
+static inline uint32_t
+entry_site(const Entry *e)
+{
+    return (uint32_t)(e->info >> HELD_BITS) & ((1u << SITE_BITS) - 1);
+}
+
+static inline size_t
+entry_weight(const Entry *e)
+{
+    uint64_t w = e->info >> (HELD_BITS + SITE_BITS);
+    if (w == WEIGHT_BIG) {
+        size_t i = t_find(&big, e->key);
+        return i == SIZE_MAX ? 0 : (size_t)big.slot[i].info;
     }
-    return i;
+    return (size_t)w;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -293,76 +431,80 @@ site_frames(uint32_t id)
 Held *
 table_lookup(uintptr_t p, size_t *size)
 {
-    if (table_count == 0) {
-        return NULL;
-    }
-    size_t i = find(p);
+    size_t i = t_find(&blocks, p);
     if (i == SIZE_MAX) {
         return NULL;
     }
-    *size = table[i].size;
-    return table[i].held;
+    *size = entry_weight(&blocks.slot[i]);
+    return entry_held(&blocks.slot[i]);
+}
+
+static void
+remove_at(size_t i)
+{
+    Entry *e = &blocks.slot[i];
+    Held *h = entry_held(e);
+    if (e->info >> (HELD_BITS + SITE_BITS) == WEIGHT_BIG) {
+        size_t j = t_find(&big, e->key);
+        if (j != SIZE_MAX) {
+            held_credit(h, (size_t)big.slot[j].info);
+            t_delete(&big, j);
+        }
+    }
+    else {
+        held_credit(h, (size_t)(e->info >> (HELD_BITS + SITE_BITS)));
+    }
+    held_decref(h);
+    filter_remove(e->key);
+    t_delete(&blocks, i);
+    table_count = blocks.count;
+    if (table_count == 0 && filter_saturated) {
+        filter_clear();
+    }
 }
 
 /* Forget p if it is a held block, crediting its scopes. */
 void
 table_remove(uintptr_t p)
 {
-    size_t mask = table_cap - 1, i = find(p);
-    if (i == SIZE_MAX) {
-        return;
-    }
-    Held *h = table[i].held;
-    held_credit(h, table[i].size);
-    held_decref(h);
-    filter_remove(p);
-    table_count--;
-    /* backward-shift: pull later members of the cluster into the hole */
-    size_t hole = i;
-    for (size_t j = (i + 1) & mask; table[j].key; j = (j + 1) & mask) {
-        size_t home = slot_of(table[j].key);
-        if (((j - home) & mask) >= ((j - hole) & mask)) {
-            table[hole] = table[j];
-            hole = j;
-        }
-    }
-    table[hole].key = 0;
-    if (table_count == 0 && filter_saturated) {
-        filter_clear();
-    }
-    if (table_count == 0 && table_cap > TABLE_KEEP) {
-        /* after a burst the table would stay at its largest: give it back; a
-         * small one stays, or scopes used one after another would build it anew */
-        free(table);
-        table = NULL;
-        table_cap = 0;
+    size_t i = t_find(&blocks, p);
+    if (i != SIZE_MAX) {
+        remove_at(i);
     }
 }
 
 int
-table_insert(uintptr_t p, Held *h, size_t size, uint32_t site)
+table_insert(uintptr_t p, Held *h, size_t weight, uint32_t site)
 {
-    if ((table_count + 1) * 2 > table_cap && table_grow() < 0) {
+    size_t i = t_place(&blocks, p);
+    if (i == SIZE_MAX) {
         return -1;
     }
-    /* one probe finds the free slot, or a stale entry for a recycled address
-     * (a block freed while the hook was out of the chain) */
-    size_t i = slot_of(p);
-    while (table[i].key && table[i].key != p) {
-        i = (i + 1) & (table_cap - 1);
+    if (blocks.slot[i].key == p) {
+        /* a stale entry for a recycled address (a block freed while the hook
+         * was out of the chain): rare, so the plain way */
+        remove_at(i);
+        i = t_place(&blocks, p);
+        if (i == SIZE_MAX) {
+            return -1;
+        }
     }
-    if (table[i].key == p) {
-        held_credit(table[i].held, table[i].size);
-        held_decref(table[i].held);
+    uint64_t w = weight;
+    if (weight >= WEIGHT_BIG) {
+        size_t j = t_place(&big, p);
+        if (j == SIZE_MAX) {
+            return -1;
+        }
+        if (big.slot[j].key == 0) {
+            big.count++;
+        }
+        big.slot[j] = (Entry){p, (uint64_t)weight};
+        w = WEIGHT_BIG;
     }
-    else {
-        table_count++;
-        filter_add(p);
-    }
-    table[i].key = p;
-    table[i].held = h;
-    table[i].size = size;
-    table[i].site = site;
+    blocks.slot[i] = (Entry){p, (uint64_t)h->idx | (uint64_t)site << HELD_BITS
+                                    | w << (HELD_BITS + SITE_BITS)};
+    table_count = ++blocks.count;
+    filter_add(p);
     h->refcnt++;
     return 0;
 }
@@ -374,25 +516,20 @@ table_insert(uintptr_t p, Held *h, size_t size, uint32_t site)
 void
 table_purge(void)
 {
-    for (size_t i = 0, left = table_count; left > 0; i++) {
-        if (table[i].key) {
-            held_decref(table[i].held);
-            table[i].key = 0;
+    for (size_t i = 0, left = blocks.count; left > 0; i++) {
+        if (blocks.slot[i].key) {
+            held_decref(entry_held(&blocks.slot[i]));
             left--;
         }
     }
+    /* a table up to TABLE_KEEP is kept for the next burst: built anew, it
+     * would grow through every size again, each growth a rehash (at 500
+     * requests in flight, 3,000 instructions a request); a larger one goes back */
+    t_clear(&blocks);
+    t_clear(&big);
     table_count = 0;
     filter_clear();
     sites_clear();
-    if (table_cap > TABLE_KEEP) {
-        /* a table up to TABLE_KEEP is kept for the next burst, emptied already (the
-         * loop above cleared each entry): built anew, it would grow through every
-         * size again, each growth a rehash (at 500 requests in flight, 3,000
-         * instructions a request); a larger one goes back */
-        free(table);
-        table = NULL;
-        table_cap = 0;
-    }
     step_aside_if_idle();
 }
 
@@ -401,21 +538,23 @@ table_purge(void)
 PyObject *
 table_blocks_of(Held *target)
 {
+    typedef struct { size_t weight; uint32_t site; } Found;
     size_t n = 0, cap = 64;
-    Entry *found = malloc(cap * sizeof(Entry));
+    Found *found = malloc(cap * sizeof(Found));
     if (found == NULL) {
         return PyErr_NoMemory();
     }
-    for (size_t i = 0; i < table_cap; i++) {
-        if (!table[i].key) {
+    for (size_t i = 0; i < blocks.cap; i++) {
+        const Entry *e = &blocks.slot[i];
+        if (!e->key) {
             continue;
         }
-        for (Held *h = table[i].held; h != NULL; h = h->parent) {
+        for (Held *h = entry_held(e); h != NULL; h = h->parent) {
             if (h != target) {
                 continue;
             }
             if (n == cap) {
-                Entry *more = realloc(found, 2 * cap * sizeof(Entry));
+                Found *more = realloc(found, 2 * cap * sizeof(Found));
                 if (more == NULL) {
                     free(found);
                     return PyErr_NoMemory();
@@ -423,7 +562,7 @@ table_blocks_of(Held *target)
                 found = more;
                 cap *= 2;
             }
-            found[n++] = table[i];
+            found[n++] = (Found){entry_weight(e), entry_site(e)};
             break;
         }
     }
@@ -435,7 +574,7 @@ table_blocks_of(Held *target)
             Py_CLEAR(out);
             break;
         }
-        PyObject *item = Py_BuildValue("(nN)", (Py_ssize_t)found[i].size, tb);
+        PyObject *item = Py_BuildValue("(nN)", (Py_ssize_t)found[i].weight, tb);
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
             Py_CLEAR(out);
