@@ -9,6 +9,7 @@
  *   meter.c    the Meter type (the C half of gotcha_async.Context) and Ready
  *   module.c   module functions and init
  *   runtime.c  where the interpreter keeps the thread state, for the hook to read
+ *   caller.c   whose C asked for an allocation: may a hard scope refuse it?
  *
  * Everything here is guarded by the main interpreter's GIL: the hooked domains
  * are only called with a GIL held, and the hooks pass other interpreters'
@@ -334,11 +335,20 @@ int code_line(PyCodeObject *code, int lasti);
 int stack_spilled(PyThreadState *ts);
 int code_is_machinery(PyCodeObject *code);
 int frame_is_user(PyThreadState *ts);
+int frames_importing(PyThreadState *ts);   /* walks the whole stack: stops only */
 void frames_site(PyThreadState *ts, Site *s);
 int frames_same_site(PyThreadState *ts, uint32_t *site);
 void frames_remember_site(uint32_t site);
 void frames_forget_site(void);
 int frames_init(void);
+
+/* ------------------------------------------------------------------------ */
+/* The caller of an allocation (caller.c)                                   */
+
+void caller_init(void);        /* under the GIL, outside the hook */
+int caller_is_cpython(void);   /* 1: CPython's own C asked, from the innermost eval loop */
+int caller_ready(void);        /* 0: refusals are off on this build or platform */
+int caller_trust_dir(const char *dir);   /* the stdlib's extension modules; -1: no memory */
 
 /* ------------------------------------------------------------------------ */
 /* Delivery (deliver.c)                                                     */

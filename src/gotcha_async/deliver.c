@@ -178,7 +178,7 @@ interrupt_here(void)
         Meter *m = take_request(i);
         int go = m->state == S_ENTERED && interrupt_type != NULL && !PyErr_Occurred() &&
                  frame != NULL && top_frame(ts) == frame && frame_is_user(ts) &&
-                 in_scope_of(current_meter(), m);
+                 !frames_importing(ts) && in_scope_of(current_meter(), m);
         if (!go && m->state == S_ENTERED) {
             settle();
             m->rearm = 1;
@@ -259,7 +259,7 @@ interrupt_remote(void)
         PyThreadState *t = find_thread(ident);
         int go = t != NULL && m->state == S_ENTERED && interrupt_type != NULL &&
                  t->async_exc == NULL && frame != NULL && top_frame(t) == frame &&
-                 frame_is_user(t) && context_in_scope(t->context, m);
+                 frame_is_user(t) && !frames_importing(t) && context_in_scope(t->context, m);
         if (go) {
             PyThreadState_SetAsyncExc(ident, interrupt_type);
         }

@@ -303,13 +303,38 @@ frames_site(PyThreadState *ts, Site *s)
  * step would break the loop for every task. */
 static PyObject *frozen_prefix;   /* "<frozen ", made at init: the hook may not allocate */
 static PyObject *attrs_prefix;    /* "<attrs generated", the file of attrs' methods */
+static PyObject *import_prefix;   /* "<frozen importlib._bootstrap", both of its files */
 
 int
 frames_init(void)
 {
     frozen_prefix = PyUnicode_InternFromString("<frozen ");
     attrs_prefix = PyUnicode_InternFromString("<attrs generated");
-    return frozen_prefix == NULL || attrs_prefix == NULL ? -1 : 0;
+    import_prefix = PyUnicode_InternFromString("<frozen importlib._bootstrap");
+    return frozen_prefix == NULL || attrs_prefix == NULL || import_prefix == NULL ? -1 : 0;
+}
+
+/* Is the thread importing a module? A module's body runs under the import
+ * system, which may have been called by an extension's init (orjson imports
+ * uuid and never checks the result: a SIGSEGV when a hard scope's interrupt
+ * stopped uuid's body). Nothing is refused or interrupted until the import is
+ * over; the first boundary after it stops the code. Walks the whole stack:
+ * call it only where a stop is about to be made. */
+int
+frames_importing(PyThreadState *ts)
+{
+    if (import_prefix == NULL || ts == NULL) {
+        return 1;
+    }
+    int n = 0;
+    for (void *f = top_frame(ts); f != NULL && n < 4096; f = older_frame(f), n++) {
+        PyCodeObject *c = frame_code(f);
+        if (c != NULL && PyUnicode_Tailmatch(c->co_filename, import_prefix, 0,
+                                             PY_SSIZE_T_MAX, -1) == 1) {
+            return 1;
+        }
+    }
+    return 0;
 }
 
 static int

@@ -794,7 +794,8 @@ refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size)
         }
         PyThreadState *ts = tstate_unchecked();
         if (PyErr_Occurred() || !frame_is_user(ts) || !stack_spilled(ts) ||
-            (dict_fragile && (dict_fragile == 2 || is_dict_table_size((size_t)bytes)))) {
+            (dict_fragile && (dict_fragile == 2 || is_dict_table_size((size_t)bytes))) ||
+            frames_importing(ts) || !caller_is_cpython()) {
             return 0;   /* only counted; the interrupt stops the code later */
         }
         if (m->reached[r] < would) {

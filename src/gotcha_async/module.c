@@ -51,6 +51,7 @@ mod_install(PyObject *mod, PyObject *args)
     if (probe_dict_growth() < 0) {
         return NULL;
     }
+    caller_init();
     main_ident = ident;
     if (start_delivery() < 0) {
         PyErr_SetString(PyExc_RuntimeError, "cannot make the delivery thread's lock");
@@ -245,6 +246,31 @@ mod_dict_fragile(PyObject *mod, PyObject *unused)
     return PyLong_FromLong(dict_fragile);
 }
 
+static PyObject *
+mod_refusals(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return PyBool_FromLong(caller_ready());
+}
+
+static PyObject *
+mod_trust_stdlib(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    const char *dir = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    if (dir == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_Format(PyExc_TypeError, "dir must be a str, not %.100s", Py_TYPE(arg)->tp_name);
+        }
+        return NULL;
+    }
+    if (caller_trust_dir(dir) < 0) {
+        return PyErr_NoMemory();
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef mod_methods[] = {
     {"install", mod_install, METH_VARARGS,
      "install(var, deliver, exempt_dirs, dispatch, main_thread_ident, interrupt_type): set the "
@@ -280,6 +306,12 @@ static PyMethodDef mod_methods[] = {
     {"dict_fragile", mod_dict_fragile, METH_NOARGS,
      "After install(): 0 if a dict survives a failed resize here; 1 if not, and the sizes "
      "of its tables are never refused; 2 if not, and nothing is refused."},
+    {"trust_stdlib", mod_trust_stdlib, METH_O,
+     "trust_stdlib(dir): the standard library's extension modules are loaded from dir: "
+     "their C is CPython's own, whose allocations a hard scope may refuse."},
+    {"refusals", mod_refusals, METH_NOARGS,
+     "After install(): can a hard scope refuse an allocation here (can it tell that "
+     "CPython's own C asked for it)? If not, growth is only ever interrupted."},
     {NULL},
 };
 
