@@ -4,6 +4,10 @@ Everything else about the project is in ``pyproject.toml``. Compiler flags are c
 once the compiler is known, because MSVC and the GCC-style compilers (gcc, clang, mingw)
 spell them differently and reject each other's.
 
+``GOTCHA_UNCHECKED=1`` builds the extension as it is built for a CPython whose private
+layouts it was not checked on (no frames read: no interrupts, refusals or allocation
+sites): CI runs the suite against such a build, so that the degraded path keeps working.
+
 ``GOTCHA_STRICT=1`` turns warnings into errors (``-Wall -Wextra -Werror``, or ``/W4 /WX``):
 CI builds that way with gcc and clang, so a new warning fails there instead of scrolling by
 in a user's install. Two ``-Wextra`` warnings are left out, as CPython's own build leaves
@@ -33,6 +37,10 @@ def strict() -> bool:
     return os.environ.get("GOTCHA_STRICT", "") not in ("", "0")
 
 
+def unchecked() -> bool:
+    return os.environ.get("GOTCHA_UNCHECKED", "") not in ("", "0")
+
+
 class BuildExt(build_ext):
     def build_extensions(self) -> None:
         if self.compiler.compiler_type == "msvc":
@@ -56,6 +64,7 @@ setup(
             sources=SOURCES,
             # a changed header rebuilds every file, as none says which headers it includes
             depends=sorted(glob(f"{PACKAGE}/*.h")),
+            define_macros=[("GOTCHA_UNCHECKED", "1")] if unchecked() else [],
         )
     ],
     cmdclass={"build_ext": BuildExt},

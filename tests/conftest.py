@@ -27,3 +27,22 @@ def pytest_asyncio_loop_factories(
     if uvloop is not None:
         factories["uvloop"] = uvloop.new_event_loop
     return factories
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "needs_frames: needs the interpreter's frames read (interrupts, refusals, sites): "
+        "skipped on a build for a CPython it was not checked on (GOTCHA_UNCHECKED=1)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from gotcha_async import _meter
+
+    if _meter.checked():
+        return
+    skip = pytest.mark.skip(reason="a build for an unchecked CPython reads no frames")
+    for item in items:
+        if item.get_closest_marker("needs_frames") is not None:
+            item.add_marker(skip)

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import tracemalloc
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from . import _meter
@@ -75,6 +76,13 @@ def machinery_dirs() -> tuple[str, ...]:
         elif spec is not None and spec.origin:
             paths.append(spec.origin)
     return tuple(paths)
+
+
+UNCHECKED = (
+    f"gotcha-async was not checked on CPython {sys.version.split()[0]}: hard limits and "
+    "ceilings cannot stop code that never awaits here, and allocation sites are not "
+    "recorded; soft limits, counting and cancellation work"
+)
 
 
 def stdlib_native_dir() -> str | None:
@@ -152,6 +160,8 @@ def ensure_installed() -> None:
                 _meter.trust_stdlib(stdlib_native)
             _meter.install(scope_var, _deliver, machinery_dirs(), dispatch_frames(), main,
                            HardLimitError)
+            if not _meter.checked():
+                warnings.warn(UNCHECKED, RuntimeWarning, stacklevel=2)
         # each flag is set after its step: interrupted in between, a step runs twice on
         # the retry, which is harmless (a second delivery thread, a second fork handler)
         if "delivery" not in _done:

@@ -67,6 +67,16 @@ ctz64(uint64_t x)
 }
 #endif
 
+/* The versions whose private layouts (frames.c's frames) were read and tested: 3.11 to 3.15, with the
+ * GIL. On any other, or in a build made to pretend so (GOTCHA_UNCHECKED=1 at
+ * build time, which CI runs the suite with), no frame is read: no interrupts,
+ * refusals or allocation sites; soft limits and cancellation still work, and
+ * Python warns once (_meter.checked()). */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x03100000 && \
+    !defined(Py_GIL_DISABLED) && !defined(GOTCHA_UNCHECKED)
+#  define GOTCHA_CHECKED 1
+#endif
+
 static inline PyThreadState *
 tstate_unchecked(void)
 {

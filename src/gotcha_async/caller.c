@@ -187,7 +187,7 @@ measure_stops(void)
 void
 caller_init(void)
 {
-#ifdef HAVE_UNWIND
+#if defined(HAVE_UNWIND) && defined(GOTCHA_CHECKED)
     if (ready) {
         return;
     }

@@ -247,6 +247,18 @@ mod_dict_fragile(PyObject *mod, PyObject *unused)
 }
 
 static PyObject *
+mod_checked(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+#ifdef GOTCHA_CHECKED
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject *
 mod_refusals(PyObject *mod, PyObject *unused)
 {
     (void)mod;
@@ -309,6 +321,9 @@ static PyMethodDef mod_methods[] = {
     {"trust_stdlib", mod_trust_stdlib, METH_O,
      "trust_stdlib(dir): the standard library's extension modules are loaded from dir: "
      "their C is CPython's own, whose allocations a hard scope may refuse."},
+    {"checked", mod_checked, METH_NOARGS,
+     "Was this build made for a CPython whose private layouts were checked (3.11 to "
+     "3.15)? If not, no frame is read: no interrupts, refusals or allocation sites."},
     {"refusals", mod_refusals, METH_NOARGS,
      "After install(): can a hard scope refuse an allocation here (can it tell that "
      "CPython's own C asked for it)? If not, growth is only ever interrupted."},
