@@ -85,7 +85,11 @@ def asgi_app(seen: Seen) -> Callable[..., Any]:
                     return
         path = scope["path"]
         seen.note(path)
-        if path == "/ok":  # the harness's own check that the server is still up
+        if scope["type"] == "websocket":
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": 1000})
+        elif path == "/ok":  # the harness's own check that the server is still up
             await respond(send, b"ok")
         elif path == "/echo":
             # streamed both ways: the body read as it comes, answered chunk by chunk
@@ -95,8 +99,10 @@ def asgi_app(seen: Seen) -> Callable[..., Any]:
                 message = await receive()
                 chunks.append(message.get("body", b""))
                 more = message.get("more_body", False)
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/octet-stream")]})
+            headers = [(b"content-type", b"application/octet-stream")]
+            if scope["query_string"] == b"length":  # else chunked
+                headers.append((b"content-length", str(sum(map(len, chunks))).encode()))
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             for chunk in chunks:
                 if chunk:
                     await send({"type": "http.response.body", "body": chunk,
@@ -133,6 +139,8 @@ def aiohttp_app(seen: Seen, **limits: Any) -> Any:
         seen.note(request.path)
         chunks = [chunk async for chunk in request.content.iter_chunked(CHUNK)]
         response = web.StreamResponse()
+        if request.query_string == "length":  # else chunked
+            response.content_length = sum(map(len, chunks))
         await response.prepare(request)
         for chunk in chunks:
             await response.write(chunk)
@@ -143,7 +151,15 @@ def aiohttp_app(seen: Seen, **limits: Any) -> Any:
         seen.note(request.path)
         return web.Response(text=str(len(await work())))
 
+    async def websocket(request: web.Request) -> web.WebSocketResponse:
+        seen.note(request.path)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.close()
+        return ws
+
     app = web.Application(client_max_size=64 * MiB)
+    app.router.add_get("/ws", websocket)
     setup(app, **limits)
     app.router.add_get("/ok", ok)
     app.router.add_post("/echo", echo)
@@ -460,3 +476,47 @@ def test_two_middlewares_on_one_request_still_nest() -> None:
     for ctx, outer in zip(inner, outer_scopes, strict=False):
         assert ctx.parent is outer and outer.parent is None
         assert outer.used().bytes >= ctx.used().bytes >= WORK
+
+
+UPGRADE = (
+    b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+ECHOED = 2 * MiB  # more than a server buffers before it pauses reading
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_a_websocket_after_keep_alive_requests_is_on_its_own(kind: str) -> None:
+    # the upgrade arrives on a connection whose earlier requests are over: on uvicorn's
+    # asyncio loop its task starts in the context of the last one that resumed reading
+    # (a body larger than the server buffers)
+    seen = Seen()
+    body = bytes(range(256)) * (ECHOED // 256)
+    with server(kind, seen, bytes=BUDGET) as port, socket.create_connection(
+        ("127.0.0.1", port), timeout=START_TIMEOUT
+    ) as conn:
+        for _ in range(2):
+            conn.sendall(b"POST /echo?length HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            head, rest = read_head(conn, b"")
+            assert head[0].split()[1] == "200", head
+            while len(rest) < len(body):
+                data = conn.recv(1 << 16)
+                assert data, "the server closed the connection"
+                rest += data
+            assert rest == body
+        conn.sendall(UPGRADE)
+        head, _ = read_head(conn, b"")
+        assert head[0].split()[1] == "101", head  # accepted: the handler has run
+    assert [path for path, _ in seen.requests][:3] == ["/echo", "/echo", "/ws"]
+    assert_isolated(seen, 3)
+
+
+def read_head(conn: socket.socket, buffer: bytes) -> tuple[list[str], bytes]:
+    """A response's status line and headers, and what came after them."""
+    while b"\r\n\r\n" not in buffer:
+        data = conn.recv(1 << 16)
+        assert data, "the server closed the connection"
+        buffer += data
+    head, rest = buffer.split(b"\r\n\r\n", 1)
+    return head.decode("latin-1").split("\r\n"), rest
