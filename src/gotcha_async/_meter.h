@@ -287,7 +287,6 @@ meter_path(struct Meter *m)
 extern PyTypeObject MeterType;
 extern PyTypeObject GuardType, ReceiveGuardType;
 int meter_exceeded(struct Meter *m);   /* its own limit or a live ancestor's broken */
-struct Meter *meter_live(struct Meter *m);   /* m or its nearest entered ancestor, or NULL */
 int guard_init(void);                  /* guard.c: SendGuard's and ReceiveGuard's types */
 extern PyTypeObject ReadyType;
 extern PyObject *ready_true, *ready_none;

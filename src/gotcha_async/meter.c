@@ -346,15 +346,6 @@ parent_for(const Meter *m, Meter *outer)
     return found;
 }
 
-Meter *
-meter_live(Meter *m)
-{
-    while (m != NULL && m->state == S_EXITED) {
-        m = m->parent;
-    }
-    return m;
-}
-
 static PyObject *
 Meter_set_parent(Meter *m, PyObject *p)
 {
