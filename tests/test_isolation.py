@@ -179,11 +179,11 @@ def listening_socket() -> socket.socket:
 
 
 @contextlib.contextmanager
-def in_thread(run: Callable[[threading.Event, list[Callable[[], None]]], None]) -> Iterator[None]:
+def in_thread(run: Callable[[threading.Event, list[Callable[[], object]]], None]) -> Iterator[None]:
     """Run a server's loop in a thread: run(ready, stoppers) sets ready once it serves
     and puts in stoppers a thread-safe way to make it return."""
     ready = threading.Event()
-    stoppers: list[Callable[[], None]] = []
+    stoppers: list[Callable[[], object]] = []
     failed: list[BaseException] = []
 
     def target() -> None:
@@ -218,7 +218,7 @@ def hypercorn_serving(app: Any, backend: str) -> Iterator[int]:
     config.loglevel = "WARNING"
     config.graceful_timeout = 1.0
 
-    def run(ready: threading.Event, stoppers: list[Callable[[], None]]) -> None:
+    def run(ready: threading.Event, stoppers: list[Callable[[], object]]) -> None:
         if backend == "trio":
             import trio
             from hypercorn.trio import serve as trio_serve
@@ -253,7 +253,7 @@ def aiohttp_serving(app: Any) -> Iterator[int]:
 
     ports: list[int] = []
 
-    def run(ready: threading.Event, stoppers: list[Callable[[], None]]) -> None:
+    def run(ready: threading.Event, stoppers: list[Callable[[], object]]) -> None:
         async def main() -> None:
             runner = web.AppRunner(app)
             await runner.setup()
