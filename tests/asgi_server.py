@@ -37,10 +37,11 @@ class Running:
 
 
 @contextlib.contextmanager
-def serving(app: Any, loop: str = "asyncio") -> Iterator[Running]:
+def serving(app: Any, loop: str = "asyncio", http: str = "auto") -> Iterator[Running]:
     """Run ``app`` under uvicorn on a free port of 127.0.0.1 in a thread, for the block."""
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", loop=loop
+        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", loop=loop,
+        http=http,
     )
     server = _Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)

@@ -486,6 +486,9 @@ class Context(_meter.Meter, anyio.CancelScope):
         out: list[int | None] = [None, None, None]
         scope: Context | None = self
         while scope is not None:  # a loop, not recursion: parent chains can be long
+            if scope is not self and scope._state == 2:
+                scope = scope.parent  # an ancestor that exited limits nothing any more
+                continue
             for i, (lim, used) in enumerate(zip(scope._limits[:3], scope._counts(), strict=True)):
                 if lim is not None:
                     own = max(lim - used, 0)
@@ -787,5 +790,12 @@ async def run(
 
 
 def current() -> Context | None:
-    """The innermost scope of the calling task (or thread), or ``None``."""
-    return _scope_var.get(None)
+    """The innermost scope of the calling task (or thread) that has not exited, or ``None``.
+
+    A task started inside a scope keeps it in its context after the scope exits; an
+    exited scope is frozen, so its nearest live ancestor is the current one then.
+    """
+    scope = _scope_var.get(None)
+    while scope is not None and scope._state == 2:
+        scope = scope.parent
+    return scope

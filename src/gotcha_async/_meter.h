@@ -269,6 +269,17 @@ typedef struct Meter {
     PyObject *limits_obj;      /* the 4-tuple of limits */
     PyObject *cancel_reason;   /* str or None */
     char has_ceiling, fail;
+    /* A request's scope (the middlewares' _made): never a descendant of another
+     * request's. entered_in is the contextvars context it was entered in, while
+     * it is entered (strong): a scope entered there is the same request's (two
+     * middlewares stacked), one entered anywhere else is not. */
+    char request;
+    PyObject *entered_in;
+    /* An exited scope is frozen (freeze()): what it reports from then on */
+    uint64_t frozen_used[3];
+    uint64_t frozen_reached, frozen_peak;
+    int frozen_broken;         /* its own broken resource at exit, or -1 */
+    char frozen_exceeded;      /* exceeded() at exit */
 } Meter;
 
 /* What the hook does for a small block (hook.c): charge it (the common case),
@@ -286,7 +297,7 @@ meter_path(struct Meter *m)
 
 extern PyTypeObject MeterType;
 extern PyTypeObject GuardType, ReceiveGuardType;
-int meter_exceeded(struct Meter *m);   /* its own limit or an ancestor's broken */
+int meter_exceeded(struct Meter *m);   /* its own limit or a live ancestor's broken */
 int guard_init(void);                  /* guard.c: SendGuard's and ReceiveGuard's types */
 extern PyTypeObject ReadyType;
 extern PyObject *ready_true, *ready_none;

@@ -25,6 +25,8 @@ class Meter:
     def parent(self) -> Any: ...
     @property
     def _state(self) -> int: ...
+    @property
+    def _request(self) -> bool: ...  # made by _made: a request's scope
     def _setup(
         self,
         parent: Any,

@@ -540,15 +540,26 @@ charge_held(Held *inner, uint64_t weight, const int tune)
 static Py_NO_INLINE void
 hold_block(Meter *n, void *p, uint64_t weight)
 {
+    Held *h = n->held;
+    if (n->state == S_EXITED) {
+        /* work left running in a frozen scope's context: its nearest live
+         * ancestor holds the block, or nobody */
+        while (h != NULL && (h->owner == NULL || h->owner->state == S_EXITED)) {
+            h = h->parent;
+        }
+        if (h == NULL) {
+            return;
+        }
+    }
     /* a block the table cannot record would stay held for ever: not held at all */
-    if (table_insert((uintptr_t)p, n->held, (size_t)weight, capture_site()) < 0) {
+    if (table_insert((uintptr_t)p, h, (size_t)weight, capture_site()) < 0) {
         return;
     }
-    if (n->held->base_rate == 0) {
-        charge_held(n->held, weight, 0);
+    if (h->base_rate == 0) {
+        charge_held(h, weight, 0);
     }
     else {
-        charge_held(n->held, weight, 1);
+        charge_held(h, weight, 1);
     }
 }
 

@@ -31,6 +31,7 @@ Meter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         m->waker = Py_NewRef(Py_None);
         m->done = Py_NewRef(Py_None);
         m->deadline = Py_HUGE_VAL;
+        m->frozen_broken = -1;
     }
     return (PyObject *)m;
 }
@@ -43,7 +44,39 @@ Meter_traverse(Meter *m, visitproc visit, void *arg)
     Py_VISIT(m->scope);
     Py_VISIT(m->waker);
     Py_VISIT(m->done);
+    Py_VISIT(m->entered_in);
     return 0;
+}
+
+static int broken_now(const Meter *m, uint64_t *reached);
+static int exceeded_now(const Meter *m);
+
+/* An exited scope is frozen (DESIGN §2): what it reports stays what it was at
+ * exit, and it never trips, stops or refuses again. Work still running from it
+ * (a task started inside it that outlives it, a server's callback left in its
+ * context) still walks through it to its ancestors: its thresholds go to none
+ * instead of the hook learning to skip it, so the inline path is unchanged,
+ * and its counters move unseen behind the snapshot. Held memory is the
+ * exception: a block allocated in its context is held by its nearest live
+ * ancestor (hold_block), so that frees keep crediting it exactly. */
+static void
+freeze(Meter *m)
+{
+    settle();   /* the batch was taken against the thresholds about to go */
+    uint64_t v = 0;
+    m->frozen_broken = broken_now(m, &v);
+    m->frozen_reached = v;
+    m->frozen_exceeded = (char)exceeded_now(m);
+    memcpy(m->frozen_used, m->used, sizeof(m->used));
+    m->frozen_peak = m->held != NULL ? m->held->peak : 0;
+    for (int r = 0; r < NRES; r++) {
+        m->limit[r] = m->ceiling[r] = m->fence[r] = NONE;
+    }
+    m->hard = 0;
+    m->rearm = 0;
+    if (m->held != NULL) {
+        held_retune(m->held);
+    }
 }
 
 /* An entered scope whose context is gone (a thread that ended inside it, an
@@ -53,6 +86,7 @@ abandon(Meter *m)
 {
     if (m->state == S_ENTERED) {
         m->state = S_EXITED;
+        freeze(m);
         active--;
         forget_seen();   /* with no scope entered the cache must be empty (malloc_in) */
         step_aside_if_idle();
@@ -108,6 +142,7 @@ Meter_clear(Meter *m)
     Py_CLEAR(m->scope);
     Py_CLEAR(m->waker);
     Py_CLEAR(m->done);
+    Py_CLEAR(m->entered_in);
     if (m->token != NULL) {
         Py_CLEAR(m->token);
         abandon(m);
@@ -268,6 +303,7 @@ Meter_made(PyTypeObject *cls, PyObject *const *args, Py_ssize_t nargs)
     if (m == NULL) {
         return NULL;
     }
+    ((Meter *)m)->request = 1;
     PyObject *apply_args[4] = {args[0], Py_None, Py_False, args[1]};
     PyObject *r = Meter_apply((Meter *)m, apply_args, 4);
     if (r == NULL) {
@@ -276,6 +312,38 @@ Meter_made(PyTypeObject *cls, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_DECREF(r);
     return m;
+}
+
+/* The parent m takes when it is set up or entered under outer: outer or its
+ * nearest ancestor that has not exited (an exited scope is never a parent),
+ * and for a request's scope, the nearest such scope outside every other
+ * request's scope: a server may run the next request in a context an earlier
+ * request left behind (uvicorn's keep-alive on asyncio's own loop, where
+ * resume_reading() copies the request task's context into the reader), or
+ * start it from inside a request still running (pipelining). A request scope
+ * entered in this very context is the same request, one middleware inside
+ * another. NULL: no parent. */
+static Meter *
+parent_for(const Meter *m, Meter *outer)
+{
+    if (!m->request) {
+        while (outer != NULL && outer->state == S_EXITED) {
+            outer = outer->parent;
+        }
+        return outer;
+    }
+    PyThreadState *ts = PyThreadState_Get();
+    PyObject *here = ts->context;
+    Meter *found = NULL;
+    for (Meter *a = outer; a != NULL; a = a->parent) {
+        if (a->request && (a->state != S_ENTERED || a->entered_in != here)) {
+            found = NULL;   /* everything so far is inside another request */
+        }
+        else if (found == NULL && a->state != S_EXITED) {
+            found = a;
+        }
+    }
+    return found;
 }
 
 static PyObject *
@@ -289,6 +357,10 @@ Meter_set_parent(Meter *m, PyObject *p)
     if (m->parent != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "this Context already has a parent");
         return NULL;
+    }
+    p = (PyObject *)parent_for(m, (Meter *)p);
+    if (p == NULL) {
+        Py_RETURN_NONE;
     }
     /* only a scope with children can be made its own ancestor: the walk is
      * skipped for the common case, so a long chain is built in linear time */
@@ -382,12 +454,40 @@ fast_before_enter(Meter *m, PyObject **scope)
     return 1;
 }
 
+/* m's parent exited between m's set-up and its entry: m takes the parent's
+ * nearest live ancestor instead. */
+static int
+relink(Meter *m)
+{
+    Meter *old = m->parent;
+    settle();
+    if (m->held != NULL && m->held->parent != NULL) {
+        held_decref(m->held->parent);
+        m->held->parent = NULL;
+    }
+    m->parent = NULL;
+    m->hard_chain = m->hard;
+    PyObject *r = Meter_set_parent(m, (PyObject *)old);
+    release_parent(old);   /* after: the walk went through it */
+    if (r == NULL) {
+        return -1;
+    }
+    Py_DECREF(r);
+    if (m->held != NULL) {
+        held_retune(m->held);
+    }
+    return 0;
+}
+
 static int
 enter(Meter *m)
 {
     if (m->state != S_NEW) {
         PyErr_SetString(PyExc_RuntimeError,
                         "this Context has already been entered; a Context can be used only once");
+        return -1;
+    }
+    if (m->parent != NULL && m->parent->state == S_EXITED && relink(m) < 0) {
         return -1;
     }
     /* the cancel scope, made and entered before the scope is current: nothing
@@ -445,6 +545,9 @@ enter(Meter *m)
     Py_DECREF(scope);
     m->token = token;
     m->state = S_ENTERED;
+    if (m->request) {
+        m->entered_in = Py_XNewRef(PyThreadState_Get()->context);
+    }
     return 0;
 }
 
@@ -469,7 +572,9 @@ leave(Meter *m)
         return -1;
     }
     Py_CLEAR(m->token);
+    Py_CLEAR(m->entered_in);
     m->state = S_EXITED;
+    freeze(m);
     active--;
     step_aside_if_idle();
     return 0;
@@ -593,10 +698,10 @@ Meter_counts(Meter *m, PyObject *unused)
         return NULL;
     }
     settle();
+    const uint64_t *u = m->state == S_EXITED ? m->frozen_used : m->used;
     pause_hook();
-    PyObject *r = PyObject_CallFunction(usage_type, "KKK", (unsigned long long)m->used[0],
-                                        (unsigned long long)m->used[1],
-                                        (unsigned long long)m->used[2]);
+    PyObject *r = PyObject_CallFunction(usage_type, "KKK", (unsigned long long)u[0],
+                                        (unsigned long long)u[1], (unsigned long long)u[2]);
     resume_hook();
     return r;
 }
@@ -613,9 +718,17 @@ Meter_memory(Meter *m, PyObject *unused)
         PyErr_SetString(PyExc_RuntimeError, "set_types() has not run");
         return NULL;
     }
+    uint64_t current = h->current, peak = h->peak;
+    if (m->state == S_EXITED) {
+        /* frees still credit it; a scope nested in it that outlives it may still
+         * charge its held counters (a block's credit must walk the chain its
+         * charge did), never past what it reported at exit */
+        peak = m->frozen_peak;
+        current = current < peak ? current : peak;
+    }
     pause_hook();
-    PyObject *r = PyObject_CallFunction(memory_type, "KK", (unsigned long long)h->current,
-                                        (unsigned long long)h->peak);
+    PyObject *r = PyObject_CallFunction(memory_type, "KK", (unsigned long long)current,
+                                        (unsigned long long)peak);
     resume_hook();
     return r;
 }
@@ -647,13 +760,28 @@ Meter_reset(Meter *m, PyObject *unused)
     if (m->held != NULL) {
         m->held->peak = m->held->current;
     }
+    memset(m->frozen_used, 0, sizeof(m->frozen_used));
+    m->frozen_broken = -1;
+    m->frozen_reached = 0;
+    m->frozen_exceeded = 0;
+    m->frozen_peak = m->held != NULL ? m->held->current : 0;
     Py_RETURN_NONE;
 }
 
 /* This scope's own broken limit: its resource (the first to break, then in
- * order) and what it reached, or -1. */
+ * order) and what it reached, or -1; for an exited scope, as it was at exit. */
 static int
 broken_resource(const Meter *m, uint64_t *reached)
+{
+    if (m->state == S_EXITED) {
+        *reached = m->frozen_reached;
+        return m->frozen_broken;
+    }
+    return broken_now(m, reached);
+}
+
+static int
+broken_now(const Meter *m, uint64_t *reached)
 {
     uint64_t now[NRES] = {m->used[0], m->used[1], m->used[2], m->held ? m->held->peak : 0};
     int first = m->tripped - 1;
@@ -685,18 +813,26 @@ Meter_broken(Meter *m, PyObject *unused)
     return Py_BuildValue("(iK)", k, (unsigned long long)v);
 }
 
-/* In C because the ASGI middleware asks before every message it passes on. */
-int
-meter_exceeded(Meter *m)
+/* Its own limit or a live ancestor's broken, now */
+static int
+exceeded_now(const Meter *m)
 {
     uint64_t v;
-    settle();
     for (const Meter *a = m; a != NULL; a = a->parent) {
-        if (broken_resource(a, &v) >= 0) {
+        /* an exited ancestor's breach is not this scope's (it outlived it) */
+        if ((a == m || a->state != S_EXITED) && broken_resource(a, &v) >= 0) {
             return 1;
         }
     }
     return 0;
+}
+
+/* In C because the ASGI middleware asks before every message it passes on. */
+int
+meter_exceeded(Meter *m)
+{
+    settle();
+    return m->state == S_EXITED ? m->frozen_exceeded : exceeded_now(m);
 }
 
 static PyObject *
@@ -732,7 +868,8 @@ Meter_get_bytes(Meter *m, void *unused)
 {
     (void)unused;
     settle();
-    return PyLong_FromUnsignedLongLong((unsigned long long)m->used[R_BYTES]);
+    return PyLong_FromUnsignedLongLong(
+        (unsigned long long)(m->state == S_EXITED ? m->frozen_used : m->used)[R_BYTES]);
 }
 
 static PyObject *
@@ -798,6 +935,8 @@ static PyMemberDef Meter_members[] = {
     {"_hard", Py_T_BOOL, offsetof(Meter, has_ceiling), 0, "Whether it has a ceiling."},
     {"_fail", Py_T_BOOL, offsetof(Meter, fail), 0,
      "Whether leaving it raises LimitExceeded (limit())."},
+    {"_request", Py_T_BOOL, offsetof(Meter, request), Py_READONLY,
+     "Whether it is a request's scope (made by _made)."},
     {NULL},
 };
 
