@@ -121,6 +121,7 @@ async def get(url: str) -> tuple[int, bytes]:
         return response.status, await response.read()
 
 
+@pytest.mark.needs_frames
 @pytest.mark.asyncio
 async def test_requests_under_the_limit_pass_and_hogs_get_503() -> None:
     state = State()

@@ -292,6 +292,7 @@ async def test_status_code_is_configurable() -> None:
     assert response.text == "Too Many Requests: the request exceeded its bytes limit\n"
 
 
+@pytest.mark.needs_frames
 @pytest.mark.anyio
 async def test_hard_limit_refuses_the_allocation_and_answers_503() -> None:
     state = State()

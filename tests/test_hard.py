@@ -12,7 +12,7 @@ import pytest
 
 import gotcha_async as gotcha
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.needs_frames]
 
 KiB, MiB, GiB = gotcha.KiB, gotcha.MiB, gotcha.GiB
 # allocations the loop and the interpreter's unwinding make after a refusal: counted,

@@ -1238,7 +1238,10 @@ free_held(Domain *d, void *ptr)
         return;
     }
     forget_block(ptr);
-    if (table_count == 0) {
+    /* never from another interpreter's thread: it runs without our GIL, and
+     * the chain is changed only under it */
+    PyThreadState *ts = tstate_unchecked();
+    if (table_count == 0 && ts != NULL && ts->interp == main_interp) {
         step_aside_if_idle();
     }
     d->prev.free(d->prev.ctx, ptr);
@@ -1313,8 +1316,11 @@ hooks_of(Domain *d, int light)
                       : (PyMemAllocatorEx){d, hook_malloc_mem, hook_calloc_mem,
                                            hook_realloc_mem, hook_free_mem};
     }
+    /* ctx is the allocator below's in every form (the hooks ignore it): another
+     * interpreter reads the table without our GIL, and any mix of an old and a
+     * new function with that ctx is a call that works */
+    a.ctx = d->prev.ctx;
     if (light) {
-        a.ctx = d->prev.ctx;
         a.free = d->prev.free;
     }
     return a;
@@ -1365,39 +1371,52 @@ leave_chain(Domain *d)
 
 /* The free-only link: the next allocator's for everything, and a held block
  * forgotten on its way to be freed. A realloc passes through the light hook
- * below, which forgets the old block itself. */
-static void *
-watch_malloc(void *ctx, size_t size)
-{
-    Domain *d = ctx;
-    if (paused & PROBING) {
-        d->watch_seen = 1;
-    }
-    return d->watch_prev.malloc(d->watch_prev.ctx, size);
-}
-
-static void *
-watch_calloc(void *ctx, size_t nelem, size_t elsize)
-{
-    Domain *d = ctx;
-    return d->watch_prev.calloc(d->watch_prev.ctx, nelem, elsize);
-}
-
-static void *
-watch_realloc(void *ctx, void *ptr, size_t size)
-{
-    Domain *d = ctx;
-    return d->watch_prev.realloc(d->watch_prev.ctx, ptr, size);
-}
-
+ * below, which forgets the old block itself. Each domain's link names its
+ * domain itself and its ctx is the allocator below's, as the hooks' is. */
 static void
-watch_free(void *ctx, void *ptr)
+watch_forget(void *ptr)
 {
-    Domain *d = ctx;
     if (table_count != 0 && ptr != NULL && table_may_hold(ptr)) {
         forget_block(ptr);
     }
-    d->watch_prev.free(d->watch_prev.ctx, ptr);
+}
+
+#define WATCH(name, dom)                                                          \
+    static void *watch_malloc_##name(void *ctx, size_t size)                      \
+    {                                                                             \
+        (void)ctx;                                                                \
+        if (paused & PROBING) {                                                   \
+            dom.watch_seen = 1;                                                   \
+        }                                                                         \
+        return dom.watch_prev.malloc(dom.watch_prev.ctx, size);                   \
+    }                                                                             \
+    static void *watch_calloc_##name(void *ctx, size_t nelem, size_t elsize)      \
+    {                                                                             \
+        (void)ctx;                                                                \
+        return dom.watch_prev.calloc(dom.watch_prev.ctx, nelem, elsize);          \
+    }                                                                             \
+    static void *watch_realloc_##name(void *ctx, void *ptr, size_t size)          \
+    {                                                                             \
+        (void)ctx;                                                                \
+        return dom.watch_prev.realloc(dom.watch_prev.ctx, ptr, size);             \
+    }                                                                             \
+    static void watch_free_##name(void *ctx, void *ptr)                           \
+    {                                                                             \
+        (void)ctx;                                                                \
+        watch_forget(ptr);                                                        \
+        dom.watch_prev.free(dom.watch_prev.ctx, ptr);                             \
+    }
+WATCH(mem, dom_mem)
+WATCH(obj, dom_obj)
+#undef WATCH
+
+static PyMemAllocatorEx
+watch_link(Domain *d)
+{
+    return d->is_obj ? (PyMemAllocatorEx){d->watch_prev.ctx, watch_malloc_obj,
+                                          watch_calloc_obj, watch_realloc_obj, watch_free_obj}
+                     : (PyMemAllocatorEx){d->watch_prev.ctx, watch_malloc_mem,
+                                          watch_calloc_mem, watch_realloc_mem, watch_free_mem};
 }
 
 static int
@@ -1405,7 +1424,7 @@ watch_on_top(Domain *d)
 {
     PyMemAllocatorEx now;
     PyMem_GetAllocator(d->domain, &now);
-    return now.malloc == watch_malloc && now.ctx == d;
+    return now.malloc == watch_link(d).malloc;
 }
 
 /* Make the hook in d's chain see frees exactly when a scope can hold a block
@@ -1427,7 +1446,7 @@ fit_frees(Domain *d)
     }
     else if (want && d->light && !d->watching) {
         PyMem_GetAllocator(d->domain, &d->watch_prev);
-        PyMemAllocatorEx link = {d, watch_malloc, watch_calloc, watch_realloc, watch_free};
+        PyMemAllocatorEx link = watch_link(d);
         PyMem_SetAllocator(d->domain, &link);
         d->watching = 1;
     }
