@@ -43,6 +43,7 @@ def test_untrusted() -> None:
     assert "large: bytes limit exceeded" in out
 
 
+@pytest.mark.needs_frames
 def test_hard_limit() -> None:
     out = run("hard_limit.py")
     kept = int(out.split("holding ")[1].split(" KiB")[0].replace(",", ""))
