@@ -162,6 +162,7 @@ def test_sync_budgets_charge_the_body_only(pytester: pytest.Pytester) -> None:
     assert "gotcha: allocations" not in result.stdout.str()
 
 
+@pytest.mark.needs_frames
 def test_budget_failure_and_other_outcomes(pytester: pytest.Pytester) -> None:
     result = run(
         pytester,
@@ -559,6 +560,7 @@ def test_session_default_from_the_ini_file_and_the_command_line_wins(
     assert set(outcomes(overridden).values()) == {"PASSED"}
 
 
+@pytest.mark.needs_frames
 def test_session_default_hard(pytester: pytest.Pytester) -> None:
     result = run(pytester, "def test_big():\n    data = bytearray(2_000_000)\n",
                  "--gotcha-bytes=1 MB", "--gotcha-hard")

@@ -259,6 +259,7 @@ raise SystemExit(os.waitstatus_to_exitcode(status))
     reason="CPython 3.14.10 raises PyThreadState_SetAsyncExc's exception past the handlers "
     "of the frame it lands in (scripts/repro_cpython_314_async_exc.py, no gotcha)",
 )
+@pytest.mark.needs_frames
 def test_a_forked_child_delivers_to_its_threads() -> None:
     proc = subprocess.run(
         [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORK_CHILD],
