@@ -296,8 +296,7 @@ class Pillow(Library):
         png, jpeg = arg
         sizes = []
         for raw in (png, jpeg):
-            im = Image.open(io.BytesIO(raw))
-            im = im.convert("RGB")
+            im = Image.open(io.BytesIO(raw)).convert("RGB")
             thumb = im.resize((im.width // 2, im.height // 3), Image.Resampling.LANCZOS)
             thumb = thumb.filter(ImageFilter.GaussianBlur(2))
             thumb = ImageOps.autocontrast(thumb)
@@ -324,7 +323,7 @@ class Yarl(Library):
 
         base = URL("https://api.example.com/v1/")
         total = 0
-        headers = CIMultiDict()
+        headers: CIMultiDict[str] = CIMultiDict()
         for i in range(n):
             url = URL.build(scheme="https", host="api.example.com", path=f"/v1/items/{i}",
                             query={"page": i % 50, "q": f"name {i} & ü"})
@@ -395,6 +394,11 @@ class Uvloop(Library):
             problems.append("echo after the draws: wrong bytes")
         self.server.close()
         await self.server.wait_closed()
+
+
+def checkedout(engine: Any) -> int:
+    """The connections of the engine's pool (a QueuePool) not checked back in."""
+    return int(engine.pool.checkedout())
 
 
 class SQLAlchemy(Library):
@@ -471,7 +475,7 @@ class SQLAlchemy(Library):
         return [(n, n)] * 3
 
     def after_draw(self, d: Draw, problems: list[str]) -> None:
-        out = self.engine.pool.checkedout()
+        out = checkedout(self.engine)
         if out:
             problems.append(f"{d}: {out} connection(s) still checked out after the scope")
 
@@ -479,8 +483,8 @@ class SQLAlchemy(Library):
         if await self.awork((10**9, 100)) != [(100, 100)] * 3:
             problems.append("ORM after the draws: wrong rows")
         gc.collect()
-        if self.engine.pool.checkedout() != 0:
-            problems.append(f"pool.checkedout() == {self.engine.pool.checkedout()} at the end")
+        if checkedout(self.engine) != 0:
+            problems.append(f"pool.checkedout() == {checkedout(self.engine)} at the end")
         await self.engine.dispose()
 
 
@@ -557,7 +561,9 @@ class Coverage(Library):
         if sys.gettrace() is not self.tracer:
             problems.append(f"{d}: the trace function changed: {sys.gettrace()!r}")
             self.tracer = sys.gettrace()
-        if self.core == "sysmon" and sys.monitoring.get_tool(sys.monitoring.COVERAGE_ID) is None:
+        monitoring = getattr(sys, "monitoring", None)
+        if monitoring is not None and self.core == "sysmon" \
+                and monitoring.get_tool(monitoring.COVERAGE_ID) is None:
             problems.append(f"{d}: coverage's sys.monitoring tool is gone")
 
     async def finish(self, problems: list[str]) -> None:
@@ -666,12 +672,12 @@ async def run_draws(lib: Library, draws: list[Draw], verbose: bool,
             print(f"  {d}", file=sys.stderr, flush=True)
         arg = lib.prepare(d)
         summary, done = None, False
-        memray = isinstance(lib, Memray)
+        memray = lib if isinstance(lib, Memray) else None
         try:
-            with lib.tracked(d, inside=False) if memray else contextlib.nullcontext():
+            with memray.tracked(d, inside=False) if memray else contextlib.nullcontext():
                 async with gotcha.move_on_limit(bytes=d.budget, **d.scope) as ctx:
                     if memray:
-                        with lib.tracked(d, inside=True):
+                        with memray.tracked(d, inside=True):
                             summary = await place(d, lib.work, arg)
                     elif lib.is_async:
                         summary = await lib.awork(arg)
