@@ -5,6 +5,7 @@ hard and ceiling scopes with random budgets (issue 31), next to scripts/fault_in
     python scripts/ecosystem_inject.py --libraries orjson numpy --seeds 7 --draws 40
     python scripts/ecosystem_inject.py --libraries lxml --seeds 3 --draw 17 -v   # one draw
     python scripts/ecosystem_inject.py --python /path/to/python3.14 ...
+    python scripts/ecosystem_inject.py --soft ...      # the same draws as soft scopes
 
 Each (library, seed) runs in its own interpreter, with a timeout. A draw is what a
 handler really does with the library (dumps/loads of a 1k-20k-row document, model
@@ -72,12 +73,16 @@ class Draw:
     index: int
     budget: int
     rows: int
-    kind: str  # "hard" | "ceiling"
+    kind: str  # "hard" | "ceiling" (both plain soft limits with --soft)
     place: str  # "task" | "thread"
     rng: random.Random
 
+    soft: bool = False
+
     @property
     def scope(self) -> dict[str, Any]:
+        if self.soft:
+            return {}
         return {"hard": True} if self.kind == "hard" else {"ceiling": 2}
 
     def __str__(self) -> str:
@@ -85,14 +90,15 @@ class Draw:
                 f"{self.rows} rows")
 
 
-def draw(seed: int, library: str, index: int, threads: bool = True) -> Draw:
+def draw(seed: int, library: str, index: int, threads: bool = True,
+         soft: bool = False) -> Draw:
     """Draw `index` of (seed, library): budget, document size, scope kind, place."""
     rng = random.Random(f"{seed}/{library}/{index}")
     budget = int(math.exp(rng.uniform(math.log(LOW), math.log(HIGH))))
     rows = int(math.exp(rng.uniform(math.log(ROWS_LOW), math.log(ROWS_HIGH))))
     kind = rng.choice(["hard", "ceiling"])
     place = rng.choice(["task", "thread"]) if threads else "task"
-    return Draw(index, budget, rows, kind, place, rng)
+    return Draw(index, budget, rows, kind, place, rng, soft)
 
 
 def rows_of(n: int) -> list[dict[str, Any]]:
@@ -725,7 +731,8 @@ async def debug(coro: Awaitable[None], problems: list[str]) -> None:
             print(f"  problem: {p}", file=sys.stderr, flush=True)
 
 
-def child(name: str, seed: int, draws: int, only: int | None, verbose: bool) -> int:
+def child(name: str, seed: int, draws: int, only: int | None, verbose: bool,
+          soft: bool) -> int:
     lib = libraries()[name]
     reason = lib.available() if isinstance(lib, Coverage) else None
     if reason is None:
@@ -743,7 +750,7 @@ def child(name: str, seed: int, draws: int, only: int | None, verbose: bool) -> 
 
         faulthandler.dump_traceback_later(dump_after, exit=False)
     indices = [only] if only is not None else list(range(draws))
-    todo = [draw(seed, name, i, lib.threads) for i in indices]
+    todo = [draw(seed, name, i, lib.threads, soft) for i in indices]
     counts = {"draws": 0, "stopped": 0, "lost": 0, "wrong": 0}
     problems: list[str] = []
     tmp = tempfile.mkdtemp(prefix="ecosystem-")
@@ -797,11 +804,13 @@ def python_version(python: str) -> str:
 
 
 def run_one(python: str, pyver: str, name: str, seed: int, draws: int, only: int | None,
-            timeout: float, log_dir: str | None, verbose: bool) -> Row:
+            soft: bool, timeout: float, log_dir: str | None, verbose: bool) -> Row:
     cmd = [python, "-X", "faulthandler", os.path.abspath(__file__), "--child", name,
            "--seeds", str(seed), "--draws", str(draws)]
     if only is not None:
         cmd += ["--draw", str(only)]
+    if soft:
+        cmd.append("--soft")
     if verbose:
         cmd.append("-v")
     env = dict(os.environ)
@@ -850,7 +859,7 @@ def run_one(python: str, pyver: str, name: str, seed: int, draws: int, only: int
         verdict = "ok"
     if log_dir is not None and verdict != "ok" and not verdict.startswith("skipped"):
         os.makedirs(log_dir, exist_ok=True)
-        fname = f"{pyver}-{name.replace('/', '+')}-{seed}.log"
+        fname = f"{pyver}-{name.replace('/', '+')}-{seed}{'-soft' if soft else ''}.log"
         with open(os.path.join(log_dir, fname), "w") as f:
             f.write(f"$ {' '.join(cmd)}\n--- stdout ---\n{out}\n--- stderr ---\n{err}\n")
     if verdict != "ok" and not verdict.startswith("skipped") and not problems:
@@ -877,12 +886,14 @@ def main() -> int:
                         help="interpreter to run the children with (repeatable; each "
                              "must have gotcha_async installed); default: this one")
     parser.add_argument("--timeout", type=float, default=120, help="per library and seed")
+    parser.add_argument("--soft", action="store_true", help="soft scopes (the baseline)")
     parser.add_argument("--log-dir", default=None, help="write the output of bad runs here")
     parser.add_argument("--child", metavar="LIBRARY", help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true", help="print each draw")
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.seeds[0], args.draws, args.draw, args.verbose)
+        return child(args.child, args.seeds[0], args.draws, args.draw, args.verbose,
+                     args.soft)
 
     rows: list[Row] = []
     print(f"{'python':<9} {'library':<20} {'version':<9} {'seed':>4} {'draws':>5} "
@@ -891,7 +902,7 @@ def main() -> int:
         pyver = python_version(python)
         for name in args.libraries:
             for seed in args.seeds:
-                row = run_one(python, pyver, name, seed, args.draws, args.draw,
+                row = run_one(python, pyver, name, seed, args.draws, args.draw, args.soft,
                               args.timeout, args.log_dir, args.verbose)
                 rows.append(row)
                 print_row(row)
@@ -900,8 +911,9 @@ def main() -> int:
     stopped = sum(int(r.stopped) for r in rows if r.stopped.isdigit())
     skipped = sum(r.verdict.startswith("skipped") for r in rows)
     print(f"ecosystem_inject: {len(rows)} runs, {total} draws, {stopped} stopped, "
-          f"{skipped} skipped, {len(bad)} bad (seeds {' '.join(map(str, args.seeds))}, "
-          f"{args.draws} draws each)", flush=True)
+          f"{skipped} skipped, {len(bad)} bad ({'soft' if args.soft else 'hard and ceiling'} "
+          f"scopes, seeds {' '.join(map(str, args.seeds))}, {args.draws} draws each)",
+          flush=True)
     return 1 if bad else 0
 
 
