@@ -43,8 +43,10 @@ KNOWN = {
     # a HardLimitError raised in coverage/sysmon.py's callbacks escapes the scope (item 5)
     "coverage-sysmon": "issue 31 item 5: the stop lands in coverage's sys.monitoring callbacks",
     # the stop lands again in SQLAlchemy's rollback/close past the 64 KiB grace: the
-    # connection is never checked back in
-    "sqlalchemy+greenlet": "the stop lands again in SQLAlchemy's session cleanup "
+    # connection is never checked back in; and on 3.13+ a refusal inside SQLAlchemy's
+    # greenlet crashes caller.c's stack walk (test_a_refusal_inside_a_resumed_greenlet...)
+    "sqlalchemy+greenlet": "the stop lands again in SQLAlchemy's session cleanup, and a "
+                           "refusal in its greenlet crashes caller.c's walk "
                            "(docs/reliability.md, Ecosystem fault injection)",
 }
 
