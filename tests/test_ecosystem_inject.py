@@ -33,7 +33,7 @@ LIBRARIES = {
     "memray": ["memray"],
 }
 
-# Open classes of issue 31, fixed on other branches: the reduced run finds them here.
+# Open classes of issue 31: the reduced run finds them here.
 # Not strict: whether a draw lands the stop in the wrong place depends on timing.
 KNOWN = {
     # the stop lands in coverage's Python tracer, called for anyio's CancelScope.__exit__
@@ -43,10 +43,8 @@ KNOWN = {
     # a HardLimitError raised in coverage/sysmon.py's callbacks escapes the scope (item 5)
     "coverage-sysmon": "issue 31 item 5: the stop lands in coverage's sys.monitoring callbacks",
     # the stop lands again in SQLAlchemy's rollback/close past the 64 KiB grace: the
-    # connection is never checked back in; and on 3.13+ a refusal inside SQLAlchemy's
-    # greenlet crashes caller.c's stack walk (test_a_refusal_inside_a_resumed_greenlet...)
-    "sqlalchemy+greenlet": "the stop lands again in SQLAlchemy's session cleanup, and a "
-                           "refusal in its greenlet crashes caller.c's walk "
+    # connection is never checked back in
+    "sqlalchemy+greenlet": "the stop lands again in SQLAlchemy's session cleanup "
                            "(docs/reliability.md, Ecosystem fault injection)",
 }
 
@@ -87,9 +85,6 @@ def test_library_survives_random_budgets(library: str) -> None:
     assert sum(int(row[5]) for row in rows) > 0, table  # and some were stopped
 
 
-@pytest.mark.xfail(reason="caller.c's backtrace() unwinds past a resumed greenlet's first "
-                          "frame (SIGSEGV 4 of 4 on 3.11.7, 3.13.0, 3.15.2; the engine's "
-                          "fix: stop the walk at the first answer)", strict=False)
 def test_a_refusal_inside_a_resumed_greenlet_does_not_crash() -> None:
     pytest.importorskip("greenlet")
     script = SCRIPT.parent / "repro_greenlet_caller_walk.py"
@@ -100,9 +95,6 @@ def test_a_refusal_inside_a_resumed_greenlet_does_not_crash() -> None:
     assert refused > 0, proc.stdout  # the refusals were made, in the greenlet
 
 
-@pytest.mark.xfail(sys.version_info[:2] in ((3, 12), (3, 13)),
-                   reason="3.12/3.13's _json does not check _PyUnicodeWriter_Finish: a "
-                          "refused shrinking realloc is a SystemError", strict=False)
 def test_json_dumps_under_hard_budgets_never_system_error() -> None:
     script = SCRIPT.parent / "repro_json_shrink_realloc.py"
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,

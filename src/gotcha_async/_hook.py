@@ -85,23 +85,6 @@ UNCHECKED = (
 )
 
 
-def stdlib_native_dir() -> str | None:
-    """Where the standard library's extension modules (``_json``, ``array``) are loaded from.
-
-    Their C is CPython's own and handles a refused allocation; a third-party
-    extension's may not (orjson, pyo3), and is never refused (caller.c).
-    """
-    spec = importlib.util.find_spec("_json")
-    origin = spec.origin if spec is not None else None
-    if origin is None or origin == "built-in" or not os.path.isabs(origin):
-        return None
-    # the stdlib's own directory only: not a copy that a site-packages shadows it with
-    here = os.path.dirname(origin)
-    if os.path.basename(here) != "lib-dynload" or not here.startswith(sys.base_exec_prefix):
-        return None
-    return here
-
-
 @functools.cache
 def dispatch_frames() -> tuple[tuple[str, str], ...]:
     """The functions from which the event loops run a task's step, as (file, name).
@@ -155,9 +138,6 @@ def ensure_installed() -> None:
             return
         if not _meter.installed():
             main = threading.main_thread().ident or threading.get_ident()
-            stdlib_native = stdlib_native_dir()
-            if stdlib_native is not None:
-                _meter.trust_stdlib(stdlib_native)
             _meter.install(scope_var, _deliver, machinery_dirs(), dispatch_frames(), main,
                            HardLimitError)
             # a build asked for with GOTCHA_UNCHECKED=1 (CI's) is not warned about

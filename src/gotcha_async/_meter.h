@@ -369,7 +369,6 @@ int frames_init(void);
 void caller_init(void);        /* under the GIL, outside the hook */
 int caller_is_cpython(void);   /* 1: CPython's own C asked, from the innermost eval loop */
 int caller_ready(void);        /* 0: refusals are off on this build or platform */
-int caller_trust_dir(const char *dir);   /* the stdlib's extension modules; -1: no memory */
 
 /* ------------------------------------------------------------------------ */
 /* Delivery (deliver.c)                                                     */

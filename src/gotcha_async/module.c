@@ -266,23 +266,6 @@ mod_refusals(PyObject *mod, PyObject *unused)
     return PyBool_FromLong(caller_ready());
 }
 
-static PyObject *
-mod_trust_stdlib(PyObject *mod, PyObject *arg)
-{
-    (void)mod;
-    const char *dir = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
-    if (dir == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_Format(PyExc_TypeError, "dir must be a str, not %.100s", Py_TYPE(arg)->tp_name);
-        }
-        return NULL;
-    }
-    if (caller_trust_dir(dir) < 0) {
-        return PyErr_NoMemory();
-    }
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef mod_methods[] = {
     {"install", mod_install, METH_VARARGS,
      "install(var, deliver, exempt_dirs, dispatch, main_thread_ident, interrupt_type): set the "
@@ -318,9 +301,6 @@ static PyMethodDef mod_methods[] = {
     {"dict_fragile", mod_dict_fragile, METH_NOARGS,
      "After install(): 0 if a dict survives a failed resize here; 1 if not, and the sizes "
      "of its tables are never refused; 2 if not, and nothing is refused."},
-    {"trust_stdlib", mod_trust_stdlib, METH_O,
-     "trust_stdlib(dir): the standard library's extension modules are loaded from dir: "
-     "their C is CPython's own, whose allocations a hard scope may refuse."},
     {"checked", mod_checked, METH_NOARGS,
      "Was this build made for a CPython whose private layouts were checked (3.11 to "
      "3.15)? If not, no frame is read: no interrupts, refusals or allocation sites."},
