@@ -37,10 +37,15 @@ class Running:
 
 
 @contextlib.contextmanager
-def serving(app: Any, loop: str = "asyncio", http: str = "auto") -> Iterator[Running]:
-    """Run ``app`` under uvicorn on a free port of 127.0.0.1 in a thread, for the block."""
+def serving(
+    app: Any, loop: str = "asyncio", http: str = "auto", lifespan: str = "on"
+) -> Iterator[Running]:
+    """Run ``app`` under uvicorn on a free port of 127.0.0.1 in a thread, for the block.
+
+    ``lifespan="auto"`` for an application without the lifespan protocol (Django).
+    """
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", loop=loop,
+        app, host="127.0.0.1", port=0, lifespan=lifespan, log_level="warning", loop=loop,
         http=http,
     )
     server = _Server(config)

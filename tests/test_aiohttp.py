@@ -179,7 +179,8 @@ async def test_observe_mode_sends_everything_and_reports(
     # logged once, at the application's shutdown
     summary = [r.getMessage() for r in gotcha_records(caplog) if r.levelno == logging.INFO]
     assert summary[0].startswith("per-route allocation summary")
-    assert any(line.startswith("GET /stream: 1 requests, 1 over the limit") for line in summary)
+    assert any(line.startswith('"GET /stream": {"bytes": "')
+               and "# 1 request, 1 over the limit" in line for line in summary)
 
 
 @pytest.mark.asyncio
