@@ -350,6 +350,12 @@ class LimitMiddleware:
             if exc.context is not ctx:
                 raise  # the application's own limit, not the request's
             error = exc
+        except web.HTTPException as exc:
+            # aiohttp answers these (a 404 for a path no resource matches, among them):
+            # the request is over and within its limits, since the scope did not raise
+            options.record(ctx, request.method, template, template or glob or NO_ROUTE,
+                           exc.status, request.scheme)
+            raise
         finally:
             state.in_handler = False
         # a websocket whose handshake was answered; before that, an HTTP request

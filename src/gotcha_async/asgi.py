@@ -25,7 +25,7 @@ import anyio
 import anyio.lowlevel
 
 from . import _report, _routes, _web
-from ._context import Context, LimitExceeded, current
+from ._context import Context, LimitExceeded, _scope_var
 from ._meter import ReceiveGuard, SendGuard
 from ._report import NO_ROUTE, Exceeded, RouteSummary
 from ._units import Limit
@@ -76,14 +76,16 @@ class _DropStopped(logging.Filter):
     A view stopped at its ceiling gets a MemoryError, which Django turns into a 500 and
     logs with the traceback: the middleware has answered the request already, and said
     why in one line. The record is logged from the request's own task or thread, so
-    the request's scope is the current one there.
+    the request's scope is in its context; often exited by then (Django renders the
+    error in a worker thread that outlives the request's cancelled task), so it is
+    read from the variable itself rather than :func:`current`.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         info = record.exc_info
         if not info or not isinstance(info[1], (MemoryError, LimitExceeded)):
             return True
-        ctx = current()
+        ctx = _scope_var.get(None)
         return ctx is None or not ctx.exceeded()
 
 
