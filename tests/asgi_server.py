@@ -7,7 +7,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import uvicorn
@@ -38,7 +38,8 @@ class Running:
 
 @contextlib.contextmanager
 def serving(
-    app: Any, loop: str = "asyncio", http: str = "auto", lifespan: str = "on"
+    app: Any, loop: str = "asyncio", http: str = "auto",
+    lifespan: Literal["auto", "on", "off"] = "on",
 ) -> Iterator[Running]:
     """Run ``app`` under uvicorn on a free port of 127.0.0.1 in a thread, for the block.
 

@@ -551,9 +551,9 @@ class LimitMiddleware:
     def _answer_for(self, error: LimitExceeded) -> ASGIApp | None:
         """The application's answer to a request stopped before its response started:
         ``response=`` (or what its callable returns), None for the default one."""
-        response = self._response
+        response: Any = self._response
         if response is None or self._response_is_app:
-            return response
+            return response  # type: ignore[no-any-return]
         try:
             answer = response(error)
         except Exception:
