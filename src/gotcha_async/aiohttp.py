@@ -219,10 +219,15 @@ class LimitMiddleware:
     ``web.Application(middlewares=[...])`` by hand it works for HTTP, but a websocket
     over its limit has its connection dropped rather than closed with 1008.
 
-    ``routes`` patterns match ``request.path``; a routes callable is called with the
-    request; ``on_exceeded(request, ctx)`` or ``on_exceeded(request, ctx, exceeded)``.
-    The ``http.route`` attribute and the summary use the resource's canonical path
-    (``/items/{id}``).
+    ``routes`` keys are resources' canonical paths, optionally after a method
+    (``"GET /items/{id}"``; a key naming no resource is logged once, at the app's
+    startup), globs and regexes match ``request.path``; a routes callable is called with
+    the request; ``on_exceeded(request, ctx)`` or ``on_exceeded(request, ctx,
+    exceeded)``. ``response`` is a ``web.Response`` (a copy is sent to each request
+    stopped before its response started) or a callable taking the
+    :class:`~gotcha_async.LimitExceeded` and returning a response. The ``http.route``
+    attribute and the summary use the resource's canonical path (``/items/{id}``);
+    :func:`summary` reaches the summary from the app.
     """
 
     __middleware_version__ = 1  # a new-style middleware, for aiohttp 3

@@ -321,16 +321,32 @@ class LimitMiddleware:
 
     **Per-route limits.** ``routes`` is either
 
-    - a mapping from path patterns to limit arguments: a pattern is a glob string
-      (:mod:`fnmatch` rules, matched against the whole ``scope["path"]``; ``*`` also
-      matches ``/``) or a compiled regex (which must match the whole path); the first
-      pattern that matches wins; or
+    - a mapping from keys to limit arguments. A key names a route as the framework
+      writes it, optionally after a method: ``"GET /items/{item_id}"`` (Starlette and
+      FastAPI route paths, with a ``Mount``'s prefix), ``"GET items/<int:pk>/"``
+      (Django's ``request.resolver_match.route``), ``"/health"`` (the raw path, for an
+      application without a router). A key with ``*``, ``?`` or ``[`` is a glob matched
+      against the whole raw path (``*`` also matches ``/``), and a compiled regex must
+      match the whole raw path. The key of the request's route and method wins, then
+      the route's key without a method, then the globs and regexes in their order. A
+      key that names no route of the application is logged once, as a warning, at the
+      application's first call (it then only matches the raw path it spells); or
     - a callable ``routes(scope)`` returning limit arguments, or ``None`` for the defaults.
 
     Limit arguments are a mapping with some of ``bytes``, ``objects``, ``calls``,
     ``memory`` and ``hard``: they override the middleware's own arguments key by key, so
     ``{"bytes": None}`` lifts the ``bytes`` limit for that route. A request with no limit
     at all is still measured (metrics, summary) and never stopped.
+
+    **Summary.** :meth:`summary` per route, named as ``routes=`` keys are (requests that
+    match no route share one ``"(no route)"`` row); :meth:`summary_text` prints each
+    route as a ``routes=`` entry, to paste. Added with ``app.add_middleware``, the
+    middleware is reached with :func:`summary` / :func:`middleware_of` on the app.
+
+    **Django.** Wrap Django's ASGI handler (``LimitMiddleware(get_asgi_application())``):
+    routes are Django's, a request over its limit is stopped through Django's own
+    client-disconnect path (no "Internal Server Error" logged for it, no task left
+    behind), and in observe mode the summary is logged at exit (Django has no lifespan).
 
     Configuration is checked when the middleware is built (with ``app.add_middleware``,
     Starlette builds its middleware at the first ASGI call, the lifespan startup).
@@ -348,7 +364,12 @@ class LimitMiddleware:
         its own code, and answered ``status_code``); None for purely soft limits.
         Requests that stay within their budget never see it.
     :param status_code: the HTTP status answered to a request that broke its limit
-        before its response started (400 to 599)
+        before its response started (400 to 599), when ``response`` is None, and to a
+        websocket refused before its handshake
+    :param response: what a request that broke its limit before its response started is
+        answered: an ASGI application (a Starlette ``JSONResponse(...)`` is one), or a
+        callable taking the :class:`~gotcha_async.LimitExceeded` and returning one. None:
+        ``status_code`` with a short plain-text body
     :param routes: per-route limits, as above
     :param on_exceeded: called as ``on_exceeded(scope, ctx)`` or
         ``on_exceeded(scope, ctx, exceeded)`` (and awaited if it returns an awaitable)
@@ -362,7 +383,8 @@ class LimitMiddleware:
         a ``memory`` limit (it costs a table lookup per free while the request runs)
     :param summary_routes: how many distinct routes the summary keeps apart; requests of
         later ones are summed up as ``"(other)"``
-    :raises TypeError: for an argument of the wrong type
+    :raises TypeError: for an argument of the wrong type, or a ``response`` that is
+        neither an ASGI application nor a callable of one argument
     :raises ValueError: for a bad limit, status code, route pattern or route key
     """
 
