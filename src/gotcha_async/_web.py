@@ -208,10 +208,10 @@ class Options:
         if self.normalize is not None:
             return
         self.normalize = normalize
-        if templates is None or not self.route_keys:
-            return
         self.route_keys = {(method, normalize(t)): entry
                            for (method, t), entry in self.route_keys.items()}
+        if templates is None or not self.route_keys:
+            return
         known = {normalize(t) for t in templates}
         listed = ", ".join(repr(t) for t in sorted(known)[:20])
         if len(known) > 20:

@@ -466,8 +466,10 @@ class LimitMiddleware:
         """Learn the application's router, at its first call (with ``add_middleware``,
         Starlette builds the middleware then, and every route is added by then)."""
         router = _routes.router_of(self.app, scope.get("app"))
-        self._django = isinstance(router, _routes.DjangoRouter)
-        if self._django and self._options.enforce:
+        django = isinstance(router, _routes.DjangoRouter)
+        # observing, nothing is stopped: Django needs none of it
+        self._django = django and self._options.enforce
+        if self._django:
             _silence_django_errors()
         templates = None
         if router is not None:
@@ -480,7 +482,7 @@ class LimitMiddleware:
         # request; Starlette's is in the scope afterwards, resolved first only when a
         # routes= key needs it to choose the limits
         self._resolve_first = router is not None and (
-            self._django or bool(self._options.route_keys))
+            django or bool(self._options.route_keys))
         self._router = router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
