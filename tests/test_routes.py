@@ -239,3 +239,43 @@ def test_bad_configuration_names_the_parameter(
     with pytest.raises(error) as info:
         LimitMiddleware(_app, **kwargs)
     assert str(info.value).startswith(message)
+
+
+# -- the router's matching, as Starlette's router does it ---------------------------------
+
+
+def test_starlette_router_resolves_as_the_router_routes() -> None:
+    from starlette.routing import WebSocketRoute
+
+    from gotcha_async._routes import StarletteRouter
+
+    async def endpoint(request: Any) -> Response:
+        return PlainTextResponse("")
+
+    async def ws(websocket: Any) -> None:
+        pass
+
+    inner = Starlette(routes=[Route("/users/{id:int}", endpoint, methods=["POST"])])
+    app = Starlette(routes=[
+        Route("/items/me", endpoint),
+        Route("/items/{item_id}", endpoint),
+        WebSocketRoute("/items/{item_id}", ws),
+        Mount("/api", app=inner),
+    ])
+    router = StarletteRouter(app.router)
+
+    def resolve(path: str, method: str = "GET", kind: str = "http", root: str = "") -> Any:
+        return router.resolve({"type": kind, "path": root + path, "root_path": root,
+                               "method": method})
+
+    assert resolve("/items/me") == "/items/me"  # the first match, as the router's
+    assert resolve("/items/7") == "/items/{item_id}"
+    assert resolve("/items/7", "HEAD") == "/items/{item_id}"  # HEAD goes with GET
+    assert resolve("/items/7", kind="websocket") == "/items/{item_id}"
+    assert resolve("/api/users/3", "POST") == "/api/users/{id:int}"
+    assert resolve("/api/users/3") == "/api/users/{id:int}"  # a 405: the route's all the same
+    assert resolve("/api/users/x", "POST") is None  # the convertor's regex: no route
+    assert resolve("/nowhere") is None
+    assert resolve("/items/7", root="/prefix") == "/items/{item_id}"  # behind a proxy prefix
+    assert sorted(router.templates()) == [
+        "/api/users/{id:int}", "/items/me", "/items/{item_id}", "/items/{item_id}"]
