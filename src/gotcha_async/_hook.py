@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 # the rest of their contextvars: that is what makes charges follow the work.
 scope_var: contextvars.ContextVar[Context] = contextvars.ContextVar("gotcha_async.scope")
 
-_lock = threading.Lock()
+# Reentrant: a signal handler that enters a scope can run in the middle of the first
+# installation, in the thread that holds the lock (a plain Lock hung there).
+_lock = threading.RLock()
 _installed = False
 _done: set[str] = set()
 
@@ -119,7 +121,8 @@ def ensure_installed() -> None:
     """Install the hook and start the delivery thread, once per process.
 
     The whole can be retried: a KeyboardInterrupt between two steps leaves the next
-    scope to finish the job.
+    scope to finish the job. It can also be re-entered: a signal handler's scope may
+    run it to the end in the middle of a first run, which then finds its steps done.
     """
     global _installed
     if _installed:
@@ -129,8 +132,13 @@ def ensure_installed() -> None:
             return
         if not _meter.installed():
             main = threading.main_thread().ident or threading.get_ident()
-            _meter.install(scope_var, _deliver, machinery_dirs(), dispatch_frames(), main,
-                           HardLimitError)
+            dirs, places = machinery_dirs(), dispatch_frames()
+            try:
+                _meter.install(scope_var, _deliver, dirs, places, main, HardLimitError)
+            except RuntimeError:
+                # a signal handler's scope installed it while this one was on its way
+                if not _meter.installed():
+                    raise
         # each flag is set after its step: interrupted in between, a step runs twice on
         # the retry, which is harmless (a second delivery thread, a second fork handler)
         if "delivery" not in _done:
