@@ -333,7 +333,8 @@ int frame_lasti(void *frame, PyCodeObject *code);
 int code_line(PyCodeObject *code, int lasti);
 int stack_spilled(PyThreadState *ts);
 int code_is_machinery(PyCodeObject *code);
-int frame_is_user(PyThreadState *ts);
+int frame_runs_user_code(PyThreadState *ts);   /* the innermost frame is user code */
+int frame_is_user(PyThreadState *ts);   /* ... and may be stopped: no tracer, no finalizer */
 void frames_site(PyThreadState *ts, Site *s);
 int frames_same_site(PyThreadState *ts, uint32_t *site);
 void frames_remember_site(uint32_t site);
