@@ -6,8 +6,12 @@ a process can die or hang, then asserts on what the program saw.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import coverage
 import pytest
-from crash_scripts import run_script
+from crash_scripts import HERE, run_script
 
 # -- item 12: a signal handler during first use ---------------------------------------
 
@@ -39,3 +43,51 @@ def test_item06_finalizers_are_never_interrupted(mode: str) -> None:
     assert r["current_none"], r
     if mode != "map":
         assert r["done"] >= 30, r
+
+
+# -- item 5: tracers, profilers, sys.monitoring callbacks, coverage -------------------
+
+NEEDS_MONITORING = pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring: 3.12+")
+
+
+@pytest.mark.parametrize("mode", [
+    "settrace", "setprofile", pytest.param("monitoring", marks=NEEDS_MONITORING),
+])
+def test_item05_tool_callbacks_are_never_stopped_nor_charged(mode: str) -> None:
+    # before: the HardLimitError landed in the tool's callback (a tracer or profiler
+    # that raises is unset by CPython; a monitoring callback's error surfaced in the
+    # body), and the tool's allocations were charged (a scope measured 1,848 bytes
+    # with a monitoring tool on, 808 without)
+    r = run_script("tracers.py", mode, "20").result
+    assert r["installed"], r
+    assert r["n_in_tool"] == 0, r
+    assert r["stopped"] == 20 and r["escaped"] == 0, r
+    assert r["quiet"] == r["quiet_without"], r
+    assert r["current_none"], r
+
+
+@pytest.mark.parametrize("core", [
+    "pytrace", "ctrace", pytest.param("sysmon", marks=NEEDS_MONITORING),
+])
+def test_item05_under_coverage(core: str, tmp_path: Path) -> None:
+    # coverage really installed and run, with each of its cores: its tracer unset
+    # ("Trace function changed", the rest of the run unmeasured) or its sysmon callback
+    # raising into the body
+    data_file = tmp_path / "coverage.data"
+    out = run_script("tracers.py", "coverage", "20",
+                     python_args=["-m", "coverage", "run", f"--data-file={data_file}"],
+                     env={"COVERAGE_CORE": core})
+    r = out.result
+    assert "Trace function changed" not in out.stderr, out.stderr[-2000:]
+    assert r["installed"] and r["n_in_tool"] == 0, r
+    assert r["stopped"] == 20 and r["escaped"] == 0, r
+    assert r["quiet"] == r["quiet_without"], r
+    script = HERE / "tracers.py"
+    source = script.read_text().splitlines()
+    after = [n for n, text in enumerate(source, 1)
+             if text.strip() in ("x = 1", "y = x + 1", 'return f"after {y}"')]
+    assert len(after) == 3
+    data = coverage.CoverageData(basename=str(data_file))
+    data.read()
+    measured = set(data.lines(str(script)) or ())
+    assert set(after) <= measured, (after, sorted(measured)[-20:])

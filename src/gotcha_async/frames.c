@@ -482,5 +482,5 @@ in_finalizer(PyThreadState *ts)
 int
 frame_is_user(PyThreadState *ts)
 {
-    return ts != NULL && frame_runs_user_code(ts) && !in_finalizer(ts);
+    return ts != NULL && ts->tracing == 0 && frame_runs_user_code(ts) && !in_finalizer(ts);
 }

@@ -167,10 +167,15 @@ pause_hook(void)
 #endif
 }
 
+/* While a tracer, a profiler or a sys.monitoring callback runs (coverage's,
+ * a debugger's), the thread's allocations are the tool's, not the scope's:
+ * a scope's figures do not depend on whether a tool watches it, and nothing
+ * of the tool's can trip a limit. Never cached: the thread's context version
+ * does not change when the tool is called. */
 static Py_NO_INLINE Meter *
 lookup_meter(PyThreadState *ts)
 {
-    if (ts == NULL || ts->interp != main_interp) {
+    if (ts == NULL || ts->interp != main_interp || ts->tracing != 0) {
         return NULL;
     }
     PyObject *v = NULL;
@@ -198,7 +203,7 @@ lookup_meter(PyThreadState *ts)
 #ifdef SEEN_CACHE
 #  define SEEN(ts)                                                                     \
     LIKELY((ts) == seen_ts && (ts)->context_ver == seen_ver && (ts)->id == seen_tsid && \
-           (ts)->interp == main_interp)
+           (ts)->interp == main_interp && (ts)->tracing == 0)
 #else
 #  define SEEN(ts) 0
 #endif
