@@ -91,3 +91,20 @@ def test_item05_under_coverage(core: str, tmp_path: Path) -> None:
     data.read()
     measured = set(data.lines(str(script)) or ())
     assert set(after) <= measured, (after, sorted(measured)[-20:])
+
+
+# -- item 9: scopes at interpreter shutdown -------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["atexit", "finalizer", "thread"])
+def test_item09_first_scope_at_shutdown(where: str) -> None:
+    # before: the first scope started the delivery thread (PythonFinalizationError at
+    # shutdown, on every later scope too), and its look for a loop imported a module
+    # (ImportError: sys.meta_path is None, 3.11)
+    r = run_script("shutdown.py", where).result
+    assert r["first"] is True and r["second"] is True, r
+    assert "hard_raised" not in r, r
+    assert r["hard_exceeded"], r
+    # a finalizer is never interrupted (item 6); elsewhere the hard scope stops its loop
+    assert r["hard_stopped"] is (where != "finalizer"), r
+    assert r["current_none"], r

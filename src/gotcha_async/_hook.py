@@ -11,6 +11,7 @@ import contextvars
 import functools
 import importlib.util
 import os
+import sys
 import threading
 import tracemalloc
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,16 @@ class HardLimitError(MemoryError):
         return super().__str__() or "a hard gotcha limit was exceeded"
 
 
+def _find_spec(name: str) -> Any:
+    # None where the import system cannot answer: a module that is not there, or a
+    # process shutting down (sys.meta_path is None; modules already imported are
+    # still answered from sys.modules)
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError, AttributeError, TypeError):
+        return None
+
+
 @functools.cache
 def machinery_dirs() -> tuple[str, ...]:
     """Where the event loops, anyio and this package live.
@@ -54,10 +65,7 @@ def machinery_dirs() -> tuple[str, ...]:
     paths: list[str] = []
     for name in ("asyncio", "concurrent.futures", "logging", "anyio", "sniffio",
                  "trio", "outcome", "uvloop", "gotcha_async"):
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
+        spec = _find_spec(name)
         if spec is not None and spec.submodule_search_locations:
             paths.extend(os.path.join(p, "") for p in spec.submodule_search_locations)
     # the standard library's helpers the loops run through (an interrupt landing in
@@ -68,7 +76,7 @@ def machinery_dirs() -> tuple[str, ...]:
                  "reprlib", "types", "typing", "copyreg", "importlib._bootstrap",
                  "importlib._bootstrap_external", "zipimport", "os", "posixpath",
                  "genericpath", "codecs", "io"):
-        spec = importlib.util.find_spec(name)
+        spec = _find_spec(name)
         if spec is not None and spec.origin == "frozen":
             # 3.15 freezes linecache; all versions freeze abc and the import system, whose
             # unmarshalling grows the interned-strings dict (3.13 crashed on a refusal there)
@@ -91,10 +99,7 @@ def dispatch_frames() -> tuple[tuple[str, str], ...]:
               ("trio", os.path.join("_core", "_run.py"), "unrolled_run"))
     found: list[tuple[str, str]] = []
     for package, file, name in places:
-        try:
-            spec = importlib.util.find_spec(package)
-        except (ImportError, ValueError):
-            spec = None
+        spec = _find_spec(package)
         if spec is not None and spec.submodule_search_locations:
             found.extend((os.path.join(p, file), name) for p in spec.submodule_search_locations)
     return tuple(found)
@@ -142,8 +147,18 @@ def ensure_installed() -> None:
         # each flag is set after its step: interrupted in between, a step runs twice on
         # the retry, which is harmless (a second delivery thread, a second fork handler)
         if "delivery" not in _done:
-            _start_delivery()
-            _done.add("delivery")
+            try:
+                _start_delivery()
+                _done.add("delivery")
+            except RuntimeError:
+                # No thread at interpreter shutdown (PythonFinalizationError, a
+                # RuntimeError: in a finalizer, or an atexit handler on some
+                # versions), nor past the system's limit. Scopes work without it: the
+                # main thread's pending calls deliver, to every thread; only a worker
+                # thread's interrupt while the main thread is blocked in C waits.
+                # Asked again by the next scope, unless the process is ending.
+                if sys.is_finalizing():
+                    _done.add("delivery")
         if "fork" not in _done and hasattr(os, "register_at_fork"):  # not on Windows
             os.register_at_fork(after_in_child=_after_fork)
             _done.add("fork")
