@@ -35,7 +35,7 @@ def scopes(gotcha: Any = gotcha) -> dict[str, object]:
             with gotcha.limit(bytes=gotcha.MiB) as ctx:
                 data = bytearray(100_000)
             seen[name] = ctx.used().bytes >= 100_000 and len(data) == 100_000
-        except BaseException as exc:  # noqa: BLE001 - what the scope raised is the result
+        except BaseException as exc:  # what the scope raised is the result
             seen[name] = f"{type(exc).__name__}: {exc}"
     kept: list[str] = []
     hard = None
@@ -43,7 +43,7 @@ def scopes(gotcha: Any = gotcha) -> dict[str, object]:
         with gotcha.move_on_limit(bytes=256 * gotcha.KiB, hard=True) as hard:
             for i in range(1_000_000):
                 kept.append(str(i))
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         seen["hard_raised"] = f"{type(exc).__name__}: {exc}"
     # move_on_limit swallows the HardLimitError that stopped the loop
     seen["hard_stopped"] = len(kept) < 1_000_000
