@@ -108,3 +108,18 @@ def test_item09_first_scope_at_shutdown(where: str) -> None:
     # a finalizer is never interrupted (item 6); elsewhere the hard scope stops its loop
     assert r["hard_stopped"] is (where != "finalizer"), r
     assert r["current_none"], r
+
+
+# -- item 8: an allocator swapper that drops the hook inside an open scope -------------
+
+
+@pytest.mark.parametrize("swapper", ["memray", "ctypes"])
+def test_item08_hook_rejoins_after_a_swap_inside_a_scope(swapper: str) -> None:
+    # before: from the swap on nothing was charged, and a 50 MiB hard scope let a loop
+    # of 1 MiB blocks run to its 5 s safety deadline (100,000+ blocks)
+    if swapper == "memray":
+        pytest.importorskip("memray")
+    r = run_script("allocator_swap.py", swapper).result
+    assert r["exceeded"] and r["used"] > 50 * 2**20, r
+    assert r["seconds"] < 4, r  # stopped by the limit, not by the deadline
+    assert r["later"] >= 100_000 and r["current_none"], r

@@ -309,6 +309,8 @@ void ensure_hooked(void);
 int probe_dict_growth(void);  /* sets dict_fragile */
 extern int dict_fragile;
 int verify_chain(void);        /* 1 if the hook had been dropped */
+int chain_moved(void);         /* without the GIL: has a chain's top changed? */
+void chain_look(void);         /* GIL held: verify_chain() if scopes are entered */
 void step_aside_if_idle(void);
 int hook_on_top(void);
 const char *hook_form(void);

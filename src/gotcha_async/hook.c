@@ -66,6 +66,11 @@ typedef struct {
 static Domain dom_mem = {.domain = PYMEM_DOMAIN_MEM, .is_obj = 0};
 static Domain dom_obj = {.domain = PYMEM_DOMAIN_OBJ, .is_obj = 1};
 
+/* The foreign tops of both chains as the delivery thread last looked
+ * (chain_moved); forgotten whenever the hook joins, so that whatever is put
+ * on top of it next is looked at, even the allocator seen there before. */
+static PyMemAllocatorEx polled[2];
+
 /* The batch (see settle()): what the scope batch_meter and its ancestors have
  * left before a threshold, and what they had when it began: bytes (left_b),
  * allocations that are an object and a call (left_o: the object domain's) and
@@ -1341,6 +1346,7 @@ join_chain(Domain *d)
         PyMem_SetAllocator(d->domain, &d->ours);
         d->in_chain = 1;
         d->watching = 0;   /* anything above the hook before is gone */
+        memset(polled, 0, sizeof(polled));
     }
 }
 
@@ -1510,6 +1516,40 @@ step_aside_if_idle(void)
     if (active == 0 && table_count == 0) {
         hook_leave();
     }
+}
+
+/* Has anything changed the top of either chain since the delivery thread last
+ * looked? Asked without the GIL: PyMem_GetAllocator takes the allocators' own
+ * lock from 3.12; 3.11 copies a few words, and a torn copy only says yes,
+ * which the look under the GIL (chain_look) then corrects. */
+static int
+top_moved(Domain *d, const PyMemAllocatorEx *last)
+{
+    PyMemAllocatorEx now;
+    PyMem_GetAllocator(d->domain, &now);
+    /* the hook on top is in the chain whatever form it took since (each scope
+     * can change it): only something else on top is worth a look */
+    return now.malloc != d->ours.malloc && (now.malloc != last->malloc || now.ctx != last->ctx);
+}
+
+int
+chain_moved(void)
+{
+    return top_moved(&dom_mem, &polled[0]) || top_moved(&dom_obj, &polled[1]);
+}
+
+/* Any allocator swapper (memray's Tracker, tracemalloc.stop() reached by any
+ * path, a profiler's) that puts back what it saved before the hook joined
+ * drops the hook from the chain, and nothing then reaches it to say so: the
+ * delivery thread looks while scopes are entered (GIL held). */
+void
+chain_look(void)
+{
+    if (installed && active > 0) {
+        verify_chain();
+    }
+    PyMem_GetAllocator(PYMEM_DOMAIN_MEM, &polled[0]);
+    PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &polled[1]);
 }
 
 /* Something that saved the chain below us may have put it back since
