@@ -331,6 +331,8 @@ void ensure_hooked(void);
 int probe_dict_growth(void);  /* sets dict_fragile */
 extern int dict_fragile;
 int verify_chain(void);        /* 1 if the hook had been dropped */
+int chain_moved(void);         /* without the GIL: has a chain's top changed? */
+void chain_look(void);         /* GIL held: verify_chain() if scopes are entered */
 void step_aside_if_idle(void);
 int hook_on_top(void);
 const char *hook_form(void);
@@ -355,7 +357,8 @@ int frame_lasti(void *frame, PyCodeObject *code);
 int code_line(PyCodeObject *code, int lasti);
 int stack_spilled(PyThreadState *ts);
 int code_is_machinery(PyCodeObject *code);
-int frame_is_user(PyThreadState *ts);
+int frame_runs_user_code(PyThreadState *ts);   /* the innermost frame is user code */
+int frame_is_user(PyThreadState *ts);   /* ... and may be stopped: no tracer, no finalizer */
 int frames_importing(PyThreadState *ts);   /* walks the whole stack: stops only */
 void frames_site(PyThreadState *ts, Site *s);
 int frames_same_site(PyThreadState *ts, uint32_t *site);

@@ -46,6 +46,12 @@ typedef struct { unsigned long ident; Meter *m; void *frame; } Request;
 static Request requests[MAX_REQUESTS];
 static int n_requests;
 
+/* How often the delivery thread looks at the allocator chains: while scopes
+ * are entered (an allocator put back under an open scope goes uncounted for
+ * at most this long), and while none is (to see the first one come). */
+#define POLL_US 20000
+#define IDLE_US 1000000
+
 static int deliver_pending(void *);
 static void interrupt_remote(void);
 
@@ -286,11 +292,19 @@ delivery_loop(void)
         return NULL;
     }
     for (;;) {
+        PyLockStatus got;
         Py_BEGIN_ALLOW_THREADS
-        PyThread_acquire_lock(lock, WAIT_LOCK);
+        /* between wake-ups, a look at the allocator chains (chain_look) */
+        do {
+            got = PyThread_acquire_lock_timed(lock, active > 0 ? POLL_US : IDLE_US, 0);
+        } while (got != PY_LOCK_ACQUIRED && !(active > 0 && chain_moved()));
         Py_END_ALLOW_THREADS
         if (lock != wake) {
             Py_RETURN_NONE;   /* replaced after a fork: a new thread serves the new lock */
+        }
+        if (got != PY_LOCK_ACQUIRED) {
+            chain_look();
+            continue;
         }
         wake_posted = 0;
         pause_hook();

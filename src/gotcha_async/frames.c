@@ -8,27 +8,46 @@
 #include "_meter.h"
 
 #if PY_VERSION_HEX >= 0x030E0000
-/* 3.14, 3.15: f_executable is a tagged stack reference (read through the API) */
+/* 3.14, 3.15: f_executable and the locals are tagged stack references (the
+ * low two bits: 3.14 tags one, 3.15 two) */
+#  define LOCAL_TAG ((uintptr_t)3)
 typedef struct {
     uintptr_t executable;
     void *previous, *funcobj, *globals, *builtins, *locals, *frame_obj;
     uint16_t *instr_ptr;
     void *stackpointer;
+#  ifdef Py_GIL_DISABLED
+    int32_t tlbc_index;
+#  endif
+    uint16_t return_offset;
+    char owner;
+    uint8_t visited;
+    uintptr_t localsplus[1];
 } Frame;
 #elif PY_VERSION_HEX >= 0x030C0000
 /* 3.12 (f_code), 3.13 (f_executable) */
+#  define LOCAL_TAG ((uintptr_t)0)
 typedef struct {
     PyObject *code;
     void *previous, *funcobj, *globals, *builtins, *locals, *frame_obj;
     uint16_t *instr_ptr;
+    int stacktop;
+    uint16_t return_offset;
+    char owner;
+    uintptr_t localsplus[1];
 } Frame;
 #else
 /* 3.11 */
+#  define LOCAL_TAG ((uintptr_t)0)
 typedef struct {
     void *func, *globals, *builtins, *locals;
     PyObject *code;
     void *frame_obj, *previous;
     uint16_t *prev_instr;
+    int stacktop;
+    char is_entry;   /* a bool: the frame C called into */
+    char owner;
+    uintptr_t localsplus[1];
 } Frame;
 #endif
 
@@ -368,7 +387,7 @@ is_generated_method(PyCodeObject *code)
 }
 
 int
-frame_is_user(PyThreadState *ts)
+frame_runs_user_code(PyThreadState *ts)
 {
     if (frozen_prefix == NULL) {
         return 0;
@@ -404,4 +423,94 @@ frame_is_user(PyThreadState *ts)
         }
     }
     return 1;
+}
+
+/* Was this frame called by C rather than by the bytecode of an older frame?
+ * 3.11 marks it; from 3.12 C calls in through an entry frame of its own below
+ * it (3.12's "<shim>" code, None from 3.13). */
+static int
+entered_from_c(void *frame)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    void *caller = older_frame(frame);
+    if (caller == NULL) {
+        return 1;
+    }
+    PyCodeObject *c = frame_code(caller);
+    return c == NULL || PyUnicode_CompareWithASCIIString(c->co_filename, "<shim>") == 0;
+#else
+    return ((Frame *)frame)->is_entry != 0;
+#endif
+}
+
+/* Argument i of a frame's code, borrowed (a cell's content for an argument a
+ * closure captured), or NULL. */
+static PyObject *
+frame_arg(void *frame, PyCodeObject *code, int i)
+{
+    if (i >= code->co_argcount) {
+        return NULL;
+    }
+    PyObject *o = (PyObject *)(((Frame *)frame)->localsplus[i] & ~LOCAL_TAG);
+    if (o != NULL && PyCell_Check(o)) {
+        o = PyCell_GET(o);
+    }
+    return o;
+}
+
+static int
+is_dead_weakref(PyObject *o)
+{
+    return o != NULL && PyWeakref_Check(o) && ((PyWeakReference *)o)->wr_object == Py_None;
+}
+
+/* Is this frame a finalizer that C called: a __del__ (an object's last
+ * reference going, or the gc), or a weakref callback, called with its dead
+ * weakref (a function's first argument, a bound method's second)? An
+ * exception raised in either is printed as "Exception ignored" and lost, and
+ * the finalizer's work is left half done. */
+static int
+is_finalizer_call(void *frame, PyCodeObject *code)
+{
+    if (!entered_from_c(frame)) {
+        return 0;
+    }
+    if (PyUnicode_CompareWithASCIIString(code->co_name, "__del__") == 0) {
+        return 1;
+    }
+    return is_dead_weakref(frame_arg(frame, code, 0)) ||
+           is_dead_weakref(frame_arg(frame, code, 1));
+}
+
+/* Does the thread run a finalizer, anywhere below its innermost frame (a
+ * __del__ that calls a helper)? The walk stops at the loop's dispatch of the
+ * task: a finalizer is never older than that. */
+static int
+in_finalizer(PyThreadState *ts)
+{
+    int depth = 0;
+    for (void *f = top_frame(ts); f != NULL && depth < 4096; f = older_frame(f), depth++) {
+        PyCodeObject *code = frame_code(f);
+        if (code == NULL) {
+            continue;
+        }
+        if (verdict(code) == DISPATCH) {
+            return 0;
+        }
+        if (is_finalizer_call(f, code)) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* May the thread's code be stopped here, by an interrupt or a refusal? Only
+ * user code, and never while a tracer, profiler or sys.monitoring callback
+ * runs (CPython unsets a tracer that raises, and passes a callback's
+ * exception to the instruction that fired it: both are the tool's machinery,
+ * whoever called it), nor in a finalizer (see is_finalizer_call). */
+int
+frame_is_user(PyThreadState *ts)
+{
+    return ts != NULL && ts->tracing == 0 && frame_runs_user_code(ts) && !in_finalizer(ts);
 }

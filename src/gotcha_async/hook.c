@@ -66,6 +66,11 @@ typedef struct {
 static Domain dom_mem = {.domain = PYMEM_DOMAIN_MEM, .is_obj = 0};
 static Domain dom_obj = {.domain = PYMEM_DOMAIN_OBJ, .is_obj = 1};
 
+/* The foreign tops of both chains as the delivery thread last looked
+ * (chain_moved); forgotten whenever the hook joins, so that whatever is put
+ * on top of it next is looked at, even the allocator seen there before. */
+static PyMemAllocatorEx polled[2];
+
 /* The batch (see settle()): what the scope batch_meter and its ancestors have
  * left before a threshold, and what they had when it began: bytes (left_b),
  * allocations that are an object and a call (left_o: the object domain's) and
@@ -167,10 +172,15 @@ pause_hook(void)
 #endif
 }
 
+/* While a tracer, a profiler or a sys.monitoring callback runs (coverage's,
+ * a debugger's), the thread's allocations are the tool's, not the scope's:
+ * a scope's figures do not depend on whether a tool watches it, and nothing
+ * of the tool's can trip a limit. Never cached: the thread's context version
+ * does not change when the tool is called. */
 static Py_NO_INLINE Meter *
 lookup_meter(PyThreadState *ts)
 {
-    if (ts == NULL || ts->interp != main_interp) {
+    if (ts == NULL || ts->interp != main_interp || ts->tracing != 0) {
         return NULL;
     }
     PyObject *v = NULL;
@@ -198,7 +208,7 @@ lookup_meter(PyThreadState *ts)
 #ifdef SEEN_CACHE
 #  define SEEN(ts)                                                                     \
     LIKELY((ts) == seen_ts && (ts)->context_ver == seen_ver && (ts)->id == seen_tsid && \
-           (ts)->interp == main_interp)
+           (ts)->interp == main_interp && (ts)->tracing == 0)
 #else
 #  define SEEN(ts) 0
 #endif
@@ -901,7 +911,7 @@ static Py_NO_INLINE void *
 metered_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
 {
     size_t size = nelem * elsize;   /* on overflow the allocator refuses anyway */
-    if (n->quiet_machinery && !frame_is_user(tstate_unchecked())) {
+    if (n->quiet_machinery && !frame_runs_user_code(tstate_unchecked())) {
         n = NULL;   /* the loop's debug bookkeeping is not the task's work */
     }
     if (n != NULL && size >= REFUSE_MIN && n->hard_chain &&
@@ -1128,7 +1138,7 @@ forget_block(void *ptr)
 static Py_NO_INLINE void *
 metered_realloc(Domain *d, Meter *n, void *ptr, size_t size)
 {
-    if (n != NULL && n->quiet_machinery && !frame_is_user(tstate_unchecked())) {
+    if (n != NULL && n->quiet_machinery && !frame_runs_user_code(tstate_unchecked())) {
         n = NULL;
     }
     if (n != NULL && size >= REFUSE_MIN && n->hard_chain) {
@@ -1354,6 +1364,7 @@ join_chain(Domain *d)
         PyMem_SetAllocator(d->domain, &d->ours);
         d->in_chain = 1;
         d->watching = 0;   /* anything above the hook before is gone */
+        memset(polled, 0, sizeof(polled));
     }
 }
 
@@ -1536,6 +1547,40 @@ step_aside_if_idle(void)
     if (active == 0 && table_count == 0) {
         hook_leave();
     }
+}
+
+/* Has anything changed the top of either chain since the delivery thread last
+ * looked? Asked without the GIL: PyMem_GetAllocator takes the allocators' own
+ * lock from 3.12; 3.11 copies a few words, and a torn copy only says yes,
+ * which the look under the GIL (chain_look) then corrects. */
+static int
+top_moved(Domain *d, const PyMemAllocatorEx *last)
+{
+    PyMemAllocatorEx now;
+    PyMem_GetAllocator(d->domain, &now);
+    /* the hook on top is in the chain whatever form it took since (each scope
+     * can change it): only something else on top is worth a look */
+    return now.malloc != d->ours.malloc && (now.malloc != last->malloc || now.ctx != last->ctx);
+}
+
+int
+chain_moved(void)
+{
+    return top_moved(&dom_mem, &polled[0]) || top_moved(&dom_obj, &polled[1]);
+}
+
+/* Any allocator swapper (memray's Tracker, tracemalloc.stop() reached by any
+ * path, a profiler's) that puts back what it saved before the hook joined
+ * drops the hook from the chain, and nothing then reaches it to say so: the
+ * delivery thread looks while scopes are entered (GIL held). */
+void
+chain_look(void)
+{
+    if (installed && active > 0) {
+        verify_chain();
+    }
+    PyMem_GetAllocator(PYMEM_DOMAIN_MEM, &polled[0]);
+    PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &polled[1]);
 }
 
 /* Something that saved the chain below us may have put it back since
