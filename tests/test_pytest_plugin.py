@@ -978,3 +978,16 @@ def test_subtests_one_row_per_test_and_their_reports_not_charged(
     assert by_name["test_fixture_subtests"]["bytes"] < 200 * 1_500
     assert by_name["Case::test_subtest"]["bytes"] < 200 * 5_000
     assert by_name["test_plain_loop"]["bytes"] < 5_000
+
+
+def test_help_gives_a_fitting_example_per_option(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--help", timeout=120)
+    # an option's help wraps over lines: each one's text up to the next option
+    text = " ".join(result.stdout.str().split())
+    helps = dict(re.findall(r"(--gotcha-[a-z]+)(?:=\S+)? (.*?)(?= --|$)", text))
+    for name in ("--gotcha-objects", "--gotcha-calls"):
+        assert "e.g. '100k'" in helps[name] and "MiB" not in helps[name], helps[name]
+    for name in ("--gotcha-bytes", "--gotcha-memory"):
+        assert "e.g. '64 MiB'" in helps[name], helps[name]
+    assert "e.g. '1 KiB'" in helps["--gotcha-leaks"]
+    assert "e.g. 10" in helps["--gotcha-top"]
