@@ -724,6 +724,7 @@ def sites_after(lines: list[str], start: str) -> list[tuple[str, int, float]]:
     return found
 
 
+@pytest.mark.needs_frames  # the sites
 def test_top_n_biggest_with_their_lines(pytester: pytest.Pytester) -> None:
     result = run(pytester, SITES_SUITE, "--gotcha-top=2")
     lines = result.stdout.lines
@@ -840,6 +841,7 @@ def test_fails_on_its_own():
 HELPER = "TABLE = [bytearray(1_000) for _ in range(100)]\n"
 
 
+@pytest.mark.needs_frames  # the sites
 def test_leaks_marker_and_session_default(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(leak_helper_module=HELPER)
     result = run(pytester, LEAKS_SUITE, "--gotcha-leaks=10 KiB",
@@ -902,6 +904,7 @@ def test_leaky():
 """
 
 
+@pytest.mark.needs_frames  # the sites
 def test_xdist_every_option_rows_merged_on_the_controller(pytester: pytest.Pytester) -> None:
     pytest.importorskip("xdist")
     result = run(pytester, XDIST_SUITE, "-n", "2", "--gotcha-json=out.json", "--gotcha-top=2",
