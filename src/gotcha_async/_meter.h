@@ -334,6 +334,10 @@ int code_line(PyCodeObject *code, int lasti);
 int stack_spilled(PyThreadState *ts);
 int code_is_machinery(PyCodeObject *code);
 int frame_is_user(PyThreadState *ts);
+int frames_set_opcodes(int resume, int extended_arg, PyObject *jumps);
+/* Would an exception raised in this frame now be caught where its code says?
+ * May allocate (the bytecode as compiled): call with the hook paused. */
+int frame_interruptible(void *frame, PyCodeObject *code);
 void frames_site(PyThreadState *ts, Site *s);
 int frames_same_site(PyThreadState *ts, uint32_t *site);
 void frames_remember_site(uint32_t site);
