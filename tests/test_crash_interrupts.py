@@ -55,14 +55,17 @@ def test_item10_item11_keyboardinterrupts_from_a_timer_are_never_lost(
 # -- issue 31: an interrupt lands only in the frame that asked ------------------------
 
 
-def test_issue31_item3_item4_thread_interrupts_land_where_they_were_aimed() -> None:
+@pytest.mark.parametrize("kind", ["while", "while_if"])
+def test_issue31_item3_item4_thread_interrupts_land_where_they_were_aimed(kind: str) -> None:
     # 3.13: the eval breaker reads its bits before it drops the GIL, so an async
     # exception set meanwhile was raised at the thread's next check: in the package's
     # own __exit__ (it escaped move_on_limit: 1 in 320 bodies, in 2 runs of 4), or at a
     # `while cond:` loop's closing jump, outside the exception table, past the body's
-    # except (6 in 320 in 1 run of 3). A race: five runs of 320
-    for _ in range(5):
-        r = run_script("interrupt_aim.py", "threads", "8", "40", "while", timeout=180).result
+    # except (1 or 2 in 320 in 6 runs of 8). A loop whose body ends in an `if` has a
+    # second closing jump outside the table on 3.13 and 3.14: 192 and 250 of 320 skipped
+    # the except. Races: several runs of 320
+    for _ in range(5 if kind == "while" else 2):
+        r = run_script("interrupt_aim.py", "threads", "8", "40", kind, timeout=180).result
         assert r["escaped"] == 0, r
         assert r["skipped"] == 0, r
         assert r["killed"] == 0, r

@@ -1,11 +1,11 @@
 """Issue 31, items 3, 4, 7 and 11: an interrupt lands only in the frame that asked.
 
-    interrupt_aim.py threads N ROUNDS while|for   N threads, each in ROUNDS hard scopes
+    interrupt_aim.py threads N ROUNDS KIND        N threads, each in ROUNDS hard scopes
     interrupt_aim.py trio ROUNDS                  trio.run inside a hard scope
     interrupt_aim.py gc_del ROUNDS                cyclic garbage with allocating __del__
 
-threads: each body grows a list in a ``while cond:`` (or ``for``) loop inside
-``try/except MemoryError``. ``escaped``: a HardLimitError that left ``move_on_limit``
+threads: each body grows a list in a ``while cond:`` loop (KIND ``while``; ``while_if``:
+one whose body ends in an ``if``; ``for``) inside ``try/except MemoryError``. ``escaped``: a HardLimitError that left ``move_on_limit``
 (raised in the package's own ``__exit__``: 3.13's eval breaker raises an async exception
 at the thread's next check, wherever that is). ``skipped``: bodies that neither caught
 nor finished, so the error skipped their ``except`` (the loop's closing jump is outside
@@ -39,6 +39,13 @@ def threads(n: int, rounds: int, kind: str) -> None:
             if kind == "while":
                 while len(keep) < 10**7:
                     keep.append(bytearray(100))
+            elif kind == "while_if":
+                # 3.13 and 3.14 close a loop whose body ends in an `if` with a second
+                # jump back, outside the exception table
+                while len(keep) < 10**7:
+                    keep.append(bytearray(100))
+                    if len(keep) > 1000:
+                        keep.clear()
             else:
                 for _ in range(10**7):
                     keep.append(bytearray(100))
