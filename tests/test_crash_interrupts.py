@@ -8,6 +8,8 @@ keep tripping (interrupt_storm.py).
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from crash_scripts import run_script
 
@@ -90,4 +92,18 @@ def test_issue31_item11_finalizers_collected_inside_a_breached_scope() -> None:
     # next interrupt
     r = run_script("interrupt_aim.py", "gc_del", "5", timeout=120).result
     assert r["caught"] == 5, r
+    assert r["active"] == 0, r
+
+
+def test_issue31_item4_loops_with_one_check_are_stopped_or_left_whole() -> None:
+    # 3.13: an interrupt at a `while` loop's closing jump (outside the exception table)
+    # went past the body's try and the scope's `with` in the same frame, and the
+    # program died. A loop that calls a function (which returns before any check) is
+    # interrupted at that function's entry, as if at the call; a loop with no call has
+    # no other check, and on 3.13 and 3.14 runs to its end rather than be interrupted
+    # where its handler is skipped
+    r = run_script("interrupt_aim.py", "loops", timeout=120).result
+    assert r["outcomes"]["call"] == ["caught", "caught"], r
+    holes = sys.version_info[:2] in ((3, 13), (3, 14))
+    assert r["outcomes"]["callfree"] == (["finished"] * 2 if holes else ["caught"] * 2), r
     assert r["active"] == 0, r

@@ -338,6 +338,8 @@ int frames_set_opcodes(int resume, int extended_arg, PyObject *jumps);
 /* Would an exception raised in this frame now be caught where its code says?
  * May allocate (the bytecode as compiled): call with the hook paused. */
 int frame_interruptible(void *frame, PyCodeObject *code);
+int frame_is_user_code(void *frame);
+int frame_entered_from(void *callee, void *caller);   /* may allocate too */
 void frames_site(PyThreadState *ts, Site *s);
 int frames_same_site(PyThreadState *ts, uint32_t *site);
 void frames_remember_site(uint32_t site);

@@ -222,9 +222,18 @@ run_queue(int can_raise)
 static int
 aimed_here(PyThreadState *t, const Request *r)
 {
-    void *f = r->frame;
-    return f != NULL && r->code != NULL && top_frame(t) == f && frame_code(f) == r->code &&
-           frame_is_user(t) && frame_interruptible(f, r->code);
+    void *f = r->frame, *top = top_frame(t);
+    if (f == NULL || r->code == NULL || top == NULL) {
+        return 0;
+    }
+    /* f is read only once it is known to be live: the top frame or its caller */
+    if (top == f) {
+        return frame_code(f) == r->code && frame_is_user(t) && frame_interruptible(f, r->code);
+    }
+    /* a function it calls, at its entry: raised there, it is raised at f's call
+     * (a loop whose only other check is a closing jump the handler does not cover) */
+    return older_frame(top) == f && frame_code(f) == r->code && frame_is_user_code(f) &&
+           frame_entered_from(top, f) && frame_interruptible(f, r->code);
 }
 
 /* The calling thread's interrupts, from a pending call it runs: raised here

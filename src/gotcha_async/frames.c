@@ -29,6 +29,8 @@ typedef struct {
     PyObject *code;
     void *frame_obj, *previous;
     uint16_t *prev_instr;
+    int stacktop;
+    char is_entry;   /* called from C: its previous is whatever ran before, not its caller */
 } Frame;
 #endif
 
@@ -353,17 +355,13 @@ is_shim(PyCodeObject *c)
     return PyUnicode_CompareWithASCIIString(file, "__init__") == 0;
 }
 
-int
-frame_is_user(PyThreadState *ts)
+static int
+frame_user(void *f)
 {
-    if (frozen_prefix == NULL) {
+    if (frozen_prefix == NULL || f == NULL) {
         return 0;
     }
-    if (ts == NULL) {
-        return 0;
-    }
-    void *f = top_frame(ts);
-    PyCodeObject *code = f == NULL ? NULL : frame_code(f);
+    PyCodeObject *code = frame_code(f);
     if (code == NULL || code_is_machinery(code)) {
         return 0;
     }
@@ -388,6 +386,18 @@ frame_is_user(PyThreadState *ts)
         }
     }
     return 1;
+}
+
+int
+frame_is_user(PyThreadState *ts)
+{
+    return ts == NULL ? 0 : frame_user(top_frame(ts));
+}
+
+int
+frame_is_user_code(void *frame)
+{
+    return frame_user(frame);
 }
 
 /* Where an exception raised at the instruction a frame is at would be caught.
@@ -472,6 +482,32 @@ handler_at(PyCodeObject *code, int offset)
     return 0;
 }
 
+/* The opcode and argument of the instruction at a code-unit offset, from the
+ * bytecode as compiled (the frame's own is specialized or instrumented); -1 if
+ * it cannot be read. May allocate. */
+static int
+instruction_at(PyCodeObject *code, int lasti, unsigned int *oparg)
+{
+    PyObject *bytes = PyCode_GetCode(code);
+    if (bytes == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    int op = -1;
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(bytes);
+    int n = (int)(PyBytes_GET_SIZE(bytes) / 2);
+    if (lasti >= 0 && lasti < n) {
+        op = b[2 * lasti];
+        *oparg = b[2 * lasti + 1];
+        for (int j = lasti - 1, shift = 8; j >= 0 && b[2 * j] == op_extended_arg && shift < 32;
+             j--, shift += 8) {
+            *oparg |= (unsigned int)b[2 * j + 1] << shift;
+        }
+    }
+    Py_DECREF(bytes);
+    return op;
+}
+
 int
 frame_interruptible(void *frame, PyCodeObject *code)
 {
@@ -479,32 +515,49 @@ frame_interruptible(void *frame, PyCodeObject *code)
         return 0;
     }
     int lasti = frame_lasti(frame, code);
-    /* the bytecode as compiled: the frame's own is specialized or instrumented */
-    PyObject *bytes = PyCode_GetCode(code);
-    if (bytes == NULL) {
-        PyErr_Clear();
+    unsigned int oparg = 0;
+    int op = instruction_at(code, lasti, &oparg);
+    if (op < 0 || (op == op_resume && (oparg & 3) == 0)) {
         return 0;
     }
-    int ok = 0;
-    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(bytes);
-    int n = (int)(PyBytes_GET_SIZE(bytes) / 2);
-    if (lasti >= 0 && lasti < n) {
-        int op = b[2 * lasti];
-        unsigned int oparg = b[2 * lasti + 1];
-        for (int j = lasti - 1, shift = 8; j >= 0 && b[2 * j] == op_extended_arg && shift < 32;
-             j--, shift += 8) {
-            oparg |= (unsigned int)b[2 * j + 1] << shift;
-        }
-        long here = handler_at(code, lasti);
-        ok = here >= 0 && !(op == op_resume && (oparg & 3) == 0);
-        if (ok && jump_back[op]) {
-            int target = lasti + jump_back[op] - (int)oparg;
-            ok = handler_at(code, target) == here;
-#if PY_VERSION_HEX < 0x030D0000
-            ok = ok && target > 0 && handler_at(code, target - 1) == here;
-#endif
-        }
+    long here = handler_at(code, lasti);
+    if (here < 0) {
+        return 0;
     }
-    Py_DECREF(bytes);
-    return ok;
+    if (jump_back[op]) {
+        int target = lasti + jump_back[op] - (int)oparg;
+#if PY_VERSION_HEX < 0x030D0000
+        /* checked after the jump: unwound from the instruction before its target,
+         * whatever covers the jump itself (3.12's while-loop jump is uncovered, and
+         * there the loop's own handler catches it) */
+        return target > 0 && handler_at(code, target) == handler_at(code, target - 1);
+#else
+        return handler_at(code, target) == here;
+#endif
+    }
+    return 1;
+}
+
+/* Is a frame at the entry of its function, called straight from the bytecode
+ * of its previous frame? An exception raised there leaves it before any of its
+ * code ran, and is raised in the caller at its call: as if raised there. */
+int
+frame_entered_from(void *callee, void *caller)
+{
+    if (op_resume < 0 || callee == NULL || older_frame(callee) != caller) {
+        return 0;
+    }
+#if PY_VERSION_HEX < 0x030C0000
+    if (((Frame *)callee)->is_entry) {
+        return 0;   /* called from C (a signal handler, a finalizer) */
+    }
+#endif
+    /* 3.12 and later put a frame of no code or of a shim's between C and Python */
+    PyCodeObject *code = frame_code(callee);
+    if (code == NULL || is_shim(code)) {
+        return 0;
+    }
+    unsigned int oparg = 0;
+    int op = instruction_at(code, frame_lasti(callee, code), &oparg);
+    return op == op_resume && (oparg & 3) == 0;
 }

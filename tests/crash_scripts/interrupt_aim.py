@@ -3,6 +3,8 @@
     interrupt_aim.py threads N ROUNDS KIND        N threads, each in ROUNDS hard scopes
     interrupt_aim.py trio ROUNDS                  trio.run inside a hard scope
     interrupt_aim.py gc_del ROUNDS                cyclic garbage with allocating __del__
+    interrupt_aim.py loops                        loops whose checks are few, in the main
+                                                  thread and in another
 
 threads: each body grows a list in a ``while cond:`` loop (KIND ``while``; ``while_if``:
 one whose body ends in an ``if``; ``for``) inside ``try/except MemoryError``. ``escaped``: a HardLimitError that left ``move_on_limit``
@@ -126,8 +128,55 @@ def gc_del(rounds: int) -> None:
     report(rounds=rounds, caught=caught, active=gotcha._meter.active())
 
 
+def leaf(i: int) -> list[int]:
+    return [i] * 20
+
+
+def loops() -> None:
+    # Two loops inside a try, each with a single eval-breaker check of its own, on 3.13:
+    # "call" allocates in leaf(), which returns before any check, and its closing jump is
+    # outside the exception table (3.12, 3.13), so the interrupt is raised at leaf()'s
+    # entry (as if at the call); "callfree" has no check but that jump: on 3.13 and 3.14
+    # it is not interrupted (an interrupt there skipped the try and the scope's `with`
+    # in the same frame, and the program died), on the others it is.
+    outcomes: dict[str, list[str]] = {"call": [], "callfree": []}
+
+    def run(kind: str) -> None:
+        out = outcomes[kind]
+        try:
+            with gotcha.move_on_limit(bytes=2_000_000, hard=True) as ctx:
+                d = {}
+                i = 0
+                try:
+                    if kind == "call":
+                        while i < 200_000:
+                            d[i] = leaf(i)
+                            i += 1
+                    else:
+                        while i < 200_000:
+                            d[i] = [i] * 20
+                            i += 1
+                except MemoryError:
+                    out.append("caught")
+                else:
+                    out.append("finished")
+            if not out:
+                out.append("stopped after the loop" if ctx.exceeded() else "lost")
+        except BaseException as exc:
+            out.append(f"escaped {type(exc).__name__}")
+
+    for kind in outcomes:
+        run(kind)
+        t = threading.Thread(target=run, args=(kind,))
+        t.start()
+        t.join()
+    report(outcomes=outcomes, active=gotcha._meter.active())
+
+
 if mode == "threads":
     threads(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+elif mode == "loops":
+    loops()
 elif mode == "trio":
     trio_run(int(sys.argv[2]))
 else:
