@@ -136,9 +136,9 @@ def loops() -> None:
     # Two loops inside a try, each with a single eval-breaker check of its own, on 3.13:
     # "call" allocates in leaf(), which returns before any check, and its closing jump is
     # outside the exception table (3.12, 3.13), so the interrupt is raised at leaf()'s
-    # entry (as if at the call); "callfree" has no check but that jump: on 3.13 and 3.14
-    # it is not interrupted (an interrupt there skipped the try and the scope's `with`
-    # in the same frame, and the program died), on the others it is.
+    # entry (as if at the call); "callfree" has no check but that jump: on 3.13 it is
+    # not interrupted (an interrupt there skipped the try and the scope's `with` in the
+    # same frame, and the program died), on the others it is.
     outcomes: dict[str, list[str]] = {"call": [], "callfree": []}
 
     def run(kind: str) -> None:
