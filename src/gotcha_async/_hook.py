@@ -113,6 +113,22 @@ def dispatch_frames() -> tuple[tuple[str, str], ...]:
     return tuple(found)
 
 
+def _interrupt_opcodes() -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    """RESUME, EXTENDED_ARG and the backward jumps with their inline caches, as numbered
+    by the running interpreter: the core reads a frame's bytecode to tell whether an
+    interrupt raised there would be caught by the handler around it."""
+    import dis
+    import opcode
+
+    entries: Any = opcode._inline_cache_entries  # a list up to 3.12, a mapping after
+    jumps = []
+    for name, op in dis.opmap.items():
+        if "JUMP_BACKWARD" in name and not name.startswith("INSTRUMENTED"):
+            caches = entries[op] if isinstance(entries, list) else entries.get(name, 0)
+            jumps.append((op, caches))
+    return dis.opmap["RESUME"], dis.opmap["EXTENDED_ARG"], tuple(jumps)
+
+
 def _deliver(ctx: Context) -> None:
     # Called by the C core with the hook paused: from a pending call, at whatever
     # point the main thread had reached, or from the core's delivery thread.
@@ -156,6 +172,9 @@ def ensure_installed() -> None:
             # where the same variable is set when it runs
             if not _meter.checked() and not os.environ.get("GOTCHA_UNCHECKED"):
                 warnings.warn(UNCHECKED, RuntimeWarning, stacklevel=2)
+        if "opcodes" not in _done:
+            _meter.set_opcodes(*_interrupt_opcodes())
+            _done.add("opcodes")
         # each flag is set after its step: interrupted in between, a step runs twice on
         # the retry, which is harmless (a second delivery thread, a second fork handler)
         if "delivery" not in _done:

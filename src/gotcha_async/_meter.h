@@ -358,8 +358,15 @@ int code_line(PyCodeObject *code, int lasti);
 int stack_spilled(PyThreadState *ts);
 int code_is_machinery(PyCodeObject *code);
 int frame_runs_user_code(PyThreadState *ts);   /* the innermost frame is user code */
-int frame_is_user(PyThreadState *ts);   /* ... and may be stopped: no tracer, no finalizer */
+int frames_stoppable(PyThreadState *ts);   /* no tracer, no finalizer running */
+int frame_is_user(PyThreadState *ts);   /* both: it may be stopped here */
 int frames_importing(PyThreadState *ts);   /* walks the whole stack: stops only */
+int frames_set_opcodes(int resume, int extended_arg, PyObject *jumps);
+/* Would an exception raised in this frame now be caught where its code says?
+ * May allocate (the bytecode as compiled): call with the hook paused. */
+int frame_interruptible(void *frame, PyCodeObject *code);
+int frame_is_user_code(void *frame);
+int frame_entered_from(void *callee, void *caller);   /* may allocate too */
 void frames_site(PyThreadState *ts, Site *s);
 int frames_same_site(PyThreadState *ts, uint32_t *site);
 void frames_remember_site(uint32_t site);

@@ -66,6 +66,22 @@ mod_install(PyObject *mod, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* set_opcodes(RESUME, EXTENDED_ARG, ((backward jump, its inline caches), ...)) */
+static PyObject *
+mod_set_opcodes(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    int resume, extended_arg;
+    PyObject *jumps;
+    if (!PyArg_ParseTuple(args, "iiO!", &resume, &extended_arg, &PyTuple_Type, &jumps)) {
+        return NULL;
+    }
+    if (frames_set_opcodes(resume, extended_arg, jumps) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 mod_delivery_loop(PyObject *mod, PyObject *unused)
 {
@@ -270,6 +286,9 @@ static PyMethodDef mod_methods[] = {
     {"install", mod_install, METH_VARARGS,
      "install(var, deliver, exempt_dirs, dispatch, main_thread_ident, interrupt_type): set the "
      "hook up and the delivery thread's lock; once per process."},
+    {"set_opcodes", mod_set_opcodes, METH_VARARGS,
+     "set_opcodes(RESUME, EXTENDED_ARG, ((jump, caches), ...)): the running interpreter's "
+     "opcodes that decide where an interrupt may land; until then none does."},
     {"installed", mod_installed, METH_NOARGS, "Has install() run?"},
     {"delivery_loop", mod_delivery_loop, METH_NOARGS,
      "The delivery thread's body: run it in a thread of its own, once after install() "
