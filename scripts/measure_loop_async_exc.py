@@ -36,7 +36,7 @@ def while_true(started: threading.Event) -> None:
 
 
 def while_cond(started: threading.Event) -> None:
-    keep = []
+    keep: list[object] = []
     try:
         started.set()
         while len(keep) < 10**9:

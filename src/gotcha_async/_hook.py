@@ -120,7 +120,8 @@ def _interrupt_opcodes() -> tuple[int, int, tuple[tuple[int, int], ...]]:
     import dis
     import opcode
 
-    entries: Any = opcode._inline_cache_entries  # a list up to 3.12, a mapping after
+    # a list up to 3.12, a mapping after
+    entries: Any = opcode._inline_cache_entries  # type: ignore[attr-defined]
     jumps = []
     for name, op in dis.opmap.items():
         if "JUMP_BACKWARD" in name and not name.startswith("INSTRUMENTED"):
