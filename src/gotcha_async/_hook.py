@@ -10,6 +10,7 @@ import _thread
 import contextvars
 import functools
 import importlib.util
+import opcode  # with the package: installing at shutdown can import nothing
 import os
 import sys
 import threading
@@ -117,17 +118,14 @@ def _interrupt_opcodes() -> tuple[int, int, tuple[tuple[int, int], ...]]:
     """RESUME, EXTENDED_ARG and the backward jumps with their inline caches, as numbered
     by the running interpreter: the core reads a frame's bytecode to tell whether an
     interrupt raised there would be caught by the handler around it."""
-    import dis
-    import opcode
-
     # a list up to 3.12, a mapping after
     entries: Any = opcode._inline_cache_entries  # type: ignore[attr-defined]
     jumps = []
-    for name, op in dis.opmap.items():
+    for name, op in opcode.opmap.items():
         if "JUMP_BACKWARD" in name and not name.startswith("INSTRUMENTED"):
             caches = entries[op] if isinstance(entries, list) else entries.get(name, 0)
             jumps.append((op, caches))
-    return dis.opmap["RESUME"], dis.opmap["EXTENDED_ARG"], tuple(jumps)
+    return opcode.opmap["RESUME"], opcode.opmap["EXTENDED_ARG"], tuple(jumps)
 
 
 def _deliver(ctx: Context) -> None:
