@@ -877,8 +877,8 @@ def print_row(row: Row) -> None:
 # Classes found and not fixed yet: their runs are made and reported like any other, but
 # a bad one fails the whole run only with --strict (docs/reliability.md says what each is).
 OPEN = {
-    "sqlalchemy+greenlet": "issue 31: a stopped task's session cleanup is stopped again "
-                           "past the grace, and a pooled connection is never checked in",
+    "sqlalchemy+greenlet": "issue 31: a first stop inside a session's commit leaves it in "
+                           "a state its close() refuses, its connection checked out",
 }
 
 

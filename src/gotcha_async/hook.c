@@ -264,11 +264,58 @@ raise_fences(Meter *m)
     }
 }
 
+/* Is the calling thread handling an exception: in an except or finally block,
+ * or an __exit__ called for one, here or in a coroutine that awaits this one? */
+static int
+handling_exception(void)
+{
+    PyThreadState *ts = tstate_unchecked();
+    for (_PyErr_StackItem *e = ts == NULL ? NULL : ts->exc_info; e != NULL;
+         e = e->previous_item) {
+        if (e->exc_value != NULL && e->exc_value != Py_None) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Once stopped, the scope's code unwinds: its except and finally blocks and
+ * the __exit__s on the way (a session's rollback and close) must run to their
+ * end, or what they hand back (a pooled connection) is lost. While the thread
+ * handles an exception, a stopped scope is not stopped again until it reaches
+ * twice its ceiling: code that swallows its stop and goes on is stopped as
+ * soon as it leaves the handler. 1 if the stop is put off (the fences moved). */
+static int
+unwinding(Meter *m)
+{
+    if (m->stops == 0 || !handling_exception()) {
+        return 0;
+    }
+    settle();
+    uint64_t now[NRES];
+    for (int r = 0; r < NRES; r++) {
+        now[r] = r == R_MEMORY ? (m->held ? m->held->current : 0) : m->used[r];
+        if (m->ceiling[r] != NONE && now[r] > sat_add(m->ceiling[r], m->ceiling[r])) {
+            return 0;
+        }
+    }
+    for (int r = 0; r < NRES; r++) {
+        if (m->ceiling[r] != NONE && m->fence[r] < sat_add(now[r], grace[r])) {
+            m->fence[r] = sat_add(now[r], grace[r]);
+        }
+    }
+    m->rearm = 0;
+    return 1;
+}
+
 /* Stop a hard scope's code that went past a fence in small steps: interrupt
  * the thread that was running it. */
 void
 stop(Meter *m)
 {
+    if (unwinding(m)) {
+        return;
+    }
     raise_fences(m);
     request_interrupt(m);
 }
@@ -810,7 +857,8 @@ refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size)
          * large allocation can be one of CPython's own that it does not expect to fail
          * (3.13's interned-strings dict growing inside marshal, 3.12's tee): every
          * other way past a ceiling is left to the interrupt. */
-        if ((r != R_BYTES && r != R_MEMORY) || (bytes <= m->ceiling[r] && m->stops == 0)) {
+        if ((r != R_BYTES && r != R_MEMORY) || (bytes <= m->ceiling[r] && m->stops == 0) ||
+            (bytes <= m->ceiling[r] && unwinding(m))) {
             return 0;
         }
         PyThreadState *ts = tstate_unchecked();
