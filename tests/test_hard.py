@@ -188,6 +188,39 @@ async def test_refusal_inside_a_finally_block() -> None:
     assert cleaned == []
 
 
+async def test_a_stopped_scopes_cleanup_runs_to_its_end() -> None:
+    # the stop's except/finally blocks (a session's rollback and close) allocate more than
+    # the grace: they were stopped again halfway, and what they hand back was lost
+    cleaned: list[int] = []
+    with pytest.raises(gotcha.LimitExceeded):
+        async with gotcha.limit(bytes=MiB, hard=True) as ctx:
+            try:
+                keep = []
+                while True:
+                    keep.append(big(KiB))
+            finally:
+                del keep
+                undo = [bytes(100) for _ in range(4_000)]  # 0.5 MB in small steps
+                cleaned.append(len(undo))
+    assert cleaned == [4_000]
+    assert ctx.exceeded()
+    # up to twice the ceiling while unwinding, not further
+    assert ctx.used().bytes <= 2 * MiB + 64 * KiB
+
+
+async def test_code_that_swallows_its_stop_is_stopped_again_past_the_grace() -> None:
+    stops = 0
+    async with gotcha.move_on_limit(bytes=MiB, hard=True) as ctx:
+        while stops < 3:
+            try:
+                keep = [big(KiB) for _ in range(10_000)]
+                del keep
+            except MemoryError:
+                stops += 1  # and back to the loop, out of the handler
+    assert stops == 3 and ctx.exceeded()
+    assert ctx.used().bytes <= 2 * MiB  # each time stopped within the grace
+
+
 async def test_refusal_inside_a_shielded_section() -> None:
     with pytest.raises(gotcha.LimitExceeded):
         async with gotcha.limit(bytes=MiB, hard=True):
