@@ -43,7 +43,8 @@
  */
 #include "_meter.h"
 
-#if defined(__linux__) && defined(__GLIBC__) && !defined(GOTCHA_NO_UNWIND)
+#if defined(__linux__) && defined(__GLIBC__) && !defined(GOTCHA_NO_UNWIND) && \
+    defined(GOTCHA_CHECKED)
 #  define HAVE_UNWIND 1
 #  include <dlfcn.h>
 #  include <execinfo.h>
@@ -227,7 +228,7 @@ measure_stops(void)
 void
 caller_init(void)
 {
-#if defined(HAVE_UNWIND) && defined(GOTCHA_CHECKED)
+#ifdef HAVE_UNWIND
     if (ready) {
         return;
     }
