@@ -760,9 +760,11 @@ probe_dict_growth(void)
 /* Would this large allocation take a hard scope past a fence? Then refuse it,
  * if the scope's own code is running with no exception in flight. For held
  * memory a realloc weighs only its growth over the block it replaces (old_h
- * and old_size, when that block is held inside the scope). */
+ * and old_size, when that block is held inside the scope). data: an array's
+ * data (numpy.c), whose callers turn NULL into numpy's MemoryError: refused at
+ * any size past the fence, and whoever's C asked. */
 static Py_NO_INLINE int
-refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size)
+refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size, int data)
 {
     settle();
     uint64_t delta[3] = {bytes, objects, 1};
@@ -800,13 +802,14 @@ refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size)
          * large allocation can be one of CPython's own that it does not expect to fail
          * (3.13's interned-strings dict growing inside marshal, 3.12's tee): every
          * other way past a ceiling is left to the interrupt. */
-        if ((r != R_BYTES && r != R_MEMORY) || (bytes <= m->ceiling[r] && m->stops == 0)) {
+        if (!data &&
+            ((r != R_BYTES && r != R_MEMORY) || (bytes <= m->ceiling[r] && m->stops == 0))) {
             return 0;
         }
         PyThreadState *ts = tstate_unchecked();
         if (PyErr_Occurred() || !frame_is_user(ts) || !stack_spilled(ts) ||
-            (dict_fragile && (dict_fragile == 2 || is_dict_table_size((size_t)bytes))) ||
-            frames_importing(ts) || !caller_is_cpython()) {
+            (!data && dict_fragile && (dict_fragile == 2 || is_dict_table_size((size_t)bytes))) ||
+            frames_importing(ts) || (!data && !caller_is_cpython())) {
             return 0;   /* only counted; the interrupt stops the code later */
         }
         if (m->reached[r] < would) {
@@ -905,7 +908,7 @@ metered_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
         n = NULL;   /* the loop's debug bookkeeping is not the task's work */
     }
     if (n != NULL && size >= REFUSE_MIN && n->hard_chain &&
-        refuse(n, size, (uint64_t)d->is_obj, NULL, 0)) {
+        refuse(n, size, (uint64_t)d->is_obj, NULL, 0, 0)) {
         return NULL;
     }
     void *p = zeroed ? d->prev.calloc(d->prev.ctx, nelem, elsize)
@@ -1135,7 +1138,7 @@ metered_realloc(Domain *d, Meter *n, void *ptr, size_t size)
         size_t old_size = 0;
         Held *old_h = ptr != NULL && n->held != NULL ? table_lookup((uintptr_t)ptr, &old_size)
                                                      : NULL;
-        if (refuse(n, size, 0, old_h, old_size)) {
+        if (refuse(n, size, 0, old_h, old_size, 0)) {
             return NULL;
         }
     }
@@ -1254,6 +1257,42 @@ free_in(Domain *d, void *ptr)
         return;
     }
     d->prev.free(d->prev.ctx, ptr);
+}
+
+/* Array data, allocated beside the hooked domains on a scope's behalf
+ * (numpy.c), under the GIL: charged and held as a block of the memory domain
+ * would be, with a realloc's old block (old) forgotten. */
+int
+hook_refuse_data(Meter *n, void *old, size_t size)
+{
+    size_t old_size = 0;
+    Held *old_h = old != NULL && n->held != NULL && table_count != 0
+                      ? table_lookup((uintptr_t)old, &old_size)
+                      : NULL;
+    return refuse(n, size, 0, old_h, old_size, 1);
+}
+
+void
+hook_charge_data(Meter *n, void *old, void *p, size_t size)
+{
+    if (old != NULL && table_count != 0 && table_may_hold(old)) {
+        forget_block(old);
+    }
+    if (n != NULL) {
+        charge(n, size, 0, 1);
+        if (n->held != NULL) {
+            hold(n, p, size);
+        }
+    }
+}
+
+void
+hook_forget_data(void *ptr)
+{
+    forget_block(ptr);
+    if (table_count == 0) {
+        step_aside_if_idle();
+    }
 }
 
 /* realloc and free of one domain and one way to the thread state, as HOOKS */

@@ -283,6 +283,14 @@ mod_trust_stdlib(PyObject *mod, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+mod_numpy_state(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return PyLong_FromLong(numpy_state());
+}
+
 static PyMethodDef mod_methods[] = {
     {"install", mod_install, METH_VARARGS,
      "install(var, deliver, exempt_dirs, dispatch, main_thread_ident, interrupt_type): set the "
@@ -327,6 +335,10 @@ static PyMethodDef mod_methods[] = {
     {"refusals", mod_refusals, METH_NOARGS,
      "After install(): can a hard scope refuse an allocation here (can it tell that "
      "CPython's own C asked for it)? If not, growth is only ever interrupted."},
+    {"numpy_state", mod_numpy_state, METH_NOARGS,
+     "0 until a scope is entered after numpy was imported; 1 once numpy's arrays are "
+     "counted (their data handler is ours in each scope's context); 2 if this numpy "
+     "cannot be (older than 1.22)."},
     {NULL},
 };
 
@@ -355,7 +367,7 @@ PyInit__meter(void)
         return NULL;
     }
     main_interp = PyInterpreterState_Main();
-    if (meter_init_types() < 0 || frames_init() < 0 || guard_init() < 0) {
+    if (meter_init_types() < 0 || frames_init() < 0 || guard_init() < 0 || numpy_init() < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&meter_module);
