@@ -345,6 +345,7 @@ void forget_seen(void);
 void forget_meter(Meter *m);
 void seen_entered(Meter *m);   /* after enter() set the variable to m */
 void stop(Meter *m);
+Meter *hook_data_scope(void);   /* under the GIL */
 int hook_refuse_data(Meter *n, void *old, size_t size);   /* 1: refuse it */
 void hook_charge_data(Meter *n, void *old, void *p, size_t size);
 void hook_forget_data(void *ptr);

@@ -1262,6 +1262,22 @@ free_in(Domain *d, void *ptr)
 /* Array data, allocated beside the hooked domains on a scope's behalf
  * (numpy.c), under the GIL: charged and held as a block of the memory domain
  * would be, with a realloc's old block (old) forgotten. */
+
+/* The scope to charge, found as the hooks find it, or NULL: none entered
+ * anywhere, our own work, or another interpreter's thread. */
+Meter *
+hook_data_scope(void)
+{
+    if (paused || active == 0) {
+        return NULL;
+    }
+    PyThreadState *ts = ts_found == 1 ? tstate_direct() : tstate_unchecked();
+    if (SEEN(ts)) {
+        return seen_meter;
+    }
+    return lookup_meter(ts);
+}
+
 int
 hook_refuse_data(Meter *n, void *old, size_t size)
 {
@@ -1278,11 +1294,29 @@ hook_charge_data(Meter *n, void *old, void *p, size_t size)
     if (old != NULL && table_count != 0 && table_may_hold(old)) {
         forget_block(old);
     }
-    if (n != NULL) {
-        charge(n, size, 0, 1);
-        if (n->held != NULL) {
-            hold(n, p, size);
+    if (n == NULL) {
+        return;
+    }
+    /* a small block, from the batch, as the memory domain's are (charging the
+     * chain would settle it, and the hook's next block start another):
+     * batch_small is 0 unless the batch is the scope last found, n */
+    if (LIKELY(size < batch_small && n == seen_meter)) {
+        left_b -= (int64_t)size;
+        left_m -= 1;
+        if (UNLIKELY((left_b | left_m) < 0) && batch_over()) {
+            hold_sampled(n, p, size);
         }
+        return;
+    }
+    if (batchable(n, size)) {
+        if (batch_take(n, size, 0)) {
+            hold_sampled(n, p, size);
+        }
+        return;
+    }
+    charge(n, size, 0, 1);
+    if (n->held != NULL) {
+        hold(n, p, size);
     }
 }
 

@@ -87,16 +87,14 @@ can_take_gil(void)
     return own != NULL && own->interp == main_interp && !finalizing;
 }
 
-/* The scope to charge, or NULL: none entered anywhere, our own work, or
- * another interpreter's thread. Under the GIL. */
+/* The scope to charge, or NULL. numpy's default handler keeps its cache of
+ * small blocks in globals that only the GIL guards, so numpy holds the GIL
+ * whenever it allocates or frees through a handler, save the realloc above:
+ * only a user's handler, which could be called otherwise, has it checked. */
 static Meter *
-data_scope(void)
+data_scope(const Wrap *w)
 {
-    if (active == 0 || paused) {
-        return NULL;
-    }
-    PyThreadState *ts = tstate_unchecked();
-    return ts != NULL && ts->interp == main_interp ? current_meter() : NULL;
+    return !w->foreign || holds_gil() ? hook_data_scope() : NULL;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -135,7 +133,7 @@ static void *
 data_alloc(Wrap *w, size_t nelem, size_t elsize, int zeroed)
 {
     size_t size = nelem * elsize;
-    Meter *n = holds_gil() ? data_scope() : NULL;
+    Meter *n = data_scope(w);
     if (n != NULL && n->hard_chain && hook_refuse_data(n, NULL, size)) {
         return NULL;   /* numpy raises its own MemoryError ("Unable to allocate ...") */
     }
@@ -163,7 +161,7 @@ wrap_calloc(void *ctx, size_t nelem, size_t elsize)
 static void *
 realloc_gil(Wrap *w, void *ptr, size_t size, int refuse)
 {
-    Meter *n = data_scope();
+    Meter *n = hook_data_scope();
     if (n != NULL && refuse && n->hard_chain && hook_refuse_data(n, ptr, size)) {
         return NULL;
     }
@@ -196,15 +194,11 @@ static void
 wrap_free(void *ctx, void *ptr, size_t size)
 {
     Wrap *w = ctx;
-    if (table_count != 0 && ptr != NULL && table_may_hold(ptr)) {
-        if (holds_gil()) {
-            hook_forget_data(ptr);
-        }
-        else if (can_take_gil()) {
-            PyGILState_STATE g = PyGILState_Ensure();
-            hook_forget_data(ptr);
-            PyGILState_Release(g);
-        }
+    if (table_count != 0 && ptr != NULL && table_may_hold(ptr) && (!w->foreign || holds_gil())) {
+        /* with the GIL, as above; a user's handler freeing without it (numpy
+         * does not) would leave the entry, to be credited when the address
+         * comes back: never a crash */
+        hook_forget_data(ptr);
     }
     if (w->foreign) {
         pause_hook();
