@@ -100,30 +100,32 @@ data_scope(const Wrap *w)
 /* ------------------------------------------------------------------------ */
 /* The handler                                                              */
 
-/* The wrapped handler's functions. A user's runs with the hook paused, which
- * also keeps the hook from refusing that handler's own small blocks. */
+/* The wrapped handler's allocations. While a scope is charged for it, a
+ * user's handler runs with the hook paused, which also keeps the hook from
+ * refusing that handler's own small blocks. (Its frees need no pause: a free
+ * is never charged.) */
 static void *
-prev_alloc(Wrap *w, size_t nelem, size_t elsize, int zeroed)
+prev_alloc(Wrap *w, size_t nelem, size_t elsize, int zeroed, int pause)
 {
-    if (w->foreign) {
+    if (pause) {
         pause_hook();
     }
     void *p = zeroed ? w->prev.calloc(w->prev.ctx, nelem, elsize)
                      : w->prev.malloc(w->prev.ctx, nelem * elsize);
-    if (w->foreign) {
+    if (pause) {
         resume_hook();
     }
     return p;
 }
 
 static void *
-prev_realloc(Wrap *w, void *ptr, size_t size)
+prev_realloc(Wrap *w, void *ptr, size_t size, int pause)
 {
-    if (w->foreign) {
+    if (pause) {
         pause_hook();
     }
     void *p = w->prev.realloc(w->prev.ctx, ptr, size);
-    if (w->foreign) {
+    if (pause) {
         resume_hook();
     }
     return p;
@@ -137,7 +139,7 @@ data_alloc(Wrap *w, size_t nelem, size_t elsize, int zeroed)
     if (n != NULL && n->hard_chain && hook_refuse_data(n, NULL, size)) {
         return NULL;   /* numpy raises its own MemoryError ("Unable to allocate ...") */
     }
-    void *p = prev_alloc(w, nelem, elsize, zeroed);
+    void *p = prev_alloc(w, nelem, elsize, zeroed, n != NULL && w->foreign);
     if (p != NULL && n != NULL) {
         hook_charge_data(n, NULL, p, size);
     }
@@ -165,7 +167,7 @@ realloc_gil(Wrap *w, void *ptr, size_t size, int refuse)
     if (n != NULL && refuse && n->hard_chain && hook_refuse_data(n, ptr, size)) {
         return NULL;
     }
-    void *p = prev_realloc(w, ptr, size);
+    void *p = prev_realloc(w, ptr, size, n != NULL && w->foreign);
     if (p != NULL) {
         hook_charge_data(n, ptr, p, size);   /* n NULL: the old block forgotten only */
     }
@@ -200,14 +202,7 @@ wrap_free(void *ctx, void *ptr, size_t size)
          * comes back: never a crash */
         hook_forget_data(ptr);
     }
-    if (w->foreign) {
-        pause_hook();
-        w->prev.free(w->prev.ctx, ptr, size);
-        resume_hook();
-    }
-    else {
-        w->prev.free(w->prev.ctx, ptr, size);
-    }
+    w->prev.free(w->prev.ctx, ptr, size);
 }
 
 /* ------------------------------------------------------------------------ */
