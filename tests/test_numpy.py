@@ -298,6 +298,32 @@ async def test_pandas_frames_are_charged() -> None:
     del df
 
 
+@pytest.mark.needs_frames
+@pytest.mark.parametrize("kind", ["hard", "ceiling", "soft"])
+async def test_a_pandas_hog_is_stopped(kind: str) -> None:
+    pd = pytest.importorskip("pandas")
+    csv = "a,b,c\n" + "1,2.5,3\n" * 1_000_000  # three columns of 8 MB
+    kinds: dict[str, dict[str, Any]] = {"hard": {"hard": True}, "ceiling": {"ceiling": 2}}
+    limits = kinds.get(kind, {})
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(memory=8 * MiB, **limits):
+            df = pd.read_csv(io.StringIO(csv))
+            await anyio.sleep(0)
+            pytest.fail(f"not stopped: {len(df)} rows")
+    assert info.value.resource == "memory"
+    async with gotcha.limit(memory=8 * MiB, hard=True) as after:  # pandas still works
+        assert pd.DataFrame({"x": np.arange(1000)})["x"].sum() == 499_500
+    assert not after.exceeded()
+
+
+@pytest.mark.needs_frames
+async def test_a_worker_threads_array_is_refused() -> None:
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(bytes=64 * MiB, hard=True):
+            await anyio.to_thread.run_sync(np.ones, 300 * MiB // 8)
+    assert info.value.resource == "bytes" and info.value.used >= 300 * MiB
+
+
 # -- numpy imported after the hook, and gotcha's import leaving numpy alone ---------------
 
 LATE = textwrap.dedent(
