@@ -178,6 +178,20 @@ async def test_a_hard_memory_scope_refuses_the_array_past_it() -> None:
     assert info.value.resource == "memory"
 
 
+@pytest.mark.needs_frames
+async def test_small_arrays_past_a_hard_scope_are_stopped_at_a_boundary() -> None:
+    # below REFUSE_MIN an array is never refused (numpy reads a NULL as "equal" in a
+    # structured dtype's comparison): the code is interrupted at the next bytecode
+    keep = []
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(memory=4 * MiB, hard=True):
+            for _ in range(10_000):
+                keep.append(np.ones(16 * KiB // 8))  # never an await
+    assert info.value.resource == "memory"
+    # stopped within an array or two of the limit (the list and the arrays' objects count too)
+    assert 4 * MiB - 64 * KiB <= 16 * KiB * len(keep) <= 4 * MiB + 64 * KiB
+
+
 async def test_a_soft_limit_trips_on_an_array() -> None:
     with pytest.raises(gotcha.LimitExceeded) as info:
         async with gotcha.limit(bytes=MiB) as ctx:

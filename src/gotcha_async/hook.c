@@ -761,8 +761,8 @@ probe_dict_growth(void)
  * if the scope's own code is running with no exception in flight. For held
  * memory a realloc weighs only its growth over the block it replaces (old_h
  * and old_size, when that block is held inside the scope). data: an array's
- * data (numpy.c), whose callers turn NULL into numpy's MemoryError: refused at
- * any size past the fence, and whoever's C asked. */
+ * data (numpy.c), whose callers turn NULL into numpy's MemoryError: refused
+ * whenever it crosses a fence, whoever's C asked. */
 static Py_NO_INLINE int
 refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size, int data)
 {

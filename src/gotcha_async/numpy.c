@@ -136,8 +136,13 @@ data_alloc(Wrap *w, size_t nelem, size_t elsize, int zeroed)
 {
     size_t size = nelem * elsize;
     Meter *n = data_scope(w);
-    if (n != NULL && n->hard_chain && hook_refuse_data(n, NULL, size)) {
-        return NULL;   /* numpy raises its own MemoryError ("Unable to allocate ...") */
+    /* Not the small ones, as the hooks do not: a structured dtype's comparison
+     * takes a field's temporary copy and reads a NULL as "equal" (VOID_compare),
+     * while every array of REFUSE_MIN or more comes from a caller that raises
+     * numpy's MemoryError ("Unable to allocate ..."). Smaller arrays past a
+     * ceiling are stopped at the next bytecode boundary instead (hook.c). */
+    if (n != NULL && size >= REFUSE_MIN && n->hard_chain && hook_refuse_data(n, NULL, size)) {
+        return NULL;
     }
     void *p = prev_alloc(w, nelem, elsize, zeroed, n != NULL && w->foreign);
     if (p != NULL && n != NULL) {
@@ -164,7 +169,8 @@ static void *
 realloc_gil(Wrap *w, void *ptr, size_t size, int refuse)
 {
     Meter *n = hook_data_scope();
-    if (n != NULL && refuse && n->hard_chain && hook_refuse_data(n, ptr, size)) {
+    if (n != NULL && refuse && size >= REFUSE_MIN && n->hard_chain &&
+        hook_refuse_data(n, ptr, size)) {
         return NULL;
     }
     void *p = prev_realloc(w, ptr, size, n != NULL && w->foreign);
