@@ -368,6 +368,38 @@ def test_numpy_imported_after_the_hook() -> None:
     assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
 
 
+INSIDE = textwrap.dedent(
+    """
+    import asyncio, sys
+    import gotcha_async as gotcha
+    from gotcha_async import _meter
+
+    async def main():
+        async with gotcha.limit() as ctx:
+            import numpy as np  # first imported inside a scope, as a lazy handler does
+            before = ctx.used().bytes
+            a = np.empty(10**6)
+            grown = ctx.used().bytes - before
+        assert _meter.numpy_state() == 1, _meter.numpy_state()
+        assert 8 * 10**6 <= grown <= 8 * 10**6 + 4096, grown
+        # numpy keeps its own loader, and the watch is gone
+        assert np.__spec__.loader is np.__loader__
+        assert type(np.__loader__).__name__ == "SourceFileLoader", np.__loader__
+        assert not any(type(f).__name__ == "_NumpyWatch" for f in sys.meta_path)
+        print("ok")
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_numpy_imported_inside_a_scope() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", INSIDE], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
+
+
 def test_numpy_untouched_without_a_scope() -> None:
     code = (
         "import numpy as np; from gotcha_async import _meter; "
