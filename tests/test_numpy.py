@@ -7,6 +7,7 @@ import io
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,6 +80,24 @@ async def test_freed_after_the_scope_is_credited_to_it() -> None:
     assert ctx.memory().current >= 4 * MiB  # type: ignore[union-attr]
     del a
     assert ctx.memory().current < HEADER  # type: ignore[union-attr]
+
+
+async def test_tracemalloc_started_and_stopped_inside() -> None:
+    async with gotcha.limit(memory="1 GiB", exact_memory=True) as ctx:
+        tracemalloc.start()
+        try:
+            a = np.ones(MiB // 8)
+            # numpy still reports its arrays to tracemalloc, in its own domain
+            traced = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.DomainFilter(True, 389047)]
+            )
+            assert sum(t.size for t in traced.traces) >= MiB
+        finally:
+            tracemalloc.stop()
+        b = np.ones(MiB // 8)
+        assert 2 * MiB <= ctx.memory().current <= 2 * MiB + 2 * HEADER  # type: ignore[union-attr]
+        del a, b
+        assert ctx.memory().current < 2 * HEADER  # type: ignore[union-attr]
 
 
 async def test_two_concurrent_tasks_are_isolated() -> None:
