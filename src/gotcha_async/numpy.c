@@ -32,6 +32,7 @@ typedef struct {
 
 #define CAPSULE_NAME "mem_handler"
 /* numpy_api.py: the slots of the C-API table used here */
+#define API_ABI_VERSION 0         /* PyArray_GetNDArrayCVersion: 0x01000009, 0x02000000 */
 #define API_FEATURE_VERSION 211
 #define API_SET_HANDLER 304
 #define API_GET_HANDLER 305
@@ -218,8 +219,10 @@ static void
 wrap_destroy(PyObject *capsule)
 {
     Wrap *w = PyCapsule_GetContext(capsule);
-    Py_XDECREF(w->prev_capsule);
-    PyMem_RawFree(w);
+    if (w != NULL) {   /* NULL: wrap_new failed before it was set, and freed it */
+        Py_XDECREF(w->prev_capsule);
+        PyMem_RawFree(w);
+    }
 }
 
 static int
@@ -239,7 +242,7 @@ wrap_new(PyObject *prev_capsule)
     if (w == NULL) {
         return PyErr_NoMemory();
     }
-    /* "gotcha_async(default_allocator)": numpy.core.multiarray.get_handler_name() */
+    /* "gotcha_async(default_allocator)": numpy._core.multiarray.get_handler_name() */
     snprintf(w->ours.name, sizeof w->ours.name, "gotcha_async(%.100s)", prev->name);
     w->ours.version = 1;
     w->ours.allocator = (DataAllocator){w, wrap_malloc, wrap_calloc, wrap_realloc, wrap_free};
@@ -247,7 +250,7 @@ wrap_new(PyObject *prev_capsule)
     w->foreign = prev_capsule != *np_default;
     PyObject *cap = PyCapsule_New(&w->ours, CAPSULE_NAME, wrap_destroy);
     if (cap == NULL || PyCapsule_SetContext(cap, w) < 0) {
-        Py_XDECREF(cap);   /* its destructor finds no context: freed here */
+        Py_XDECREF(cap);
         PyMem_RawFree(w);
         return NULL;
     }
@@ -280,7 +283,10 @@ find_numpy(void)
     if (api == NULL) {
         return -1;
     }
-    if (((unsigned int (*)(void))api[API_FEATURE_VERSION])() < FEATURE_1_22) {
+    /* numpy 1.x and 2.x lay the table out alike; a later ABI is left alone */
+    unsigned int abi = ((unsigned int (*)(void))api[API_ABI_VERSION])();
+    if ((abi >> 24 != 1 && abi >> 24 != 2) ||
+        ((unsigned int (*)(void))api[API_FEATURE_VERSION])() < FEATURE_1_22) {
         return 0;
     }
     np_get_handler = (PyObject * (*)(void)) api[API_GET_HANDLER];
