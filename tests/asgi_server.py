@@ -7,7 +7,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import uvicorn
@@ -37,10 +37,16 @@ class Running:
 
 
 @contextlib.contextmanager
-def serving(app: Any, loop: str = "asyncio", http: str = "auto") -> Iterator[Running]:
-    """Run ``app`` under uvicorn on a free port of 127.0.0.1 in a thread, for the block."""
+def serving(
+    app: Any, loop: str = "asyncio", http: str = "auto",
+    lifespan: Literal["auto", "on", "off"] = "on",
+) -> Iterator[Running]:
+    """Run ``app`` under uvicorn on a free port of 127.0.0.1 in a thread, for the block.
+
+    ``lifespan="auto"`` for an application without the lifespan protocol (Django).
+    """
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", loop=loop,
+        app, host="127.0.0.1", port=0, lifespan=lifespan, log_level="warning", loop=loop,
         http=http,
     )
     server = _Server(config)

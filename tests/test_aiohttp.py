@@ -17,7 +17,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
 import gotcha_async as gotcha
-from gotcha_async.aiohttp import Exceeded, LimitMiddleware, setup
+from gotcha_async.aiohttp import Exceeded, LimitMiddleware, middleware_of, setup, summary
 
 LIMIT = gotcha.MiB
 HOG = 8 * gotcha.MiB
@@ -121,6 +121,7 @@ async def get(url: str) -> tuple[int, bytes]:
         return response.status, await response.read()
 
 
+@pytest.mark.needs_frames
 @pytest.mark.asyncio
 async def test_requests_under_the_limit_pass_and_hogs_get_503() -> None:
     state = State()
@@ -179,7 +180,8 @@ async def test_observe_mode_sends_everything_and_reports(
     # logged once, at the application's shutdown
     summary = [r.getMessage() for r in gotcha_records(caplog) if r.levelno == logging.INFO]
     assert summary[0].startswith("per-route allocation summary")
-    assert any(line.startswith("GET /stream: 1 requests, 1 over the limit") for line in summary)
+    assert any(line.startswith('"GET /stream": {"bytes": "')
+               and "# 1 request, 1 over the limit" in line for line in summary)
 
 
 @pytest.mark.asyncio
@@ -214,6 +216,74 @@ async def test_route_template_in_log_metrics_and_summary(
     middleware = app[MIDDLEWARE]
     rows = {r.route: r for r in middleware.summary()}
     assert (rows["/items/{n}"].count, rows["/items/{n}"].exceeded) == (2, 2)
+
+
+@pytest.mark.asyncio
+async def test_route_keys_are_resource_templates_with_an_optional_method() -> None:
+    routes = {"GET /items/{n}": {"bytes": 100}, "/hog": {"bytes": None}}
+    app = make_app(State(), bytes=LIMIT, routes=routes)
+    async with serving(app) as url, aiohttp.ClientSession() as session:
+        async with session.get(url + "/items/1") as r:
+            assert r.status == 503  # a plain request allocates more than 100 bytes
+        async with session.head(url + "/items/1") as r:
+            assert r.status == 200  # HEAD: no key for it, the default 1 MiB
+        async with session.get(url + "/hog") as r:
+            assert r.status == 200  # its key lifts the default
+
+
+@pytest.mark.asyncio
+async def test_key_naming_no_resource_is_reported_once_at_startup(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gotcha_async")
+    # the routes are added after the middleware is installed: known at the startup
+    app = make_app(State(), routes={"/items/{id}": {"bytes": 100}})
+    async with serving(app) as url:
+        [warning] = [r.getMessage() for r in gotcha_records(caplog)]
+        for _ in range(3):
+            assert (await get(url + "/items/1"))[0] == 200
+    assert len(gotcha_records(caplog)) == 1
+    assert warning.startswith("routes key '/items/{id}' names no route of the application")
+    assert "'/items/{n}'" in warning
+
+
+@pytest.mark.asyncio
+async def test_summary_from_the_app_groups_unrouted_requests() -> None:
+    app = make_app(State(), enforce=False)
+    async with serving(app) as url:
+        for path in ("/items/1", "/items/2", "/nowhere/1", "/nowhere/2", "/nowhere/3"):
+            await get(url + path)
+    assert {(r.method, r.route): r.count for r in summary(app)} == {
+        ("GET", "(no route)"): 3, ("GET", "/items/{n}"): 2}
+    assert middleware_of(app) is app[MIDDLEWARE]
+    with pytest.raises(LookupError, match="no gotcha_async LimitMiddleware installed"):
+        middleware_of(web.Application())
+
+
+@pytest.mark.asyncio
+async def test_response_is_a_web_response_sent_afresh_to_each_request() -> None:
+    busy = web.json_response({"error": "over budget"}, status=429,
+                             headers={"Retry-After": "5"})
+    app = make_app(State(), bytes=LIMIT, response=busy)
+    async with serving(app) as url, aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.get(url + "/hog") as r:
+                assert (r.status, await r.json()) == (429, {"error": "over budget"})
+                assert r.headers["Retry-After"] == "5"
+        async with session.get(url + "/ok") as r:
+            assert r.status == 200
+
+
+@pytest.mark.asyncio
+async def test_response_callable_gets_the_limit_exceeded() -> None:
+    def answer(exc: gotcha.LimitExceeded) -> web.Response:
+        return web.json_response({"resource": exc.resource}, status=503)
+
+    state = State()
+    async with serving(make_app(state, bytes=LIMIT, response=answer)) as url:
+        async with aiohttp.ClientSession() as session, session.get(url + "/hog") as r:
+            assert (r.status, await r.json()) == (503, {"resource": "bytes"})
+    assert [e.status for e in state.exceeded] == [503]
 
 
 @pytest.mark.asyncio
@@ -265,6 +335,8 @@ def test_setup_builds_and_installs_once() -> None:
         ({"enforce": 0}, TypeError, "enforce must be True or False, not 0"),
         ({"status_code": 302}, ValueError, "status_code must be an HTTP error status"),
         ({"routes": {"/x": {"bites": 1}}}, ValueError, "routes['/x'] has an unknown key 'bites'"),
+        ({"response": 429}, TypeError, "response must be an aiohttp web.Response"),
+        ({"response": web.StreamResponse()}, TypeError, "response must be an aiohttp web"),
     ],
 )
 def test_bad_options_fail_at_construction(

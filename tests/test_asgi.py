@@ -292,6 +292,7 @@ async def test_status_code_is_configurable() -> None:
     assert response.text == "Too Many Requests: the request exceeded its bytes limit\n"
 
 
+@pytest.mark.needs_frames
 @pytest.mark.anyio
 async def test_hard_limit_refuses_the_allocation_and_answers_503() -> None:
     state = State()
@@ -743,10 +744,12 @@ async def test_observe_mode_logs_the_summary_once_at_shutdown(
     assert lines[0].startswith("per-route allocation summary (suggested budget")
     assert len(lines) == 4
     tiny, hog, ok = lines[1:]
-    assert tiny.startswith("GET /tiny/{n:int}: 5 requests, 0 over the limit; bytes median ")
-    assert hog.startswith("GET /hog: 3 requests, 3 over the limit; bytes median 8")
-    assert "; peak memory median " in hog and "suggested bytes='" in hog
-    assert ok.startswith("GET /ok: 1 requests")
+    assert tiny.startswith('"GET /tiny/{n:int}": {"bytes": "')
+    assert "# 5 requests, 0 over the limit; bytes median " in tiny
+    assert hog.startswith('"GET /hog": {"bytes": "') and '"memory": "' in hog
+    assert "# 3 requests, 3 over the limit; bytes median 8" in hog
+    assert "; peak memory median " in hog
+    assert ok.startswith('"GET /ok": {"bytes": "') and "# 1 request, 0 over" in ok
 
 
 def test_enforce_mode_logs_no_summary(caplog: pytest.LogCaptureFixture) -> None:

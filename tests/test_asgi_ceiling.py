@@ -20,7 +20,7 @@ from starlette.routing import Route
 import gotcha_async as gotcha
 from gotcha_async.asgi import LimitMiddleware
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.needs_frames]
 
 MiB, KiB = gotcha.MiB, gotcha.KiB
 BUDGET = 10 * MiB

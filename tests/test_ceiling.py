@@ -10,6 +10,9 @@ import pytest
 import gotcha_async as gotcha
 from gotcha_async import _meter
 
+# hard limits and ceilings stop code through the frames it reads
+pytestmark = pytest.mark.needs_frames
+
 KiB, MiB = gotcha.KiB, gotcha.MiB
 # what runs between the allocation that crosses a ceiling and the next bytecode
 # boundary, and the interpreter's own unwinding afterwards

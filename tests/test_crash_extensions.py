@@ -42,6 +42,7 @@ def test_fastapi_orjson_response_under_the_middleware_defaults() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.needs_frames
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's unwinder")
 async def test_cpython_own_allocations_are_still_refused() -> None:
     # the measurement at install found where CPython's calls go, on this interpreter

@@ -25,6 +25,9 @@ import gotcha_async as gotcha
 
 MiB = gotcha.MiB
 
+# hard limits and ceilings stop code through the frames it reads
+pytestmark = pytest.mark.needs_frames
+
 
 # -- item 2: more than 16 MemoryErrors alive in one hard scope ------------------------
 

@@ -262,6 +262,7 @@ async def test_nested_scopes_track_inside_a_memory_scope() -> None:
     assert gotcha.Context().memory() is None  # no limit, no tracking
 
 
+@pytest.mark.needs_frames
 async def test_hard_memory_limit_refuses_but_lets_churn_through() -> None:
     async with gotcha.limit(memory=MiB, hard=True) as ctx:
         for _ in range(200):
@@ -277,6 +278,7 @@ async def test_hard_memory_limit_refuses_but_lets_churn_through() -> None:
     assert len(keep) * 64 * KiB <= MiB
 
 
+@pytest.mark.needs_frames
 async def test_allocation_sites_need_no_tracemalloc() -> None:
     assert not tracemalloc.is_tracing()
     async with gotcha.Context(track_memory=True, exact_memory=True) as ctx:
@@ -298,6 +300,7 @@ async def test_allocation_sites_need_no_tracemalloc() -> None:
     del blocks, small
 
 
+@pytest.mark.needs_frames
 async def test_limit_exceeded_names_the_top_sites() -> None:
     with pytest.raises(gotcha.LimitExceeded) as info:
         async with gotcha.limit(memory=MiB):
@@ -318,6 +321,7 @@ async def test_sites_need_tracking() -> None:
         ctx.allocation_sites(-1)
 
 
+@pytest.mark.needs_frames
 async def test_sites_are_the_innermost_user_frames() -> None:
     def inner() -> bytearray:
         return big(200 * KiB)
@@ -335,6 +339,7 @@ async def test_sites_are_the_innermost_user_frames() -> None:
     del kept
 
 
+@pytest.mark.needs_frames
 async def test_consecutive_blocks_get_the_site_of_their_own_line_and_caller() -> None:
     # The hook remembers the frames of the last site it read, for the next block made
     # at the same place (a C call makes many). A block one line further on, or made

@@ -109,7 +109,18 @@ async def test_histograms_per_request_with_route_template_and_status(
     assert exceeded.value == 1
     assert dict(exceeded.attributes) == {
         "http.request.method": "GET", "http.route": "/hog", "http.response.status_code": 503,
+        "url.scheme": "http", "error.type": "bytes",
         "gotcha.resource": "bytes", "gotcha.enforced": True,
+    }
+    # the stable HTTP conventions' attributes, as on http.server.request.duration: a
+    # request stopped for its limit carries error.type, the others do not
+    assert dict(hog_point.attributes) == {
+        "http.request.method": "GET", "http.route": "/hog", "http.response.status_code": 503,
+        "url.scheme": "http", "error.type": "bytes",
+    }
+    assert dict(allocated[("/ok", 200)].attributes) == {
+        "http.request.method": "GET", "http.route": "/ok", "http.response.status_code": 200,
+        "url.scheme": "http",
     }
 
 
@@ -126,6 +137,7 @@ async def test_observe_mode_counts_requests_over_as_not_enforced(
     assert exceeded.value == 2
     assert exceeded.attributes["gotcha.enforced"] is False
     assert exceeded.attributes["gotcha.resource"] == "memory"
+    assert "error.type" not in exceeded.attributes  # observed: the request did not fail
     unit, peaks = metrics["gotcha.request.memory.peak"]
     assert unit == "By"
     peak = by_route(peaks)[("/hog", 200)]
@@ -145,7 +157,7 @@ async def test_raw_path_never_becomes_an_attribute(reader: InMemoryMetricReader)
         await hit(server.url, ["/users/1", "/users/2"])
     _, data_points = points(reader)["gotcha.request.allocated"]
     assert [dict(p.attributes) for p in data_points] == [
-        {"http.request.method": "GET", "http.response.status_code": 200}
+        {"http.request.method": "GET", "http.response.status_code": 200, "url.scheme": "http"}
     ]
     assert data_points[0].count == 3
 

@@ -162,6 +162,7 @@ def test_sync_budgets_charge_the_body_only(pytester: pytest.Pytester) -> None:
     assert "gotcha: allocations" not in result.stdout.str()
 
 
+@pytest.mark.needs_frames
 def test_budget_failure_and_other_outcomes(pytester: pytest.Pytester) -> None:
     result = run(
         pytester,
@@ -415,7 +416,8 @@ ROW = re.compile(r"^ *([\d,]+) +([\d,]+) +([\d,]+)  test_inner\.py::(\S+)$")
 def report_rows(result: pytest.RunResult) -> list[tuple[str, int, int, int]]:
     """(test, bytes, objects, calls) of the report table, in its order."""
     lines = result.stdout.lines
-    start = next(i for i, line in enumerate(lines) if "gotcha: allocations per test" in line)
+    start = next(i for i, line in enumerate(lines)
+                 if "gotcha: allocations per test" in line or "biggest test bodies" in line)
     assert re.fullmatch(r" *bytes +objects +calls  test", lines[start + 1])
     rows = []
     for line in lines[start + 2 :]:
@@ -559,6 +561,7 @@ def test_session_default_from_the_ini_file_and_the_command_line_wins(
     assert set(outcomes(overridden).values()) == {"PASSED"}
 
 
+@pytest.mark.needs_frames
 def test_session_default_hard(pytester: pytest.Pytester) -> None:
     result = run(pytester, "def test_big():\n    data = bytearray(2_000_000)\n",
                  "--gotcha-bytes=1 MB", "--gotcha-hard")
@@ -603,9 +606,12 @@ def test_json_report_of_every_test_body(pytester: pytest.Pytester) -> None:
     mid = tests["test_failing_mid"]
     assert mid["outcome"] == "failed"
     assert mid["budget"] == {"bytes": 1_000_000, "objects": None, "calls": None,
-                             "memory": None, "hard": False}
+                             "memory": None, "hard": False, "leaks": None}
     assert mid["over_budget"].startswith("Test was limited to 1,000,000 bytes but allocated ")
-    assert mid["memory_peak"] is None  # no memory limit: not tracked
+    # a budgeted test's scope tracks held memory (sampled) for its sites: a 2 MB block
+    # is above the sampling rate, so counted exactly
+    assert 2_000_000 <= mid["memory_peak"] < 2_100_000
+    assert tests["test_big"]["memory_peak"] >= 3_000_000
 
 
 def test_json_report_ini_option(pytester: pytest.Pytester) -> None:
@@ -678,3 +684,318 @@ sys.exit(code)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASSED test_inner.py::test_engine_not_loaded" in proc.stdout
     assert "LOADED ['gotcha_async.pytest_plugin']" in proc.stdout
+
+
+# -- where the bytes went, --gotcha-top --------------------------------------------------
+
+SITES_SUITE = """
+import pytest
+
+def make(n):
+    return [bytearray(n // 10) for _ in range(10)]  # line 4: helper
+
+def test_big():
+    data = bytearray(3_000_000)  # line 7
+    more = make(1_000_000)
+
+@pytest.mark.gotcha(bytes="1 MB")
+def test_failing_mid():
+    data = bytearray(2_000_000)  # line 12
+
+def test_small():
+    data = bytearray(1_000_000)
+
+def test_churn():
+    for _ in range(10):
+        data = bytearray(100_000)
+"""
+
+SITE = re.compile(r"^ +([\d.]+) (B|KiB|MiB) in ([\d,]+) blocks? at (\S+):(\d+)$")
+
+
+def sites_after(lines: list[str], start: str) -> list[tuple[str, int, float]]:
+    """(file, line, KiB) of the site lines that follow the line equal to start."""
+    i = lines.index(start)
+    found = []
+    for line in lines[i + 1 :]:
+        m = SITE.match(line)
+        if m is None:
+            break
+        scale = {"B": 1 / 1024, "KiB": 1, "MiB": 1024}[m[2]]
+        found.append((m[4], int(m[5]), float(m[1]) * scale))
+    return found
+
+
+@pytest.mark.needs_frames  # the sites
+def test_top_n_biggest_with_their_lines(pytester: pytest.Pytester) -> None:
+    result = run(pytester, SITES_SUITE, "--gotcha-top=2")
+    lines = result.stdout.lines
+    result.stdout.fnmatch_lines(["=* gotcha: the 2 biggest test bodies of 4 measured =*"])
+    assert [name for name, *_ in report_rows(result)] == ["test_big", "test_failing_mid"]
+    # the lines that allocated what each body held as it returned: its locals, and a
+    # line of the code it called
+    big = sites_after(lines, "test_inner.py::test_big")
+    assert big[0][:2] == ("test_inner.py", 7)
+    # 3,000,000 bytes, one block above the sampling rate: exact, shown as 2.9 MiB
+    assert big[0][2] == 2.9 * 1024
+    assert big[1][:2] == ("test_inner.py", 4)
+    # 1 MB in ten 100 kB blocks, each above the sampling rate: recorded exactly
+    assert 970 <= big[1][2] <= 990
+    mid = sites_after(lines, "test_inner.py::test_failing_mid")
+    assert mid[0][:2] == ("test_inner.py", 12)
+    # the budget failure says where, too
+    result.stdout.fnmatch_lines([
+        "Test was limited to 1,000,000 bytes but allocated 2,0*,* bytes",
+        "*- gotcha: where the memory held as the body returned was allocated -*",
+        "*1.9 MiB in 1 block at test_inner.py:12",
+    ])
+    # the others are measured, not listed, nor their lines
+    assert "test_inner.py::test_small" not in lines
+    assert "test_inner.py::test_churn" not in lines
+
+
+def test_top_n_ini_option(pytester: pytest.Pytester) -> None:
+    pytester.makefile(".ini", pytest=INI + "gotcha_top = 1\n")
+    pytester.makepyfile(test_inner=textwrap.dedent(SITES_SUITE))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    assert [name for name, *_ in report_rows(result)] == ["test_big"]
+    # the command line wins
+    both = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--gotcha-top=3",
+                                         timeout=120)
+    assert len(report_rows(both)) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "ini", "message"),
+    [
+        (["--gotcha-top=0"], "", "ERROR: gotcha: --gotcha-top: expected a number of tests "
+         ">= 1, got '0'"),
+        (["--gotcha-top=ten"], "", "ERROR: gotcha: --gotcha-top: * got 'ten'"),
+        ([], "gotcha_top = -3\n", "ERROR: gotcha: ini option gotcha_top: * got '-3'"),
+        (["--gotcha-leaks=some"], "", "ERROR: gotcha: --gotcha-leaks: not a size: 'some'*"),
+    ],
+)
+def test_bad_top_or_leaks_is_a_usage_error(
+    pytester: pytest.Pytester, args: list[str], ini: str, message: str
+) -> None:
+    pytester.makefile(".ini", pytest=INI + ini)
+    pytester.makepyfile(test_inner="def test_one():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=120)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+# -- leaks --------------------------------------------------------------------------------
+
+LEAKS_SUITE = """
+import gc
+import logging
+import warnings
+
+import pytest
+
+KEPT = []
+LOG = logging.getLogger("inner")  # a logger is made once, and kept
+
+@pytest.mark.gotcha(leaks="1 KiB")
+def test_leaky():
+    KEPT.append(bytearray(50_000))  # line 12
+    scratch = bytearray(200_000)
+
+@pytest.mark.gotcha(leaks="8 KiB")
+def test_clean_but_busy():
+    # what pytest keeps for the report (output, log records and their arguments,
+    # warnings), a cycle the collector has not reached yet, and what a module imported
+    # for the first time keeps (100 kB here) are not the test's leaks; the import
+    # machinery's own bookkeeping is (some 2 KiB), hence 8 KiB
+    print("x" * 5_000)
+    for i in range(20):
+        LOG.warning("record %d %s", i, "y" * 200)
+    with pytest.warns(UserWarning):
+        warnings.warn("w" * 2_000)
+    a = {"payload": bytearray(30_000)}
+    a["self"] = a
+    import leak_helper_module
+    return None
+
+@pytest.mark.gotcha(leaks="100 KiB")
+def test_under_its_threshold():
+    KEPT.append(bytearray(50_000))
+
+@pytest.mark.gotcha(leaks="1 KiB")
+@pytest.mark.asyncio
+async def test_async_leaky():
+    KEPT.append(bytearray(60_000))  # line 38
+
+def test_unmarked_leaky():
+    KEPT.append(bytearray(70_000))  # line 41
+
+@pytest.mark.gotcha(leaks=None)
+def test_lifted():
+    KEPT.append(bytearray(70_000))
+
+@pytest.mark.gotcha(leaks="1 KiB")
+def test_fails_on_its_own():
+    KEPT.append(bytearray(50_000))
+    assert False
+"""
+
+HELPER = "TABLE = [bytearray(1_000) for _ in range(100)]\n"
+
+
+@pytest.mark.needs_frames  # the sites
+def test_leaks_marker_and_session_default(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(leak_helper_module=HELPER)
+    result = run(pytester, LEAKS_SUITE, "--gotcha-leaks=10 KiB",
+                 "--gotcha-json=gotcha.json")
+    # checked once the test has ended, after its teardown: a leak is an error there
+    errors = set(re.findall(r"^ERROR test_inner\.py::(\S+)", result.stdout.str(), re.M))
+    assert errors == {"test_leaky", "test_async_leaky", "test_unmarked_leaky"}
+    assert outcomes(result) == {
+        "test_leaky": "ERROR",  # -rA lists the error after the pass
+        "test_clean_but_busy": "PASSED",
+        "test_under_its_threshold": "PASSED",
+        "test_async_leaky": "ERROR",
+        "test_unmarked_leaky": "ERROR",  # the session's default
+        "test_lifted": "PASSED",
+        "test_fails_on_its_own": "FAILED",
+    }
+    text = result.stdout.str()
+    leak = re.compile(r"_ ERROR at teardown of (\S+) _+\nTest was limited to ([\d,]+) bytes "
+                      r"of leaks but still held ([\d,]+) bytes its body allocated once it "
+                      r"had ended\nwhere the leaked memory was allocated:\n(.*)\n")
+    found = {m[1]: m for m in leak.finditer(text)}
+    assert found.keys() == errors
+    for name, limit, size, line in [("test_leaky", 1024, 50_000, 12),
+                                    ("test_async_leaky", 1024, 60_000, 38),
+                                    ("test_unmarked_leaky", 10_240, 70_000, 41)]:
+        m = found[name]
+        assert number(m[2]) == limit, name
+        # exact, not sampled: the bytearray and the list's growth, not the scratch
+        assert size <= number(m[3]) < size + 1_000, name
+        assert re.fullmatch(rf" +[\d.]+ KiB in [\d,]+ blocks? at test_inner\.py:{line}",
+                            m[4]), name
+    entries = {t["nodeid"].split("::")[1]: t
+               for t in json.loads((pytester.path / "gotcha.json").read_text())["tests"]}
+    assert 50_000 <= entries["test_leaky"]["leaked"] < 51_000
+    assert entries["test_leaky"]["outcome"] == "failed"
+    assert entries["test_clean_but_busy"]["leaked"] < 8 * 1024
+    assert entries["test_lifted"]["leaked"] is None
+
+
+# -- pytest-xdist ---------------------------------------------------------------------------
+
+XDIST_SUITE = """
+import pytest
+
+KEPT = []
+
+def test_small():
+    data = bytearray(1_000_000)
+
+def test_big():
+    data = bytearray(3_000_000)  # line 9
+
+@pytest.mark.gotcha(bytes="1 MB")
+def test_failing_mid():
+    data = bytearray(2_000_000)
+
+@pytest.mark.gotcha(leaks="1 KiB")
+def test_leaky():
+    KEPT.append(bytearray(50_000))
+"""
+
+
+@pytest.mark.needs_frames  # the sites
+def test_xdist_every_option_rows_merged_on_the_controller(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    result = run(pytester, XDIST_SUITE, "-n", "2", "--gotcha-json=out.json", "--gotcha-top=2",
+                 "--gotcha-objects=100k")
+    text = result.stdout.str()
+    assert "2 workers" in text or re.search(r"created: 2/2 workers", text), text
+    # every test ran on a worker, and the controller has all four rows
+    result.stdout.fnmatch_lines(["gotcha: usage of 4 test bodies written to *out.json"])
+    tests = {t["nodeid"].split("::")[1]: t
+             for t in json.loads((pytester.path / "out.json").read_text())["tests"]}
+    assert set(tests) == {"test_small", "test_big", "test_failing_mid", "test_leaky"}
+    assert 3_000_000 <= tests["test_big"]["bytes"] < 3_100_000
+    assert tests["test_big"]["budget"]["objects"] == 100_000  # the session's default
+    assert tests["test_big"]["sites"][0]["line"] == 9
+    assert tests["test_failing_mid"]["over_budget"].startswith("Test was limited to 1,000,000")
+    assert 50_000 <= tests["test_leaky"]["leaked"] < 51_000
+    # the top 2 with their lines, printed by the controller
+    assert [name for name, *_ in report_rows(result)] == ["test_big", "test_failing_mid"]
+    result.stdout.fnmatch_lines(
+        ["test_inner.py::test_big", "*2.9 MiB in 1 block at test_inner.py:9"]
+    )
+    # the budget failure and the leak, made on the workers, reported by the controller
+    result.stdout.fnmatch_lines(["FAILED test_inner.py::test_failing_mid - Failed: Test was *"])
+    result.stdout.fnmatch_lines([
+        "*_ ERROR at teardown of test_leaky _*",
+        "[[]gw?[]] linux -- *",
+        "Test was limited to 1,024 bytes of leaks but still held 5*,* bytes its body *",
+        "where the leaked memory was allocated:",
+        "*KiB in * at test_inner.py:17",
+    ])
+
+
+# -- subtests ---------------------------------------------------------------------------
+
+SUBTESTS_SUITE = """
+import unittest
+
+import pytest
+
+def test_fixture_subtests(subtests):
+    for i in range(200):
+        with subtests.test(i=i):
+            assert i != 150  # one fails: its report is made from inside the body
+
+class Case(unittest.TestCase):
+    def test_subtest(self):
+        for i in range(200):
+            with self.subTest(i=i):
+                self.assertGreaterEqual(i, 0)
+
+def test_plain_loop():
+    for i in range(200):
+        assert i >= 0
+
+def test_empty():
+    pass
+"""
+
+
+def test_subtests_one_row_per_test_and_their_reports_not_charged(
+    pytester: pytest.Pytester,
+) -> None:
+    result = run(pytester, SUBTESTS_SUITE, "--gotcha-json=out.json", "--gotcha-report")
+    rows = json.loads((pytester.path / "out.json").read_text())["tests"]
+    # one row per test, not one per subtest
+    names = ["Case::test_subtest", "test_empty", "test_fixture_subtests", "test_plain_loop"]
+    assert sorted(t["nodeid"].split("::", 1)[1] for t in rows) == names
+    assert sorted(name for name, *_ in report_rows(result)) == names
+    by_name = {t["nodeid"].split("::", 1)[1]: t for t in rows}
+    assert by_name["test_fixture_subtests"]["outcome"] == "failed"
+    # Making and logging a subtest's report costs pytest 10 to 30 kB a subtest; none
+    # of it is the body's. What is left is the body's own: the subtest's context
+    # manager (under 1 kB) and unittest's subTest machinery (about 3 kB).
+    assert by_name["test_fixture_subtests"]["bytes"] < 200 * 1_500
+    assert by_name["Case::test_subtest"]["bytes"] < 200 * 5_000
+    assert by_name["test_plain_loop"]["bytes"] < 5_000
+    # the plugin's own cost to a body whose sites are tracked: the frame object that
+    # keeps its locals (about 400 bytes), nothing of reading the sites
+    assert by_name["test_empty"]["bytes"] < 1_024
+
+
+def test_help_gives_a_fitting_example_per_option(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--help", timeout=120)
+    # an option's help wraps over lines: each one's text up to the next option
+    text = " ".join(result.stdout.str().split())
+    helps = dict(re.findall(r"(--gotcha-[a-z]+)(?:=\S+)? (.*?)(?= --|$)", text))
+    for name in ("--gotcha-objects", "--gotcha-calls"):
+        assert "e.g. '100k'" in helps[name] and "MiB" not in helps[name], helps[name]
+    for name in ("--gotcha-bytes", "--gotcha-memory"):
+        assert "e.g. '64 MiB'" in helps[name], helps[name]
+    assert "e.g. '1 KiB'" in helps["--gotcha-leaks"]
+    assert "e.g. 10" in helps["--gotcha-top"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import random
 import sys
 from bisect import bisect_right
@@ -14,15 +15,18 @@ from hypothesis import strategies as st
 import gotcha_async as gotcha
 from gotcha_async._report import (
     _LOWS,
+    NO_ROUTE,
     OTHER,
     Figure,
     Summary,
     budget_size,
     hook_arity,
     human_size,
+    quoted,
     suggest,
     used_of_limit,
 )
+from gotcha_async._units import parse_size
 
 
 @pytest.mark.parametrize(
@@ -121,9 +125,30 @@ def test_summary_text_says_how_budgets_are_derived() -> None:
     text = summary.text().splitlines()
     assert "2 x p99 and 1.25 x max" in text[0]
     assert text[1] == (
-        "  POST /upload: 200 requests, 0 over the limit; bytes median 3 MiB, p99 3 MiB, "
-        "max 3 MiB; suggested bytes='6 MiB'"
+        '  "POST /upload": {"bytes": "6 MiB"},  # 200 requests, 0 over the limit; '
+        "bytes median 3 MiB, p99 3 MiB, max 3 MiB"
     )
+
+
+def test_summary_lines_paste_into_routes_and_read_well() -> None:
+    summary = Summary()
+    summary.add("GET", "/items/{item_id}", 3 * gotcha.MiB, 2 * gotcha.MiB, False)
+    summary.add("GET", NO_ROUTE, 1000, None, False)
+    summary.add("GET", NO_ROUTE, 1000, None, False)
+    _, unrouted, routed = summary.text().splitlines()  # the most requested first
+    # as pasted between the braces of routes={...}: a valid entry, the limits parse
+    pasted = ast.literal_eval("{\n" + routed + "\n}")
+    assert pasted == {"GET /items/{item_id}": {"bytes": "6 MiB", "memory": "4 MiB"}}
+    assert parse_size(pasted["GET /items/{item_id}"]["bytes"]) == 6 * gotcha.MiB
+    assert "# 1 request, 0 over the limit;" in routed
+    # the requests that match no route: one row, a comment (no key to paste)
+    assert unrouted.startswith("  # GET (no route): 2 requests, 0 over the limit;")
+    assert ast.literal_eval("{\n" + unrouted + "\n" + routed + "\n}") == pasted
+
+
+def test_quoted_is_a_python_string_literal() -> None:
+    for text in ('GET /a"b', "GET /a\\b", "GET /{x}"):
+        assert ast.literal_eval(quoted(text)) == text
 
 
 def test_hook_arity() -> None:

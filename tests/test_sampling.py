@@ -154,6 +154,7 @@ def test_near_its_limit_a_scope_errs_by_the_documented_bound() -> None:
     assert 0.75 * expected_sd < statistics.stdev(errors) < 1.3 * expected_sd
 
 
+@pytest.mark.needs_frames  # counted through allocation sites
 def test_far_below_its_limit_a_scope_takes_a_quarter_of_the_samples() -> None:
     # 1 MB of small blocks under a 64 MiB limit: the estimate would have to be six
     # standard errors off to reach a 16th of the limit, where the rate turns finer

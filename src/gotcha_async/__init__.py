@@ -5,18 +5,30 @@ it on first use; ``_context`` is the scope API on top of it; ``_units`` parses s
 and validates limits; ``_memory`` reads held memory and allocation sites; ``asgi``,
 ``aiohttp`` and ``pytest_plugin`` are the integrations.
 
-Importing the package loads neither the C extension nor anyio: the scope API is
-imported on first use of one of its names, so that a process (a pytest session with
-the plugin installed, say) that never uses gotcha pays nothing for it.
+Importing the package imports everything its public names need (the C extension,
+anyio) and does nothing else: no hook is installed and no thread started until the
+first scope is entered. The names are not loaded lazily on first access: a signal
+handler that used gotcha while that first access was importing them saw a half-made
+module (issue 31, item 12).
 """
 
-from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
 __version__ = "0.1.0"
 
 
 from . import _interpreter as _interpreter  # first: refuses subinterpreters
+from ._context import GRACE as GRACE
+from ._context import REFUSE_MIN as REFUSE_MIN
+from ._context import Context as Context
+from ._context import HardLimitError as HardLimitError
+from ._context import LimitExceeded as LimitExceeded
+from ._context import Memory as Memory
+from ._context import Usage as Usage
+from ._context import current as current
+from ._context import limit as limit
+from ._context import move_on_limit as move_on_limit
+from ._context import run as run
 from ._units import EB as EB
 from ._units import GB as GB
 from ._units import KB as KB
@@ -37,33 +49,6 @@ from ._units import Tera as Tera
 from ._units import TiB as TiB
 from ._units import parse_size as parse_size
 
-if _TYPE_CHECKING:
-    from ._context import GRACE as GRACE
-    from ._context import REFUSE_MIN as REFUSE_MIN
-    from ._context import Context as Context
-    from ._context import HardLimitError as HardLimitError
-    from ._context import LimitExceeded as LimitExceeded
-    from ._context import Memory as Memory
-    from ._context import Usage as Usage
-    from ._context import current as current
-    from ._context import limit as limit
-    from ._context import move_on_limit as move_on_limit
-    from ._context import run as run
-
-_ENGINE = frozenset({
-    "GRACE",
-    "REFUSE_MIN",
-    "Context",
-    "HardLimitError",
-    "LimitExceeded",
-    "Memory",
-    "Usage",
-    "current",
-    "limit",
-    "move_on_limit",
-    "run",
-})
-
 __all__ = [
     "EB", "GB", "KB", "MB", "PB", "TB",
     "GRACE", "REFUSE_MIN", "Context", "EiB", "Exa", "GiB", "Giga", "HardLimitError", "KiB",
@@ -81,20 +66,5 @@ def _public(obj: _Any) -> _Any:
 
 
 for _name in __all__:
-    if _name not in _ENGINE:
-        _public(globals()[_name])
+    _public(globals()[_name])
 del _name
-
-
-def __getattr__(name: str) -> _Any:
-    if name not in _ENGINE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import _context
-
-    for engine_name in _ENGINE:
-        globals()[engine_name] = _public(getattr(_context, engine_name))
-    return globals()[name]
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})

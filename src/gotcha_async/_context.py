@@ -149,10 +149,17 @@ def _new_cancel_scope(deadline: float, shield: bool) -> tuple[Any, Any]:
             return cls(deadline=deadline, shield=shield), loop
     else:
         trio = sys.modules.get("trio")
-        cls = _scope_classes.get("trio")
-        if trio is not None and cls is not None:
-            in_task = getattr(trio.lowlevel, "in_trio_task", None)
-            if in_task is not None and in_task():
+        if trio is None:
+            # synchronous code (no loop, no trio): answered without asking anyio, whose
+            # answer imports a module the first time, which fails at interpreter
+            # shutdown (a scope in an atexit handler or a finalizer)
+            return None, None
+        in_task = getattr(trio.lowlevel, "in_trio_task", None)
+        if in_task is not None:
+            if not in_task():
+                return None, None
+            cls = _scope_classes.get("trio")
+            if cls is not None:
                 return cls(deadline=deadline, shield=shield), trio.lowlevel.current_trio_token()
     try:
         scope = anyio.CancelScope(deadline=deadline, shield=shield)

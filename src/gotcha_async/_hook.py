@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 # the rest of their contextvars: that is what makes charges follow the work.
 scope_var: contextvars.ContextVar[Context] = contextvars.ContextVar("gotcha_async.scope")
 
-_lock = threading.Lock()
+# Reentrant: a signal handler that enters a scope can run in the middle of the first
+# installation, in the thread that holds the lock (a plain Lock hung there).
+_lock = threading.RLock()
 _installed = False
 _done: set[str] = set()
 
@@ -44,6 +46,16 @@ class HardLimitError(MemoryError):
         return super().__str__() or "a hard gotcha limit was exceeded"
 
 
+def _find_spec(name: str) -> Any:
+    # None where the import system cannot answer: a module that is not there, or a
+    # process shutting down (sys.meta_path is None; modules already imported are
+    # still answered from sys.modules)
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError, AttributeError, TypeError):
+        return None
+
+
 @functools.cache
 def machinery_dirs() -> tuple[str, ...]:
     """Where the event loops, anyio and this package live.
@@ -55,10 +67,7 @@ def machinery_dirs() -> tuple[str, ...]:
     paths: list[str] = []
     for name in ("asyncio", "concurrent.futures", "logging", "anyio", "sniffio",
                  "trio", "outcome", "uvloop", "gotcha_async"):
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
+        spec = _find_spec(name)
         if spec is not None and spec.submodule_search_locations:
             paths.extend(os.path.join(p, "") for p in spec.submodule_search_locations)
     # the standard library's helpers the loops run through (an interrupt landing in
@@ -69,7 +78,7 @@ def machinery_dirs() -> tuple[str, ...]:
                  "reprlib", "types", "typing", "copyreg", "importlib._bootstrap",
                  "importlib._bootstrap_external", "zipimport", "os", "posixpath",
                  "genericpath", "codecs", "io"):
-        spec = importlib.util.find_spec(name)
+        spec = _find_spec(name)
         if spec is not None and spec.origin == "frozen":
             # 3.15 freezes linecache; all versions freeze abc and the import system, whose
             # unmarshalling grows the interned-strings dict (3.13 crashed on a refusal there)
@@ -86,23 +95,6 @@ UNCHECKED = (
 )
 
 
-def stdlib_native_dir() -> str | None:
-    """Where the standard library's extension modules (``_json``, ``array``) are loaded from.
-
-    Their C is CPython's own and handles a refused allocation; a third-party
-    extension's may not (orjson, pyo3), and is never refused (caller.c).
-    """
-    spec = importlib.util.find_spec("_json")
-    origin = spec.origin if spec is not None else None
-    if origin is None or origin == "built-in" or not os.path.isabs(origin):
-        return None
-    # the stdlib's own directory only: not a copy that a site-packages shadows it with
-    here = os.path.dirname(origin)
-    if os.path.basename(here) != "lib-dynload" or not here.startswith(sys.base_exec_prefix):
-        return None
-    return here
-
-
 @functools.cache
 def dispatch_frames() -> tuple[tuple[str, str], ...]:
     """The functions from which the event loops run a task's step, as (file, name).
@@ -116,13 +108,27 @@ def dispatch_frames() -> tuple[tuple[str, str], ...]:
               ("trio", os.path.join("_core", "_run.py"), "unrolled_run"))
     found: list[tuple[str, str]] = []
     for package, file, name in places:
-        try:
-            spec = importlib.util.find_spec(package)
-        except (ImportError, ValueError):
-            spec = None
+        spec = _find_spec(package)
         if spec is not None and spec.submodule_search_locations:
             found.extend((os.path.join(p, file), name) for p in spec.submodule_search_locations)
     return tuple(found)
+
+
+def _interrupt_opcodes() -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    """RESUME, EXTENDED_ARG and the backward jumps with their inline caches, as numbered
+    by the running interpreter: the core reads a frame's bytecode to tell whether an
+    interrupt raised there would be caught by the handler around it."""
+    import dis
+    import opcode
+
+    # a list up to 3.12, a mapping after
+    entries: Any = opcode._inline_cache_entries  # type: ignore[attr-defined]
+    jumps = []
+    for name, op in dis.opmap.items():
+        if "JUMP_BACKWARD" in name and not name.startswith("INSTRUMENTED"):
+            caches = entries[op] if isinstance(entries, list) else entries.get(name, 0)
+            jumps.append((op, caches))
+    return dis.opmap["RESUME"], dis.opmap["EXTENDED_ARG"], tuple(jumps)
 
 
 def _deliver(ctx: Context) -> None:
@@ -146,7 +152,8 @@ def ensure_installed() -> None:
     """Install the hook and start the delivery thread, once per process.
 
     The whole can be retried: a KeyboardInterrupt between two steps leaves the next
-    scope to finish the job.
+    scope to finish the job. It can also be re-entered: a signal handler's scope may
+    run it to the end in the middle of a first run, which then finds its steps done.
     """
     global _installed
     if _installed:
@@ -156,18 +163,35 @@ def ensure_installed() -> None:
             return
         if not _meter.installed():
             main = threading.main_thread().ident or threading.get_ident()
-            stdlib_native = stdlib_native_dir()
-            if stdlib_native is not None:
-                _meter.trust_stdlib(stdlib_native)
-            _meter.install(scope_var, _deliver, machinery_dirs(), dispatch_frames(), main,
-                           HardLimitError)
-            if not _meter.checked():
+            dirs, places = machinery_dirs(), dispatch_frames()
+            try:
+                _meter.install(scope_var, _deliver, dirs, places, main, HardLimitError)
+            except RuntimeError:
+                # a signal handler's scope installed it while this one was on its way
+                if not _meter.installed():
+                    raise
+            # a build asked for with GOTCHA_UNCHECKED=1 (CI's) is not warned about
+            # where the same variable is set when it runs
+            if not _meter.checked() and not os.environ.get("GOTCHA_UNCHECKED"):
                 warnings.warn(UNCHECKED, RuntimeWarning, stacklevel=2)
+        if "opcodes" not in _done:
+            _meter.set_opcodes(*_interrupt_opcodes())
+            _done.add("opcodes")
         # each flag is set after its step: interrupted in between, a step runs twice on
         # the retry, which is harmless (a second delivery thread, a second fork handler)
         if "delivery" not in _done:
-            _start_delivery()
-            _done.add("delivery")
+            try:
+                _start_delivery()
+                _done.add("delivery")
+            except RuntimeError:
+                # No thread at interpreter shutdown (PythonFinalizationError, a
+                # RuntimeError: in a finalizer, or an atexit handler on some
+                # versions), nor past the system's limit. Scopes work without it: the
+                # main thread's pending calls deliver, to every thread; only a worker
+                # thread's interrupt while the main thread is blocked in C waits.
+                # Asked again by the next scope, unless the process is ending.
+                if sys.is_finalizing():
+                    _done.add("delivery")
         if "fork" not in _done and hasattr(os, "register_at_fork"):  # not on Windows
             os.register_at_fork(after_in_child=_after_fork)
             _done.add("fork")

@@ -332,6 +332,8 @@ void ensure_hooked(void);
 int probe_dict_growth(void);  /* sets dict_fragile */
 extern int dict_fragile;
 int verify_chain(void);        /* 1 if the hook had been dropped */
+int chain_moved(void);         /* without the GIL: has a chain's top changed? */
+void chain_look(void);         /* GIL held: verify_chain() if scopes are entered */
 void step_aside_if_idle(void);
 int hook_on_top(void);
 const char *hook_form(void);
@@ -367,8 +369,16 @@ int frame_lasti(void *frame, PyCodeObject *code);
 int code_line(PyCodeObject *code, int lasti);
 int stack_spilled(PyThreadState *ts);
 int code_is_machinery(PyCodeObject *code);
-int frame_is_user(PyThreadState *ts);
+int frame_runs_user_code(PyThreadState *ts);   /* the innermost frame is user code */
+int frames_stoppable(PyThreadState *ts);   /* no tracer, no finalizer running */
+int frame_is_user(PyThreadState *ts);   /* both: it may be stopped here */
 int frames_importing(PyThreadState *ts);   /* walks the whole stack: stops only */
+int frames_set_opcodes(int resume, int extended_arg, PyObject *jumps);
+/* Would an exception raised in this frame now be caught where its code says?
+ * May allocate (the bytecode as compiled): call with the hook paused. */
+int frame_interruptible(void *frame, PyCodeObject *code);
+int frame_is_user_code(void *frame);
+int frame_entered_from(void *callee, void *caller);   /* may allocate too */
 void frames_site(PyThreadState *ts, Site *s);
 int frames_same_site(PyThreadState *ts, uint32_t *site);
 void frames_remember_site(uint32_t site);
@@ -381,7 +391,6 @@ int frames_init(void);
 void caller_init(void);        /* under the GIL, outside the hook */
 int caller_is_cpython(void);   /* 1: CPython's own C asked, from the innermost eval loop */
 int caller_ready(void);        /* 0: refusals are off on this build or platform */
-int caller_trust_dir(const char *dir);   /* the stdlib's extension modules; -1: no memory */
 
 /* ------------------------------------------------------------------------ */
 /* Delivery (deliver.c)                                                     */

@@ -14,8 +14,11 @@ name                                      unit        what, per request
 ========================================  ==========  ==================================
 
 Attributes: ``http.request.method``, ``http.route`` (only when the framework gives a
-route template), ``http.response.status_code`` (when a status was sent); the counter
-adds ``gotcha.resource`` and ``gotcha.enforced``.
+route template), ``http.response.status_code`` (when a status was sent), ``url.scheme``
+and, for a request stopped for its limit, ``error.type`` (the resource: ``bytes``,
+``objects``, ``calls`` or ``memory``); the counter adds ``gotcha.resource`` and
+``gotcha.enforced``. These are the stable HTTP conventions' names, so the histograms
+join ``http.server.request.duration`` on method, route, status and scheme.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ class Instruments:
         method: str,
         route: str | None,
         status: int | None,
+        scheme: str | None,
         used: tuple[int, int, int],
         peak: int | None,
         breach: _report.Exceeded | None,
@@ -118,6 +122,12 @@ class Instruments:
             attributes["http.route"] = route
         if status is not None:
             attributes["http.response.status_code"] = status
+        if scheme is not None:
+            attributes["url.scheme"] = scheme
+        if breach is not None and breach.enforced:
+            # the semantic conventions' "component-specific low-cardinality error
+            # identifier" for a request that failed: what it was stopped for
+            attributes["error.type"] = breach.resource
         values = (*used, peak)
         for (_, histogram), value in zip(self.histograms, values, strict=True):
             if value is not None:

@@ -316,6 +316,8 @@ def suggest(figure: Figure) -> int:
 
 
 OTHER = "(other)"
+#: the row of the requests that matched no route (404s, mostly)
+NO_ROUTE = "(no route)"
 
 
 class _RouteStats:
@@ -386,30 +388,49 @@ class Summary:
         return out
 
     def text(self) -> str:
-        """The summary as the shutdown log prints it: one line per route."""
+        """The summary as the shutdown log prints it: one line per route.
+
+        A route's line is a ``routes=`` entry followed by its figures as a comment, so
+        the lines paste into ``routes={...}`` as they are; requests that match no route
+        (and the ``"(other)"`` routes past ``summary_routes``) are a comment only.
+        """
         rows = self.rows()
         if not rows:
             return "per-route allocation summary: no request was measured"
         lines = [f"per-route allocation summary ({SUGGESTION_RULE}; "
-                 "median and p99 within 9%)"]
+                 "median and p99 within 9%); each line pastes into routes={...}:"]
         for r in rows:
-            line = (
-                f"  {r.method} {r.route}: {r.count:,} requests, {r.exceeded:,} over the limit; "
+            budget = f'"bytes": "{budget_size(r.suggested_bytes)}"'
+            if r.suggested_memory is not None:
+                budget += f', "memory": "{budget_size(r.suggested_memory)}"'
+            figures = (
+                f"{plural(r.count, 'request')}, {r.exceeded:,} over the limit; "
                 f"bytes median {human_size(r.bytes.median)}, p99 {human_size(r.bytes.p99)}, "
                 f"max {human_size(r.bytes.max)}"
             )
             if r.memory is not None:
-                line += (
+                figures += (
                     f"; peak memory median {human_size(r.memory.median)}, "
                     f"p99 {human_size(r.memory.p99)}, max {human_size(r.memory.max)}"
                 )
-            line += f"; suggested bytes={budget_size(r.suggested_bytes)!r}"
-            if r.suggested_memory is not None:
-                line += f", memory={budget_size(r.suggested_memory)!r}"
             if r.count < 100:
-                line += " (fewer than 100 requests: p99 is close to max, take it as a floor)"
-            lines.append(line)
+                figures += "; fewer than 100 requests: p99 is close to max, a floor"
+            if r.route in (OTHER, NO_ROUTE):
+                lines.append(f"  # {r.method} {r.route}: {figures}; would need {{{budget}}}")
+            else:
+                key = f"{r.method} {r.route}"
+                lines.append(f"  {quoted(key)}: {{{budget}}},  # {figures}")
         return "\n".join(lines)
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 request``, ``2 requests``, ``1,200 requests``."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
+def quoted(text: str) -> str:
+    """A Python (and JSON) string literal in double quotes."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _figure(h: _Histogram) -> Figure:

@@ -13,7 +13,7 @@ from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
 
-from . import _otel, _report
+from . import _otel, _report, _routes
 from ._context import Context, LimitExceeded, _Recipe, _recipe
 from ._units import Limit, check_ceiling, check_limit
 
@@ -140,23 +140,37 @@ class Options:
         self.status_code = status_code
         self.enforce = check_bool("enforce", enforce)
         self.track_memory = check_bool("track_memory", track_memory)
-        self.route_table: list[tuple[re.Pattern[str], Plan]] | None = None
+        # route keys: (method or None, template) -> (key, plan), matched against the
+        # route the framework names; globs and regexes against the raw path, in order
+        self.route_keys: dict[tuple[str | None, str], tuple[str, Plan]] = {}
+        self.globs: list[tuple[str | None, re.Pattern[str], str, Plan]] = []
+        self._order: dict[str, int] = {}  # a glob's place in routes=: the first match wins
         self.route_fn: Callable[[Any], Mapping[str, Any] | None] | None = None
         if isinstance(routes, Mapping):
-            self.route_table = [
-                (_compile_pattern(pattern),
-                 self._plan({**self.limits,
-                             **check_limit_kwargs(f"routes[{pattern!r}]", kw)}))
-                for pattern, kw in routes.items()
-            ]
+            for index, (key, kw) in enumerate(routes.items()):
+                self._order[key.pattern if isinstance(key, re.Pattern) else key] = index
+                plan = self._plan({**self.limits,
+                                   **check_limit_kwargs(f"routes[{key!r}]", kw)})
+                if isinstance(key, re.Pattern):
+                    self.globs.append((None, _compile_pattern(key), key.pattern, plan))
+                    continue
+                if not isinstance(key, str):
+                    _compile_pattern(key)  # raises the TypeError naming the key
+                method, pattern = _routes.split_key(key)
+                if _routes.is_glob(pattern):
+                    self.globs.append((method, _compile_pattern(pattern), pattern, plan))
+                else:
+                    self.route_keys[method, pattern] = (key, plan)
         elif callable(routes):
             self.route_fn = routes
         elif routes is not None:
             raise TypeError(
-                "routes must be a mapping of path patterns to limit arguments, a callable "
-                f"(scope) -> limit arguments or None, or None; not {type(routes).__name__} "
-                f"{routes!r}"
+                "routes must be a mapping of route templates or path patterns to limit "
+                "arguments, a callable (scope) -> limit arguments or None, or None; not "
+                f"{type(routes).__name__} {routes!r}"
             )
+        #: set by bind_routes() once the application's routes are known
+        self.normalize: Callable[[str], str] | None = None
         self.routed = routes is not None
         if on_exceeded is not None and not callable(on_exceeded):
             raise TypeError(f"on_exceeded must be callable or None, not {on_exceeded!r}")
@@ -184,21 +198,71 @@ class Options:
             recipe = _recipe(None, None, None, None, False, None, track, False)
         return Plan(kwargs, recipe, self.enforce)
 
-    def limits_for(self, path: str, target: Any) -> Plan:
-        """The plan for a request to ``path``; ``target`` goes to a callable."""
+    def bind_routes(self, templates: list[str] | None,
+                    normalize: Callable[[str], str] = str) -> None:
+        """The application's routes are known now (``templates``; None: it has no
+        router): each route key that names none of them is reported, once.
+
+        Without a router, a route key is compared with the raw path instead.
+        """
+        if self.normalize is not None:
+            return
+        self.normalize = normalize
+        self.route_keys = {(method, normalize(t)): entry
+                           for (method, t), entry in self.route_keys.items()}
+        if templates is None or not self.route_keys:
+            return
+        known = {normalize(t) for t in templates}
+        listed = ", ".join(repr(t) for t in sorted(known)[:20])
+        if len(known) > 20:
+            listed += f" and {len(known) - 20} more"
+        for (method, template), (key, plan) in list(self.route_keys.items()):
+            if template in known:
+                continue
+            # as before route keys existed: a literal path, so that nothing that matched
+            # then stops matching now; but said, since a mistyped route ends up here
+            del self.route_keys[method, template]
+            literal = _routes.split_key(key)[1]  # as written: normalize() may strip a "/"
+            self.globs.append((method, re.compile(re.escape(literal)), literal, plan))
+            _report.logger.warning(
+                "routes key %r names no route of the application: it applies only to "
+                "requests whose path is exactly %r. The application's routes: %s. (A key "
+                "with *, ? or [ is a glob on the raw path.)", key, literal, listed or "none",
+            )
+        order = self._order
+        self.globs.sort(key=lambda g: order.get(g[2] if g[0] is None else f"{g[0]} {g[2]}", 0))
+
+    def limits_for(
+        self, method: str, path: str, template: str | None, target: Any, routed: bool
+    ) -> tuple[Plan, str | None]:
+        """The plan for a request, and the glob or regex key that chose it if one did
+        (the summary's name for requests that match no route).
+
+        ``template``: the route the framework matched; ``routed``: whether the
+        application has a router at all (without one a route key is a literal path);
+        ``target`` goes to a routes callable.
+        """
         if not self.routed:
-            return self.default_plan
-        if self.route_table is not None:
-            for pattern, plan in self.route_table:
-                if pattern.fullmatch(path):
-                    return plan
-        elif self.route_fn is not None:
-            found = self.route_fn(target)
-            if found is not None:
+            return self.default_plan, None
+        keys = self.route_keys
+        if keys:
+            name = template if routed else path
+            if name is not None:
+                if routed and self.normalize is not None:
+                    name = self.normalize(name)
+                found = keys.get((method, name)) or keys.get((None, name))
+                if found is not None:
+                    return found[1], None
+        for want, pattern, text, plan in self.globs:
+            if (want is None or want == method) and pattern.fullmatch(path):
+                return plan, text
+        if self.route_fn is not None:
+            found_kw = self.route_fn(target)
+            if found_kw is not None:
                 # a callable's answer is checked per request: it exists only now
-                route = check_limit_kwargs(f"routes({path!r})", found)
-                return self._plan({**self.limits, **route})
-        return self.default_plan
+                route = check_limit_kwargs(f"routes({path!r})", found_kw)
+                return self._plan({**self.limits, **route}), None
+        return self.default_plan, None
 
     # -- once it is over -----------------------------------------------------------------
 
@@ -225,14 +289,20 @@ class Options:
         method: str,
         path: str,
         route: str | None,
+        name: str,
+        scheme: str | None,
         client: str | None,
         hook_target: Any,
         record: bool = True,
     ) -> None:
-        """Report a finished request: log line and hook if over, metrics, summary."""
+        """Report a finished request: log line and hook if over, metrics, summary.
+
+        ``route``: the template the framework matched, if any (log line, metrics);
+        ``name``: the request's summary row (the template, a glob key or no route).
+        """
         if breach is None:  # no log line, no hook
             if record:
-                self.record(ctx, method, path, route, status)
+                self.record(ctx, method, route, name, status, scheme)
             return
         used = ctx.used()
         held = ctx.memory()
@@ -245,26 +315,27 @@ class Options:
         )
         exceeded.log()
         if record:
-            self.summary.add(method, route if route is not None else path, used[0], peak, True)
+            self.summary.add(method, name, used[0], peak, True)
             if self.instruments is not None:
-                self.instruments.record(method, route, status, (used[0], used[1], used[2]),
-                                        peak, exceeded)
+                self.instruments.record(method, route, status, scheme,
+                                        (used[0], used[1], used[2]), peak, exceeded)
         if self.on_exceeded is not None:
             await _report.call_hook(self.on_exceeded, self.hook_arity, hook_target, ctx,
                                     exceeded)
 
     def record(
-        self, ctx: Context, method: str, path: str, route: str | None, status: int | None
+        self, ctx: Context, method: str, route: str | None, name: str, status: int | None,
+        scheme: str | None,
     ) -> None:
         """Metrics and summary of a request that stayed within its limits (finish()'s
         common case, without a coroutine: it runs for every request)."""
         held = ctx._memory()
         peak = held.peak if held is not None else None
-        self.summary.add(method, route if route is not None else path, ctx._bytes, peak, False)
+        self.summary.add(method, name, ctx._bytes, peak, False)
         instruments = self.instruments
         if instruments is not None and instruments.ready():
             b, o, c = ctx._counts()
-            instruments.record(method, route, status, (b, o, c), peak, None)
+            instruments.record(method, route, status, scheme, (b, o, c), peak, None)
 
     def log_summary(self) -> None:
         for line in self.summary.text().splitlines():

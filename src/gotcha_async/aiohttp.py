@@ -22,11 +22,11 @@ from aiohttp import web
 
 from . import _report, _web
 from ._context import Context, LimitExceeded
-from ._report import Exceeded, RouteSummary
+from ._report import NO_ROUTE, Exceeded, RouteSummary
 from ._units import Limit
 from ._web import WS_POLICY_VIOLATION, RouteLimits
 
-__all__ = ["Exceeded", "LimitMiddleware", "RouteSummary", "setup"]
+__all__ = ["Exceeded", "LimitMiddleware", "RouteSummary", "middleware_of", "setup", "summary"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -34,6 +34,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _STATE: Any = (
     web.RequestKey("gotcha_async.state", object)
     if hasattr(web, "RequestKey") else "gotcha_async.state"
+)
+_MIDDLEWARE: Any = (
+    web.AppKey("gotcha_async.middleware", object)
+    if hasattr(web, "AppKey") else "gotcha_async.middleware"
 )
 
 
@@ -137,6 +141,57 @@ def _client(request: web.BaseRequest) -> str | None:
     return _report.client_of(peer) if peer is not None else request.remote
 
 
+def _templates(router: web.UrlDispatcher) -> list[str]:
+    """Every resource's canonical path, those of sub-applications included."""
+    out = []
+    for resource in router.resources():
+        sub = getattr(resource, "_app", None)
+        if isinstance(sub, web.Application):
+            out.extend(_templates(sub.router))
+        elif isinstance(resource.canonical, str):
+            out.append(resource.canonical)
+    return out
+
+
+def _check_response(response: object) -> None:
+    if isinstance(response, web.Response) or (
+        callable(response) and not isinstance(response, web.StreamResponse)
+    ):
+        return
+    raise TypeError(
+        "response must be an aiohttp web.Response (sent as a copy to each request stopped) "
+        "or a callable taking the LimitExceeded and returning a web.StreamResponse; not "
+        f"{type(response).__name__} {response!r}"
+    )
+
+
+def _copy(response: web.Response) -> web.Response:
+    """A fresh response like ``response``: an aiohttp response is sent once only."""
+    headers = response.headers.copy()
+    headers.pop("Content-Length", None)
+    return web.Response(status=response.status, reason=response.reason,
+                        body=response.body, headers=headers)
+
+
+def middleware_of(app: web.Application) -> LimitMiddleware:
+    """The :class:`LimitMiddleware` installed in ``app`` by :func:`setup` or
+    :meth:`LimitMiddleware.install`.
+
+    :raises LookupError: when there is none
+    """
+    try:
+        middleware = app[_MIDDLEWARE]
+    except KeyError:
+        raise LookupError(f"no gotcha_async LimitMiddleware installed in {app!r}") from None
+    assert isinstance(middleware, LimitMiddleware)
+    return middleware
+
+
+def summary(app: web.Application) -> list[RouteSummary]:
+    """The per-route summary of the middleware installed in ``app``."""
+    return middleware_of(app).summary()
+
+
 def _route(request: web.Request) -> str | None:
     resource = getattr(request.match_info.route, "resource", None)
     canonical = getattr(resource, "canonical", None)
@@ -164,10 +219,15 @@ class LimitMiddleware:
     ``web.Application(middlewares=[...])`` by hand it works for HTTP, but a websocket
     over its limit has its connection dropped rather than closed with 1008.
 
-    ``routes`` patterns match ``request.path``; a routes callable is called with the
-    request; ``on_exceeded(request, ctx)`` or ``on_exceeded(request, ctx, exceeded)``.
-    The ``http.route`` attribute and the summary use the resource's canonical path
-    (``/items/{id}``).
+    ``routes`` keys are resources' canonical paths, optionally after a method
+    (``"GET /items/{id}"``; a key naming no resource is logged once, at the app's
+    startup), globs and regexes match ``request.path``; a routes callable is called with
+    the request; ``on_exceeded(request, ctx)`` or ``on_exceeded(request, ctx,
+    exceeded)``. ``response`` is a ``web.Response`` (a copy is sent to each request
+    stopped before its response started) or a callable taking the
+    :class:`~gotcha_async.LimitExceeded` and returning a response. The ``http.route``
+    attribute and the summary use the resource's canonical path (``/items/{id}``);
+    :func:`summary` reaches the summary from the app.
     """
 
     __middleware_version__ = 1  # a new-style middleware, for aiohttp 3
@@ -182,6 +242,7 @@ class LimitMiddleware:
         hard: bool = False,
         ceiling: float | None = _web.DEFAULT_CEILING,
         status_code: int = 503,
+        response: web.Response | Callable[[LimitExceeded], web.StreamResponse] | None = None,
         routes: RouteLimits | None = None,
         on_exceeded: Callable[..., Any] | None = None,
         enforce: bool = True,
@@ -195,6 +256,9 @@ class LimitMiddleware:
             enforce=enforce, meter_provider=meter_provider, track_memory=track_memory,
             summary_routes=summary_routes,
         )
+        if response is not None:
+            _check_response(response)
+        self._response = response
         self._installed = False
 
     @property
@@ -219,7 +283,9 @@ class LimitMiddleware:
             raise RuntimeError("this LimitMiddleware is installed in an application already")
         self._installed = True
         app.middlewares.append(self)
+        app[_MIDDLEWARE] = self
         app.on_response_prepare.append(self._on_prepare)
+        app.on_startup.append(self._on_startup)
         if not self._options.enforce:
             app.on_shutdown.append(self._on_shutdown)
 
@@ -240,12 +306,40 @@ class LimitMiddleware:
 
             response._post_start = guarded_post_start  # type: ignore[method-assign]
 
+    async def _on_startup(self, app: web.Application) -> None:
+        # the router is frozen from now on: every route is known
+        self._options.bind_routes(_templates(app.router))
+
+    def _answer(self, error: LimitExceeded) -> web.StreamResponse | None:
+        response = self._response
+        if response is None:
+            return None
+        if isinstance(response, web.Response):
+            return _copy(response)
+        try:
+            answer = response(error)
+        except Exception:
+            _report.logger.exception("response=%r failed; answered the default %d instead",
+                                     response, self._options.status_code)
+            return None
+        if not isinstance(answer, web.StreamResponse):
+            _report.logger.error(
+                "response=%r returned %r, not an aiohttp response; answered the default %d "
+                "instead", response, answer, self._options.status_code)
+            return None
+        return answer
+
     async def _on_shutdown(self, app: web.Application) -> None:
         self._options.log_summary()
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         options = self._options
-        plan = options.limits_for(request.path, request)
+        template = _route(request)
+        if options.routed:
+            plan, glob = options.limits_for(request.method, request.path, template, request,
+                                            True)
+        else:
+            plan, glob = options.default_plan, None
         ctx = plan.new_scope()
         state = _State(ctx)
         request[_STATE] = state
@@ -261,6 +355,12 @@ class LimitMiddleware:
             if exc.context is not ctx:
                 raise  # the application's own limit, not the request's
             error = exc
+        except web.HTTPException as exc:
+            # aiohttp answers these (a 404 for a path no resource matches, among them):
+            # the request is over and within its limits, since the scope did not raise
+            options.record(ctx, request.method, template, template or glob or NO_ROUTE,
+                           exc.status, request.scheme)
+            raise
         finally:
             state.in_handler = False
         # a websocket whose handshake was answered; before that, an HTTP request
@@ -268,6 +368,7 @@ class LimitMiddleware:
         if ws is not None and not state.started:
             ws = None
         websocket = ws is not None
+        answer: web.StreamResponse | None = None
         breach = options.breach(ctx, plan, error)
         status = state.status
         if status is None and response is not None and error is None:
@@ -281,12 +382,13 @@ class LimitMiddleware:
         else:
             outcome = "refused"
             if error is not None:
-                status = options.status_code
+                answer = self._answer(error)
+                status = answer.status if answer is not None else options.status_code
         await options.finish(
             ctx, breach, outcome=outcome, status=status,
             method="WEBSOCKET" if websocket else request.method, path=request.path,
-            route=_route(request), client=_client(request), hook_target=request,
-            record=not websocket,
+            route=template, name=template or glob or NO_ROUTE, scheme=request.scheme,
+            client=_client(request), hook_target=request, record=not websocket,
         )
         if error is None:
             assert response is not None
@@ -297,6 +399,8 @@ class LimitMiddleware:
                                message=f"{error.resource} limit exceeded".encode())
             return ws
         if outcome == "refused":
+            if answer is not None:
+                return answer
             return web.Response(
                 status=options.status_code,
                 body=_web.plain_text(options.status_code, error.resource),

@@ -13,20 +13,25 @@ or, around any ASGI callable, ``app = LimitMiddleware(app, bytes="8 MiB")``.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import inspect
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
+import anyio
 import anyio.lowlevel
 
-from . import _report, _web
-from ._context import Context, LimitExceeded
+from . import _report, _routes, _web
+from ._context import Context, LimitExceeded, _scope_var
 from ._meter import ReceiveGuard, SendGuard
-from ._report import Exceeded, RouteSummary
+from ._report import NO_ROUTE, Exceeded, RouteSummary
 from ._units import Limit
 from ._web import WS_POLICY_VIOLATION, RouteLimits
 
-__all__ = ["Exceeded", "LimitMiddleware", "RouteSummary"]
+__all__ = ["Exceeded", "LimitMiddleware", "RouteSummary", "middleware_of", "summary"]
 
 # The ASGI types, spelt out so that the middleware needs no framework.
 Scope = MutableMapping[str, Any]
@@ -36,8 +41,13 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ExceededHook = Callable[..., Awaitable[None] | None]
+#: ``response=``: an ASGI application, or a callable taking the LimitExceeded and
+#: returning one
+Answer = ASGIApp | Callable[[LimitExceeded], ASGIApp]
 
 logger = _report.logger
+
+_UNBOUND: Any = object()  # the router before the application's first call
 
 
 class _DropReported(logging.Filter):
@@ -58,6 +68,154 @@ def _silence_server_tracebacks() -> None:
         server_logger = logging.getLogger(name)
         if not any(isinstance(f, _DropReported) for f in server_logger.filters):
             server_logger.addFilter(_DropReported())
+
+
+class _DropStopped(logging.Filter):
+    """Drops Django's "Internal Server Error" for a request stopped for its limit.
+
+    A view stopped at its ceiling gets a MemoryError, which Django turns into a 500 and
+    logs with the traceback: the middleware has answered the request already, and said
+    why in one line. The record is logged from the request's own task or thread, so
+    the request's scope is in its context; often exited by then (Django renders the
+    error in a worker thread that outlives the request's cancelled task), so it is
+    read from the variable itself rather than :func:`current`.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        info = record.exc_info
+        if not info or not isinstance(info[1], (MemoryError, LimitExceeded)):
+            return True
+        ctx = _scope_var.get(None)
+        return ctx is None or not ctx.exceeded()
+
+
+def _silence_django_errors() -> None:
+    django_logger = logging.getLogger("django.request")
+    if not any(isinstance(f, _DropStopped) for f in django_logger.filters):
+        django_logger.addFilter(_DropStopped())
+
+
+_DISCONNECT: Message = {"type": "http.disconnect"}
+
+
+async def _done(ctx: Context) -> None:
+    await ctx
+
+
+def _django_receive(ctx: Context, receive: Receive) -> Receive:
+    """The receive Django gets: once the request is over its limit, the client has
+    gone away as far as Django can tell.
+
+    Django waits for ``http.disconnect`` in a task of its own for the whole request,
+    and on a disconnect cancels the view and cleans up: the one way to stop a Django
+    request that leaves nothing behind (cancelling Django's handler instead leaves
+    that task to fail unretrieved, "Task exception was never retrieved").
+    """
+    body_read = False
+
+    async def guarded() -> Message:
+        nonlocal body_read
+        if ctx.exceeded():
+            return dict(_DISCONNECT)
+        if not body_read:
+            # the body, as it comes: no race needed, the next message is at hand
+            message = await receive()
+            body_read = message.get("type") != "http.request" or not message.get("more_body")
+            return message
+        server = asyncio.ensure_future(receive())
+        stopped = asyncio.ensure_future(_done(ctx))
+        try:
+            await asyncio.wait((server, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            server.cancel()
+            stopped.cancel()
+        if server.done() and not server.cancelled():
+            return server.result()
+        return dict(_DISCONNECT)
+
+    return guarded
+
+
+async def _run_django(app: ASGIApp, scope: Scope, receive: Receive, send: Send,
+                      ctx: Context) -> None:
+    """Run Django's handler in a task of its own, inside the request's scope.
+
+    The scope's cancellation stops this task's wait, not Django's handler: Django is
+    stopped by the disconnect its receive reports, and winds down its own tasks; this
+    waits for that. A cancellation from outside (a server shutting down) is passed on
+    to Django, as Django would have got it without the middleware.
+    """
+    task = asyncio.ensure_future(app(scope, receive, send))  # in the request's context
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not ctx.exceeded():
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait((task,))
+        if not task.cancelled():
+            task.exception()  # what the stop caused, already reported by the stop
+        raise
+
+
+def _check_response(response: object) -> bool:
+    """Is ``response`` an ASGI application (True) or a callable returning one (False)?
+
+    :raises TypeError: for anything else, naming it
+    """
+    expected = (
+        "response must be an ASGI application such as starlette's JSONResponse(...), "
+        "or a callable taking the LimitExceeded and returning one"
+    )
+    if not callable(response):
+        raise TypeError(f"{expected}; not {type(response).__name__} {response!r}")
+    try:
+        params = inspect.signature(response).parameters.values()
+    except (TypeError, ValueError):
+        raise TypeError(f"{expected}; the signature of {response!r} cannot be read") from None
+    required = [p for p in params
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.default is p.empty]
+    if len(required) == 3:
+        return True
+    if len(required) == 1:
+        return False
+    raise TypeError(
+        f"{expected}; {response!r} takes {len(required)} positional arguments, neither "
+        f"(scope, receive, send) nor (exc)"
+    )
+
+
+def _log_summary_at_exit(ref: weakref.ref[LimitMiddleware]) -> None:
+    middleware = ref()
+    if middleware is not None:
+        middleware._log_summary_once()
+
+
+def middleware_of(app: Any) -> LimitMiddleware:
+    """The :class:`LimitMiddleware` in ``app``: the middleware itself, or an application
+    it was added to with ``app.add_middleware(LimitMiddleware, ...)`` (Starlette,
+    FastAPI), or any ASGI middleware chain that keeps the next application in ``.app``.
+
+    :raises LookupError: when there is none, or not yet: Starlette builds its
+        middleware at the application's first call (the lifespan startup)
+    """
+    for obj in _routes._chain(app):
+        if isinstance(obj, LimitMiddleware):
+            return obj
+    if getattr(app, "middleware_stack", False) is None:
+        raise LookupError(
+            f"{app!r} has not built its middleware yet: Starlette does at the application's "
+            "first call (the lifespan startup or the first request); ask after that"
+        )
+    raise LookupError(f"no LimitMiddleware in {app!r}")
+
+
+def summary(app: Any) -> list[RouteSummary]:
+    """The per-route summary of the :class:`LimitMiddleware` in ``app`` (see
+    :func:`middleware_of`), e.g. ``gotcha_async.asgi.summary(app)`` in a FastAPI
+    endpoint or at shutdown."""
+    return middleware_of(app).summary()
 
 
 async def _stop(ctx: Context) -> None:
@@ -163,16 +321,32 @@ class LimitMiddleware:
 
     **Per-route limits.** ``routes`` is either
 
-    - a mapping from path patterns to limit arguments: a pattern is a glob string
-      (:mod:`fnmatch` rules, matched against the whole ``scope["path"]``; ``*`` also
-      matches ``/``) or a compiled regex (which must match the whole path); the first
-      pattern that matches wins; or
+    - a mapping from keys to limit arguments. A key names a route as the framework
+      writes it, optionally after a method: ``"GET /items/{item_id}"`` (Starlette and
+      FastAPI route paths, with a ``Mount``'s prefix), ``"GET items/<int:pk>/"``
+      (Django's ``request.resolver_match.route``), ``"/health"`` (the raw path, for an
+      application without a router). A key with ``*``, ``?`` or ``[`` is a glob matched
+      against the whole raw path (``*`` also matches ``/``), and a compiled regex must
+      match the whole raw path. The key of the request's route and method wins, then
+      the route's key without a method, then the globs and regexes in their order. A
+      key that names no route of the application is logged once, as a warning, at the
+      application's first call (it then only matches the raw path it spells); or
     - a callable ``routes(scope)`` returning limit arguments, or ``None`` for the defaults.
 
     Limit arguments are a mapping with some of ``bytes``, ``objects``, ``calls``,
     ``memory`` and ``hard``: they override the middleware's own arguments key by key, so
     ``{"bytes": None}`` lifts the ``bytes`` limit for that route. A request with no limit
     at all is still measured (metrics, summary) and never stopped.
+
+    **Summary.** :meth:`summary` per route, named as ``routes=`` keys are (requests that
+    match no route share one ``"(no route)"`` row); :meth:`summary_text` prints each
+    route as a ``routes=`` entry, to paste. Added with ``app.add_middleware``, the
+    middleware is reached with :func:`summary` / :func:`middleware_of` on the app.
+
+    **Django.** Wrap Django's ASGI handler (``LimitMiddleware(get_asgi_application())``):
+    routes are Django's, a request over its limit is stopped through Django's own
+    client-disconnect path (no "Internal Server Error" logged for it, no task left
+    behind), and in observe mode the summary is logged at exit (Django has no lifespan).
 
     Configuration is checked when the middleware is built (with ``app.add_middleware``,
     Starlette builds its middleware at the first ASGI call, the lifespan startup).
@@ -190,7 +364,12 @@ class LimitMiddleware:
         its own code, and answered ``status_code``); None for purely soft limits.
         Requests that stay within their budget never see it.
     :param status_code: the HTTP status answered to a request that broke its limit
-        before its response started (400 to 599)
+        before its response started (400 to 599), when ``response`` is None, and to a
+        websocket refused before its handshake
+    :param response: what a request that broke its limit before its response started is
+        answered: an ASGI application (a Starlette ``JSONResponse(...)`` is one), or a
+        callable taking the :class:`~gotcha_async.LimitExceeded` and returning one. None:
+        ``status_code`` with a short plain-text body
     :param routes: per-route limits, as above
     :param on_exceeded: called as ``on_exceeded(scope, ctx)`` or
         ``on_exceeded(scope, ctx, exceeded)`` (and awaited if it returns an awaitable)
@@ -204,7 +383,8 @@ class LimitMiddleware:
         a ``memory`` limit (it costs a table lookup per free while the request runs)
     :param summary_routes: how many distinct routes the summary keeps apart; requests of
         later ones are summed up as ``"(other)"``
-    :raises TypeError: for an argument of the wrong type
+    :raises TypeError: for an argument of the wrong type, or a ``response`` that is
+        neither an ASGI application nor a callable of one argument
     :raises ValueError: for a bad limit, status code, route pattern or route key
     """
 
@@ -219,6 +399,7 @@ class LimitMiddleware:
         hard: bool = False,
         ceiling: float | None = _web.DEFAULT_CEILING,
         status_code: int = 503,
+        response: Answer | None = None,
         routes: RouteLimits | None = None,
         on_exceeded: ExceededHook | None = None,
         enforce: bool = True,
@@ -235,9 +416,22 @@ class LimitMiddleware:
             enforce=enforce, meter_provider=meter_provider, track_memory=track_memory,
             summary_routes=summary_routes,
         )
+        self._response = response
+        self._response_is_app = response is not None and _check_response(response)
+        self._router: _routes.Router | None = _UNBOUND
+        self._django = False
+        self._resolve_first = False
         self._summary_logged = False
         if self._options.enforce:
             _silence_server_tracebacks()
+        else:
+            # no lifespan (Django's handler has none): the summary is logged at exit
+            atexit.register(_log_summary_at_exit, weakref.ref(self))
+
+    def _log_summary_once(self) -> None:
+        if not self._summary_logged:
+            self._summary_logged = True
+            self._options.log_summary()
 
     @property
     def limits(self) -> Mapping[str, Any]:
@@ -268,7 +462,32 @@ class LimitMiddleware:
 
     # -- the ASGI callable ---------------------------------------------------------------
 
+    def _bind(self, scope: Scope) -> None:
+        """Learn the application's router, at its first call (with ``add_middleware``,
+        Starlette builds the middleware then, and every route is added by then)."""
+        router = _routes.router_of(self.app, scope.get("app"))
+        django = isinstance(router, _routes.DjangoRouter)
+        # observing, nothing is stopped: Django needs none of it
+        self._django = django and self._options.enforce
+        if self._django:
+            _silence_django_errors()
+        templates = None
+        if router is not None:
+            try:
+                templates = router.templates()
+            except Exception:  # a router we could not walk: no report, nothing else lost
+                logger.debug("could not list the routes of %r", self.app, exc_info=True)
+        self._options.bind_routes(templates, router.normalize if router else str)
+        # Django names a route only inside the application: resolved here, once per
+        # request; Starlette's is in the scope afterwards, resolved first only when a
+        # routes= key needs it to choose the limits
+        self._resolve_first = router is not None and (
+            django or bool(self._options.route_keys))
+        self._router = router
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._router is _UNBOUND:
+            self._bind(scope)
         if scope["type"] != "http":
             await self._other(scope, receive, send)
             return
@@ -276,7 +495,13 @@ class LimitMiddleware:
         # request.
         options = self._options
         path = scope.get("path", "")
-        plan = options.limits_for(path, scope) if options.routed else options.default_plan
+        method = scope.get("method", "GET")
+        router = self._router
+        template = router.resolve(scope) if self._resolve_first else None  # type: ignore[union-attr]
+        if options.routed:
+            plan, glob = options.limits_for(method, path, template, scope, router is not None)
+        else:
+            plan, glob = options.default_plan, None
         root_path = scope.get("root_path", "")
         ctx = plan.new_scope()
 
@@ -287,11 +512,15 @@ class LimitMiddleware:
         # status will be ours, after it the response will be aborted) and the receive
         # stops the request; until then the send notes the response's status and how
         # far it has gone.
-        guarded_receive = ReceiveGuard(ctx, receive, _stop_then_receive)
         guarded_send = SendGuard(ctx, send, _stop)
         try:
             with ctx:  # enter and exit never wait: the plain form is cheaper
-                await self.app(scope, guarded_receive, guarded_send)
+                if self._django:
+                    await _run_django(self.app, scope, _django_receive(ctx, receive),
+                                      guarded_send, ctx)
+                else:
+                    await self.app(scope, ReceiveGuard(ctx, receive, _stop_then_receive),
+                                   guarded_send)
         except LimitExceeded as exc:
             if exc.context is not ctx:
                 raise  # the application's own limit, not the request's
@@ -299,12 +528,14 @@ class LimitMiddleware:
         else:
             if options.enforce:
                 # the common case: no breach, no log line, no finish() coroutine
-                options.record(ctx, scope.get("method", "GET"), path,
-                               route_of(scope, root_path), guarded_send.status)
+                route = template if template is not None else route_of(scope, root_path)
+                options.record(ctx, method, route, route or glob or NO_ROUTE,
+                               guarded_send.status, scope.get("scheme"))
                 return
             error = None
         breach = options.breach(ctx, plan, error)
         status = guarded_send.status
+        answer: ASGIApp | None = None
         if guarded_send.complete:
             outcome = "completed"
         elif guarded_send.started:
@@ -312,14 +543,17 @@ class LimitMiddleware:
         else:
             outcome = "refused"
             if error is not None:
-                status = options.status_code
-        method = scope.get("method", "GET")
+                answer = self._answer_for(error)
+                status = getattr(answer, "status_code", None) if answer else options.status_code
+        route = template if template is not None else route_of(scope, root_path)
+        name = route or glob or NO_ROUTE
+        scheme = scope.get("scheme")
         if breach is None:
-            options.record(ctx, method, path, route_of(scope, root_path), status)
+            options.record(ctx, method, route, name, status, scheme)
             return
         await options.finish(
-            ctx, breach, outcome=outcome, status=status, method=method,
-            path=path, route=route_of(scope, root_path),
+            ctx, breach, outcome=outcome, status=status, method=method, path=path,
+            route=route, name=name, scheme=scheme,
             client=_report.client_of(scope.get("client")), hook_target=scope,
         )
         if error is None:
@@ -330,10 +564,31 @@ class LimitMiddleware:
             error._gotcha_reported = True  # type: ignore[attr-defined]
             raise error
         if outcome == "refused":
+            if answer is not None:
+                await answer(scope, receive, send)
+                return
             body = _web.plain_text(options.status_code, error.resource)
             await send({"type": "http.response.start", "status": options.status_code,
                         "headers": _error_headers(body)})
             await send({"type": "http.response.body", "body": body})
+
+    def _answer_for(self, error: LimitExceeded) -> ASGIApp | None:
+        """The application's answer to a request stopped before its response started:
+        ``response=`` (or what its callable returns), None for the default one."""
+        response: Any = self._response
+        if response is None or self._response_is_app:
+            return response  # type: ignore[no-any-return]
+        try:
+            answer = response(error)
+        except Exception:
+            logger.exception("response=%r failed; answered the default %d instead",
+                             response, self._options.status_code)
+            return None
+        if not callable(answer):
+            logger.error("response=%r returned %r, not an ASGI application; answered the "
+                         "default %d instead", response, answer, self._options.status_code)
+            return None
+        return answer  # type: ignore[no-any-return]
 
     async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -347,10 +602,9 @@ class LimitMiddleware:
     def _watch_shutdown(self, receive: Receive) -> Receive:
         async def watched() -> Message:
             message = await receive()
-            if message.get("type") == "lifespan.shutdown" and not self._summary_logged:
+            if message.get("type") == "lifespan.shutdown":
                 # the server has drained its connections: every request is in
-                self._summary_logged = True
-                self._options.log_summary()
+                self._log_summary_once()
             return message
 
         return watched
@@ -358,7 +612,9 @@ class LimitMiddleware:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         options = self._options
         path = scope.get("path", "")
-        plan = options.limits_for(path, scope)
+        template = self._router.resolve(scope) if self._resolve_first else None  # type: ignore[union-attr]
+        plan, glob = options.limits_for("WEBSOCKET", path, template, scope,
+                                        self._router is not None)
         root_path = scope.get("root_path", "")
         accepted = False
         closed = False
@@ -394,10 +650,11 @@ class LimitMiddleware:
             outcome, status = "refused", options.status_code
         else:
             outcome, status = "denied", None
+        route = template if template is not None else route_of(scope, root_path)
         await options.finish(
             ctx, breach, outcome=outcome, status=status, method="WEBSOCKET", path=path,
-            route=route_of(scope, root_path), client=_report.client_of(scope.get("client")),
-            hook_target=scope, record=False,
+            route=route, name=route or glob or NO_ROUTE, scheme=scope.get("scheme"),
+            client=_report.client_of(scope.get("client")), hook_target=scope, record=False,
         )
         if error is None or closed:
             return

@@ -12,7 +12,7 @@
  * So a refusal is made only when the C stack, read from the hook upwards,
  * reaches a function of the call protocol or the evaluation loop through
  * frames of CPython's own object alone (libpython, or the executable it is
- * linked into, and the standard library's extension modules): the allocation
+ * linked into): the allocation
  * was asked for by CPython's code, for bytecode or for a call, and its failure
  * comes back as an exception from that call. A frame of any other object on
  * the way (orjson's, pydantic-core's, libc's) and nothing is refused: the
@@ -29,13 +29,17 @@
  * start the unwinder's tables give it, so a return address anywhere in it
  * matches.
  *
- * The C stack is read with glibc's backtrace() (the unwinder and each object's
- * .eh_frame: no frame pointers needed). Neither it nor dladdr() allocates
- * once backtrace() has run once, and all this runs only for an allocation a
- * hard scope is about to refuse: rare, so its microseconds are on no common
- * path. Wherever the walk is not sure it answers no: a frame it cannot place,
- * an unwinder that stops early, no stop within MAX_DEPTH frames, JIT-compiled
- * code, a platform without glibc's unwinder (there nothing is refused).
+ * The C stack is read with libgcc's unwinder (each object's .eh_frame: no
+ * frame pointers needed), one frame at a time, and the walk stops at the first
+ * frame that settles the answer: past it the stack may not be this thread's
+ * to read (a greenlet's frames sit on a stack its parent has reused since:
+ * glibc's backtrace(), which unwinds every frame first, faulted there under
+ * SQLAlchemy's asyncio layer). Neither the unwinder nor dladdr() allocates
+ * once loaded, and all this runs only for an allocation a hard scope is about
+ * to refuse: rare, so its microseconds are on no common path. Wherever the
+ * walk is not sure it answers no: a frame it cannot place, an unwinder that
+ * stops early, no stop within MAX_DEPTH frames, JIT-compiled code, a platform
+ * without glibc and libgcc's unwinder (there nothing is refused).
  */
 #include "_meter.h"
 
@@ -57,35 +61,23 @@ struct dwarf_eh_bases {
 typedef const void *(*find_fde_fn)(void *pc, struct dwarf_eh_bases *bases);
 static find_fde_fn find_fde;
 
+/* libgcc's walk, a frame at a time (unwind.h's, taken from the library glibc's
+ * backtrace() loads, so that nothing here links against it) */
+struct _Unwind_Context;
+typedef int (*walk_cb)(struct _Unwind_Context *, void *);
+typedef int (*walk_fn)(walk_cb, void *);
+typedef uintptr_t (*get_ip_fn)(struct _Unwind_Context *);
+static walk_fn unwind_walk;
+static get_ip_fn unwind_ip;
+#define WALK_GO 0       /* _URC_NO_REASON: go on */
+#define WALK_STOP 5     /* _URC_END_OF_STACK: stop here */
+
 static void *cpython_base;          /* the object PyObject_Malloc is in */
 static void *own_base;              /* ours: the hook's frames */
 static void *stops[MAX_STOPS];      /* call protocol and evaluation loop: function starts */
 static int n_stops;
 #endif
 static int ready;                   /* 1: caller_is_cpython() can answer yes */
-static char *stdlib_dir;            /* lib-dynload, with its trailing '/' */
-static size_t stdlib_len;
-
-/* The standard library's extension modules live here. */
-int
-caller_trust_dir(const char *dir)
-{
-    size_t n = strlen(dir);
-    char *copy = malloc(n + 2);
-    if (copy == NULL) {
-        return -1;
-    }
-    memcpy(copy, dir, n);
-    if (n == 0 || copy[n - 1] != '/') {
-        copy[n++] = '/';
-    }
-    copy[n] = '\0';
-    free(stdlib_dir);
-    stdlib_dir = copy;
-    stdlib_len = n;
-    return 0;
-}
-
 #ifdef HAVE_UNWIND
 /* The object addr is in: 0 ours, 1 CPython's, 2 another's, -1 not placed. */
 static int
@@ -98,15 +90,10 @@ owner_of(void *addr)
     if (info.dli_fbase == own_base) {
         return 0;
     }
-    if (info.dli_fbase == cpython_base) {
-        return 1;
-    }
-    const char *f = info.dli_fname;
-    if (stdlib_dir != NULL && f != NULL && strncmp(f, stdlib_dir, stdlib_len) == 0 &&
-        strchr(f + stdlib_len, '/') == NULL) {
-        return 1;
-    }
-    return 2;
+    /* The standard library's extension modules (lib-dynload) are not taken on
+     * faith: 3.12 and 3.13's json encoder passes a failed _PyUnicodeWriter_Finish
+     * on to PyTuple_SetItem (a SystemError, found by scripts/ecosystem_inject.py) */
+    return info.dli_fbase == cpython_base ? 1 : 2;
 }
 
 static void *
@@ -127,14 +114,84 @@ is_stop(void *func)
     return 0;
 }
 
+/* One walk: from the first frame not ours (the hook's, calibrate()'s) up. */
+typedef struct {
+    int depth;       /* frames looked at */
+    int started;     /* past our own frames */
+    int answer;      /* caller_is_cpython()'s, once known */
+    int measuring;   /* calibrate(): collect the functions instead */
+} Walk;
+
+static int
+measure_frame(Walk *w, void *pc)
+{
+    int owner = owner_of(pc);
+    if (owner == 0) {
+        w->answer = n_stops > 0;   /* back in install(): done */
+        return WALK_STOP;
+    }
+    void *func = function_of(pc);
+    if (owner != 1 || func == NULL || n_stops == MAX_STOPS) {
+        w->answer = 0;
+        return WALK_STOP;
+    }
+    if (!is_stop(func)) {
+        stops[n_stops++] = func;
+    }
+    return WALK_GO;
+}
+
+static int
+walk_frame(struct _Unwind_Context *ctx, void *arg)
+{
+    Walk *w = arg;
+    if (++w->depth > MAX_DEPTH) {
+        w->answer = 0;
+        return WALK_STOP;
+    }
+    uintptr_t ip = unwind_ip(ctx);
+    if (ip == 0) {
+        w->answer = 0;
+        return WALK_STOP;
+    }
+    /* a return address: the call before it is what ran (a call can be a
+     * function's last instruction, and its return address the next one's) */
+    void *pc = (void *)(ip - 1);
+    if (!w->started) {
+        if (owner_of(pc) == 0) {
+            return WALK_GO;   /* our own frames: the walk's, the hook's */
+        }
+        w->started = 1;
+    }
+    if (w->measuring) {
+        return measure_frame(w, pc);
+    }
+    if (owner_of(pc) != 1) {
+        w->answer = 0;   /* an extension's C, libc's, ours called back, or not placed */
+        return WALK_STOP;
+    }
+    if (is_stop(function_of(pc))) {
+        w->answer = 1;
+        return WALK_STOP;
+    }
+    return WALK_GO;
+}
+
+static int
+walk(int measuring)
+{
+    Walk w = {0, 0, 0, measuring};
+    unwind_walk(walk_frame, &w);
+    return w.answer;
+}
+
 /* The measurement: called from a line of Python that install() runs. */
-static void *seen[MAX_DEPTH];
-static int n_seen;
+static int measured;
 
 static PyObject *
 calibrate(PyObject *self, PyObject *unused)
 {
-    n_seen = backtrace(seen, MAX_DEPTH);
+    measured = walk(1);
     Py_RETURN_NONE;
 }
 
@@ -150,6 +207,7 @@ measure_stops(void)
                                                           "__builtins__", PyEval_GetBuiltins());
     PyObject *code = globals == NULL ? NULL
                                      : Py_CompileString("calibrate()", "<gotcha>", Py_eval_input);
+    measured = 0;
     PyObject *r = code == NULL ? NULL : PyEval_EvalCode(code, globals, globals);
     Py_XDECREF(fn);
     Py_XDECREF(globals);
@@ -159,25 +217,7 @@ measure_stops(void)
         return -1;
     }
     Py_DECREF(r);
-    int i = 0;
-    while (i < n_seen && owner_of((char *)seen[i] - 1) == 0) {
-        i++;   /* calibrate() itself */
-    }
-    for (; i < n_seen; i++) {
-        void *pc = (char *)seen[i] - 1;
-        int owner = owner_of(pc);
-        if (owner == 0) {
-            return n_stops > 0 ? 0 : -1;   /* back in install(): done */
-        }
-        void *func = function_of(pc);
-        if (owner != 1 || func == NULL || n_stops == MAX_STOPS) {
-            return -1;
-        }
-        if (!is_stop(func)) {
-            stops[n_stops++] = func;
-        }
-    }
-    return -1;
+    return measured ? 0 : -1;
 }
 #endif
 
@@ -203,11 +243,16 @@ caller_init(void)
     own_base = info.dli_fbase;
     void *pcs[4];
     if (backtrace(pcs, 4) <= 0) {
-        return;
+        return;   /* its first call loads libgcc's unwinder, with malloc: here, not in the hook */
     }
     void *gcc = dlopen("libgcc_s.so.1", RTLD_NOW | RTLD_NOLOAD);
-    find_fde = gcc == NULL ? NULL : (find_fde_fn)dlsym(gcc, "_Unwind_Find_FDE");
-    if (find_fde == NULL) {
+    if (gcc == NULL) {
+        return;
+    }
+    find_fde = (find_fde_fn)dlsym(gcc, "_Unwind_Find_FDE");
+    unwind_walk = (walk_fn)dlsym(gcc, "_Unwind_Backtrace");
+    unwind_ip = (get_ip_fn)dlsym(gcc, "_Unwind_GetIP");
+    if (find_fde == NULL || unwind_walk == NULL || unwind_ip == NULL) {
         return;
     }
     n_stops = 0;
@@ -225,27 +270,7 @@ int
 caller_is_cpython(void)
 {
 #ifdef HAVE_UNWIND
-    if (!ready) {
-        return 0;
-    }
-    void *pcs[MAX_DEPTH];
-    int n = backtrace(pcs, MAX_DEPTH);
-    int i = 0;
-    /* a return address: the call before it is what ran (a call can be a
-     * function's last instruction, and its return address the next one's) */
-    while (i < n && owner_of((char *)pcs[i] - 1) == 0) {
-        i++;   /* the hook's own frames */
-    }
-    for (; i < n; i++) {
-        void *pc = (char *)pcs[i] - 1;
-        if (owner_of(pc) != 1) {
-            return 0;   /* an extension's C, libc's, ours called back, or not placed */
-        }
-        if (is_stop(function_of(pc))) {
-            return 1;
-        }
-    }
-    return 0;
+    return ready && walk(0);
 #else
     return 0;
 #endif

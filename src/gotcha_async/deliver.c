@@ -14,14 +14,27 @@
  * Interrupts: a hard scope past its ceiling must stop even if its code never
  * awaits. Its thread gets interrupt_type (a MemoryError) raised at a bytecode
  * boundary, the way Ctrl-C is delivered -- but only if, at that boundary, the
- * scope is still current there and the innermost frame is the user code whose
- * allocation asked for it: never in the event loop's machinery, ours, a frame
- * that runs no code, or one running on top of it (a signal handler). Otherwise
- * the scope is re-armed and the next allocation past its limit asks again.
- * The main thread raises it from the pending call; another thread gets it
- * through PyThreadState_SetAsyncExc from the main thread's pending call or the
- * delivery thread, whichever runs first: either holds the GIL while it looks,
- * so the target stands still at the point it inspects.
+ * scope is still current there and the innermost frame is the very activation
+ * of user code whose allocation asked for it (its address, its code, and not
+ * a function's entry: the next call at the same depth reuses the address),
+ * at an instruction whose exception handler is the one of the code around it
+ * (frame_interruptible). Never in the event loop's machinery, ours, a frame
+ * that runs no code, or one running on top of it (a signal handler).
+ * Otherwise the scope is re-armed and the next allocation past its limit asks
+ * again.
+ *
+ * The main thread raises it from its own pending call. Up to 3.12 another
+ * thread gets it through PyThreadState_SetAsyncExc from the main thread's
+ * pending call or the delivery thread, whichever runs first: either holds the
+ * GIL while it looks, and the target, stopped in its eval breaker, raises it
+ * right where it stood when it takes the GIL back. From 3.13 the eval breaker
+ * reads its bits before it drops the GIL, so an async exception set meanwhile
+ * is raised at the thread's *next* check, in whatever frame runs then (our
+ * own __exit__, a loop's callback, the callback that cancels the scope). There
+ * the thread raises its interrupt itself, from a pending call of the
+ * interpreter's queue (any thread may run those: the first to run it that is
+ * not the target re-arms the scope instead), after the same checks, made in
+ * the very thread and at the very moment it raises.
  */
 #include "_meter.h"
 
@@ -41,13 +54,40 @@ static int wake_posted;
 /* An interrupt is raised only in the frame whose allocation asked for it:
  * never in a signal handler, finalizer or callback that runs on top of it
  * (there it would replace, say, the KeyboardInterrupt the handler raises). */
-typedef struct { unsigned long ident; Meter *m; void *frame; } Request;
+typedef struct { unsigned long ident; Meter *m; void *frame; PyCodeObject *code; } Request;
 #define MAX_REQUESTS 64
 static Request requests[MAX_REQUESTS];
 static int n_requests;
 
+/* How often the delivery thread looks at the allocator chains: while scopes
+ * are entered (an allocator put back under an open scope goes uncounted for
+ * at most this long), and while none is (to see the first one come). */
+#define POLL_US 20000
+#define IDLE_US 1000000
+
 static int deliver_pending(void *);
 static void interrupt_remote(void);
+
+/* Set while a delivery looks at the requests: settling a scope's counters there
+ * can ask for another interrupt (past its last grace every allocation does),
+ * which would schedule the very call that is running, for ever. */
+static int delivering;
+
+#if PY_VERSION_HEX >= 0x030D0000
+/* exported (for _testinternalcapi) on 3.13 to 3.15; a call with flags 0 is
+ * run by whichever thread of the interpreter checks its eval breaker first */
+PyAPI_FUNC(int) _PyEval_AddPendingCall(PyInterpreterState *, int (*)(void *), void *, int);
+static int interrupt_pending(void *);
+static int any_scheduled;   /* an interrupt_pending call is queued */
+
+static void
+schedule_any(void)
+{
+    if (!any_scheduled && _PyEval_AddPendingCall(main_interp, interrupt_pending, NULL, 0) == 0) {
+        any_scheduled = 1;
+    }
+}
+#endif
 
 static void
 schedule_main(void)
@@ -91,17 +131,35 @@ trip(Meter *m, int resource)
     schedule_for(PyThread_get_thread_ident());
 }
 
+static void
+schedule_interrupt(unsigned long ident)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    if (ident != main_ident) {
+        schedule_any();
+        return;
+    }
+#endif
+    schedule_for(ident);
+}
+
 void
 request_interrupt(Meter *m)
 {
+    if (delivering) {
+        m->rearm = 1;   /* asked again by its next allocation, once this delivery is over */
+        return;
+    }
     unsigned long ident = PyThread_get_thread_ident();
     PyThreadState *ts = tstate_unchecked();
     void *frame = ts == NULL ? NULL : top_frame(ts);
+    PyCodeObject *code = frame == NULL ? NULL : frame_code(frame);
     m->rearm = 0;
     for (int i = 0; i < n_requests; i++) {
         if (requests[i].ident == ident && requests[i].m == m) {
             requests[i].frame = frame;
-            schedule_for(ident);
+            requests[i].code = code;
+            schedule_interrupt(ident);
             return;
         }
     }
@@ -114,8 +172,9 @@ request_interrupt(Meter *m)
     requests[n_requests].ident = ident;
     requests[n_requests].m = m;
     requests[n_requests].frame = frame;
+    requests[n_requests].code = code;
     n_requests++;
-    schedule_for(ident);
+    schedule_interrupt(ident);
 }
 
 static Meter *
@@ -163,21 +222,55 @@ run_queue(int can_raise)
     return status;
 }
 
-/* The main thread's interrupts, from its pending call. */
+/* Is the request's frame the innermost one of thread t, still at a point
+ * where its own code would catch what is raised there? (With the hook paused:
+ * reading the bytecode may allocate.) */
+static int
+aimed_here(PyThreadState *t, const Request *r)
+{
+    void *f = r->frame, *top = top_frame(t);
+    if (f == NULL || r->code == NULL || top == NULL) {
+        return 0;
+    }
+    /* f is read only once it is known to be live: the top frame or its caller */
+    if (top == f) {
+        return frame_code(f) == r->code && frame_is_user(t) && frame_interruptible(f, r->code);
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    /* a function it calls, at its entry: raised there, it is raised at f's call
+     * (a loop whose only other check is a closing jump the handler does not cover).
+     * Not up to 3.12, where that jump is judged by the offset unwound from, and where
+     * a worker's exception, made in the worker with the hook running, can ask for
+     * the next interrupt: a stale request then landed in the except block of the
+     * first, at the entry of the first function it called (2 runs in 20 of
+     * interrupt_aim.py threads 8 40 while, 3.11) */
+    return older_frame(top) == f && frame_code(f) == r->code && frame_is_user_code(f) &&
+           frames_stoppable(t) && frame_entered_from(top, f) &&
+           frame_interruptible(f, r->code);
+#else
+    return 0;
+#endif
+}
+
+/* The calling thread's interrupts, from a pending call it runs: raised here
+ * and now, or the scope re-armed. */
 static int
 interrupt_here(void)
 {
     unsigned long me = PyThread_get_thread_ident();
     PyThreadState *ts = PyThreadState_Get();
+    int raised = 0;
+    pause_hook();
+    delivering++;
     for (int i = 0; i < n_requests;) {
         if (requests[i].ident != me) {
             i++;
             continue;
         }
-        void *frame = requests[i].frame;
+        Request r = requests[i];
         Meter *m = take_request(i);
-        int go = m->state == S_ENTERED && interrupt_type != NULL && !PyErr_Occurred() &&
-                 frame != NULL && top_frame(ts) == frame && frame_is_user(ts) &&
+        int go = !raised && m->state == S_ENTERED && interrupt_type != NULL &&
+                 !PyErr_Occurred() && aimed_here(ts, &r) &&
                  !frames_importing(ts) && in_scope_of(current_meter(), m);
         if (!go && m->state == S_ENTERED) {
             settle();
@@ -185,11 +278,15 @@ interrupt_here(void)
         }
         Py_DECREF(m);
         if (go) {
+            /* made with the hook paused: the exception is not the scope's work, and
+             * charging it would ask for the next interrupt */
             PyErr_SetNone(interrupt_type);
-            return -1;
+            raised = 1;
         }
     }
-    return 0;
+    delivering--;
+    resume_hook();
+    return raised ? -1 : 0;
 }
 
 static int
@@ -215,6 +312,7 @@ deliver_now(void)
     return deliver_cb == NULL ? 0 : run_queue(1);
 }
 
+#if PY_VERSION_HEX < 0x030D0000
 static PyThreadState *
 find_thread(unsigned long ident)
 {
@@ -244,22 +342,28 @@ context_in_scope(PyObject *context, Meter *m)
     return r;
 }
 
-/* Other threads' interrupts, from the delivery thread (GIL held). */
+#endif
+
+/* Other threads' interrupts, from the delivery thread or the main thread's
+ * pending call (GIL held, hook paused). From 3.13 each thread raises its own
+ * (interrupt_pending). */
 static void
 interrupt_remote(void)
 {
+#if PY_VERSION_HEX < 0x030D0000
+    delivering++;
     for (int i = 0; i < n_requests;) {
         unsigned long ident = requests[i].ident;
         if (ident == main_ident) {
             i++;
             continue;
         }
-        void *frame = requests[i].frame;
+        Request r = requests[i];
         Meter *m = take_request(i);
         PyThreadState *t = find_thread(ident);
         int go = t != NULL && m->state == S_ENTERED && interrupt_type != NULL &&
-                 t->async_exc == NULL && frame != NULL && top_frame(t) == frame &&
-                 frame_is_user(t) && !frames_importing(t) && context_in_scope(t->context, m);
+                 t->async_exc == NULL && aimed_here(t, &r) &&
+                 !frames_importing(t) && context_in_scope(t->context, m);
         if (go) {
             PyThreadState_SetAsyncExc(ident, interrupt_type);
         }
@@ -269,7 +373,42 @@ interrupt_remote(void)
         }
         Py_DECREF(m);
     }
+    delivering--;
+#endif
 }
+
+#if PY_VERSION_HEX >= 0x030D0000
+/* Run by the first thread of the interpreter that checks its eval breaker:
+ * usually the one that asked (the call is flagged on the thread that queues
+ * it, from its own allocation), which raises its interrupt if it is still
+ * where it asked. The requests of other threads it finds are re-armed: each
+ * of those asks again, and queues a call again, at its next allocation. */
+static int
+interrupt_pending(void *unused)
+{
+    (void)unused;
+    any_scheduled = 0;
+    unsigned long me = PyThread_get_thread_ident();
+    pause_hook();
+    delivering++;
+    for (int i = 0; i < n_requests;) {
+        unsigned long ident = requests[i].ident;
+        if (ident == me || ident == main_ident) {
+            i++;
+            continue;
+        }
+        Meter *m = take_request(i);
+        if (m->state == S_ENTERED) {
+            settle();
+            m->rearm = 1;
+        }
+        Py_DECREF(m);
+    }
+    delivering--;
+    resume_hook();
+    return me == main_ident ? 0 : interrupt_here();
+}
+#endif
 
 /* The delivery thread's body, called from Python in a thread started with
  * _thread.start_new_thread: CPython makes that thread's state in the starting
@@ -286,11 +425,19 @@ delivery_loop(void)
         return NULL;
     }
     for (;;) {
+        PyLockStatus got;
         Py_BEGIN_ALLOW_THREADS
-        PyThread_acquire_lock(lock, WAIT_LOCK);
+        /* between wake-ups, a look at the allocator chains (chain_look) */
+        do {
+            got = PyThread_acquire_lock_timed(lock, active > 0 ? POLL_US : IDLE_US, 0);
+        } while (got != PY_LOCK_ACQUIRED && !(active > 0 && chain_moved()));
         Py_END_ALLOW_THREADS
         if (lock != wake) {
             Py_RETURN_NONE;   /* replaced after a fork: a new thread serves the new lock */
+        }
+        if (got != PY_LOCK_ACQUIRED) {
+            chain_look();
+            continue;
         }
         wake_posted = 0;
         pause_hook();
@@ -333,6 +480,9 @@ delivery_after_fork(void)
         }
     }
     scheduled = 0;
+#if PY_VERSION_HEX >= 0x030D0000
+    any_scheduled = 0;
+#endif
     wake = NULL;   /* the old lock may be in any state: it is left, not freed */
     if (queue != NULL || n_requests > 0) {
         schedule_main();

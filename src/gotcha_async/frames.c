@@ -8,27 +8,46 @@
 #include "_meter.h"
 
 #if PY_VERSION_HEX >= 0x030E0000
-/* 3.14, 3.15: f_executable is a tagged stack reference (read through the API) */
+/* 3.14, 3.15: f_executable and the locals are tagged stack references (the
+ * low two bits: 3.14 tags one, 3.15 two) */
+#  define LOCAL_TAG ((uintptr_t)3)
 typedef struct {
     uintptr_t executable;
     void *previous, *funcobj, *globals, *builtins, *locals, *frame_obj;
     uint16_t *instr_ptr;
     void *stackpointer;
+#  ifdef Py_GIL_DISABLED
+    int32_t tlbc_index;
+#  endif
+    uint16_t return_offset;
+    char owner;
+    uint8_t visited;
+    uintptr_t localsplus[1];
 } Frame;
 #elif PY_VERSION_HEX >= 0x030C0000
 /* 3.12 (f_code), 3.13 (f_executable) */
+#  define LOCAL_TAG ((uintptr_t)0)
 typedef struct {
     PyObject *code;
     void *previous, *funcobj, *globals, *builtins, *locals, *frame_obj;
     uint16_t *instr_ptr;
+    int stacktop;
+    uint16_t return_offset;
+    char owner;
+    uintptr_t localsplus[1];
 } Frame;
 #else
 /* 3.11 */
+#  define LOCAL_TAG ((uintptr_t)0)
 typedef struct {
     void *func, *globals, *builtins, *locals;
     PyObject *code;
     void *frame_obj, *previous;
     uint16_t *prev_instr;
+    int stacktop;
+    char is_entry;   /* a bool: the frame C called into */
+    char owner;
+    uintptr_t localsplus[1];
 } Frame;
 #endif
 
@@ -177,8 +196,10 @@ new_verdict(size_t i, PyCodeObject *code)
 {
     verdicts[i].code = code;
     verdicts[i].filename = code->co_filename;
-    /* 3.12 enters Python from C through a "<shim>" frame of its own code */
-    int shim = PyUnicode_CompareWithASCIIString(code->co_filename, "<shim>") == 0;
+    /* 3.12 enters Python from C through a "<shim>" frame of its own code; 3.13+
+     * runs a class's __init__ on top of "__init__", its _Py_InitCleanup */
+    int shim = PyUnicode_CompareWithASCIIString(code->co_filename, "<shim>") == 0 ||
+               PyUnicode_CompareWithASCIIString(code->co_filename, "__init__") == 0;
     verdicts[i].verdict = shim                                    ? MACHINERY
                           : !is_machinery_file(code->co_filename) ? USER
                           : is_dispatch(code)                     ? DISPATCH
@@ -367,17 +388,27 @@ is_generated_method(PyCodeObject *code)
     return PyUnicode_Tailmatch(file, attrs_prefix, 0, PY_SSIZE_T_MAX, -1) == 1;
 }
 
-int
-frame_is_user(PyThreadState *ts)
+/* The frames CPython runs between a caller and what it calls: 3.12's "<shim>",
+ * and from 3.13 the one that checks what __init__ returned, when a class is
+ * called from Python (_Py_InitCleanup, whose file name is "__init__", like no
+ * real file). Frozen modules' "<frozen ...>" are real callers. */
+static int
+is_shim(PyCodeObject *c)
 {
-    if (frozen_prefix == NULL) {
+    PyObject *file = c->co_filename;
+    if (PyUnicode_GET_LENGTH(file) > 0 && PyUnicode_READ_CHAR(file, 0) == '<') {
+        return PyUnicode_Tailmatch(file, frozen_prefix, 0, 8, -1) != 1;
+    }
+    return PyUnicode_CompareWithASCIIString(file, "__init__") == 0;
+}
+
+static int
+frame_user(void *f)
+{
+    if (frozen_prefix == NULL || f == NULL) {
         return 0;
     }
-    if (ts == NULL) {
-        return 0;
-    }
-    void *f = top_frame(ts);
-    PyCodeObject *code = f == NULL ? NULL : frame_code(f);
+    PyCodeObject *code = frame_code(f);
     if (code == NULL || code_is_machinery(code)) {
         return 0;
     }
@@ -392,9 +423,7 @@ frame_is_user(PyThreadState *ts)
         for (void *caller = older_frame(f); caller != NULL && outer == NULL;
              caller = older_frame(caller)) {
             PyCodeObject *c = frame_code(caller);
-            if (c != NULL && PyUnicode_GET_LENGTH(c->co_filename) > 0 &&
-                PyUnicode_READ_CHAR(c->co_filename, 0) == '<' &&
-                PyUnicode_Tailmatch(c->co_filename, frozen_prefix, 0, 8, -1) != 1) {
+            if (c != NULL && is_shim(c)) {
                 continue;   /* a shim, not a caller */
             }
             outer = c;
@@ -404,4 +433,276 @@ frame_is_user(PyThreadState *ts)
         }
     }
     return 1;
+}
+
+int
+frame_runs_user_code(PyThreadState *ts)
+{
+    return ts == NULL ? 0 : frame_user(top_frame(ts));
+}
+
+int
+frame_is_user_code(void *frame)
+{
+    return frame_user(frame);
+}
+
+/* Was this frame called by C rather than by the bytecode of an older frame?
+ * 3.11 marks it; from 3.12 C calls in through an entry frame of its own below
+ * it (3.12's "<shim>" code, None from 3.13). */
+static int
+entered_from_c(void *frame)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    void *caller = older_frame(frame);
+    if (caller == NULL) {
+        return 1;
+    }
+    PyCodeObject *c = frame_code(caller);
+    return c == NULL || PyUnicode_CompareWithASCIIString(c->co_filename, "<shim>") == 0;
+#else
+    return ((Frame *)frame)->is_entry != 0;
+#endif
+}
+
+/* Argument i of a frame's code, borrowed (a cell's content for an argument a
+ * closure captured), or NULL. */
+static PyObject *
+frame_arg(void *frame, PyCodeObject *code, int i)
+{
+    if (i >= code->co_argcount) {
+        return NULL;
+    }
+    PyObject *o = (PyObject *)(((Frame *)frame)->localsplus[i] & ~LOCAL_TAG);
+    if (o != NULL && PyCell_Check(o)) {
+        o = PyCell_GET(o);
+    }
+    return o;
+}
+
+static int
+is_dead_weakref(PyObject *o)
+{
+    return o != NULL && PyWeakref_Check(o) && ((PyWeakReference *)o)->wr_object == Py_None;
+}
+
+/* Is this frame a finalizer that C called: a __del__ (an object's last
+ * reference going, or the gc), or a weakref callback, called with its dead
+ * weakref (a function's first argument, a bound method's second)? An
+ * exception raised in either is printed as "Exception ignored" and lost, and
+ * the finalizer's work is left half done. */
+static int
+is_finalizer_call(void *frame, PyCodeObject *code)
+{
+    if (!entered_from_c(frame)) {
+        return 0;
+    }
+    if (PyUnicode_CompareWithASCIIString(code->co_name, "__del__") == 0) {
+        return 1;
+    }
+    return is_dead_weakref(frame_arg(frame, code, 0)) ||
+           is_dead_weakref(frame_arg(frame, code, 1));
+}
+
+/* Does the thread run a finalizer, anywhere below its innermost frame (a
+ * __del__ that calls a helper)? The walk stops at the loop's dispatch of the
+ * task: a finalizer is never older than that. */
+static int
+in_finalizer(PyThreadState *ts)
+{
+    int depth = 0;
+    for (void *f = top_frame(ts); f != NULL && depth < 4096; f = older_frame(f), depth++) {
+        PyCodeObject *code = frame_code(f);
+        if (code == NULL) {
+            continue;
+        }
+        if (verdict(code) == DISPATCH) {
+            return 0;
+        }
+        if (is_finalizer_call(f, code)) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* May the thread's code be stopped now, whatever frame it is in? Never while a
+ * tracer, profiler or sys.monitoring callback runs (CPython unsets a tracer
+ * that raises, and passes a callback's exception to the instruction that
+ * fired it: both are the tool's machinery, whoever called it), nor in a
+ * finalizer (see is_finalizer_call). */
+int
+frames_stoppable(PyThreadState *ts)
+{
+    return ts != NULL && ts->tracing == 0 && !in_finalizer(ts);
+}
+
+/* May the thread's code be stopped here, by an interrupt or a refusal? Only
+ * user code, when the thread is stoppable at all. */
+int
+frame_is_user(PyThreadState *ts)
+{
+    return frame_runs_user_code(ts) && frames_stoppable(ts);
+}
+
+/* Where an exception raised at the instruction a frame is at would be caught.
+ *
+ * An interrupt is raised at an eval-breaker check and unwound from the offset
+ * the interpreter reports there; where that offset's exception-table entry is
+ * not the one of the code around it, the exception skips the body's
+ * try/except and the scope's own `with`:
+ *  - 3.12 and 3.13 put the closing jump of a `while cond:` loop outside the
+ *    table, though the whole loop is inside a try;
+ *  - 3.11 and 3.12 check after a backward jump has jumped, and unwind from the
+ *    instruction before its target: a jump out of an except block back to the
+ *    end of its try is then caught by that try's own handler again (a loop:
+ *    the handler swallows it, jumps, and is interrupted again);
+ *  - a function's entry (RESUME 0) is the start of a new activation, never the
+ *    one whose allocation asked, though it may sit at the same address.
+ * So an interrupt lands only where the instruction, its jump target and the
+ * offset unwound from agree on one handler (or on none). The opcodes are the
+ * running interpreter's, handed over by set_opcodes() from dis. */
+static int op_resume = -1, op_extended_arg = -1;
+static unsigned char jump_back[256];   /* backward jumps: 1 + their inline caches */
+
+int
+frames_set_opcodes(int resume, int extended_arg, PyObject *jumps)
+{
+    memset(jump_back, 0, sizeof(jump_back));
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(jumps); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(jumps, i);
+        int op, caches;
+        if (!PyTuple_Check(pair) || !PyArg_ParseTuple(pair, "ii", &op, &caches) || op < 0 ||
+            op > 255 || caches < 0 || caches > 100) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError, "jumps must be (opcode, caches) pairs");
+            }
+            return -1;
+        }
+        jump_back[op] = (unsigned char)(caches + 1);
+    }
+    op_resume = resume;
+    op_extended_arg = extended_arg;
+    return 0;
+}
+
+static int
+read_varint(const unsigned char **p, const unsigned char *end)
+{
+    int v = 0, b;
+    do {
+        if (*p >= end) {
+            return -1;
+        }
+        b = *(*p)++;
+        v = (v << 6) | (b & 63);
+    } while (b & 64);
+    return v;
+}
+
+/* The handler covering a code-unit offset, as target and depth in one number;
+ * 0 for none, -1 if the table cannot be read. */
+static long
+handler_at(PyCodeObject *code, int offset)
+{
+    PyObject *table = code->co_exceptiontable;
+    if (table == NULL || !PyBytes_Check(table)) {
+        return -1;
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(table);
+    const unsigned char *end = p + PyBytes_GET_SIZE(table);
+    while (p < end) {
+        int start = read_varint(&p, end), size = read_varint(&p, end);
+        int target = read_varint(&p, end), depth = read_varint(&p, end);
+        if (start < 0 || size < 0 || target < 0 || depth < 0) {
+            return -1;
+        }
+        if (offset < start) {
+            return 0;   /* entries are sorted by start */
+        }
+        if (offset < start + size) {
+            return ((long)target << 16 | (depth & 0xFFFF)) + 1;
+        }
+    }
+    return 0;
+}
+
+/* The opcode and argument of the instruction at a code-unit offset, from the
+ * bytecode as compiled (the frame's own is specialized or instrumented); -1 if
+ * it cannot be read. May allocate. */
+static int
+instruction_at(PyCodeObject *code, int lasti, unsigned int *oparg)
+{
+    PyObject *bytes = PyCode_GetCode(code);
+    if (bytes == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    int op = -1;
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(bytes);
+    int n = (int)(PyBytes_GET_SIZE(bytes) / 2);
+    if (lasti >= 0 && lasti < n) {
+        op = b[2 * lasti];
+        *oparg = b[2 * lasti + 1];
+        for (int j = lasti - 1, shift = 8; j >= 0 && b[2 * j] == op_extended_arg && shift < 32;
+             j--, shift += 8) {
+            *oparg |= (unsigned int)b[2 * j + 1] << shift;
+        }
+    }
+    Py_DECREF(bytes);
+    return op;
+}
+
+int
+frame_interruptible(void *frame, PyCodeObject *code)
+{
+    if (op_resume < 0) {
+        return 0;
+    }
+    int lasti = frame_lasti(frame, code);
+    unsigned int oparg = 0;
+    int op = instruction_at(code, lasti, &oparg);
+    if (op < 0 || (op == op_resume && (oparg & 3) == 0)) {
+        return 0;
+    }
+    long here = handler_at(code, lasti);
+    if (here < 0) {
+        return 0;
+    }
+    if (jump_back[op]) {
+        int target = lasti + jump_back[op] - (int)oparg;
+#if PY_VERSION_HEX < 0x030D0000
+        /* checked after the jump: unwound from the instruction before its target,
+         * whatever covers the jump itself (3.12's while-loop jump is uncovered, and
+         * there the loop's own handler catches it) */
+        return target > 0 && handler_at(code, target) == handler_at(code, target - 1);
+#else
+        return handler_at(code, target) == here;
+#endif
+    }
+    return 1;
+}
+
+/* Is a frame at the entry of its function, called straight from the bytecode
+ * of its previous frame? An exception raised there leaves it before any of its
+ * code ran, and is raised in the caller at its call: as if raised there. */
+int
+frame_entered_from(void *callee, void *caller)
+{
+    if (op_resume < 0 || callee == NULL || older_frame(callee) != caller) {
+        return 0;
+    }
+#if PY_VERSION_HEX < 0x030C0000
+    if (((Frame *)callee)->is_entry) {
+        return 0;   /* called from C (a signal handler, a finalizer) */
+    }
+#endif
+    /* 3.12 and later put a frame of no code or of a shim's between C and Python */
+    PyCodeObject *code = frame_code(callee);
+    if (code == NULL || is_shim(code)) {
+        return 0;
+    }
+    unsigned int oparg = 0;
+    int op = instruction_at(code, frame_lasti(callee, code), &oparg);
+    return op == op_resume && (oparg & 3) == 0;
 }

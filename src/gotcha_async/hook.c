@@ -66,6 +66,11 @@ typedef struct {
 static Domain dom_mem = {.domain = PYMEM_DOMAIN_MEM, .is_obj = 0};
 static Domain dom_obj = {.domain = PYMEM_DOMAIN_OBJ, .is_obj = 1};
 
+/* The foreign tops of both chains as the delivery thread last looked
+ * (chain_moved); forgotten whenever the hook joins, so that whatever is put
+ * on top of it next is looked at, even the allocator seen there before. */
+static PyMemAllocatorEx polled[2];
+
 /* The batch (see settle()): what the scope batch_meter and its ancestors have
  * left before a threshold, and what they had when it began: bytes (left_b),
  * allocations that are an object and a call (left_o: the object domain's) and
@@ -167,10 +172,15 @@ pause_hook(void)
 #endif
 }
 
+/* While a tracer, a profiler or a sys.monitoring callback runs (coverage's,
+ * a debugger's), the thread's allocations are the tool's, not the scope's:
+ * a scope's figures do not depend on whether a tool watches it, and nothing
+ * of the tool's can trip a limit. Never cached: the thread's context version
+ * does not change when the tool is called. */
 static Py_NO_INLINE Meter *
 lookup_meter(PyThreadState *ts)
 {
-    if (ts == NULL || ts->interp != main_interp) {
+    if (ts == NULL || ts->interp != main_interp || ts->tracing != 0) {
         return NULL;
     }
     PyObject *v = NULL;
@@ -198,7 +208,7 @@ lookup_meter(PyThreadState *ts)
 #ifdef SEEN_CACHE
 #  define SEEN(ts)                                                                     \
     LIKELY((ts) == seen_ts && (ts)->context_ver == seen_ver && (ts)->id == seen_tsid && \
-           (ts)->interp == main_interp)
+           (ts)->interp == main_interp && (ts)->tracing == 0)
 #else
 #  define SEEN(ts) 0
 #endif
@@ -904,7 +914,7 @@ static Py_NO_INLINE void *
 metered_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
 {
     size_t size = nelem * elsize;   /* on overflow the allocator refuses anyway */
-    if (n->quiet_machinery && !frame_is_user(tstate_unchecked())) {
+    if (n->quiet_machinery && !frame_runs_user_code(tstate_unchecked())) {
         n = NULL;   /* the loop's debug bookkeeping is not the task's work */
     }
     if (n != NULL && size >= REFUSE_MIN && n->hard_chain &&
@@ -1131,7 +1141,7 @@ forget_block(void *ptr)
 static Py_NO_INLINE void *
 metered_realloc(Domain *d, Meter *n, void *ptr, size_t size)
 {
-    if (n != NULL && n->quiet_machinery && !frame_is_user(tstate_unchecked())) {
+    if (n != NULL && n->quiet_machinery && !frame_runs_user_code(tstate_unchecked())) {
         n = NULL;
     }
     if (n != NULL && size >= REFUSE_MIN && n->hard_chain) {
@@ -1241,7 +1251,10 @@ free_held(Domain *d, void *ptr)
         return;
     }
     forget_block(ptr);
-    if (table_count == 0) {
+    /* never from another interpreter's thread: it runs without our GIL, and
+     * the chain is changed only under it */
+    PyThreadState *ts = tstate_unchecked();
+    if (table_count == 0 && ts != NULL && ts->interp == main_interp) {
         step_aside_if_idle();
     }
     d->prev.free(d->prev.ctx, ptr);
@@ -1386,8 +1399,11 @@ hooks_of(Domain *d, int light)
                       : (PyMemAllocatorEx){d, hook_malloc_mem, hook_calloc_mem,
                                            hook_realloc_mem, hook_free_mem};
     }
+    /* ctx is the allocator below's in every form (the hooks ignore it): another
+     * interpreter reads the table without our GIL, and any mix of an old and a
+     * new function with that ctx is a call that works */
+    a.ctx = d->prev.ctx;
     if (light) {
-        a.ctx = d->prev.ctx;
         a.free = d->prev.free;
     }
     return a;
@@ -1421,6 +1437,7 @@ join_chain(Domain *d)
         PyMem_SetAllocator(d->domain, &d->ours);
         d->in_chain = 1;
         d->watching = 0;   /* anything above the hook before is gone */
+        memset(polled, 0, sizeof(polled));
     }
 }
 
@@ -1438,39 +1455,52 @@ leave_chain(Domain *d)
 
 /* The free-only link: the next allocator's for everything, and a held block
  * forgotten on its way to be freed. A realloc passes through the light hook
- * below, which forgets the old block itself. */
-static void *
-watch_malloc(void *ctx, size_t size)
-{
-    Domain *d = ctx;
-    if (paused & PROBING) {
-        d->watch_seen = 1;
-    }
-    return d->watch_prev.malloc(d->watch_prev.ctx, size);
-}
-
-static void *
-watch_calloc(void *ctx, size_t nelem, size_t elsize)
-{
-    Domain *d = ctx;
-    return d->watch_prev.calloc(d->watch_prev.ctx, nelem, elsize);
-}
-
-static void *
-watch_realloc(void *ctx, void *ptr, size_t size)
-{
-    Domain *d = ctx;
-    return d->watch_prev.realloc(d->watch_prev.ctx, ptr, size);
-}
-
+ * below, which forgets the old block itself. Each domain's link names its
+ * domain itself and its ctx is the allocator below's, as the hooks' is. */
 static void
-watch_free(void *ctx, void *ptr)
+watch_forget(void *ptr)
 {
-    Domain *d = ctx;
     if (table_count != 0 && ptr != NULL && table_may_hold(ptr)) {
         forget_block(ptr);
     }
-    d->watch_prev.free(d->watch_prev.ctx, ptr);
+}
+
+#define WATCH(name, dom)                                                          \
+    static void *watch_malloc_##name(void *ctx, size_t size)                      \
+    {                                                                             \
+        (void)ctx;                                                                \
+        if (paused & PROBING) {                                                   \
+            dom.watch_seen = 1;                                                   \
+        }                                                                         \
+        return dom.watch_prev.malloc(dom.watch_prev.ctx, size);                   \
+    }                                                                             \
+    static void *watch_calloc_##name(void *ctx, size_t nelem, size_t elsize)      \
+    {                                                                             \
+        (void)ctx;                                                                \
+        return dom.watch_prev.calloc(dom.watch_prev.ctx, nelem, elsize);          \
+    }                                                                             \
+    static void *watch_realloc_##name(void *ctx, void *ptr, size_t size)          \
+    {                                                                             \
+        (void)ctx;                                                                \
+        return dom.watch_prev.realloc(dom.watch_prev.ctx, ptr, size);             \
+    }                                                                             \
+    static void watch_free_##name(void *ctx, void *ptr)                           \
+    {                                                                             \
+        (void)ctx;                                                                \
+        watch_forget(ptr);                                                        \
+        dom.watch_prev.free(dom.watch_prev.ctx, ptr);                             \
+    }
+WATCH(mem, dom_mem)
+WATCH(obj, dom_obj)
+#undef WATCH
+
+static PyMemAllocatorEx
+watch_link(Domain *d)
+{
+    return d->is_obj ? (PyMemAllocatorEx){d->watch_prev.ctx, watch_malloc_obj,
+                                          watch_calloc_obj, watch_realloc_obj, watch_free_obj}
+                     : (PyMemAllocatorEx){d->watch_prev.ctx, watch_malloc_mem,
+                                          watch_calloc_mem, watch_realloc_mem, watch_free_mem};
 }
 
 static int
@@ -1478,7 +1508,7 @@ watch_on_top(Domain *d)
 {
     PyMemAllocatorEx now;
     PyMem_GetAllocator(d->domain, &now);
-    return now.malloc == watch_malloc && now.ctx == d;
+    return now.malloc == watch_link(d).malloc;
 }
 
 /* Make the hook in d's chain see frees exactly when a scope can hold a block
@@ -1500,7 +1530,7 @@ fit_frees(Domain *d)
     }
     else if (want && d->light && !d->watching) {
         PyMem_GetAllocator(d->domain, &d->watch_prev);
-        PyMemAllocatorEx link = {d, watch_malloc, watch_calloc, watch_realloc, watch_free};
+        PyMemAllocatorEx link = watch_link(d);
         PyMem_SetAllocator(d->domain, &link);
         d->watching = 1;
     }
@@ -1590,6 +1620,40 @@ step_aside_if_idle(void)
     if (active == 0 && table_count == 0) {
         hook_leave();
     }
+}
+
+/* Has anything changed the top of either chain since the delivery thread last
+ * looked? Asked without the GIL: PyMem_GetAllocator takes the allocators' own
+ * lock from 3.12; 3.11 copies a few words, and a torn copy only says yes,
+ * which the look under the GIL (chain_look) then corrects. */
+static int
+top_moved(Domain *d, const PyMemAllocatorEx *last)
+{
+    PyMemAllocatorEx now;
+    PyMem_GetAllocator(d->domain, &now);
+    /* the hook on top is in the chain whatever form it took since (each scope
+     * can change it): only something else on top is worth a look */
+    return now.malloc != d->ours.malloc && (now.malloc != last->malloc || now.ctx != last->ctx);
+}
+
+int
+chain_moved(void)
+{
+    return top_moved(&dom_mem, &polled[0]) || top_moved(&dom_obj, &polled[1]);
+}
+
+/* Any allocator swapper (memray's Tracker, tracemalloc.stop() reached by any
+ * path, a profiler's) that puts back what it saved before the hook joined
+ * drops the hook from the chain, and nothing then reaches it to say so: the
+ * delivery thread looks while scopes are entered (GIL held). */
+void
+chain_look(void)
+{
+    if (installed && active > 0) {
+        verify_chain();
+    }
+    PyMem_GetAllocator(PYMEM_DOMAIN_MEM, &polled[0]);
+    PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &polled[1]);
 }
 
 /* Something that saved the chain below us may have put it back since

@@ -580,6 +580,9 @@ leave(Meter *m)
     freeze(m);
     active--;
     step_aside_if_idle();
+    if (active > 0) {
+        verify_chain();   /* a swapper that ran inside this scope: the outer ones go on */
+    }
     return 0;
 }
 

@@ -66,6 +66,22 @@ mod_install(PyObject *mod, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* set_opcodes(RESUME, EXTENDED_ARG, ((backward jump, its inline caches), ...)) */
+static PyObject *
+mod_set_opcodes(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    int resume, extended_arg;
+    PyObject *jumps;
+    if (!PyArg_ParseTuple(args, "iiO!", &resume, &extended_arg, &PyTuple_Type, &jumps)) {
+        return NULL;
+    }
+    if (frames_set_opcodes(resume, extended_arg, jumps) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 mod_delivery_loop(PyObject *mod, PyObject *unused)
 {
@@ -267,23 +283,6 @@ mod_refusals(PyObject *mod, PyObject *unused)
 }
 
 static PyObject *
-mod_trust_stdlib(PyObject *mod, PyObject *arg)
-{
-    (void)mod;
-    const char *dir = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
-    if (dir == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_Format(PyExc_TypeError, "dir must be a str, not %.100s", Py_TYPE(arg)->tp_name);
-        }
-        return NULL;
-    }
-    if (caller_trust_dir(dir) < 0) {
-        return PyErr_NoMemory();
-    }
-    Py_RETURN_NONE;
-}
-
-static PyObject *
 mod_numpy_state(PyObject *mod, PyObject *unused)
 {
     (void)mod;
@@ -309,6 +308,9 @@ static PyMethodDef mod_methods[] = {
     {"install", mod_install, METH_VARARGS,
      "install(var, deliver, exempt_dirs, dispatch, main_thread_ident, interrupt_type): set the "
      "hook up and the delivery thread's lock; once per process."},
+    {"set_opcodes", mod_set_opcodes, METH_VARARGS,
+     "set_opcodes(RESUME, EXTENDED_ARG, ((jump, caches), ...)): the running interpreter's "
+     "opcodes that decide where an interrupt may land; until then none does."},
     {"installed", mod_installed, METH_NOARGS, "Has install() run?"},
     {"delivery_loop", mod_delivery_loop, METH_NOARGS,
      "The delivery thread's body: run it in a thread of its own, once after install() "
@@ -340,9 +342,6 @@ static PyMethodDef mod_methods[] = {
     {"dict_fragile", mod_dict_fragile, METH_NOARGS,
      "After install(): 0 if a dict survives a failed resize here; 1 if not, and the sizes "
      "of its tables are never refused; 2 if not, and nothing is refused."},
-    {"trust_stdlib", mod_trust_stdlib, METH_O,
-     "trust_stdlib(dir): the standard library's extension modules are loaded from dir: "
-     "their C is CPython's own, whose allocations a hard scope may refuse."},
     {"checked", mod_checked, METH_NOARGS,
      "Was this build made for a CPython whose private layouts were checked (3.11 to "
      "3.15)? If not, no frame is read: no interrupts, refusals or allocation sites."},

@@ -1,0 +1,75 @@
+"""Issue 31, item 10: own-GIL subinterpreters allocate while the main interpreter's
+scopes change the allocator chain.
+
+    subinterp_chain.py SECONDS
+
+The main thread enters and leaves scopes without a pause: the first entered puts the
+hook in the chain, the last left takes it out, a ``memory=`` scope turns its frees on
+and off. Two isolated subinterpreters, each in its own thread and under its own GIL,
+allocate and free all the while. They read the allocator table without the main GIL,
+so every table the main interpreter writes must be one they can call, whichever
+mix of old and new they read (a jump to a garbage address from ``_Py_Dealloc`` on
+3.14 before).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+
+from _common import report
+from _subinterp import create_isolated, destroy, run
+
+import gotcha_async as gotcha
+
+WORK = (
+    "keep = []\n"
+    "for i in range(100_000):\n"
+    "    keep.append(bytearray(i % 300))\n"
+    "    if len(keep) > 2000:\n"
+    "        del keep[:1000]\n"
+)
+stop = threading.Event()
+failures: list[str] = []
+rounds = [0, 0]
+
+
+def work(i: int) -> None:
+    interp = create_isolated()
+    try:
+        while not stop.is_set():
+            failure = run(interp, WORK)
+            if failure is not None:
+                failures.append(failure)
+                return
+            rounds[i] += 1
+    finally:
+        destroy(interp)
+
+
+async def churn(seconds: float) -> int:
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        async with gotcha.limit(memory=64 * gotcha.MiB):
+            keep = [bytearray(100) for _ in range(50)]
+        async with gotcha.limit():
+            keep = [bytearray(100) for _ in range(50)]
+        del keep
+        n += 1
+        await asyncio.sleep(0)
+    return n
+
+
+threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+for t in threads:
+    t.start()
+try:
+    scopes = asyncio.run(churn(float(sys.argv[1])))
+finally:
+    stop.set()
+    for t in threads:
+        t.join()
+report(failures=failures, rounds=rounds, scopes=scopes)
