@@ -350,6 +350,7 @@ void stop(Meter *m);
 Meter *hook_data_scope(void);   /* under the GIL */
 int hook_refuse_data(Meter *n, void *old, size_t size);   /* 1: refuse it */
 void hook_charge_data(Meter *n, void *old, void *p, size_t size);
+void hook_data_small(void *p, size_t size);   /* found and charged, under the GIL */
 void hook_forget_data(void *ptr);
 
 /* ------------------------------------------------------------------------ */

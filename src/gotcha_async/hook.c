@@ -1333,6 +1333,37 @@ hook_charge_data(Meter *n, void *old, void *p, size_t size)
     }
 }
 
+/* A block under REFUSE_MIN that numpy's default handler just allocated (it
+ * is never refused): the lookup and the charge in one call, the common case
+ * taken from the batch as malloc_in takes it. */
+void
+hook_data_small(void *p, size_t size)
+{
+    if (paused || active == 0) {
+        return;
+    }
+    PyThreadState *ts = ts_found == 1 ? tstate_direct() : tstate_unchecked();
+    if (!SEEN(ts)) {
+        Meter *n = lookup_meter(ts);
+        if (n != NULL) {
+            hook_charge_data(n, NULL, p, size);
+        }
+        return;
+    }
+    /* batch_small is 0 unless seen_meter is the batch's scope */
+    if (LIKELY(size < batch_small)) {
+        left_b -= (int64_t)size;
+        left_m -= 1;
+        if (UNLIKELY((left_b | left_m) < 0) && batch_over()) {
+            hold_sampled(seen_meter, p, size);
+        }
+        return;
+    }
+    if (seen_meter != NULL) {
+        hook_charge_data(seen_meter, NULL, p, size);
+    }
+}
+
 void
 hook_forget_data(void *ptr)
 {

@@ -136,6 +136,15 @@ static void *
 data_alloc(Wrap *w, size_t nelem, size_t elsize, int zeroed)
 {
     size_t size = nelem * elsize;
+    if (size < REFUSE_MIN && !w->foreign) {
+        /* the common case: never refused, nothing to pause, found after */
+        void *p = zeroed ? w->prev.calloc(w->prev.ctx, nelem, elsize)
+                         : w->prev.malloc(w->prev.ctx, size);
+        if (p != NULL) {
+            hook_data_small(p, size);
+        }
+        return p;
+    }
     Meter *n = data_scope(w);
     /* Not the small ones, as the hooks do not: a structured dtype's comparison
      * takes a field's temporary copy and reads a NULL as "equal" (VOID_compare),
