@@ -7,6 +7,7 @@ scope that is entered does (:func:`ensure_installed`), once per process.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import contextvars
 import functools
 import importlib.util
@@ -193,7 +194,68 @@ def ensure_installed() -> None:
             os.register_at_fork(after_in_child=_after_fork)
             _done.add("fork")
         _keep_hook_through_tracemalloc_stop()
+        if "numpy" not in _done and "numpy" not in sys.modules:
+            sys.meta_path.insert(0, _NumpyWatch())
+            _done.add("numpy")
         _installed = True
+
+
+class _NumpyWatch:
+    """Counts numpy's arrays from the moment numpy is imported, inside a scope too.
+
+    numpy's arrays are charged through a data handler of ours that each scope makes
+    current in its context as it is entered, once numpy is in ``sys.modules``
+    (numpy.c): without this, a scope during which numpy is imported for the first time
+    (a handler that imports it lazily) would not count its arrays. The watch finds
+    numpy's spec as the finders after it would, and wraps its loader for the one
+    import: when numpy's ``__init__`` has run, the scope of the importing context gets
+    the handler, and numpy keeps its own loader. Anything unexpected leaves the import
+    to the other finders, untouched.
+    """
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "numpy":
+            return None
+        try:
+            rest = sys.meta_path[sys.meta_path.index(self) + 1:]
+        except ValueError:
+            return None
+        for finder in rest:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _AdoptingLoader(spec.loader, self)
+        return spec
+
+
+class _AdoptingLoader:
+    """numpy's own loader, and the handler put in place once it has run."""
+
+    def __init__(self, loader: Any, watch: _NumpyWatch) -> None:
+        self.loader = loader
+        self.watch = watch
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        try:
+            self.loader.exec_module(module)
+        finally:
+            module.__loader__ = self.loader
+            if getattr(module, "__spec__", None) is not None:
+                module.__spec__.loader = self.loader
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(self.watch)
+        if scope_var.get(None) is not None:
+            _meter.numpy_adopt()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
 
 
 def _keep_hook_through_tracemalloc_stop() -> None:

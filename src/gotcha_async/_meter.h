@@ -10,6 +10,7 @@
  *   module.c   module functions and init
  *   runtime.c  where the interpreter keeps the thread state, for the hook to read
  *   caller.c   whose C asked for an allocation: may a hard scope refuse it?
+ *   numpy.c    numpy's data-memory handler: arrays charged to their scope
  *
  * Everything here is guarded by the main interpreter's GIL: the hooked domains
  * are only called with a GIL held, and the hooks pass other interpreters'
@@ -346,6 +347,18 @@ void forget_seen(void);
 void forget_meter(Meter *m);
 void seen_entered(Meter *m);   /* after enter() set the variable to m */
 void stop(Meter *m);
+Meter *hook_data_scope(void);   /* under the GIL */
+int hook_refuse_data(Meter *n, void *old, size_t size);   /* 1: refuse it */
+void hook_charge_data(Meter *n, void *old, void *p, size_t size);
+void hook_data_small(void *p, size_t size);   /* found and charged, under the GIL */
+void hook_forget_data(void *ptr);
+
+/* ------------------------------------------------------------------------ */
+/* numpy's arrays (numpy.c)                                                 */
+
+int numpy_init(void);
+void numpy_adopt(void);   /* at a scope's entry, with the hook paused */
+int numpy_state(void);
 
 /* ------------------------------------------------------------------------ */
 /* Frames (frames.c): the private layouts, checked on 3.11 to 3.15          */

@@ -817,9 +817,11 @@ probe_dict_growth(void)
 /* Would this large allocation take a hard scope past a fence? Then refuse it,
  * if the scope's own code is running with no exception in flight. For held
  * memory a realloc weighs only its growth over the block it replaces (old_h
- * and old_size, when that block is held inside the scope). */
+ * and old_size, when that block is held inside the scope). data: an array's
+ * data (numpy.c), whose callers turn NULL into numpy's MemoryError: refused
+ * whenever it crosses a fence, whoever's C asked. */
 static Py_NO_INLINE int
-refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size)
+refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size, int data)
 {
     settle();
     uint64_t delta[3] = {bytes, objects, 1};
@@ -856,15 +858,17 @@ refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size)
          * stop and still growing (a worker thread's interrupt waits for the GIL). A
          * large allocation can be one of CPython's own that it does not expect to fail
          * (3.13's interned-strings dict growing inside marshal, 3.12's tee): every
-         * other way past a ceiling is left to the interrupt. */
-        if ((r != R_BYTES && r != R_MEMORY) || (bytes <= m->ceiling[r] && m->stops == 0) ||
-            (bytes <= m->ceiling[r] && unwinding(m))) {
+         * other way past a ceiling is left to the interrupt. Nothing short of the
+         * ceiling is refused while a stopped scope's code unwinds (unwinding()). */
+        int left_to_interrupt =
+            (r != R_BYTES && r != R_MEMORY) || (bytes <= m->ceiling[r] && m->stops == 0);
+        if ((!data && left_to_interrupt) || (bytes <= m->ceiling[r] && unwinding(m))) {
             return 0;
         }
         PyThreadState *ts = tstate_unchecked();
         if (PyErr_Occurred() || !frame_is_user(ts) || !stack_spilled(ts) ||
-            (dict_fragile && (dict_fragile == 2 || is_dict_table_size((size_t)bytes))) ||
-            frames_importing(ts) || !caller_is_cpython()) {
+            (!data && dict_fragile && (dict_fragile == 2 || is_dict_table_size((size_t)bytes))) ||
+            frames_importing(ts) || (!data && !caller_is_cpython())) {
             return 0;   /* only counted; the interrupt stops the code later */
         }
         if (m->reached[r] < would) {
@@ -963,7 +967,7 @@ metered_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
         n = NULL;   /* the loop's debug bookkeeping is not the task's work */
     }
     if (n != NULL && size >= REFUSE_MIN && n->hard_chain &&
-        refuse(n, size, (uint64_t)d->is_obj, NULL, 0)) {
+        refuse(n, size, (uint64_t)d->is_obj, NULL, 0, 0)) {
         return NULL;
     }
     void *p = zeroed ? d->prev.calloc(d->prev.ctx, nelem, elsize)
@@ -1193,7 +1197,7 @@ metered_realloc(Domain *d, Meter *n, void *ptr, size_t size)
         size_t old_size = 0;
         Held *old_h = ptr != NULL && n->held != NULL ? table_lookup((uintptr_t)ptr, &old_size)
                                                      : NULL;
-        if (refuse(n, size, 0, old_h, old_size)) {
+        if (refuse(n, size, 0, old_h, old_size, 0)) {
             return NULL;
         }
     }
@@ -1315,6 +1319,107 @@ free_in(Domain *d, void *ptr)
         return;
     }
     d->prev.free(d->prev.ctx, ptr);
+}
+
+/* Array data, allocated beside the hooked domains on a scope's behalf
+ * (numpy.c), under the GIL: charged and held as a block of the memory domain
+ * would be, with a realloc's old block (old) forgotten. */
+
+/* The scope to charge, found as the hooks find it, or NULL: none entered
+ * anywhere, our own work, or another interpreter's thread. */
+Meter *
+hook_data_scope(void)
+{
+    if (paused || active == 0) {
+        return NULL;
+    }
+    PyThreadState *ts = ts_found == 1 ? tstate_direct() : tstate_unchecked();
+    if (SEEN(ts)) {
+        return seen_meter;
+    }
+    return lookup_meter(ts);
+}
+
+int
+hook_refuse_data(Meter *n, void *old, size_t size)
+{
+    size_t old_size = 0;
+    Held *old_h = old != NULL && n->held != NULL && table_count != 0
+                      ? table_lookup((uintptr_t)old, &old_size)
+                      : NULL;
+    return refuse(n, size, 0, old_h, old_size, 1);
+}
+
+void
+hook_charge_data(Meter *n, void *old, void *p, size_t size)
+{
+    if (old != NULL && table_count != 0 && table_may_hold(old)) {
+        forget_block(old);
+    }
+    if (n == NULL) {
+        return;
+    }
+    /* a small block, from the batch, as the memory domain's are (charging the
+     * chain would settle it, and the hook's next block start another):
+     * batch_small is 0 unless the batch is the scope last found, n */
+    if (LIKELY(size < batch_small && n == seen_meter)) {
+        left_b -= (int64_t)size;
+        left_m -= 1;
+        if (UNLIKELY((left_b | left_m) < 0) && batch_over()) {
+            hold_sampled(n, p, size);
+        }
+        return;
+    }
+    if (batchable(n, size)) {
+        if (batch_take(n, size, 0)) {
+            hold_sampled(n, p, size);
+        }
+        return;
+    }
+    charge(n, size, 0, 1);
+    if (n->held != NULL) {
+        hold(n, p, size);
+    }
+}
+
+/* A block under REFUSE_MIN that numpy's default handler just allocated (it
+ * is never refused): the lookup and the charge in one call, the common case
+ * taken from the batch as malloc_in takes it. */
+void
+hook_data_small(void *p, size_t size)
+{
+    if (paused || active == 0) {
+        return;
+    }
+    PyThreadState *ts = ts_found == 1 ? tstate_direct() : tstate_unchecked();
+    if (!SEEN(ts)) {
+        Meter *n = lookup_meter(ts);
+        if (n != NULL) {
+            hook_charge_data(n, NULL, p, size);
+        }
+        return;
+    }
+    /* batch_small is 0 unless seen_meter is the batch's scope */
+    if (LIKELY(size < batch_small)) {
+        left_b -= (int64_t)size;
+        left_m -= 1;
+        if (UNLIKELY((left_b | left_m) < 0) && batch_over()) {
+            hold_sampled(seen_meter, p, size);
+        }
+        return;
+    }
+    if (seen_meter != NULL) {
+        hook_charge_data(seen_meter, NULL, p, size);
+    }
+}
+
+void
+hook_forget_data(void *ptr)
+{
+    forget_block(ptr);
+    if (table_count == 0) {
+        step_aside_if_idle();
+    }
 }
 
 /* realloc and free of one domain and one way to the thread state, as HOOKS */

@@ -520,6 +520,9 @@ enter(Meter *m)
     verify_chain();
     pause_hook();
     PyObject *token = PyContextVar_Set(scope_var, (PyObject *)m);
+    if (token != NULL) {
+        numpy_adopt();   /* numpy's arrays made in this context are charged (numpy.c) */
+    }
     resume_hook();
     forget_seen();
     if (token != NULL) {

@@ -282,6 +282,28 @@ mod_refusals(PyObject *mod, PyObject *unused)
     return PyBool_FromLong(caller_ready());
 }
 
+static PyObject *
+mod_numpy_state(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    return PyLong_FromLong(numpy_state());
+}
+
+static PyObject *
+mod_numpy_adopt(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    if (installed) {
+        pause_hook();   /* the handler's setting is not the scope's work */
+        numpy_adopt();
+        resume_hook();
+        forget_seen();
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef mod_methods[] = {
     {"install", mod_install, METH_VARARGS,
      "install(var, deliver, exempt_dirs, dispatch, main_thread_ident, interrupt_type): set the "
@@ -326,6 +348,13 @@ static PyMethodDef mod_methods[] = {
     {"refusals", mod_refusals, METH_NOARGS,
      "After install(): can a hard scope refuse an allocation here (can it tell that "
      "CPython's own C asked for it)? If not, growth is only ever interrupted."},
+    {"numpy_adopt", mod_numpy_adopt, METH_NOARGS,
+     "Make numpy's data handler ours in the calling context, as a scope's entry does "
+     "(after numpy was imported inside a scope)."},
+    {"numpy_state", mod_numpy_state, METH_NOARGS,
+     "0 until a scope is entered after numpy was imported; 1 once numpy's arrays are "
+     "counted (their data handler is ours in each scope's context); 2 if this numpy "
+     "cannot be (older than 1.22)."},
     {NULL},
 };
 
@@ -354,7 +383,7 @@ PyInit__meter(void)
         return NULL;
     }
     main_interp = PyInterpreterState_Main();
-    if (meter_init_types() < 0 || frames_init() < 0 || guard_init() < 0) {
+    if (meter_init_types() < 0 || frames_init() < 0 || guard_init() < 0 || numpy_init() < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&meter_module);
