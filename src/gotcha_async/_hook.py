@@ -194,7 +194,8 @@ def ensure_installed() -> None:
             os.register_at_fork(after_in_child=_after_fork)
             _done.add("fork")
         _keep_hook_through_tracemalloc_stop()
-        if "numpy" not in _done and "numpy" not in sys.modules:
+        # sys.meta_path is None at interpreter shutdown: nothing is imported any more
+        if "numpy" not in _done and "numpy" not in sys.modules and sys.meta_path is not None:
             sys.meta_path.insert(0, _NumpyWatch())
             _done.add("numpy")
         _installed = True
