@@ -58,6 +58,7 @@ def test_item10_item11_keyboardinterrupts_from_a_timer_are_never_lost(
 
 
 @pytest.mark.parametrize("kind", ["while", "while_if"])
+@pytest.mark.needs_frames
 def test_issue31_item3_item4_thread_interrupts_land_where_they_were_aimed(kind: str) -> None:
     # 3.13: the eval breaker reads its bits before it drops the GIL, so an async
     # exception set meanwhile was raised at the thread's next check: in the package's
@@ -75,6 +76,7 @@ def test_issue31_item3_item4_thread_interrupts_land_where_they_were_aimed(kind: 
         assert r["active"] == 0, r
 
 
+@pytest.mark.needs_frames
 def test_issue31_item7_trio_run_inside_a_hard_scope() -> None:
     # the frame that asked was known by its address alone: the interrupt landed in the
     # next call at the same depth inside trio's run loop (TrioInternalError 20 of 20 on
@@ -85,6 +87,7 @@ def test_issue31_item7_trio_run_inside_a_hard_scope() -> None:
     assert r["active"] == 0, r
 
 
+@pytest.mark.needs_frames
 def test_issue31_item11_finalizers_collected_inside_a_breached_scope() -> None:
     # 3.12 hung: an interrupt raised at the jump from `except MemoryError: pass` back to
     # the end of the try was caught by that try again (3.12 unwinds a backward jump
@@ -95,6 +98,7 @@ def test_issue31_item11_finalizers_collected_inside_a_breached_scope() -> None:
     assert r["active"] == 0, r
 
 
+@pytest.mark.needs_frames
 def test_issue31_item4_loops_with_one_check_are_stopped_or_left_whole() -> None:
     # 3.13: an interrupt at a `while` loop's closing jump (outside the exception table)
     # went past the body's try and the scope's `with` in the same frame, and the

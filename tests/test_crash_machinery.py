@@ -31,6 +31,7 @@ def test_item12_signal_handler_uses_gotcha_during_first_use(when: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["del", "weakref", "gc", "map"])
+@pytest.mark.needs_frames
 def test_item06_finalizers_are_never_interrupted(mode: str) -> None:
     # a __del__ or weakref callback that allocated past a hard scope's ceiling got the
     # HardLimitError, printed as "Exception ignored" (150 to 180 in 30 scopes), and its
@@ -53,6 +54,7 @@ NEEDS_MONITORING = pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.mo
 @pytest.mark.parametrize("mode", [
     "settrace", "setprofile", pytest.param("monitoring", marks=NEEDS_MONITORING),
 ])
+@pytest.mark.needs_frames
 def test_item05_tool_callbacks_are_never_stopped_nor_charged(mode: str) -> None:
     # before: the HardLimitError landed in the tool's callback (a tracer or profiler
     # that raises is unset by CPython; a monitoring callback's error surfaced in the
@@ -69,6 +71,7 @@ def test_item05_tool_callbacks_are_never_stopped_nor_charged(mode: str) -> None:
 @pytest.mark.parametrize("core", [
     "pytrace", "ctrace", pytest.param("sysmon", marks=NEEDS_MONITORING),
 ])
+@pytest.mark.needs_frames
 def test_item05_under_coverage(core: str, tmp_path: Path) -> None:
     # coverage really installed and run, with each of its cores: its tracer unset
     # ("Trace function changed", the rest of the run unmeasured) or its sysmon callback
@@ -97,6 +100,7 @@ def test_item05_under_coverage(core: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("where", ["atexit", "finalizer", "thread"])
+@pytest.mark.needs_frames
 def test_item09_first_scope_at_shutdown(where: str) -> None:
     # before: the first scope started the delivery thread (PythonFinalizationError at
     # shutdown, on every later scope too), and its look for a loop imported a module
@@ -114,6 +118,7 @@ def test_item09_first_scope_at_shutdown(where: str) -> None:
 
 
 @pytest.mark.parametrize("swapper", ["memray", "ctypes"])
+@pytest.mark.needs_frames
 def test_item08_hook_rejoins_after_a_swap_inside_a_scope(swapper: str) -> None:
     # before: from the swap on nothing was charged, and a 50 MiB hard scope let a loop
     # of 1 MiB blocks run to its 5 s safety deadline (100,000+ blocks)

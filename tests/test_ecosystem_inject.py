@@ -85,6 +85,7 @@ def test_library_survives_random_budgets(library: str) -> None:
     assert sum(int(row[5]) for row in rows) > 0, table  # and some were stopped
 
 
+@pytest.mark.needs_frames
 def test_a_refusal_inside_a_resumed_greenlet_does_not_crash() -> None:
     pytest.importorskip("greenlet")
     script = SCRIPT.parent / "repro_greenlet_caller_walk.py"
