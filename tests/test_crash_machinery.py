@@ -106,6 +106,9 @@ def test_item09_first_scope_at_shutdown(where: str) -> None:
     # shutdown, on every later scope too), and its look for a loop imported a module
     # (ImportError: sys.meta_path is None, 3.11)
     r = run_script("shutdown.py", where).result
+    if str(r.get("thread", "")).startswith("not started"):
+        # 3.12.1 starts no thread at shutdown at all: the case cannot be made there
+        pytest.skip(f"the script's own thread: {r['thread']}")
     assert r["first"] is True and r["second"] is True, r
     assert "hard_raised" not in r, r
     assert r["hard_exceeded"], r
