@@ -739,8 +739,10 @@ def test_top_n_biggest_with_their_lines(pytester: pytest.Pytester) -> None:
     # 3,000,000 bytes, one block above the sampling rate: exact, shown as 2.9 MiB
     assert big[0][2] == 2.9 * 1024
     assert big[1][:2] == ("test_inner.py", 4)
-    # 1 MB in ten 100 kB blocks, each above the sampling rate: recorded exactly
-    assert 970 <= big[1][2] <= 990
+    # 1 MB in ten 100 kB blocks, each above the sampling rate: recorded exactly (976.6
+    # KiB, and each block's object and the list: 992.9 KiB on 3.15, whose bytearray keeps
+    # its bytes in a bytes object of their own)
+    assert 970 <= big[1][2] <= 1000
     mid = sites_after(lines, "test_inner.py::test_failing_mid")
     assert mid[0][:2] == ("test_inner.py", 12)
     # the budget failure says where, too
