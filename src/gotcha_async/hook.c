@@ -696,48 +696,53 @@ hold(Meter *n, void *p, size_t size)
 int dict_fragile;
 
 static PyMemAllocatorEx probe_prev[2];
+/* the probing thread: other threads allocate all the while (other
+ * interpreters' without our GIL), and only this one's allocation may fail */
+static PyThreadState *probe_ts;
 static int probe_armed;
 static size_t probe_size;
 
 static int
-probe_fail(void *ctx, size_t size)
+probe_fail(size_t size)
 {
-    if (probe_armed) {
+    if (probe_armed && tstate_unchecked() == probe_ts) {
         probe_armed = 0;
         probe_size = size;
         return 1;
     }
-    (void)ctx;
     return 0;
 }
 
-static void *
-probe_malloc(void *ctx, size_t size)
-{
-    PyMemAllocatorEx *p = ctx;
-    return probe_fail(ctx, size) ? NULL : p->malloc(p->ctx, size);
-}
-
-static void *
-probe_calloc(void *ctx, size_t nelem, size_t elsize)
-{
-    PyMemAllocatorEx *p = ctx;
-    return probe_fail(ctx, nelem * elsize) ? NULL : p->calloc(p->ctx, nelem, elsize);
-}
-
-static void *
-probe_realloc(void *ctx, void *ptr, size_t size)
-{
-    PyMemAllocatorEx *p = ctx;
-    return probe_fail(ctx, size) ? NULL : p->realloc(p->ctx, ptr, size);
-}
-
-static void
-probe_free(void *ctx, void *ptr)
-{
-    PyMemAllocatorEx *p = ctx;
-    p->free(p->ctx, ptr);
-}
+/* Each domain's wrapper names its allocator below itself and ignores ctx,
+ * which is that allocator's own: a thread of another interpreter reads the
+ * table without our GIL, and may pair an old function with a new ctx. */
+#define PROBES(name, i)                                                             \
+    static void *probe_malloc_##name(void *ctx, size_t size)                        \
+    {                                                                               \
+        (void)ctx;                                                                  \
+        PyMemAllocatorEx *p = &probe_prev[i];                                       \
+        return probe_fail(size) ? NULL : p->malloc(p->ctx, size);                   \
+    }                                                                               \
+    static void *probe_calloc_##name(void *ctx, size_t nelem, size_t elsize)        \
+    {                                                                               \
+        (void)ctx;                                                                  \
+        PyMemAllocatorEx *p = &probe_prev[i];                                       \
+        return probe_fail(nelem * elsize) ? NULL : p->calloc(p->ctx, nelem, elsize); \
+    }                                                                               \
+    static void *probe_realloc_##name(void *ctx, void *ptr, size_t size)            \
+    {                                                                               \
+        (void)ctx;                                                                  \
+        PyMemAllocatorEx *p = &probe_prev[i];                                       \
+        return probe_fail(size) ? NULL : p->realloc(p->ctx, ptr, size);             \
+    }                                                                               \
+    static void probe_free_##name(void *ctx, void *ptr)                             \
+    {                                                                               \
+        (void)ctx;                                                                  \
+        probe_prev[i].free(probe_prev[i].ctx, ptr);                                 \
+    }
+PROBES(mem, 0)
+PROBES(obj, 1)
+#undef PROBES
 
 /* The size of a dict's table of 2**log2 slots, as 3.13 lays it out:
  * header, indices of 1 to 8 bytes, two thirds of the slots as entries (16
@@ -789,10 +794,14 @@ probe_dict_growth(void)
     }
     for (int i = 0; i < 2; i++) {
         PyMem_GetAllocator(doms[i], &probe_prev[i]);
-        PyMemAllocatorEx wrap = {&probe_prev[i], probe_malloc, probe_calloc, probe_realloc,
-                                 probe_free};
+        PyMemAllocatorEx wrap =
+            i == 0 ? (PyMemAllocatorEx){probe_prev[i].ctx, probe_malloc_mem, probe_calloc_mem,
+                                        probe_realloc_mem, probe_free_mem}
+                   : (PyMemAllocatorEx){probe_prev[i].ctx, probe_malloc_obj, probe_calloc_obj,
+                                        probe_realloc_obj, probe_free_obj};
         PyMem_SetAllocator(doms[i], &wrap);
     }
+    probe_ts = tstate_unchecked();
     probe_size = 0;
     probe_armed = 1;
     PyObject *r = PyDict_SetDefault(d, key, Py_None);   /* borrowed */

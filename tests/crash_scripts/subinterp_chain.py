@@ -37,7 +37,11 @@ rounds = [0, 0]
 
 
 def work(i: int) -> None:
-    interp = create_isolated()
+    try:
+        interp = create_isolated()
+    except Exception as exc:  # said in the result, not only on stderr
+        failures.append(f"creation: {type(exc).__name__}: {exc}")
+        return
     try:
         while not stop.is_set():
             failure = run(interp, WORK)
