@@ -100,6 +100,26 @@ LEAKED_ATTR = "gotcha_leaked"
 # -- options and marker ------------------------------------------------------------------
 
 
+def _option(
+    group: pytest.OptionGroup,
+    parser: pytest.Parser,
+    name: str,
+    help: str,
+    ini_help: str,
+    metavar: str | None = None,
+) -> None:
+    """--gotcha-NAME and its ini twin gotcha_NAME: a flag without a metavar, else a value."""
+    dest = f"gotcha_{name.replace('-', '_')}"
+    if metavar is None:
+        group.addoption(f"--gotcha-{name}", action="store_true", default=None,
+                        help=f"{help} (ini: {dest})")
+        parser.addini(dest, type="bool", default=False, help=f"as --gotcha-{name}: {ini_help}")
+    else:
+        group.addoption(f"--gotcha-{name}", dest=dest, metavar=metavar, default=None,
+                        help=f"{help} (ini: {dest})")
+        parser.addini(dest, default="", help=f"as --gotcha-{name}: {ini_help}")
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("gotcha", "allocation budgets (gotcha-async)")
     for name, what, example in (
@@ -108,72 +128,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ("calls", "allocator calls", "'100k' or 250000"),
         ("memory", "peak memory held", "'64 MiB' or '1.5GB'"),
     ):
-        group.addoption(
-            f"--gotcha-{name}",
-            dest=f"gotcha_{name}",
-            metavar="LIMIT",
-            default=None,
-            help=f"default limit on the {what} of every test's body, e.g. {example}; "
-            f"@pytest.mark.gotcha overrides it per test (ini: gotcha_{name})",
-        )
-        parser.addini(
-            f"gotcha_{name}",
-            default="",
-            help=f"as --gotcha-{name}: default limit on each test body's {what}",
-        )
-    group.addoption(
-        "--gotcha-hard",
-        action="store_true",
-        default=None,
-        help="make the default limits hard (ini: gotcha_hard)",
-    )
-    parser.addini("gotcha_hard", type="bool", default=False,
-                  help="as --gotcha-hard: the default limits are hard")
-    group.addoption(
-        "--gotcha-leaks",
-        dest="gotcha_leaks",
-        metavar="LIMIT",
-        default=None,
-        help="fail a test whose body still holds more than LIMIT of what it allocated "
-        "once it has returned, e.g. '1 KiB'; @pytest.mark.gotcha(leaks=...) overrides it "
-        "(ini: gotcha_leaks)",
-    )
-    parser.addini("gotcha_leaks", default="",
-                  help="as --gotcha-leaks: default limit on the memory a test body leaks")
-    group.addoption(
-        "--gotcha-report",
-        action="store_true",
-        default=None,
-        help="measure every test's body and print a table of the bytes, objects and "
-        "allocator calls each one used, biggest first (ini: gotcha_report)",
-    )
-    parser.addini(
-        "gotcha_report",
-        type="bool",
-        default=False,
-        help="as --gotcha-report: per-test allocation table at the end of the session",
-    )
-    group.addoption(
-        "--gotcha-top",
-        dest="gotcha_top",
-        metavar="N",
-        default=None,
-        help="print the report for the N biggest test bodies only, each with the lines "
-        "that allocated the memory it held, e.g. 10; implies --gotcha-report "
-        "(ini: gotcha_top)",
-    )
-    parser.addini("gotcha_top", default="",
-                  help="as --gotcha-top: the report lists the N biggest test bodies")
-    group.addoption(
-        "--gotcha-json",
-        dest="gotcha_json",
-        metavar="PATH",
-        default=None,
-        help="measure every test's body and write what each used, its budget and "
-        "outcome to PATH as JSON, e.g. reports/gotcha.json (ini: gotcha_json)",
-    )
-    parser.addini("gotcha_json", default="",
-                  help="as --gotcha-json: the path of the JSON usage report")
+        _option(group, parser, name,
+                f"default limit on the {what} of every test's body, e.g. {example}; "
+                "@pytest.mark.gotcha overrides it per test",
+                f"default limit on each test body's {what}", metavar="LIMIT")
+    _option(group, parser, "hard", "make the default limits hard", "the default limits are hard")
+    _option(group, parser, "leaks",
+            "fail a test whose body still holds more than LIMIT of what it allocated once "
+            "it has returned, e.g. '1 KiB'; @pytest.mark.gotcha(leaks=...) overrides it",
+            "default limit on the memory a test body leaks", metavar="LIMIT")
+    _option(group, parser, "report",
+            "measure every test's body and print a table of the bytes, objects and "
+            "allocator calls each one used, biggest first",
+            "per-test allocation table at the end of the session")
+    _option(group, parser, "top",
+            "print the report for the N biggest test bodies only, each with the lines that "
+            "allocated the memory it held, e.g. 10; implies --gotcha-report",
+            "the report lists the N biggest test bodies", metavar="N")
+    _option(group, parser, "json",
+            "measure every test's body and write what each used, its budget and outcome "
+            "to PATH as JSON, e.g. reports/gotcha.json",
+            "the path of the JSON usage report", metavar="PATH")
 
 
 def pytest_configure(config: pytest.Config) -> None:
