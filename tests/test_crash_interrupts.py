@@ -1,4 +1,6 @@
-"""Issue 11, KeyboardInterrupt in a scope's enter and exit and in delivery (items 10, 11).
+"""Crash regressions: KeyboardInterrupt in a scope's enter and exit and in delivery, and
+interrupts aimed at a thread (items 10, 11, 31/3, 31/4, 31/7 and 31/11 of the failure table
+in docs/reliability.md).
 
 Two ways to inject: deterministically, an opcode tracer raises KeyboardInterrupt at
 every instruction the package executes during one enter/exit (interrupt_points.py);
@@ -54,7 +56,7 @@ def test_item10_item11_keyboardinterrupts_from_a_timer_are_never_lost(
     assert r["active"] == 0, r
 
 
-# -- issue 31: an interrupt lands only in the frame that asked ------------------------
+# -- items 31/3, 31/4, 31/7, 31/11: an interrupt lands only in the frame that asked ----
 
 
 @pytest.mark.parametrize("kind", ["while", "while_if"])

@@ -1,4 +1,5 @@
-"""Issue 11, hard refusals that reach CPython's fragile paths (items 2, 3, 4, 13, 15, 16).
+"""Crash regressions: hard refusals that reach CPython's fragile paths (items 2, 3, 4, 13,
+15, 16 and 17 of the failure table in docs/reliability.md).
 
 Everything that can kill the interpreter runs in a subprocess (tests/crash_scripts/):
 ``run_script`` fails the test on a signal, an abort, ``Fatal Python error``,

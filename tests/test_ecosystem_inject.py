@@ -1,4 +1,4 @@
-"""Ecosystem fault injection, reduced (issue 31): each library's real workload under hard
+"""Ecosystem fault injection, reduced: each library's real workload under hard
 and ceiling scopes with random budgets, a few draws each, in its own interpreter. Draws
 may be stopped; the library and the process must come through: no signal, abort, hang,
 panic, ``SystemError``, lost exception, wrong answer, leaked connection or lost coverage
@@ -33,15 +33,16 @@ LIBRARIES = {
     "memray": ["memray"],
 }
 
-# Open classes of issue 31: the reduced run finds them here.
+# Open failure classes (docs/reliability.md, Ecosystem fault injection): the reduced run
+# finds them here.
 # Not strict: whether a draw lands the stop in the wrong place depends on timing.
 KNOWN = {
     # the stop lands in coverage's Python tracer, called for anyio's CancelScope.__exit__
     # in the task's thread: CPython unsets the tracer, anyio's scope stack is corrupted
-    # (RuntimeError escapes move_on_limit) (item 5)
-    "coverage-pytrace": "issue 31 item 5: the stop lands in coverage's Python tracer",
-    # a HardLimitError raised in coverage/sysmon.py's callbacks escapes the scope (item 5)
-    "coverage-sysmon": "issue 31 item 5: the stop lands in coverage's sys.monitoring callbacks",
+    # (RuntimeError escapes move_on_limit) (item 31/5)
+    "coverage-pytrace": "item 31/5: the stop lands in coverage's Python tracer",
+    # a HardLimitError raised in coverage/sysmon.py's callbacks escapes the scope (item 31/5)
+    "coverage-sysmon": "item 31/5: the stop lands in coverage's sys.monitoring callbacks",
     # a first stop inside a session's commit (SQLAlchemy's own bookkeeping) leaves the
     # session in a state its close() refuses: the connection is never checked back in
     "sqlalchemy+greenlet": "a stop inside SQLAlchemy's commit "

@@ -1,7 +1,7 @@
-"""The fault-injection harness, reduced (issue 11 item 8): a few of CPython's own test
-modules, every test inside a hard scope with a random budget. Tests may fail; the
-process must never die, hang or report an internal error. The full run is
-``python scripts/fault_inject.py`` (ten modules, three seeds)."""
+"""The fault-injection harness, reduced (item 8 of the failure table in docs/reliability.md):
+a few of CPython's own test modules, every test inside a hard scope with a random budget.
+Tests may fail; the process must never die, hang or report an internal error. The full
+run is ``python scripts/fault_inject.py`` (ten modules, three seeds)."""
 
 from __future__ import annotations
 

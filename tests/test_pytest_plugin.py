@@ -19,8 +19,8 @@ import pytest
 
 import gotcha_async
 
-# The configuration the project itself uses (DESIGN §4: pytest-asyncio and anyio's
-# plugin only coexist in strict mode).
+# The configuration the project itself uses (pytest-asyncio and anyio's plugin only
+# coexist in strict mode: in auto mode, trio-marked tests silently run on asyncio).
 INI = """\
 [pytest]
 asyncio_mode = strict
