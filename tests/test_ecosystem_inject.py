@@ -63,11 +63,16 @@ def params() -> list[object]:
         elif name == "coverage-sysmon" and sys.version_info < (3, 12):
             marks.append(pytest.mark.skip(reason="sys.monitoring needs 3.12"))
         elif name in KNOWN:
+            # not strict (xfail_strict is on for the rest of the suite): whether one of
+            # ten draws stops the library at the wrong place is a race, and a run that
+            # misses it passes
             marks.append(pytest.mark.xfail(reason=KNOWN[name], strict=False))
         out.append(pytest.param(name, marks=marks, id=name.replace("/", "+")))
     return out
 
 
+@pytest.mark.slow  # 1 to 13 s a library; .ci/run also runs the full script
+@pytest.mark.timeout(400)  # above the subprocess's own 300 s, which reports first
 @pytest.mark.parametrize("library", params())
 def test_library_survives_random_budgets(library: str) -> None:
     proc = subprocess.run(

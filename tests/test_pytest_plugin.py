@@ -19,6 +19,8 @@ import pytest
 
 import gotcha_async
 
+FRESH = Path(__file__).parent / "fresh_scripts"
+
 # The configuration the project itself uses (pytest-asyncio and anyio's plugin only
 # coexist in strict mode: in auto mode, trio-marked tests silently run on asyncio).
 INI = """\
@@ -665,22 +667,8 @@ def test_plugin_itself_imports_no_engine_in_a_plain_session(pytester: pytest.Pyt
     pytester.makefile(".ini", pytest=INI)
     pytester.makepyfile(test_inner=textwrap.dedent(PLAIN_SUITE))
     package = Path(gotcha_async.__file__).parent
-    launcher = f"""
-import sys, types
-bare = types.ModuleType("gotcha_async")
-bare.__path__ = [{str(package)!r}]
-sys.modules["gotcha_async"] = bare
-import pytest
-# the bare package was imported before pytest could mark it for assertion rewriting
-code = pytest.main(["-p", "no:cacheprovider", "-rA",
-                    "-W", "ignore::pytest.PytestAssertRewriteWarning"])
-assert "gotcha_async.pytest_plugin" in sys.modules
-loaded = sorted(m for m in sys.modules if m.startswith("gotcha_async."))
-print("LOADED", loaded)
-sys.exit(code)
-"""
-    proc = subprocess.run([sys.executable, "-c", launcher], cwd=pytester.path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(FRESH / "plugin_alone.py"), str(package)],
+                          cwd=pytester.path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASSED test_inner.py::test_engine_not_loaded" in proc.stdout
     assert "LOADED ['gotcha_async.pytest_plugin']" in proc.stdout
@@ -909,6 +897,7 @@ def test_leaky():
 
 
 @pytest.mark.needs_frames  # the sites
+@pytest.mark.slow  # a controller and two workers: three pytest sessions, 10 to 15 s
 def test_xdist_every_option_rows_merged_on_the_controller(pytester: pytest.Pytester) -> None:
     pytest.importorskip("xdist")
     result = run(pytester, XDIST_SUITE, "-n", "2", "--gotcha-json=out.json", "--gotcha-top=2",
