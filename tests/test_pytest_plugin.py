@@ -48,11 +48,17 @@ OVER = re.compile(
 )
 
 
+# An inner session without Hypothesis's pytest plugin, unless its tests use Hypothesis:
+# the plugin imports all of Hypothesis, a third of a session's start-up (half a second).
+SESSION = ("-p", "no:cacheprovider", "-p", "no:hypothesispytest")
+
+
 def run(pytester: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
     pytester.makefile(".ini", pytest=INI)
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_inner=textwrap.dedent(source))
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", *args, timeout=120)
+    session = SESSION[:2] if "hypothesis" in source else SESSION
+    return pytester.runpytest_subprocess(*session, "-rA", *args, timeout=120)
 
 
 def outcomes(result: pytest.RunResult) -> dict[str, str]:
@@ -447,7 +453,7 @@ def test_report_flag_lists_every_test_biggest_first(pytester: pytest.Pytester) -
 def test_report_ini_option(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_inner="def test_one():\n    data = bytearray(1_000_000)\n")
     pytester.makefile(".ini", pytest=INI + "gotcha_report = true\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result = pytester.runpytest_subprocess(*SESSION, timeout=120)
     assert [name for name, *_ in report_rows(result)] == ["test_one"]
 
 
@@ -554,11 +560,11 @@ def test_session_default_from_the_ini_file_and_the_command_line_wins(
     pytester.makefile(".ini", pytest=INI + "gotcha_bytes = 1 MB\n")
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_inner=textwrap.dedent(DEFAULTS_SUITE))
-    from_ini = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", timeout=120)
+    from_ini = pytester.runpytest_subprocess(*SESSION, "-rA", timeout=120)
     assert outcomes(from_ini)["test_big"] == "FAILED"
     assert outcomes(from_ini)["test_objects_still_limited"] == "PASSED"
     overridden = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-rA", "--gotcha-bytes=10 MB", timeout=120
+        *SESSION, "-rA", "--gotcha-bytes=10 MB", timeout=120
     )
     assert set(outcomes(overridden).values()) == {"PASSED"}
 
@@ -585,7 +591,7 @@ def test_bad_session_default_is_a_usage_error(
 ) -> None:
     pytester.makefile(".ini", pytest=INI + ini)
     pytester.makepyfile(test_inner="def test_one():\n    pass\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=120)
+    result = pytester.runpytest_subprocess(*SESSION, *args, timeout=120)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
 
@@ -619,7 +625,7 @@ def test_json_report_of_every_test_body(pytester: pytest.Pytester) -> None:
 def test_json_report_ini_option(pytester: pytest.Pytester) -> None:
     pytester.makefile(".ini", pytest=INI + "gotcha_json = usage.json\ngotcha_memory = 10 MB\n")
     pytester.makepyfile(test_inner="def test_one():\n    data = bytearray(1_000_000)\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result = pytester.runpytest_subprocess(*SESSION, timeout=120)
     assert result.ret == 0
     [entry] = json.loads((pytester.path / "usage.json").read_text())["tests"]
     assert entry["nodeid"] == "test_inner.py::test_one"
@@ -657,7 +663,8 @@ def test_engine_not_loaded():
 def test_plain_session_never_imports_the_engine(pytester: pytest.Pytester) -> None:
     result = run(pytester, PLAIN_SUITE)
     assert outcomes(result) == {"test_plain": "PASSED", "test_engine_not_loaded": "PASSED"}
-    plugins = pytester.runpytest_subprocess("--trace-config", "--co", "-q", timeout=120)
+    plugins = pytester.runpytest_subprocess(*SESSION, "--trace-config", "--co", "-q",
+                                           timeout=120)
     plugins.stdout.fnmatch_lines(["*gotcha_async*pytest_plugin*"])
 
 
@@ -747,10 +754,10 @@ def test_top_n_biggest_with_their_lines(pytester: pytest.Pytester) -> None:
 def test_top_n_ini_option(pytester: pytest.Pytester) -> None:
     pytester.makefile(".ini", pytest=INI + "gotcha_top = 1\n")
     pytester.makepyfile(test_inner=textwrap.dedent(SITES_SUITE))
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result = pytester.runpytest_subprocess(*SESSION, timeout=120)
     assert [name for name, *_ in report_rows(result)] == ["test_big"]
     # the command line wins
-    both = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--gotcha-top=3",
+    both = pytester.runpytest_subprocess(*SESSION, "--gotcha-top=3",
                                          timeout=120)
     assert len(report_rows(both)) == 3
 
@@ -770,7 +777,7 @@ def test_bad_top_or_leaks_is_a_usage_error(
 ) -> None:
     pytester.makefile(".ini", pytest=INI + ini)
     pytester.makepyfile(test_inner="def test_one():\n    pass\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=120)
+    result = pytester.runpytest_subprocess(*SESSION, *args, timeout=120)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
 
@@ -980,7 +987,7 @@ def test_subtests_one_row_per_test_and_their_reports_not_charged(
 
 
 def test_help_gives_a_fitting_example_per_option(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess("--help", timeout=120)
+    result = pytester.runpytest_subprocess(*SESSION, "--help", timeout=120)
     # an option's help wraps over lines: each one's text up to the next option
     text = " ".join(result.stdout.str().split())
     helps = dict(re.findall(r"(--gotcha-[a-z]+)(?:=\S+)? (.*?)(?= --|$)", text))

@@ -18,7 +18,7 @@ sys.modules["gotcha_async"] = bare
 import pytest  # noqa: E402  (after the bare package is in place)
 
 # the bare package was imported before pytest could mark it for assertion rewriting
-code = pytest.main(["-p", "no:cacheprovider", "-rA",
+code = pytest.main(["-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-rA",
                     "-W", "ignore::pytest.PytestAssertRewriteWarning"])
 assert "gotcha_async.pytest_plugin" in sys.modules
 loaded = sorted(m for m in sys.modules if m.startswith("gotcha_async."))
