@@ -18,7 +18,6 @@ SCRIPT = Path(__file__).parent.parent / "scripts" / "fault_inject.py"
 @pytest.mark.parametrize("modules", [["test.test_json", "test.test_re", "test.test_contextlib"]],
                          ids=["json-re-contextlib"])
 @needs("test.test_json", "test.test_re", "test.test_contextlib")
-@pytest.mark.slow  # three of CPython's test modules, twice
 @pytest.mark.timeout(900)  # above the subprocess's own 600 s, which reports first
 def test_cpython_suites_survive_random_hard_budgets(modules: list[str]) -> None:
     proc = subprocess.run(
@@ -36,7 +35,6 @@ def test_cpython_suites_survive_random_hard_budgets(modules: list[str]) -> None:
 
 
 @needs("test.test_generators")
-@pytest.mark.slow  # one of CPython's test modules
 @pytest.mark.timeout(400)  # above the subprocess's own 300 s, which reports first
 def test_generators_seed_1_survives() -> None:
     """3.12.1 died here at exit: a HardLimitError stopped a doctest inside its runner's

@@ -904,7 +904,6 @@ def test_leaky():
 
 
 @pytest.mark.needs_frames  # the sites
-@pytest.mark.slow  # a controller and two workers: three pytest sessions, 10 to 15 s
 def test_xdist_every_option_rows_merged_on_the_controller(pytester: pytest.Pytester) -> None:
     pytest.importorskip("xdist")
     result = run(pytester, XDIST_SUITE, "-n", "2", "--gotcha-json=out.json", "--gotcha-top=2",
