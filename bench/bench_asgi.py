@@ -78,7 +78,7 @@ def memory_app() -> Any:
 def cancel_scope_app() -> Any:
     """The bare example app, each HTTP request inside an anyio cancel scope, nothing else.
 
-    What every ``Context`` is built on (DESIGN: it wraps anyio's backend scope), so the
+    What every ``Context`` is built on (it wraps anyio's backend scope), so the
     floor under ``limit()``: the same backend class that ``limit()`` creates, entered and
     exited around the request.
     """

@@ -31,7 +31,7 @@ BODY = json.dumps([{"id": i, "name": f"item-{i}", "price": i * 1.5} for i in ran
 
 
 async def index(request: Request) -> Response:
-    # the JSON handler workload of the design notes: parse, compute, one checkpoint
+    # a JSON handler workload: parse, compute, one checkpoint
     items = json.loads(BODY)
     total = sum(item["price"] for item in items)
     names = [item["name"].upper() for item in items]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the test suite on every supported CPython found on this machine.
 #
-#   scripts/all_versions.sh                  # the whole suite, every interpreter found
+#   scripts/all_versions.sh                  # the whole suite (slow tests too), every interpreter found
 #   scripts/all_versions.sh tests/test_crash_threads.py -k item06    # pytest arguments
 #   HARNESS=1 scripts/all_versions.sh        # also the full fault-injection harness
 #   PYTHONS="python3 /opt/py315/bin/python3.15" scripts/all_versions.sh
@@ -40,7 +40,7 @@ for py in $candidates; do
              "tests will skip or fail" >&2
     fi
     (cd "$here" && timeout "$timeout_s" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-        "$@") >>"$log" 2>&1
+        -m "slow or not slow" "$@") >>"$log" 2>&1
     rc=$?
     line=$(grep -E '^(=+ )?[0-9]+ (passed|failed)|^(=+ )?[0-9]+ .*(passed|failed|error)' "$log" | tail -1)
     [ $rc -eq 124 ] && line="TIMEOUT after ${timeout_s}s"

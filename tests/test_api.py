@@ -1,4 +1,4 @@
-"""The public names: DESIGN §2 is a contract other projects' tests rely on."""
+"""The public names: a contract other projects' tests rely on."""
 
 from __future__ import annotations
 

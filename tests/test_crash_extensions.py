@@ -1,4 +1,5 @@
-"""Issue 31, item 1: a refusal only where CPython's own code asked for the memory.
+"""A refusal only where CPython's own code asked for the memory (item 31/1 of the failure
+table in docs/reliability.md).
 
 orjson and every pyo3 extension (pydantic-core) crash or panic on a NULL they did not
 expect from the allocator. Each case runs in a subprocess (tests/crash_scripts/), which

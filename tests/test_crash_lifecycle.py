@@ -1,4 +1,5 @@
-"""Issue 11, lifetimes and bookkeeping (items 9, 12, 14)."""
+"""Crash regressions: lifetimes and bookkeeping (items 9, 12, 14 of the failure table in
+docs/reliability.md)."""
 
 from __future__ import annotations
 

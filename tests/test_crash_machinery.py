@@ -1,4 +1,5 @@
-"""Issue 31, the interpreter's own machinery around a scope (items 5, 6, 8, 9, 12).
+"""Crash regressions: the interpreter's own machinery around a scope (items 31/5, 31/6,
+31/8, 31/9 and 31/12 of the failure table in docs/reliability.md).
 
 Each test runs a program in a subprocess (tests/crash_scripts/) that fails on every way
 a process can die or hang, then asserts on what the program saw.
@@ -13,7 +14,7 @@ import coverage
 import pytest
 from crash_scripts import HERE, run_script
 
-# -- item 12: a signal handler during first use ---------------------------------------
+# -- item 31/12: a signal handler during first use ---------------------------------------
 
 
 @pytest.mark.parametrize("when", ["import", "install"])
@@ -27,7 +28,7 @@ def test_item12_signal_handler_uses_gotcha_during_first_use(when: str) -> None:
     assert r["outer"] >= 200_000 and r["current_none"], r
 
 
-# -- item 6: finalizers ---------------------------------------------------------------
+# -- item 31/6: finalizers ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["del", "weakref", "gc", "map"])
@@ -46,7 +47,7 @@ def test_item06_finalizers_are_never_interrupted(mode: str) -> None:
         assert r["done"] >= 30, r
 
 
-# -- item 5: tracers, profilers, sys.monitoring callbacks, coverage -------------------
+# -- item 31/5: tracers, profilers, sys.monitoring callbacks, coverage -------------------
 
 NEEDS_MONITORING = pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring: 3.12+")
 
@@ -96,7 +97,7 @@ def test_item05_under_coverage(core: str, tmp_path: Path) -> None:
     assert set(after) <= measured, (after, sorted(measured)[-20:])
 
 
-# -- item 9: scopes at interpreter shutdown -------------------------------------------
+# -- item 31/9: scopes at interpreter shutdown -------------------------------------------
 
 
 @pytest.mark.parametrize("where", ["atexit", "finalizer", "thread"])
@@ -112,12 +113,12 @@ def test_item09_first_scope_at_shutdown(where: str) -> None:
     assert r["first"] is True and r["second"] is True, r
     assert "hard_raised" not in r, r
     assert r["hard_exceeded"], r
-    # a finalizer is never interrupted (item 6); elsewhere the hard scope stops its loop
+    # a finalizer is never interrupted (item 31/6); elsewhere the hard scope stops its loop
     assert r["hard_stopped"] is (where != "finalizer"), r
     assert r["current_none"], r
 
 
-# -- item 8: an allocator swapper that drops the hook inside an open scope -------------
+# -- item 31/8: an allocator swapper that drops the hook inside an open scope -------------
 
 
 @pytest.mark.parametrize("swapper", ["memray", "ctypes"])

@@ -1,4 +1,5 @@
-"""Issue 11, threads and interpreters (items 1, 5, 6, 7), each in a subprocess."""
+"""Crash regressions: threads and interpreters (items 1, 5, 6, 7 and 31/10 of
+the failure table in docs/reliability.md), each in a subprocess."""
 
 from __future__ import annotations
 

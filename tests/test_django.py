@@ -1,4 +1,4 @@
-"""Django through its own ASGI handler under a real uvicorn on 127.0.0.1 (issue 32 §4).
+"""Django through its own ASGI handler under a real uvicorn on 127.0.0.1.
 
 A request stopped for its limit is answered by the middleware and said in one line;
 Django must not also log it as an "Internal Server Error", and no task of Django's may

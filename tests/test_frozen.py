@@ -1,4 +1,4 @@
-"""An exited scope is frozen (DESIGN §2, issue 31 item 2).
+"""An exited scope is frozen: never charged, never refuses, interrupts or cancels anything.
 
 A task started inside a scope keeps the scope in its context after the scope exits.
 From then on the scope is never charged (that work charges its nearest live ancestor,
@@ -40,7 +40,7 @@ async def outliving(
 
 
 async def test_a_task_left_in_an_exited_hard_scope_is_never_refused() -> None:
-    # issue 31 item 2: a bare MemoryError for 10 MB after the hard scope had exited,
+    # the regression: a bare MemoryError for 10 MB after the hard scope had exited,
     # whenever any other scope was open (the hook only looks while one is)
     got: list[object] = []
 

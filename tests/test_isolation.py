@@ -1,4 +1,4 @@
-"""Every request on its own (issue 32 §1), on every server, for real.
+"""Every request on its own, on every server, for real.
 
 A server may hand the application a context that an earlier request left behind:
 uvicorn on asyncio's own loop runs the connection's reader -- and starts the next

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import random
-import subprocess
 import sys
 import threading
 import tracemalloc
@@ -13,6 +12,7 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
+from fresh_scripts import run as run_fresh
 
 import gotcha_async as gotcha
 from gotcha_async import _meter
@@ -214,30 +214,6 @@ def test_a_free_of_null_credits_nothing_where_held_blocks_fill_the_filter() -> N
         assert ctx.memory().current < SLACK  # type: ignore[union-attr]
 
 
-LAST_CONTEXT = """
-import gc
-import gotcha_async as gotcha
-from gotcha_async import _meter
-
-gc.collect()
-ctx = gotcha.Context(track_memory=True, exact_memory=True)
-with ctx:
-    kept = [bytearray(1024) for _ in range(100)]
-assert _meter.held_blocks() >= 100
-assert _meter.hooked()
-del ctx  # the last Context that could report these blocks
-assert _meter.held_blocks() == 0, _meter.held_blocks()
-assert not _meter.hooked()
-del kept  # their frees find nothing to credit, and nothing breaks
-with gotcha.Context(track_memory=True) as again:  # tracking starts afresh
-    data = bytearray(1 << 20)
-    assert again.memory().current >= 1 << 20
-    del data
-    assert again.memory().current < 64 * 1024
-print("ok")
-"""
-
-
 def test_blocks_left_behind_stop_costing_once_no_tracking_context_is_left() -> None:
     # Blocks that outlive every tracking scope (caches, interned strings) would keep a
     # lookup in every free of the process. Their credits matter only while a Context
@@ -245,10 +221,7 @@ def test_blocks_left_behind_stop_costing_once_no_tracking_context_is_left() -> N
     # dropped and the hook leaves the allocator chain. In a fresh interpreter: in this
     # one, any earlier test's Context still referenced (a traceback pytest keeps) holds
     # the table.
-    out = subprocess.run(
-        [sys.executable, "-c", LAST_CONTEXT], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
+    run_fresh("last_context.py", timeout=60)
 
 
 async def test_nested_scopes_track_inside_a_memory_scope() -> None:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import contextvars
 import gc
 import platform
-import subprocess
 import sys
-import textwrap
 import threading
 import tracemalloc
 import weakref
 
 import anyio
 import pytest
+from fresh_scripts import run as run_fresh
 
 import gotcha_async as gotcha
 from gotcha_async import _meter
@@ -82,80 +81,30 @@ def test_the_direct_read_is_each_threads_own_state() -> None:
         assert sizes[i] <= used[i] < sizes[i] + SLACK, (i, used)
 
 
-# in the fresh process: a block of known size is held by ctx, and no longer once freed
-HOLD_AND_FREE = """
-def hold_and_free(ctx):
-    data = bytearray(MB)
-    assert MB <= ctx.memory().current < MB + SLACK, ctx.memory()
-    del data
-    assert ctx.memory().current < SLACK, ctx.memory()
-"""
-
-
-def in_a_fresh_process(body: str) -> None:
-    """Run body (asserts; MB, SLACK and hold_and_free defined) where no memory scope exists.
+def in_a_fresh_process(case: str) -> None:
+    """Run a case of tests/fresh_scripts/hook_forms.py where no memory scope exists.
 
     A free reaches the hook only while some memory scope exists anywhere in the
     process, and a test suite keeps scopes alive in the tracebacks it stores.
     """
-    code = (
-        "import gc, tracemalloc, _tracemalloc\n"
-        "import gotcha_async as gotcha\n"
-        "from gotcha_async import _meter\n"
-        f"MB, SLACK = {MB}, {SLACK}\n" + HOLD_AND_FREE + textwrap.dedent(body)
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    run_fresh("hook_forms.py", case)
 
 
 def test_frees_reach_the_hook_only_while_a_scope_can_hold_memory() -> None:
     # a free has nothing to do for a plain scope: it goes to the allocator below (on a
     # build with profile-guided optimization, pymalloc's free inlined), and comes back
     # before a memory scope can hold a block
-    in_a_fresh_process("""
-        with gotcha.limit():
-            assert _meter.hook_form() == "light"
-            holder = gotcha.limit(memory=10 * MB)
-            assert _meter.hook_form() == "full"
-            with holder:
-                hold_and_free(holder)
-            del holder
-            assert _meter.hook_form() == "light"
-        assert _meter.hook_form() == "out"
-    """)
+    in_a_fresh_process("frees_only_while_a_scope_can_hold")
 
 
 def test_a_memory_scope_under_tracemalloc_started_over_a_light_hook() -> None:
     # tracemalloc saved the hook while it left frees to pymalloc: they never come back
     # to it through tracemalloc, so a link of its own goes on top and sees them
-    in_a_fresh_process("""
-        with gotcha.limit():
-            tracemalloc.start()
-            with gotcha.limit(memory=10 * MB) as ctx:
-                hold_and_free(ctx)
-                assert _meter.hook_form() == "light, watched"
-                tracemalloc.stop()  # the light hook back on top, the link gone with it
-                assert _meter.hook_form() == "full"
-                hold_and_free(ctx)
-            del ctx
-            assert _meter.hook_form() == "light"
-    """)
+    in_a_fresh_process("tracemalloc_started_over_a_light_hook")
 
 
 def test_a_stop_that_bypasses_the_wrapper_drops_the_link_until_the_next_scope() -> None:
-    in_a_fresh_process("""
-        with gotcha.limit():
-            tracemalloc.start()
-            holder = gotcha.limit(memory=10 * MB)
-            assert _meter.hook_form() == "light, watched"
-            _tracemalloc.stop()  # behind our back: the link is gone, unnoticed
-            with holder:  # entering probes the chain, and frees reach the hook again
-                assert _meter.hook_form() == "full"
-                hold_and_free(holder)
-            del holder
-            assert _meter.hook_form() == "light"
-    """)
+    in_a_fresh_process("stop_bypassing_the_wrapper")
 
 
 def test_held_memory_stays_exact_through_every_form_while_threads_allocate() -> None:
@@ -163,52 +112,7 @@ def test_held_memory_stays_exact_through_every_form_while_threads_allocate() -> 
     # scope made and dropped and every tracemalloc start and stop, the bypassing one
     # too, while three threads allocate in plain scopes: a held block's free must
     # reach the hook in every form it takes
-    in_a_fresh_process("""
-        import threading
-        stop = threading.Event()
-        errors = []
-
-        def worker():
-            try:
-                while not stop.is_set():
-                    with gotcha.limit():
-                        x = [bytearray(100) for _ in range(200)]
-                        y = bytearray(70_000)
-                        y += b"x" * 1000
-                        del x, y
-            except BaseException as e:
-                errors.append(e)
-
-        threads = [threading.Thread(target=worker) for _ in range(3)]
-        for t in threads:
-            t.start()
-        forms = set()
-        try:
-            for i in range(120):
-                if i % 4 == 1:
-                    tracemalloc.start()  # over a light hook: the link goes on top
-                with gotcha.limit(memory=10 * MB, exact_memory=True) as ctx:
-                    forms.add(_meter.hook_form())
-                    data = [bytearray(5000) for _ in range(50)]
-                    assert 250_000 <= ctx.memory().current < 250_000 + SLACK
-                    if i % 4 == 1:
-                        tracemalloc.stop()
-                    elif i % 4 == 2:
-                        tracemalloc.start()  # over the full hook
-                    del data
-                    assert ctx.memory().current < SLACK, ctx.memory()
-                if i % 4 == 2:
-                    (_tracemalloc.stop if i % 8 == 2 else tracemalloc.stop)()
-                del ctx
-                gc.collect()
-                forms.add(_meter.hook_form())
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
-        assert not errors, errors
-        assert {"full", "light", "light, watched"} <= forms, forms
-    """)
+    in_a_fresh_process("every_form_while_threads_allocate")
 
 
 def test_tracemalloc_started_first_and_stopped_inside_a_scope() -> None:

@@ -6,13 +6,13 @@ import ctypes
 import io
 import subprocess
 import sys
-import textwrap
 import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
+from fresh_scripts import run as run_fresh
 
 import gotcha_async as gotcha
 from gotcha_async import _meter
@@ -359,64 +359,12 @@ async def test_a_worker_threads_array_is_refused() -> None:
 
 # -- numpy imported after the hook, and gotcha's import leaving numpy alone ---------------
 
-LATE = textwrap.dedent(
-    """
-    import asyncio, sys
-    import gotcha_async as gotcha
-    from gotcha_async import _meter
-    assert "numpy" not in sys.modules
-
-    async def main():
-        async with gotcha.limit():  # installs the hook; no numpy yet
-            pass
-        assert _meter.numpy_state() == 0
-        import numpy as np
-        async with gotcha.limit() as ctx:
-            a = np.empty(10**6)
-        assert _meter.numpy_state() == 1, _meter.numpy_state()
-        assert 8 * 10**6 <= ctx.used().bytes <= 8 * 10**6 + 4096, ctx.used()
-        print("ok")
-
-    asyncio.run(main())
-    """
-)
-
-
 def test_numpy_imported_after_the_hook() -> None:
-    out = subprocess.run([sys.executable, "-c", LATE], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
-
-
-INSIDE = textwrap.dedent(
-    """
-    import asyncio, sys
-    import gotcha_async as gotcha
-    from gotcha_async import _meter
-
-    async def main():
-        async with gotcha.limit() as ctx:
-            import numpy as np  # first imported inside a scope, as a lazy handler does
-            before = ctx.used().bytes
-            a = np.empty(10**6)
-            grown = ctx.used().bytes - before
-        assert _meter.numpy_state() == 1, _meter.numpy_state()
-        assert 8 * 10**6 <= grown <= 8 * 10**6 + 4096, grown
-        # numpy keeps its own loader, and the watch is gone
-        assert np.__spec__.loader is np.__loader__
-        assert type(np.__loader__).__name__ == "SourceFileLoader", np.__loader__
-        assert not any(type(f).__name__ == "_NumpyWatch" for f in sys.meta_path)
-        print("ok")
-
-    asyncio.run(main())
-    """
-)
+    run_fresh("numpy_late.py")
 
 
 def test_numpy_imported_inside_a_scope() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", INSIDE], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
+    run_fresh("numpy_inside.py")
 
 
 def test_numpy_untouched_without_a_scope() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +9,7 @@ import anyio
 import httpx
 import pytest
 from asgi_server import serving
+from fresh_scripts import run as run_fresh
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -168,52 +167,10 @@ def test_noop_provider_creates_no_instruments() -> None:
 
 
 def test_importing_the_middleware_does_not_import_opentelemetry() -> None:
-    code = (
-        "import sys, gotcha_async.asgi, gotcha_async._otel\n"
-        "assert not [m for m in sys.modules if m.startswith('opentelemetry')], 'imported'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    run_fresh("otel_not_imported.py", timeout=60)
 
 
 @pytest.mark.parametrize("placeholder_tells", [True, False], ids=["attribute", "getter"])
 def test_default_is_the_global_provider(placeholder_tells: bool) -> None:
     # in a process of its own: the global provider can be set once per process
-    code = """
-import asyncio
-from opentelemetry import metrics
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from gotcha_async.asgi import LimitMiddleware
-
-async def app(scope, receive, send):
-    await send({"type": "http.response.start", "status": 204, "headers": []})
-    await send({"type": "http.response.body", "body": b""})
-
-middleware = LimitMiddleware(app)  # built before the SDK is configured, as apps are
-assert middleware._options.instruments.placeholder_tells
-# the API's placeholder says when the SDK is set; with an API whose placeholder did
-# not, the middleware would ask get_meter_provider() instead: both must work
-middleware._options.instruments.placeholder_tells = PLACEHOLDER_TELLS
-reader = InMemoryMetricReader()
-metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-
-async def main():
-    async def receive():
-        return {"type": "http.request", "body": b""}
-    async def send(message):
-        pass
-    await middleware({"type": "http", "method": "GET", "path": "/"}, receive, send)
-
-asyncio.run(main())
-names = [m.name for rm in reader.get_metrics_data().resource_metrics
-         for sm in rm.scope_metrics for m in sm.metrics]
-print(sorted(names))
-"""
-    code = code.replace("PLACEHOLDER_TELLS", str(placeholder_tells))
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(sorted([
-        "gotcha.request.allocated", "gotcha.request.allocator_calls", "gotcha.request.objects",
-    ]))
+    run_fresh("otel_global_provider.py", str(placeholder_tells), timeout=60)

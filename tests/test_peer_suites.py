@@ -21,6 +21,8 @@ SCRIPT = Path(__file__).parent.parent / "scripts" / "peer_suites.py"
     ids=["unlimited", "hard"],
 )
 @needs("test.test_context", "test.test_asyncio.test_tasks")
+@pytest.mark.slow  # 20 to 25 s each: two of CPython's test modules
+@pytest.mark.timeout(900)  # above the subprocess's own 600 s, which reports first
 def test_cpython_suites_pass_inside_scopes(args: list[str]) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600

@@ -19,8 +19,10 @@ import pytest
 
 import gotcha_async
 
-# The configuration the project itself uses (DESIGN §4: pytest-asyncio and anyio's
-# plugin only coexist in strict mode).
+FRESH = Path(__file__).parent / "fresh_scripts"
+
+# The configuration the project itself uses (pytest-asyncio and anyio's plugin only
+# coexist in strict mode: in auto mode, trio-marked tests silently run on asyncio).
 INI = """\
 [pytest]
 asyncio_mode = strict
@@ -46,11 +48,17 @@ OVER = re.compile(
 )
 
 
+# An inner session without Hypothesis's pytest plugin, unless its tests use Hypothesis:
+# the plugin imports all of Hypothesis, a third of a session's start-up (half a second).
+SESSION = ("-p", "no:cacheprovider", "-p", "no:hypothesispytest")
+
+
 def run(pytester: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
     pytester.makefile(".ini", pytest=INI)
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_inner=textwrap.dedent(source))
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", *args, timeout=120)
+    session = SESSION[:2] if "hypothesis" in source else SESSION
+    return pytester.runpytest_subprocess(*session, "-rA", *args, timeout=120)
 
 
 def outcomes(result: pytest.RunResult) -> dict[str, str]:
@@ -445,7 +453,7 @@ def test_report_flag_lists_every_test_biggest_first(pytester: pytest.Pytester) -
 def test_report_ini_option(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_inner="def test_one():\n    data = bytearray(1_000_000)\n")
     pytester.makefile(".ini", pytest=INI + "gotcha_report = true\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result = pytester.runpytest_subprocess(*SESSION, timeout=120)
     assert [name for name, *_ in report_rows(result)] == ["test_one"]
 
 
@@ -552,11 +560,11 @@ def test_session_default_from_the_ini_file_and_the_command_line_wins(
     pytester.makefile(".ini", pytest=INI + "gotcha_bytes = 1 MB\n")
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_inner=textwrap.dedent(DEFAULTS_SUITE))
-    from_ini = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", timeout=120)
+    from_ini = pytester.runpytest_subprocess(*SESSION, "-rA", timeout=120)
     assert outcomes(from_ini)["test_big"] == "FAILED"
     assert outcomes(from_ini)["test_objects_still_limited"] == "PASSED"
     overridden = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-rA", "--gotcha-bytes=10 MB", timeout=120
+        *SESSION, "-rA", "--gotcha-bytes=10 MB", timeout=120
     )
     assert set(outcomes(overridden).values()) == {"PASSED"}
 
@@ -583,7 +591,7 @@ def test_bad_session_default_is_a_usage_error(
 ) -> None:
     pytester.makefile(".ini", pytest=INI + ini)
     pytester.makepyfile(test_inner="def test_one():\n    pass\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=120)
+    result = pytester.runpytest_subprocess(*SESSION, *args, timeout=120)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
 
@@ -617,7 +625,7 @@ def test_json_report_of_every_test_body(pytester: pytest.Pytester) -> None:
 def test_json_report_ini_option(pytester: pytest.Pytester) -> None:
     pytester.makefile(".ini", pytest=INI + "gotcha_json = usage.json\ngotcha_memory = 10 MB\n")
     pytester.makepyfile(test_inner="def test_one():\n    data = bytearray(1_000_000)\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result = pytester.runpytest_subprocess(*SESSION, timeout=120)
     assert result.ret == 0
     [entry] = json.loads((pytester.path / "usage.json").read_text())["tests"]
     assert entry["nodeid"] == "test_inner.py::test_one"
@@ -655,7 +663,8 @@ def test_engine_not_loaded():
 def test_plain_session_never_imports_the_engine(pytester: pytest.Pytester) -> None:
     result = run(pytester, PLAIN_SUITE)
     assert outcomes(result) == {"test_plain": "PASSED", "test_engine_not_loaded": "PASSED"}
-    plugins = pytester.runpytest_subprocess("--trace-config", "--co", "-q", timeout=120)
+    plugins = pytester.runpytest_subprocess(*SESSION, "--trace-config", "--co", "-q",
+                                           timeout=120)
     plugins.stdout.fnmatch_lines(["*gotcha_async*pytest_plugin*"])
 
 
@@ -665,22 +674,8 @@ def test_plugin_itself_imports_no_engine_in_a_plain_session(pytester: pytest.Pyt
     pytester.makefile(".ini", pytest=INI)
     pytester.makepyfile(test_inner=textwrap.dedent(PLAIN_SUITE))
     package = Path(gotcha_async.__file__).parent
-    launcher = f"""
-import sys, types
-bare = types.ModuleType("gotcha_async")
-bare.__path__ = [{str(package)!r}]
-sys.modules["gotcha_async"] = bare
-import pytest
-# the bare package was imported before pytest could mark it for assertion rewriting
-code = pytest.main(["-p", "no:cacheprovider", "-rA",
-                    "-W", "ignore::pytest.PytestAssertRewriteWarning"])
-assert "gotcha_async.pytest_plugin" in sys.modules
-loaded = sorted(m for m in sys.modules if m.startswith("gotcha_async."))
-print("LOADED", loaded)
-sys.exit(code)
-"""
-    proc = subprocess.run([sys.executable, "-c", launcher], cwd=pytester.path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(FRESH / "plugin_alone.py"), str(package)],
+                          cwd=pytester.path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASSED test_inner.py::test_engine_not_loaded" in proc.stdout
     assert "LOADED ['gotcha_async.pytest_plugin']" in proc.stdout
@@ -759,10 +754,10 @@ def test_top_n_biggest_with_their_lines(pytester: pytest.Pytester) -> None:
 def test_top_n_ini_option(pytester: pytest.Pytester) -> None:
     pytester.makefile(".ini", pytest=INI + "gotcha_top = 1\n")
     pytester.makepyfile(test_inner=textwrap.dedent(SITES_SUITE))
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result = pytester.runpytest_subprocess(*SESSION, timeout=120)
     assert [name for name, *_ in report_rows(result)] == ["test_big"]
     # the command line wins
-    both = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--gotcha-top=3",
+    both = pytester.runpytest_subprocess(*SESSION, "--gotcha-top=3",
                                          timeout=120)
     assert len(report_rows(both)) == 3
 
@@ -782,7 +777,7 @@ def test_bad_top_or_leaks_is_a_usage_error(
 ) -> None:
     pytester.makefile(".ini", pytest=INI + ini)
     pytester.makepyfile(test_inner="def test_one():\n    pass\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=120)
+    result = pytester.runpytest_subprocess(*SESSION, *args, timeout=120)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
 
@@ -991,7 +986,7 @@ def test_subtests_one_row_per_test_and_their_reports_not_charged(
 
 
 def test_help_gives_a_fitting_example_per_option(pytester: pytest.Pytester) -> None:
-    result = pytester.runpytest_subprocess("--help", timeout=120)
+    result = pytester.runpytest_subprocess(*SESSION, "--help", timeout=120)
     # an option's help wraps over lines: each one's text up to the next option
     text = " ".join(result.stdout.str().split())
     helps = dict(re.findall(r"(--gotcha-[a-z]+)(?:=\S+)? (.*?)(?= --|$)", text))

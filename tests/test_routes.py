@@ -1,5 +1,5 @@
 """Routes as FastAPI and Starlette name them, the summary reachable from the app, and
-``response=`` (issue 32 §2, §3), behind a real uvicorn on 127.0.0.1.
+``response=``, behind a real uvicorn on 127.0.0.1.
 
 The middleware is added as FastAPI and Starlette users add it,
 ``app.add_middleware(LimitMiddleware, ...)``: the test never holds the instance.

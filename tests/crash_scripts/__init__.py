@@ -1,6 +1,7 @@
 """Scripts that the crash regression tests (tests/test_crash_*.py) run in a subprocess.
 
-Each script provokes one class of issue 11 and, if the process survives, prints one
+Each script provokes one class of failure of the table in docs/reliability.md (its
+docstring starts with the item's number) and, if the process survives, prints one
 line ``RESULT {json}`` with what it observed. :func:`run_script` runs a script with a
 timeout and fails the test on every way a process can die: a signal (negative return
 code), an abort, ``Fatal Python error``, ``SystemError``, heap corruption reported by

@@ -1,4 +1,4 @@
-"""Issue 31 item 8: an allocator swapper that puts back, inside an open scope, the
+"""Item 31/8: an allocator swapper that puts back, inside an open scope, the
 allocator it saved before the scope's hook joined.
 
     allocator_swap.py memray|ctypes

@@ -1,4 +1,4 @@
-"""Third-party C extensions inside hard and ceiling scopes (issue 31, item 1).
+"""Third-party C extensions inside hard and ceiling scopes (item 31/1).
 
 orjson does not check a failed ``_PyBytes_Resize`` (a refusal there was a SIGSEGV) and
 pyo3 turns a NULL from the allocator into ``PanicException``, a BaseException that

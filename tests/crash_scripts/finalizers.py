@@ -1,4 +1,4 @@
-"""Issue 31 item 6: finalizers that allocate inside a hard scope past its ceiling.
+"""Item 31/6: finalizers that allocate inside a hard scope past its ceiling.
 
     finalizers.py del|weakref|gc|map [SCOPES]
 

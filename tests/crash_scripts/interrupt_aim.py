@@ -1,4 +1,4 @@
-"""Issue 31, items 3, 4, 7 and 11: an interrupt lands only in the frame that asked.
+"""Items 31/3, 31/4, 31/7 and 31/11: an interrupt lands only in the frame that asked.
 
     interrupt_aim.py threads N ROUNDS KIND        N threads, each in ROUNDS hard scopes
     interrupt_aim.py trio ROUNDS                  trio.run inside a hard scope

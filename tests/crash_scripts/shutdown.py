@@ -1,4 +1,4 @@
-"""Issue 31 item 9: the first scope of a process entered while it shuts down.
+"""Item 31/9: the first scope of a process entered while it shuts down.
 
     shutdown.py atexit|finalizer|thread
 

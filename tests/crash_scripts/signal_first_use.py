@@ -1,4 +1,4 @@
-"""Issue 31 item 12: a signal handler that uses gotcha while its first use is under way.
+"""Item 31/12: a signal handler that uses gotcha while its first use is under way.
 
     signal_first_use.py import|install
 

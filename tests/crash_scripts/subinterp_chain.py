@@ -1,4 +1,4 @@
-"""Issue 31, item 10: own-GIL subinterpreters allocate while the main interpreter's
+"""Item 31/10: own-GIL subinterpreters allocate while the main interpreter's
 scopes change the allocator chain.
 
     subinterp_chain.py SECONDS

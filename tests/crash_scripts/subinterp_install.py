@@ -1,4 +1,4 @@
-"""Issue 31, item 10: the first scope installs the hook while own-GIL subinterpreters
+"""Item 31/10: the first scope installs the hook while own-GIL subinterpreters
 allocate.
 
     subinterp_install.py
@@ -15,7 +15,6 @@ MemoryError, or a SIGSEGV in the wrapper reading a NULL ctx).
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 
 from _common import report

@@ -1,4 +1,4 @@
-"""Issue 31 item 5: tracers, profilers and sys.monitoring callbacks are machinery.
+"""Item 31/5: tracers, profilers and sys.monitoring callbacks are machinery.
 
     tracers.py settrace|setprofile|monitoring|coverage [SCOPES]
 
