@@ -350,6 +350,43 @@ async def test_a_pandas_hog_is_stopped(kind: str) -> None:
 
 
 @pytest.mark.needs_frames
+@pytest.mark.parametrize("kind", ["hard", "ceiling"])
+async def test_a_refusal_pandas_turns_into_a_parser_error_still_raises_the_limit(
+    kind: str,
+) -> None:
+    # read_csv(StringIO) reads through a Python wrapper whose read() encodes each chunk:
+    # a refusal there (bytecode asking CPython, refused rightly) comes back to pandas' C
+    # tokenizer as a failed call, which pandas reports as ParserError("Calling
+    # read(nbytes) on source failed"), dropping the MemoryError. The scope was exceeded
+    # all the same: its exit raises LimitExceeded, never lets the work look like a bad file.
+    pd = pytest.importorskip("pandas")
+    errors = pytest.importorskip("pandas.errors")
+    text = "a,b,c,d\n" + "\n".join(f"{i},{i * 2.5},name{i},{'x' * (i % 30)}"
+                                     for i in range(20_000))
+    limits: dict[str, Any] = {"hard": True} if kind == "hard" else {"ceiling": 2}
+    parser_errors = stopped = 0
+    for k in range(40):
+        budget = int(256 * KiB * 1.15**k)
+        inner: BaseException | None = None
+        try:
+            async with gotcha.limit(bytes=budget, **limits) as ctx:
+                try:
+                    pd.read_csv(io.StringIO(text))
+                except BaseException as exc:
+                    inner = exc
+                    raise
+        except gotcha.LimitExceeded as exc:
+            stopped += 1
+            assert exc.context is ctx and ctx.exceeded()
+            parser_errors += isinstance(inner, errors.ParserError)
+        async with gotcha.move_on_limit(bytes=budget, **limits) as ctx:
+            pd.read_csv(io.StringIO(text))  # swallowed with the stop, whatever pandas made of it
+    assert stopped > 0
+    if kind == "hard":
+        assert parser_errors > 0, "no refusal landed in pandas' read: the case is not exercised"
+
+
+@pytest.mark.needs_frames
 async def test_a_worker_threads_array_is_refused() -> None:
     with pytest.raises(gotcha.LimitExceeded) as info:
         async with gotcha.limit(bytes=64 * MiB, hard=True):
