@@ -499,17 +499,20 @@ is_gc_phase(PyObject *phase, PyObject *info)
 
 /* Is this frame a finalizer that C called: a __del__ (an object's last
  * reference going, or the gc), a weakref callback, called with its dead
- * weakref (a function's first argument, a bound method's second), or a
- * gc.callbacks callback, called with (phase, info)? An exception raised in
- * any is printed as "Exception ignored" and lost, and the finalizer's work is
- * left half done. */
+ * weakref (a function's first argument, a bound method's second), a
+ * gc.callbacks callback, called with (phase, info), or a loop's
+ * call_exception_handler (asyncio's C futures and tasks call it from their
+ * finalizer: "exception was never retrieved")? An exception raised in any is
+ * printed as "Exception ignored" and lost, and the finalizer's work is left
+ * half done. */
 static int
 is_finalizer_call(void *frame, PyCodeObject *code)
 {
     if (!entered_from_c(frame)) {
         return 0;
     }
-    if (PyUnicode_CompareWithASCIIString(code->co_name, "__del__") == 0) {
+    if (PyUnicode_CompareWithASCIIString(code->co_name, "__del__") == 0 ||
+        PyUnicode_CompareWithASCIIString(code->co_name, "call_exception_handler") == 0) {
         return 1;
     }
     PyObject *a0 = frame_arg(frame, code, 0), *a1 = frame_arg(frame, code, 1);
