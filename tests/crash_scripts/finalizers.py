@@ -7,10 +7,11 @@ The body of each hard scope makes and drops objects whose finalizer allocates: a
 way, or both run by the cyclic gc; ``gccallback``: a ``gc.callbacks`` callback,
 which the collector calls as it starts and stops (a bound method, as CPython's
 ``test_gc`` registers them); ``asyncio``: a loop's exception handler, which asyncio's C
-futures call from their finalizer ("Future exception was never retrieved"). The finalizers' allocations take the scope past
-its ceiling as often as the body's do. A finalizer is never interrupted nor refused: an
-exception raised there is printed as "Exception ignored" and lost (before: 180 in 30
-scopes), and the finalizer's work is left half done. The body itself must still be
+futures call from their finalizer ("Future exception was never retrieved"). The
+finalizers' allocations take the scope past its ceiling as often as the body's do. A
+finalizer is never interrupted nor refused: an exception raised there is printed as
+"Exception ignored" and lost (before: 180 in 30 scopes), and the finalizer's work is left
+half done. The body itself must still be
 stopped. ``map``: the same work in a function that C calls (``map``) but that is no
 finalizer: it must still be interrupted (the body allocates nothing else there).
 """
