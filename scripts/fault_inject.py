@@ -82,6 +82,14 @@ def restore_patches(saved: tuple[Any, ...]) -> None:
         pdb.set_trace = set_trace
 
 
+# Tests that hang with no gotcha loaded when one of their tasks fails: two tasks that wait
+# for each other, under a synchronous scope that cannot cancel them. A stop in the first
+# before it sets the second's future leaves the loop waiting for good (3.13.0, seed 1);
+# a MemoryError raised at the same line without gotcha does the same
+# (scripts/repro_test_tasks_interleaving_hang.py). They run outside any scope.
+DEADLOCK_WHEN_A_TASK_FAILS = {"test_current_task_with_interleaving_tasks"}
+
+
 def child(module: str, seed: int, hard: bool, verbose: bool) -> int:
     import importlib
 
@@ -105,6 +113,8 @@ def child(module: str, seed: int, hard: bool, verbose: bool) -> int:
     def run(
         self: unittest.TestCase, result: unittest.TestResult | None = None
     ) -> unittest.TestResult | None:
+        if self._testMethodName in DEADLOCK_WHEN_A_TASK_FAILS:
+            return original(self, result)
         b = budget(seed, self.id())
         if verbose:
             print(f"  {self.id()} bytes={b}", file=sys.stderr, flush=True)
