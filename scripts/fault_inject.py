@@ -64,18 +64,26 @@ def budget(seed: int, test_id: str) -> int:
 # among them (test_generators' refleaks doctest) segfaults the final collection: CPython
 # gh-115874, fixed upstream by gh-116204. KeyboardInterrupt at the same point does the
 # same without gotcha. Put back after every test, as a runner isolating its tests would.
+# test_gc's GCCallbackTests register gc.callbacks in setUp and remove them in tearDown: a
+# setUp stopped after the append (no tearDown then) left them registered, and every later
+# collection ran them ("Exception ignored ... no attribute 'visit'") inside the next tests'
+# scopes. The list is put back too.
 def process_patches() -> tuple[Any, ...]:
+    import gc
     import linecache
 
     pdb = sys.modules.get("pdb")
     return (linecache.getlines, sys.displayhook, sys.gettrace(),
-            pdb, pdb.set_trace if pdb is not None else None)
+            pdb, pdb.set_trace if pdb is not None else None, list(gc.callbacks))
 
 
 def restore_patches(saved: tuple[Any, ...]) -> None:
+    import gc
     import linecache
 
-    linecache.getlines, sys.displayhook, trace, pdb, set_trace = saved
+    linecache.getlines, sys.displayhook, trace, pdb, set_trace, callbacks = saved
+    if gc.callbacks != callbacks:
+        gc.callbacks[:] = callbacks
     if sys.gettrace() is not trace:
         sys.settrace(trace)
     if pdb is not None:
