@@ -877,8 +877,12 @@ def print_row(row: Row) -> None:
 # Classes found and not fixed yet: their runs are made and reported like any other, but
 # a bad one fails the whole run only with --strict (docs/reliability.md says what each is).
 OPEN = {
-    "sqlalchemy+greenlet": "issue 31: a first stop inside a session's commit leaves it in "
-                           "a state its close() refuses, its connection checked out",
+    "sqlalchemy+greenlet": "issue 31: a stop lands in one greenlet while the other handles "
+                           "an exception (the task awaits, for the session's greenlet, the "
+                           "rollback that greenlet's except runs); greenlet keeps exception "
+                           "state per greenlet, so the stop is not seen as cleanup: the "
+                           "session is left in a state its close() refuses, its connection "
+                           "checked out",
 }
 
 

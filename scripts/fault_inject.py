@@ -64,22 +64,38 @@ def budget(seed: int, test_id: str) -> int:
 # among them (test_generators' refleaks doctest) segfaults the final collection: CPython
 # gh-115874, fixed upstream by gh-116204. KeyboardInterrupt at the same point does the
 # same without gotcha. Put back after every test, as a runner isolating its tests would.
+# test_gc's GCCallbackTests register gc.callbacks in setUp and remove them in tearDown: a
+# setUp stopped after the append (no tearDown then) left them registered, and every later
+# collection ran them ("Exception ignored ... no attribute 'visit'") inside the next tests'
+# scopes. The list is put back too.
 def process_patches() -> tuple[Any, ...]:
+    import gc
     import linecache
 
     pdb = sys.modules.get("pdb")
     return (linecache.getlines, sys.displayhook, sys.gettrace(),
-            pdb, pdb.set_trace if pdb is not None else None)
+            pdb, pdb.set_trace if pdb is not None else None, list(gc.callbacks))
 
 
 def restore_patches(saved: tuple[Any, ...]) -> None:
+    import gc
     import linecache
 
-    linecache.getlines, sys.displayhook, trace, pdb, set_trace = saved
+    linecache.getlines, sys.displayhook, trace, pdb, set_trace, callbacks = saved
+    if gc.callbacks != callbacks:
+        gc.callbacks[:] = callbacks
     if sys.gettrace() is not trace:
         sys.settrace(trace)
     if pdb is not None:
         pdb.set_trace = set_trace
+
+
+# Tests that hang with no gotcha loaded when one of their tasks fails: two tasks that wait
+# for each other, under a synchronous scope that cannot cancel them. A stop in the first
+# before it sets the second's future leaves the loop waiting for good (3.13.0, seed 1);
+# a MemoryError raised at the same line without gotcha does the same
+# (scripts/repro_test_tasks_interleaving_hang.py). They run outside any scope.
+DEADLOCK_WHEN_A_TASK_FAILS = {"test_current_task_with_interleaving_tasks"}
 
 
 def child(module: str, seed: int, hard: bool, verbose: bool) -> int:
@@ -105,6 +121,8 @@ def child(module: str, seed: int, hard: bool, verbose: bool) -> int:
     def run(
         self: unittest.TestCase, result: unittest.TestResult | None = None
     ) -> unittest.TestResult | None:
+        if self._testMethodName in DEADLOCK_WHEN_A_TASK_FAILS:
+            return original(self, result)
         b = budget(seed, self.id())
         if verbose:
             print(f"  {self.id()} bytes={b}", file=sys.stderr, flush=True)

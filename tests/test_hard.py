@@ -208,6 +208,34 @@ async def test_a_stopped_scopes_cleanup_runs_to_its_end() -> None:
     assert ctx.used().bytes <= 2 * MiB + 64 * KiB
 
 
+@pytest.mark.parametrize("kind", ["hard", "ceiling"])
+async def test_move_on_limit_swallows_what_a_library_made_of_its_stop(kind: str) -> None:
+    # pandas' C parser turns a refused read() into ParserError and drops the MemoryError:
+    # that escaped move_on_limit (limit() raised LimitExceeded from it already)
+    class LibraryError(Exception):
+        pass
+
+    def library_call() -> None:
+        try:
+            bytearray(256 * MiB)  # refused: larger than the ceiling on its own
+        except MemoryError:
+            raise LibraryError("read failed") from None
+
+    limits: dict[str, object] = {"hard": True} if kind == "hard" else {"ceiling": 2}
+    async with gotcha.move_on_limit(bytes=16 * MiB, **limits) as ctx:  # type: ignore[arg-type]
+        library_call()
+    assert ctx.exceeded()
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(bytes=16 * MiB, **limits):  # type: ignore[arg-type]
+            library_call()
+    assert isinstance(info.value.__cause__, LibraryError)
+    # a scope that only tripped its soft limit still lets the library's error through
+    with pytest.raises(LibraryError):
+        async with gotcha.move_on_limit(bytes=1 * MiB):
+            bytearray(2 * MiB)
+            raise LibraryError("a real one")
+
+
 async def test_code_that_swallows_its_stop_is_stopped_again_past_the_grace() -> None:
     stops = 0
     async with gotcha.move_on_limit(bytes=MiB, hard=True) as ctx:

@@ -349,6 +349,67 @@ async def test_a_pandas_hog_is_stopped(kind: str) -> None:
     assert not after.exceeded()
 
 
+class _GreedySource:
+    """A file-like source whose read() asks for a buffer past any budget on its third call."""
+
+    def __init__(self, text: str) -> None:
+        self.buf = io.StringIO(text)
+        self.calls = 0
+
+    def read(self, n: int = -1) -> str:
+        self.calls += 1
+        if self.calls == 3:
+            bytearray(256 * MiB)  # refused in a hard scope: larger than the ceiling alone
+        return self.buf.read(1024 if n < 0 else min(n, 1024))
+
+
+@pytest.mark.needs_frames
+@pytest.mark.parametrize("kind", ["hard", "ceiling"])
+async def test_a_refusal_pandas_turns_into_a_parser_error_still_raises_the_limit(
+    kind: str,
+) -> None:
+    # read_csv(StringIO) reads through a Python wrapper of the source: a refusal in a
+    # read() (bytecode asking CPython, refused rightly) comes back to pandas' C tokenizer
+    # as a failed call, which pandas reports as ParserError("Calling read(nbytes) on
+    # source failed"), dropping the MemoryError (3.11, pandas 3.1.1). The scope
+    # was exceeded all the same: limit() raises LimitExceeded, move_on_limit swallows it
+    # (before: the ParserError escaped move_on_limit), never a bad file to the caller.
+    pd = pytest.importorskip("pandas")
+    errors = pytest.importorskip("pandas.errors")
+    text = "a,b,c,d\n" + "\n".join(f"{i},{i * 2.5},name{i},{'x' * (i % 30)}"
+                                     for i in range(2_000))
+    limits: dict[str, Any] = {"hard": True} if kind == "hard" else {"ceiling": 2}
+    inner: BaseException | None = None
+    with pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(bytes=16 * MiB, **limits) as ctx:
+            try:
+                pd.read_csv(_GreedySource(text))
+            except BaseException as exc:
+                inner = exc
+                raise
+    # ParserError on 3.11; on 3.13 and 3.15 the same pandas passes the MemoryError on
+    assert isinstance(inner, (errors.ParserError, MemoryError)), repr(inner)
+    assert info.value.context is ctx and ctx.exceeded()
+    async with gotcha.move_on_limit(bytes=16 * MiB, **limits) as ctx:
+        pd.read_csv(_GreedySource(text))
+    assert ctx.exceeded()
+    # the same through pandas' own wrapper of a StringIO, at budgets where it breaks
+    big = "a,b,c,d\n" + "\n".join(f"{i},{i * 2.5},name{i},{'x' * (i % 30)}"
+                                    for i in range(20_000))
+    stopped = 0
+    for k in range(40):
+        budget = int(256 * KiB * 1.15**k)
+        try:
+            async with gotcha.limit(bytes=budget, **limits) as ctx:
+                pd.read_csv(io.StringIO(big))
+        except gotcha.LimitExceeded as exc:
+            stopped += 1
+            assert exc.context is ctx and ctx.exceeded()
+        async with gotcha.move_on_limit(bytes=budget, **limits) as ctx:
+            pd.read_csv(io.StringIO(big))  # swallowed with the stop, whatever pandas made of it
+    assert stopped > 0
+
+
 @pytest.mark.needs_frames
 async def test_a_worker_threads_array_is_refused() -> None:
     with pytest.raises(gotcha.LimitExceeded) as info:

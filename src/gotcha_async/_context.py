@@ -466,7 +466,11 @@ class Context(_meter.Meter, anyio.CancelScope):
         if exc is not None and not swallowed and _is_cancellation(exc):
             return False  # an enclosing scope's cancellation: not ours to turn
         if not self._fail:
-            return swallowed or exc is None or _only_refusals(exc)
+            # a hard stop is a MemoryError raised in the scope's code; a library may turn
+            # it into an error of its own (pandas' C parser reports a failed read() as
+            # ParserError, the MemoryError dropped): that is still the stop
+            return (swallowed or exc is None or _only_refusals(exc) or
+                    (isinstance(exc, Exception) and self._stopped()))
         error = self._limit_exceeded(*broken)
         if exc is None or swallowed:
             raise error from None

@@ -486,22 +486,38 @@ is_dead_weakref(PyObject *o)
     return o != NULL && PyWeakref_Check(o) && ((PyWeakReference *)o)->wr_object == Py_None;
 }
 
+/* A gc.callbacks callback's arguments: the phase ("start" or "stop", a str
+ * of the collector's) and the info dict. */
+static int
+is_gc_phase(PyObject *phase, PyObject *info)
+{
+    return phase != NULL && info != NULL && PyUnicode_CheckExact(phase) &&
+           PyDict_CheckExact(info) &&
+           (PyUnicode_CompareWithASCIIString(phase, "start") == 0 ||
+            PyUnicode_CompareWithASCIIString(phase, "stop") == 0);
+}
+
 /* Is this frame a finalizer that C called: a __del__ (an object's last
- * reference going, or the gc), or a weakref callback, called with its dead
- * weakref (a function's first argument, a bound method's second)? An
- * exception raised in either is printed as "Exception ignored" and lost, and
- * the finalizer's work is left half done. */
+ * reference going, or the gc), a weakref callback, called with its dead
+ * weakref (a function's first argument, a bound method's second), a
+ * gc.callbacks callback, called with (phase, info), or a loop's
+ * call_exception_handler (asyncio's C futures and tasks call it from their
+ * finalizer: "exception was never retrieved")? An exception raised in any is
+ * printed as "Exception ignored" and lost, and the finalizer's work is left
+ * half done. */
 static int
 is_finalizer_call(void *frame, PyCodeObject *code)
 {
     if (!entered_from_c(frame)) {
         return 0;
     }
-    if (PyUnicode_CompareWithASCIIString(code->co_name, "__del__") == 0) {
+    if (PyUnicode_CompareWithASCIIString(code->co_name, "__del__") == 0 ||
+        PyUnicode_CompareWithASCIIString(code->co_name, "call_exception_handler") == 0) {
         return 1;
     }
-    return is_dead_weakref(frame_arg(frame, code, 0)) ||
-           is_dead_weakref(frame_arg(frame, code, 1));
+    PyObject *a0 = frame_arg(frame, code, 0), *a1 = frame_arg(frame, code, 1);
+    return is_dead_weakref(a0) || is_dead_weakref(a1) || is_gc_phase(a0, a1) ||
+           is_gc_phase(a1, frame_arg(frame, code, 2));
 }
 
 /* Does the thread run a finalizer, anywhere below its innermost frame (a

@@ -819,6 +819,14 @@ Meter_broken(Meter *m, PyObject *unused)
     return Py_BuildValue("(iK)", k, (unsigned long long)v);
 }
 
+/* Whether this scope's code was stopped (refused or interrupted) */
+static PyObject *
+Meter_stopped(Meter *m, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(m->stops > 0);
+}
+
 /* Its own limit or a live ancestor's broken, now */
 static int
 exceeded_now(const Meter *m)
@@ -921,6 +929,8 @@ static PyMethodDef Meter_methods[] = {
      "Whether this scope's own limit or any ancestor's has been exceeded."},
     {"_broken", (PyCFunction)Meter_broken, METH_NOARGS,
      "(resource, used) of this scope's own broken limit, or None."},
+    {"_stopped", (PyCFunction)Meter_stopped, METH_NOARGS,
+     "Whether this scope's code was refused or interrupted."},
     {"_held_blocks", (PyCFunction)Meter_held_blocks, METH_NOARGS,
      "[(size, traceback)] of the blocks this scope holds."},
     {NULL},

@@ -1,13 +1,17 @@
 """Item 31/6: finalizers that allocate inside a hard scope past its ceiling.
 
-    finalizers.py del|weakref|gc|map [SCOPES]
+    finalizers.py del|weakref|gc|gccallback|asyncio|map [SCOPES]
 
 The body of each hard scope makes and drops objects whose finalizer allocates: a
 ``__del__`` run when the last reference goes (``del``), a weakref callback run the same
-way, or both run by the cyclic gc. The finalizers' allocations take the scope past
-its ceiling as often as the body's do. A finalizer is never interrupted nor refused: an
-exception raised there is printed as "Exception ignored" and lost (before: 180 in 30
-scopes), and the finalizer's work is left half done. The body itself must still be
+way, or both run by the cyclic gc; ``gccallback``: a ``gc.callbacks`` callback,
+which the collector calls as it starts and stops (a bound method, as CPython's
+``test_gc`` registers them); ``asyncio``: a loop's exception handler, which asyncio's C
+futures call from their finalizer ("Future exception was never retrieved"). The
+finalizers' allocations take the scope past its ceiling as often as the body's do. A
+finalizer is never interrupted nor refused: an exception raised there is printed as
+"Exception ignored" and lost (before: 180 in 30 scopes), and the finalizer's work is left
+half done. The body itself must still be
 stopped. ``map``: the same work in a function that C calls (``map``) but that is no
 finalizer: it must still be interrupted (the body allocates nothing else there).
 """
@@ -61,6 +65,22 @@ def callback(ref: object) -> None:
 KEEP: list[Any] = []
 
 
+class Watcher:
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        work()
+
+
+if mode == "gccallback":
+    gc.callbacks.append(Watcher().on_gc)
+
+LOOP: Any = None
+if mode == "asyncio":
+    import asyncio
+
+    LOOP = asyncio.new_event_loop()
+    LOOP.set_exception_handler(lambda loop, context: work())
+
+
 def one_round() -> None:
     if mode == "map":
         for _ in map(lambda _: work(), range(1)):
@@ -68,6 +88,12 @@ def one_round() -> None:
     elif mode == "del":
         obj = Finalized()
         del obj
+    elif mode == "gccallback":
+        gc.collect(0)
+    elif mode == "asyncio":
+        fut = LOOP.create_future()
+        fut.set_exception(ValueError("never retrieved"))
+        del fut
     elif mode == "weakref":
         t = Target()
         KEEP.append(weakref.ref(t, callback))
@@ -94,6 +120,7 @@ for _ in range(scopes):
         except MemoryError:
             stopped += 1
     assert ctx.exceeded()
+gc.callbacks.clear()
 gc.collect()
 report(lost=len(LOST), sample=LOST[:3], stopped=stopped, done=DONE[0],
        current_none=gotcha.current() is None)
