@@ -48,15 +48,15 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from _child import run_child
 
 LOW, HIGH = 64 * 1024, 64 * 1024 * 1024
 ROWS_LOW, ROWS_HIGH = 1_000, 20_000
@@ -818,37 +818,20 @@ def run_one(python: str, pyver: str, name: str, seed: int, draws: int, only: int
     env.pop("COVERAGE_PROCESS_START", None)
     env.update(libraries()[name].env())
     env["ECOSYSTEM_DUMP_AFTER"] = str(max(timeout - 10, timeout * 0.9))
-    t0 = time.monotonic()
-    workdir = tempfile.mkdtemp(prefix="ecosystem_inject-")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                              stdin=subprocess.DEVNULL, cwd=workdir)
-        rc, out, err, hung = proc.returncode, proc.stdout, proc.stderr, False
-    except subprocess.TimeoutExpired as exc:
-        rc, hung = None, True
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    seconds = time.monotonic() - t0
+    child = run_child(cmd, env, timeout, "ecosystem_inject-")
+    out, err = child.out, child.err
     found = re.search(rf"{SUMMARY} version=(\S+) draws=(\d+) stopped=(\d+) lost=(\d+) "
                       r"wrong=(\d+) problems=(\d+)", out)
     version, ndraws, stopped = (found.group(1), found.group(2), found.group(3)) if found \
         else ("?", "-", "-")
     problems = re.findall(rf"^{SUMMARY} problem: (.*)$", err, re.M)
-    if not hung and rc == 0 and f"{SUMMARY} missing" in out:
+    death = child.death(timeout, MARKERS)
+    if not child.hung and child.rc == 0 and f"{SUMMARY} missing" in out:
         verdict = "skipped (" + out.split(f"{SUMMARY} missing: ", 1)[1].strip()[:60] + ")"
-    elif hung:
-        verdict = f"HANG (>{timeout:.0f}s)"
-    elif rc is not None and rc < 0:
-        try:
-            verdict = f"DIED ({signal.Signals(-rc).name})"
-        except ValueError:
-            verdict = f"DIED (signal {-rc})"
-    elif any(m in err or m in out for m in MARKERS):
-        verdict = "ERROR (" + next(m for m in MARKERS if m in err or m in out) + ")"
-    elif rc != 0 or not found:
-        verdict = f"DIED (exit {rc}, no summary)"
+    elif death is not None:
+        verdict = death
+    elif child.rc != 0 or not found:
+        verdict = f"DIED (exit {child.rc}, no summary)"
     elif int(found.group(4)):
         verdict = f"LOST ({found.group(4)} exceptions escaped)"
     elif int(found.group(5)):
@@ -858,13 +841,11 @@ def run_one(python: str, pyver: str, name: str, seed: int, draws: int, only: int
     else:
         verdict = "ok"
     if log_dir is not None and verdict != "ok" and not verdict.startswith("skipped"):
-        os.makedirs(log_dir, exist_ok=True)
-        fname = f"{pyver}-{name.replace('/', '+')}-{seed}{'-soft' if soft else ''}.log"
-        with open(os.path.join(log_dir, fname), "w") as f:
-            f.write(f"$ {' '.join(cmd)}\n--- stdout ---\n{out}\n--- stderr ---\n{err}\n")
+        child.save(log_dir, f"{pyver}-{name.replace('/', '+')}-{seed}{'-soft' if soft else ''}.log")
     if verdict != "ok" and not verdict.startswith("skipped") and not problems:
         problems = [line for line in err.splitlines()[-15:] if line.strip()]
-    return Row(pyver, name, version, seed, ndraws, stopped, seconds, verdict, problems)
+    return Row(pyver, name, version, seed, ndraws, stopped, child.seconds, verdict,
+               problems)
 
 
 def print_row(row: Row) -> None:
@@ -877,7 +858,7 @@ def print_row(row: Row) -> None:
 # Classes found and not fixed yet: their runs are made and reported like any other, but
 # a bad one fails the whole run only with --strict (docs/reliability.md says what each is).
 OPEN = {
-    "sqlalchemy+greenlet": "issue 31: a stop lands in one greenlet while the other handles "
+    "sqlalchemy+greenlet": "a stop lands in one greenlet while the other handles "
                            "an exception (the task awaits, for the session's greenlet, the "
                            "rollback that greenlet's except runs); greenlet keeps exception "
                            "state per greenlet, so the stop is not seen as cleanup: the "

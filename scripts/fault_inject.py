@@ -22,15 +22,13 @@ import math
 import os
 import random
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 import unittest
 from dataclasses import dataclass
 from typing import Any
+
+from _child import run_child
 
 MODULES = [
     "test.test_json",
@@ -183,51 +181,26 @@ def run_one(python: str, version: str, module: str, seed: int, hard: bool, timeo
     env = dict(os.environ)
     env.pop("PYTHONDEVMODE", None)
     env["FAULT_INJECT_DUMP_AFTER"] = str(max(timeout - 10, timeout * 0.9))
-    t0 = time.monotonic()
-    # a folder of its own: CPython's tests make temporary files in the current one,
-    # and a run that dies leaves them behind
-    workdir = tempfile.mkdtemp(prefix="fault_inject-")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                              stdin=subprocess.DEVNULL, cwd=workdir)
-        rc, out, err = proc.returncode, proc.stdout, proc.stderr
-        hung = False
-    except subprocess.TimeoutExpired as exc:
-        rc = None
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-        hung = True
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    seconds = time.monotonic() - t0
+    child = run_child(cmd, env, timeout, "fault_inject-")
     found = re.search(rf"{SUMMARY} tests=(\d+) failures=(\d+) errors=(\d+) skipped=\d+ "
-                      r"scopes=\d+ exceeded=(\d+)", out)
+                      r"scopes=\d+ exceeded=(\d+)", child.out)
     tests, failures, exceeded = ("-", "-", "-")
     if found:
         tests = found.group(1)
         failures = str(int(found.group(2)) + int(found.group(3)))
         exceeded = found.group(4)
-    if not hung and rc == 0 and f"{SUMMARY} missing" in out:
+    death = child.death(timeout, MARKERS)
+    if not child.hung and child.rc == 0 and f"{SUMMARY} missing" in child.out:
         verdict = "skipped (module not installed)"
-    elif hung:
-        verdict = f"HANG (>{timeout:.0f}s)"
-    elif rc is not None and rc < 0:
-        try:
-            verdict = f"DIED ({signal.Signals(-rc).name})"
-        except ValueError:
-            verdict = f"DIED (signal {-rc})"
-    elif any(m in err or m in out for m in MARKERS):
-        verdict = "ERROR (" + next(m for m in MARKERS if m in err or m in out) + ")"
-    elif rc != 0 or not found:
-        verdict = f"DIED (exit {rc}, no summary)"
+    elif death is not None:
+        verdict = death
+    elif child.rc != 0 or not found:
+        verdict = f"DIED (exit {child.rc}, no summary)"
     else:
         verdict = "ok"
     if log_dir is not None and verdict != "ok" and not verdict.startswith("skipped"):
-        os.makedirs(log_dir, exist_ok=True)
-        name = f"{version}-{module}-{seed}{'' if hard else '-soft'}.log"
-        with open(os.path.join(log_dir, name), "w") as f:
-            f.write(f"$ {' '.join(cmd)}\n--- stdout ---\n{out}\n--- stderr ---\n{err}\n")
-    return Row(version, module, seed, tests, failures, exceeded, seconds, verdict)
+        child.save(log_dir, f"{version}-{module}-{seed}{'' if hard else '-soft'}.log")
+    return Row(version, module, seed, tests, failures, exceeded, child.seconds, verdict)
 
 
 def print_row(row: Row) -> None:
