@@ -720,6 +720,9 @@ Meter_memory(Meter *m, PyObject *unused)
     if (h == NULL) {
         Py_RETURN_NONE;
     }
+    if (native_on) {
+        native_settle();   /* frees this thread's C libraries logged without the GIL */
+    }
     if (memory_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "set_types() has not run");
         return NULL;

@@ -1,0 +1,744 @@
+/*
+ * C libraries' malloc, charged to the scope of the thread that calls it
+ * (gotcha.install(native=True)).
+ *
+ * Without LD_PRELOAD: every loaded object's relocations of malloc, calloc,
+ * realloc, free, the aligned variants, strdup and strndup (its PLT slots, its
+ * GOT entries and absolute data words that hold their address, as libxml2's
+ * xmlMalloc = malloc) are pointed at the wrappers below, found through
+ * dl_iterate_phdr. Objects loaded later are patched too: a dlopen() made
+ * through a patched slot rescans at once, and the delivery thread looks every
+ * 20 ms (native_poll) for objects loaded any other way.
+ *
+ * Never patched (their allocations are counted already, or are not a
+ * library's): the python executable and libpython (their dlopen only: the
+ * imports), this extension, libc and the loader, libgcc_s (the unwinder that
+ * caller.c runs inside the hook), and numpy's _multiarray_umath, whose array
+ * data reaches numpy.c's data handler.
+ *
+ * A wrapper calls the real function first and never fails anything: a scope
+ * past its limit is tripped or stopped by the usual machinery (hook.c,
+ * deliver.c), at the next bytecode boundary. Then:
+ *
+ *   - the calling thread holds the GIL: the block is charged at once, to the
+ *     scope the PEP 445 hook would charge (hook_data_scope), through the path
+ *     numpy.c uses (hook_charge_data: batches, held memory, trips);
+ *   - it does not (lxml, Pillow and numpy release it): the block goes to a
+ *     log of the thread's own (NLog), no lock and no Python, and is charged,
+ *     in order, to the scope the thread last ran in (its target, set under the
+ *     GIL wherever the hook finds a thread's scope) the next time that thread
+ *     holds the GIL. A log that grows past PENDING_NUDGE bytes makes the hook
+ *     look its scope up again at its thread's next allocation, which settles it.
+ *
+ * Invisible: threads that never ran Python inside a scope (BLAS workers),
+ * statically linked or exported allocators (jemalloc built in), libc's own
+ * allocations outside these functions (asprintf, getline, fopen's buffer),
+ * blocks freed without the GIL by another thread than the one whose log
+ * holds their allocation still unsettled, and past MAX_RECORDS records a
+ * thread logged without the GIL, their holding (still charged in bytes).
+ */
+#include "_meter.h"
+
+#if defined(__linux__) && defined(__GLIBC__) && (defined(__x86_64__) || defined(__aarch64__))
+#  define NATIVE_SUPPORTED 1
+#endif
+
+int native_on;
+
+#ifdef NATIVE_SUPPORTED
+#  include <dlfcn.h>
+#  include <elf.h>
+#  include <link.h>
+#  include <pthread.h>
+#  include <sched.h>
+#  include <sys/mman.h>
+#  include <unistd.h>
+
+/* ------------------------------------------------------------------------ */
+/* A thread's log: what it allocated and freed without the GIL              */
+
+typedef struct {
+    void *p;      /* the block made, or NULL (a free) */
+    void *old;    /* the block given back (a free, a realloc's old block), or NULL */
+    size_t size;
+} Rec;
+
+#  define MAX_RECORDS ((size_t)1 << 16)
+#  define PENDING_NUDGE ((uint64_t)64 * 1024)
+
+typedef struct NLog {
+    struct NLog *next;   /* the registry, under the GIL */
+    Meter *target;       /* borrowed; cleared under the GIL when the scope goes */
+    Rec *recs;           /* written by its thread alone, read by it (or, once the
+                          * thread is gone, by anyone) under the GIL */
+    size_t n, cap;
+    uint64_t over_bytes, over_calls;   /* past MAX_RECORDS: charged, not held */
+    uint64_t since_nudge;
+    int dead;            /* its thread has exited */
+} NLog;
+
+static NLog *registry;
+static GOTCHA_TLS NLog *native_log;   /* the calling thread's, or NULL */
+static pthread_key_t log_key;
+static GOTCHA_TLS int in_native;   /* the wrappers' own work, or a signal in it */
+
+static struct {
+    void *(*malloc)(size_t);
+    void *(*calloc)(size_t, size_t);
+    void *(*realloc)(void *, size_t);
+    void (*free)(void *);
+    int (*posix_memalign)(void **, size_t, size_t);
+    void *(*aligned_alloc)(size_t, size_t);
+    void *(*memalign)(size_t, size_t);
+    void *(*valloc)(size_t);
+    void *(*pvalloc)(size_t);
+    char *(*strdup)(const char *);
+    char *(*strndup)(const char *, size_t);
+    void *(*dlopen)(const char *, int);
+    int (*dlclose)(void *);
+} real;
+
+void hook_recheck(void);   /* hook.c: the next allocation looks its scope up */
+
+/* Does the calling thread hold the GIL (of the main interpreter)? Without it,
+ * and without touching anything but the thread's own state. */
+static inline PyThreadState *
+gil_state(void)
+{
+#  if PY_VERSION_HEX >= 0x030C0000
+    /* the attached thread state, a thread-local variable: NULL once detached */
+    PyThreadState *ts = tstate_unchecked();
+#  else
+    /* the GIL holder's, process-wide: ours only while we hold it */
+    PyThreadState *ts = tstate_unchecked();
+    if (ts == NULL || ts != PyGILState_GetThisThreadState()) {
+        return NULL;
+    }
+#  endif
+    return ts != NULL && ts->interp == main_interp ? ts : NULL;
+}
+
+static void
+log_append(NLog *l, void *p, void *old, size_t size)
+{
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 256;
+        Rec *r = cap <= MAX_RECORDS ? real.realloc(l->recs, cap * sizeof(Rec)) : NULL;
+        if (r == NULL) {
+            if (p != NULL) {   /* charged at least; a free is lost: the block stays held */
+                l->over_bytes += size;
+                l->over_calls += 1;
+            }
+            return;
+        }
+        l->recs = r;
+        l->cap = cap;
+    }
+    l->recs[l->n++] = (Rec){p, old, size};
+}
+
+/* Under the GIL: charge what the log holds, in order, and empty it. */
+static void
+log_settle(NLog *l)
+{
+    Meter *n = l->target;
+    for (size_t i = 0; i < l->n; i++) {
+        Rec r = l->recs[i];
+        if (r.p != NULL && n != NULL) {
+            hook_charge_data(n, r.old, r.p, r.size);
+        }
+        else if (r.old != NULL && table_count != 0 && table_may_hold(r.old)) {
+            hook_forget_data(r.old);
+        }
+    }
+    if (n != NULL && (l->over_bytes | l->over_calls)) {
+        charge(n, l->over_bytes, 0, l->over_calls);
+    }
+    l->n = 0;
+    l->over_bytes = l->over_calls = l->since_nudge = 0;
+}
+
+/* A thread's log is handed back when it exits: settled by whoever looks next. */
+static void
+log_orphan(void *v)
+{
+    NLog *l = v;
+    native_log = NULL;   /* other destructors may still free through the wrappers */
+    __atomic_store_n(&l->dead, 1, __ATOMIC_RELEASE);
+}
+
+/* Under the GIL: settle and free the logs of threads that have exited. */
+static void
+reap(void)
+{
+    for (NLog **pp = &registry; *pp != NULL;) {
+        NLog *l = *pp;
+        if (__atomic_load_n(&l->dead, __ATOMIC_ACQUIRE)) {
+            log_settle(l);
+            *pp = l->next;
+            real.free(l->recs);
+            real.free(l);
+        }
+        else {
+            pp = &l->next;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* What the engine tells us (under the GIL, from hook.c and meter.c)        */
+
+/* The calling thread's log, charged now (its scope is being looked up). */
+void
+native_settle(void)
+{
+    NLog *l = native_log;
+    if (l != NULL && (l->n | l->over_calls) && !in_native) {
+        in_native++;
+        log_settle(l);
+        in_native--;
+    }
+}
+
+/* The calling thread now runs in scope m (or none): what it allocates
+ * without the GIL from now on is m's. */
+void
+native_target(Meter *m)
+{
+    NLog *l = native_log;
+    if (l == NULL) {
+        if (m == NULL || in_native) {
+            return;   /* a thread that was never in a scope needs no log */
+        }
+        l = real.calloc(1, sizeof(NLog));
+        if (l == NULL) {
+            return;
+        }
+        if (pthread_setspecific(log_key, l) != 0) {
+            real.free(l);
+            return;
+        }
+        l->next = registry;
+        registry = l;
+        native_log = l;
+    }
+    if (l->target != m) {
+        native_settle();
+        __atomic_store_n(&l->target, m, __ATOMIC_RELAXED);
+    }
+}
+
+/* Scope m is going away: no log may name it. */
+void
+native_forget(Meter *m)
+{
+    for (NLog *l = registry; l != NULL; l = l->next) {
+        if (l->target == m) {
+            if (l == native_log) {
+                native_settle();
+            }
+            __atomic_store_n(&l->target, NULL, __ATOMIC_RELAXED);
+        }
+    }
+    reap();
+}
+
+/* ------------------------------------------------------------------------ */
+/* The wrappers                                                             */
+
+static void
+note(void *p, void *old, size_t size)
+{
+    if (in_native || (active == 0 && table_count == 0)) {
+        return;
+    }
+    in_native++;
+    if (gil_state() != NULL) {
+        NLog *l = native_log;
+        if (l != NULL && (l->n | l->over_calls)) {
+            log_settle(l);
+        }
+        Meter *n = p != NULL ? hook_data_scope() : NULL;
+        if (n != NULL) {
+            hook_charge_data(n, old, p, size);
+        }
+        else if (old != NULL && table_count != 0 && table_may_hold(old)) {
+            hook_forget_data(old);
+        }
+    }
+    else {
+        NLog *l = native_log;
+        Meter *t = l != NULL ? __atomic_load_n(&l->target, __ATOMIC_RELAXED) : NULL;
+        if (l != NULL && (t != NULL || (p == NULL && table_count != 0 && table_may_hold(old)))) {
+            log_append(l, p, old, size);
+            /* a free weighs a block's header: 1,024 of them nudge as 64 KiB do */
+            if ((l->since_nudge += p != NULL ? size : PENDING_NUDGE / 1024) >= PENDING_NUDGE) {
+                l->since_nudge = 0;
+                hook_recheck();
+            }
+        }
+    }
+    in_native--;
+}
+
+static void *
+w_malloc(size_t size)
+{
+    void *p = real.malloc(size);
+    if (p != NULL) {
+        note(p, NULL, size);
+    }
+    return p;
+}
+
+static void *
+w_calloc(size_t nelem, size_t elsize)
+{
+    void *p = real.calloc(nelem, elsize);
+    if (p != NULL) {
+        note(p, NULL, nelem * elsize);   /* no overflow: it was allocated */
+    }
+    return p;
+}
+
+static void *
+w_realloc(void *old, size_t size)
+{
+    void *p = real.realloc(old, size);
+    if (p != NULL) {
+        note(p, old, size);
+    }
+    else if (old != NULL && size == 0) {
+        note(NULL, old, 0);   /* glibc's realloc(p, 0) frees p */
+    }
+    return p;
+}
+
+static void
+w_free(void *ptr)
+{
+    if (ptr != NULL) {
+        note(NULL, ptr, 0);   /* first: once freed, another thread may get the address */
+    }
+    real.free(ptr);
+}
+
+static int
+w_posix_memalign(void **out, size_t alignment, size_t size)
+{
+    int rc = real.posix_memalign(out, alignment, size);
+    if (rc == 0 && *out != NULL) {
+        note(*out, NULL, size);
+    }
+    return rc;
+}
+
+#  define ALIGNED(name)                                  \
+    static void *w_##name(size_t alignment, size_t size) \
+    {                                                    \
+        void *p = real.name(alignment, size);            \
+        if (p != NULL) {                                 \
+            note(p, NULL, size);                         \
+        }                                                \
+        return p;                                        \
+    }
+ALIGNED(aligned_alloc)
+ALIGNED(memalign)
+#  undef ALIGNED
+
+static void *
+w_valloc(size_t size)
+{
+    void *p = real.valloc(size);
+    if (p != NULL) {
+        note(p, NULL, size);
+    }
+    return p;
+}
+
+static void *
+w_pvalloc(size_t size)
+{
+    void *p = real.pvalloc(size);
+    if (p != NULL) {
+        long page = sysconf(_SC_PAGESIZE);
+        size_t pg = page > 0 ? (size_t)page : 4096;
+        note(p, NULL, (size + pg - 1) / pg * pg);
+    }
+    return p;
+}
+
+static char *
+w_strdup(const char *s)
+{
+    char *p = real.strdup(s);
+    if (p != NULL) {
+        note(p, NULL, strlen(p) + 1);
+    }
+    return p;
+}
+
+static char *
+w_strndup(const char *s, size_t n)
+{
+    char *p = real.strndup(s, n);
+    if (p != NULL) {
+        note(p, NULL, strlen(p) + 1);
+    }
+    return p;
+}
+
+static void rescan(void);
+
+static void *
+w_dlopen(const char *file, int flags)
+{
+    void *h = real.dlopen(file, flags);
+    if (h != NULL) {
+        rescan();
+    }
+    return h;
+}
+
+static int
+w_dlclose(void *h)
+{
+    int rc = real.dlclose(h);
+    rescan();   /* an object gone: its place may be taken by one never patched */
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Patching the objects                                                     */
+
+typedef struct {
+    const char *name;
+    void *wrapper;
+    void **real;
+    char alloc;   /* 0: dlopen/dlclose, patched in the interpreter too */
+} Target;
+
+static Target targets[] = {
+    {"malloc", (void *)w_malloc, (void **)&real.malloc, 1},
+    {"calloc", (void *)w_calloc, (void **)&real.calloc, 1},
+    {"realloc", (void *)w_realloc, (void **)&real.realloc, 1},
+    {"free", (void *)w_free, (void **)&real.free, 1},
+    {"posix_memalign", (void *)w_posix_memalign, (void **)&real.posix_memalign, 1},
+    {"aligned_alloc", (void *)w_aligned_alloc, (void **)&real.aligned_alloc, 1},
+    {"memalign", (void *)w_memalign, (void **)&real.memalign, 1},
+    {"valloc", (void *)w_valloc, (void **)&real.valloc, 1},
+    {"pvalloc", (void *)w_pvalloc, (void **)&real.pvalloc, 1},
+    {"strdup", (void *)w_strdup, (void **)&real.strdup, 1},
+    {"strndup", (void *)w_strndup, (void **)&real.strndup, 1},
+    {"dlopen", (void *)w_dlopen, (void **)&real.dlopen, 0},
+    {"dlclose", (void *)w_dlclose, (void **)&real.dlclose, 0},
+};
+#  define NTARGETS (sizeof targets / sizeof targets[0])
+
+#  if defined(__x86_64__)
+#    define R_SLOT R_X86_64_JUMP_SLOT
+#    define R_GLOB R_X86_64_GLOB_DAT
+#    define R_ABS R_X86_64_64
+#  else
+#    define R_SLOT R_AARCH64_JUMP_SLOT
+#    define R_GLOB R_AARCH64_GLOB_DAT
+#    define R_ABS R_AARCH64_ABS64
+#  endif
+
+static uintptr_t own_base;      /* this extension's */
+static int scan_lock;            /* a spin lock: never taken inside a wrapper's charge */
+static unsigned long long last_adds = (unsigned long long)-1, last_subs;
+static size_t patched_slots;
+
+/* 0: patch nothing, 1: dlopen and dlclose only, 2: everything */
+static int
+how_far(const struct dl_phdr_info *info)
+{
+    const char *name = info->dlpi_name;
+    if ((uintptr_t)info->dlpi_addr == own_base) {
+        return 0;
+    }
+    if (name == NULL || name[0] == '\0' || strstr(name, "libpython") != NULL) {
+        return 1;   /* the executable (the interpreter, or what embeds it), libpython */
+    }
+    const char *base = strrchr(name, '/');
+    base = base ? base + 1 : name;
+    static const char *const never[] = {"libc.so", "ld-linux", "ld64.so", "linux-vdso",
+                                        "linux-gate", "libpthread.so", "libdl.so",
+                                        "libgcc_s.so"};
+    for (size_t i = 0; i < sizeof never / sizeof never[0]; i++) {
+        if (strncmp(base, never[i], strlen(never[i])) == 0) {
+            return 0;
+        }
+    }
+    if (strncmp(base, "_multiarray_umath", 17) == 0) {
+        return 1;   /* numpy's data reaches numpy.c's handler */
+    }
+    return 2;
+}
+
+static void
+write_slot(uintptr_t addr, void *value, uintptr_t relro_lo, uintptr_t relro_hi)
+{
+    void **slot = (void **)addr;
+    if (__atomic_load_n(slot, __ATOMIC_RELAXED) == value) {
+        return;
+    }
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t pg = (uintptr_t)(page > 0 ? page : 4096);
+    uintptr_t start = addr & ~(pg - 1);
+    int ro = addr >= relro_lo && addr < relro_hi;
+    if (ro && mprotect((void *)start, pg, PROT_READ | PROT_WRITE) != 0) {
+        return;
+    }
+    __atomic_store_n(slot, value, __ATOMIC_RELAXED);
+    patched_slots++;
+    if (ro) {
+        mprotect((void *)start, pg, PROT_READ);
+    }
+}
+
+static void
+patch_relas(uintptr_t base, const ElfW(Rela) *rel, size_t count, const ElfW(Sym) *symtab,
+            const char *strtab, int far, uintptr_t relro_lo, uintptr_t relro_hi)
+{
+    for (size_t i = 0; i < count; i++) {
+        unsigned type = (unsigned)ELF64_R_TYPE(rel[i].r_info);
+        if (type != R_SLOT && type != R_GLOB && !(type == R_ABS && rel[i].r_addend == 0)) {
+            continue;
+        }
+        const ElfW(Sym) *sym = &symtab[ELF64_R_SYM(rel[i].r_info)];
+        if (sym->st_name == 0 || sym->st_shndx != SHN_UNDEF) {
+            continue;   /* the object's own definition: not libc's */
+        }
+        const char *name = strtab + sym->st_name;
+        for (size_t t = 0; t < NTARGETS; t++) {
+            if ((far == 2 || !targets[t].alloc) && *targets[t].real != NULL &&
+                strcmp(name, targets[t].name) == 0) {
+                write_slot(base + rel[i].r_offset, targets[t].wrapper, relro_lo, relro_hi);
+                break;
+            }
+        }
+    }
+}
+
+static uintptr_t
+dyn_addr(uintptr_t base, ElfW(Addr) v)
+{
+    /* glibc relocates the dynamic section's addresses on these platforms; not all do */
+    return v < base ? base + v : v;
+}
+
+static int
+patch_object(struct dl_phdr_info *info, size_t size, void *data)
+{
+    (void)size;
+    (void)data;
+    int far = how_far(info);
+    if (far == 0) {
+        return 0;
+    }
+    uintptr_t base = info->dlpi_addr;
+    const ElfW(Dyn) *dyn = NULL;
+    uintptr_t relro_lo = 0, relro_hi = 0;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        if (ph->p_type == PT_DYNAMIC) {
+            dyn = (const ElfW(Dyn) *)(base + ph->p_vaddr);
+        }
+        else if (ph->p_type == PT_GNU_RELRO) {
+            relro_lo = base + ph->p_vaddr;
+            relro_hi = relro_lo + ph->p_memsz;
+        }
+    }
+    if (dyn == NULL) {
+        return 0;
+    }
+    const ElfW(Sym) *symtab = NULL;
+    const char *strtab = NULL;
+    const ElfW(Rela) *jmprel = NULL, *rela = NULL;
+    size_t jmprel_size = 0, rela_size = 0;
+    int pltrel_rela = 1;
+    for (; dyn->d_tag != DT_NULL; dyn++) {
+        switch (dyn->d_tag) {
+        case DT_SYMTAB: symtab = (const ElfW(Sym) *)dyn_addr(base, dyn->d_un.d_ptr); break;
+        case DT_STRTAB: strtab = (const char *)dyn_addr(base, dyn->d_un.d_ptr); break;
+        case DT_JMPREL: jmprel = (const ElfW(Rela) *)dyn_addr(base, dyn->d_un.d_ptr); break;
+        case DT_PLTRELSZ: jmprel_size = dyn->d_un.d_val; break;
+        case DT_PLTREL: pltrel_rela = dyn->d_un.d_val == DT_RELA; break;
+        case DT_RELA: rela = (const ElfW(Rela) *)dyn_addr(base, dyn->d_un.d_ptr); break;
+        case DT_RELASZ: rela_size = dyn->d_un.d_val; break;
+        default: break;
+        }
+    }
+    if (symtab == NULL || strtab == NULL) {
+        return 0;
+    }
+    if (jmprel != NULL && pltrel_rela) {
+        patch_relas(base, jmprel, jmprel_size / sizeof(ElfW(Rela)), symtab, strtab, far,
+                    relro_lo, relro_hi);
+    }
+    if (rela != NULL) {
+        patch_relas(base, rela, rela_size / sizeof(ElfW(Rela)), symtab, strtab, far,
+                    relro_lo, relro_hi);
+    }
+    return 0;
+}
+
+static int
+read_counts(struct dl_phdr_info *info, size_t size, void *data)
+{
+    unsigned long long *out = data;
+    if (size < offsetof(struct dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs) {
+        out[0] = out[1] = (unsigned long long)-2;   /* no counts: always rescan */
+    }
+    else {
+        out[0] = info->dlpi_adds;
+        out[1] = info->dlpi_subs;
+    }
+    return 1;   /* the first object says it for all */
+}
+
+/* Patch whatever was loaded or unloaded since the last look. No GIL needed. */
+static void
+rescan(void)
+{
+    while (__atomic_exchange_n(&scan_lock, 1, __ATOMIC_ACQUIRE)) {
+        sched_yield();
+    }
+    unsigned long long counts[2] = {0, 0};
+    dl_iterate_phdr(read_counts, counts);
+    if (counts[0] != last_adds || counts[1] != last_subs || counts[0] == (unsigned long long)-2) {
+        dl_iterate_phdr(patch_object, NULL);
+        last_adds = counts[0];
+        last_subs = counts[1];
+    }
+    __atomic_store_n(&scan_lock, 0, __ATOMIC_RELEASE);
+}
+
+void
+native_poll(void)
+{
+    if (__atomic_load_n(&native_on, __ATOMIC_ACQUIRE)) {
+        rescan();
+    }
+}
+
+static void
+after_fork_child(void)
+{
+    scan_lock = 0;
+}
+
+static const char *
+native_setup(void)
+{
+    for (size_t t = 0; t < NTARGETS; t++) {
+        *targets[t].real = dlsym(RTLD_DEFAULT, targets[t].name);
+    }
+    if (!real.malloc || !real.calloc || !real.realloc || !real.free || !real.dlopen ||
+        !real.dlclose) {
+        return "libc's malloc or dlopen was not found";
+    }
+    Dl_info own;
+    if (dladdr((void *)native_setup, &own) == 0) {
+        return "this extension's own object was not found";
+    }
+    own_base = (uintptr_t)own.dli_fbase;
+    /* each object's dlpi_addr is its load bias, not its first mapping: compare
+     * the same kind of address (the link map's l_addr) */
+    struct link_map *lm = NULL;
+    if (dladdr1((void *)native_setup, &own, (void **)&lm, RTLD_DL_LINKMAP) != 0 && lm != NULL) {
+        own_base = (uintptr_t)lm->l_addr;
+    }
+    if (pthread_key_create(&log_key, log_orphan) != 0) {
+        return "no thread-specific key is left";
+    }
+    pthread_atfork(NULL, NULL, after_fork_child);
+    return NULL;
+}
+#else   /* NATIVE_SUPPORTED */
+void
+native_settle(void)
+{
+}
+
+void
+native_target(Meter *m)
+{
+    (void)m;
+}
+
+void
+native_forget(Meter *m)
+{
+    (void)m;
+}
+
+void
+native_poll(void)
+{
+}
+#endif   /* NATIVE_SUPPORTED */
+
+/* ------------------------------------------------------------------------ */
+/* Module functions                                                         */
+
+PyObject *
+mod_native_supported(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+#ifdef NATIVE_SUPPORTED
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+PyObject *
+mod_native_install(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+#ifdef NATIVE_SUPPORTED
+    if (!installed) {
+        PyErr_SetString(PyExc_RuntimeError, "install() first");
+        return NULL;
+    }
+    if (!native_on) {
+        const char *why = native_setup();
+        if (why != NULL) {
+            PyErr_Format(PyExc_RuntimeError, "native counting cannot start: %s", why);
+            return NULL;
+        }
+        __atomic_store_n(&native_on, 1, __ATOMIC_RELEASE);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rescan();
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_NotImplementedError,
+                    "native counting needs Linux with glibc on x86-64 or aarch64");
+    return NULL;
+#endif
+}
+
+PyObject *
+mod_native_state(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+#ifdef NATIVE_SUPPORTED
+    Py_ssize_t logs = 0;
+    for (NLog *l = registry; l != NULL; l = l->next) {
+        logs++;
+    }
+    return Py_BuildValue("{s:O,s:n,s:n}", "on", native_on ? Py_True : Py_False, "slots",
+                         (Py_ssize_t)patched_slots, "logs", logs);
+#else
+    return Py_BuildValue("{s:O,s:n,s:n}", "on", Py_False, "slots", (Py_ssize_t)0, "logs",
+                         (Py_ssize_t)0);
+#endif
+}
