@@ -648,6 +648,16 @@ hold_block(Meter *n, void *p, uint64_t weight)
     }
 }
 
+/* A block a C library made without the GIL, charged already and chosen to be
+ * held with this weight by its thread's log (native.c) */
+void
+hook_hold_native(Meter *n, void *p, uint64_t weight)
+{
+    if (n->held != NULL) {
+        hold_block(n, p, weight);
+    }
+}
+
 /* What a sampled block of size s stands for: s / (1 - exp(-s/rate)), the
  * inverse of its chance of being sampled. Blocks below the rate (every block
  * sampled, the larger ones are held exactly) take the series of x/(1-e^-x) in

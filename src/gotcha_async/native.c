@@ -47,6 +47,7 @@ int native_on;
 
 #ifdef NATIVE_SUPPORTED
 #  include <dlfcn.h>
+#  include <math.h>
 #  include <elf.h>
 #  include <link.h>
 #  include <pthread.h>
@@ -57,23 +58,39 @@ int native_on;
 /* ------------------------------------------------------------------------ */
 /* A thread's log: what it allocated and freed without the GIL              */
 
+/* The log keeps the bytes and calls as two sums, and records only what held
+ * memory needs, in order: the blocks it holds and the frees that may give one
+ * back. A scope that samples its held memory (the default) has its blocks
+ * sampled here as hook.c samples them, at the rate it had when the thread
+ * last ran in it: s / (1 - exp(-s/rate)) for a block of s bytes, recorded
+ * with probability 1 - exp(-s/rate). An exact scope's blocks are all
+ * recorded, up to MAX_EXACT in one stretch without the GIL; past that they
+ * are sampled at FALLBACK_RATE (an lxml parse of 20 MB makes ~2 million). */
 typedef struct {
-    void *p;      /* the block made, or NULL (a free) */
-    void *old;    /* the block given back (a free, a realloc's old block), or NULL */
-    size_t size;
+    void *p;        /* the block held, or NULL (a free) */
+    void *old;      /* the block given back, or NULL */
+    uint64_t weight;
 } Rec;
 
-#  define MAX_RECORDS ((size_t)1 << 16)
+#  define MAX_RECORDS ((size_t)1 << 17)
+#  define MAX_EXACT ((size_t)1 << 16)
+#  define FALLBACK_RATE ((uint64_t)64 * 1024)
 #  define PENDING_NUDGE ((uint64_t)64 * 1024)
+#  define LOG_BITS 4096
 
 typedef struct NLog {
     struct NLog *next;   /* the registry, under the GIL */
     Meter *target;       /* borrowed; cleared under the GIL when the scope goes */
-    Rec *recs;           /* written by its thread alone, read by it (or, once the
-                          * thread is gone, by anyone) under the GIL */
+    uint64_t rate;       /* the target's: 0 holds nothing, 1 every block, else its rate */
+    /* the rest is written by its thread alone, and read by it (or, once the
+     * thread is gone, by anyone) under the GIL */
+    Rec *recs;
     size_t n, cap;
-    uint64_t over_bytes, over_calls;   /* past MAX_RECORDS: charged, not held */
+    uint64_t bytes, calls;   /* not charged yet */
     uint64_t since_nudge;
+    double sample_left;      /* bytes to the next sample */
+    uint64_t rng;
+    uint64_t bits[LOG_BITS / 64];   /* the addresses of the held records */
     int dead;            /* its thread has exited */
 } NLog;
 
@@ -98,7 +115,8 @@ static struct {
     int (*dlclose)(void *);
 } real;
 
-void hook_recheck(void);   /* hook.c: the next allocation looks its scope up */
+void hook_recheck(void);                                 /* hook.c */
+void hook_hold_native(Meter *n, void *p, uint64_t weight);   /* hook.c */
 
 /* Does the calling thread hold the GIL (of the main interpreter)? Without it,
  * and without touching anything but the thread's own state. */
@@ -118,23 +136,83 @@ gil_state(void)
     return ts != NULL && ts->interp == main_interp ? ts : NULL;
 }
 
+static inline int
+log_bit(const NLog *l, const void *p)
+{
+    size_t s = filter_slot((uintptr_t)p) & (LOG_BITS - 1);
+    return (int)((l->bits[s >> 6] >> (s & 63)) & 1);
+}
+
+static double
+log_exponential(NLog *l)
+{
+    if (l->rng == 0) {
+        l->rng = (uintptr_t)l * 0x9E3779B97F4A7C15ull | 1;
+    }
+    l->rng ^= l->rng >> 12;
+    l->rng ^= l->rng << 25;
+    l->rng ^= l->rng >> 27;
+    uint64_t x = l->rng * 0x2545F4914F6CDD1Dull;
+    double u = ((double)(x >> 11) + 0.5) * (1.0 / 9007199254740992.0);   /* (0, 1) */
+    return -log(u);
+}
+
 static void
-log_append(NLog *l, void *p, void *old, size_t size)
+log_record(NLog *l, void *p, void *old, uint64_t weight)
 {
     if (l->n == l->cap) {
         size_t cap = l->cap ? l->cap * 2 : 256;
         Rec *r = cap <= MAX_RECORDS ? real.realloc(l->recs, cap * sizeof(Rec)) : NULL;
         if (r == NULL) {
-            if (p != NULL) {   /* charged at least; a free is lost: the block stays held */
-                l->over_bytes += size;
-                l->over_calls += 1;
-            }
-            return;
+            return;   /* a block not held, or a free lost (the block stays held) */
         }
         l->recs = r;
         l->cap = cap;
     }
-    l->recs[l->n++] = (Rec){p, old, size};
+    l->recs[l->n++] = (Rec){p, old, weight};
+    if (p != NULL) {
+        size_t s = filter_slot((uintptr_t)p) & (LOG_BITS - 1);
+        l->bits[s >> 6] |= (uint64_t)1 << (s & 63);
+    }
+}
+
+/* Without the GIL: a block made (p, size), given back (old), or both. */
+static void
+log_note(NLog *l, void *p, void *old, size_t size)
+{
+    if (old != NULL && ((table_count != 0 && table_may_hold(old)) || log_bit(l, old))) {
+        log_record(l, NULL, old, 0);
+    }
+    uint64_t rate = __atomic_load_n(&l->rate, __ATOMIC_RELAXED);
+    if (p == NULL || __atomic_load_n(&l->target, __ATOMIC_RELAXED) == NULL) {
+        return;
+    }
+    l->bytes += size;
+    l->calls += 1;
+    if ((l->since_nudge += size) >= PENDING_NUDGE) {
+        l->since_nudge = 0;
+        hook_recheck();
+    }
+    if (rate == 0) {
+        return;
+    }
+    if (rate == 1) {
+        if (l->n < MAX_EXACT) {
+            log_record(l, p, NULL, size);
+            return;
+        }
+        rate = FALLBACK_RATE;
+    }
+    if (size >= rate) {
+        log_record(l, p, NULL, size);
+        return;
+    }
+    if ((l->sample_left -= (double)size) > 0) {
+        return;
+    }
+    l->sample_left = log_exponential(l) * (double)rate;
+    double x = (double)size / (double)rate;
+    log_record(l, p, NULL, (uint64_t)((double)size / -expm1(-x) + 0.5));
 }
 
 /* Under the GIL: charge what the log holds, in order, and empty it. */
@@ -142,20 +220,39 @@ static void
 log_settle(NLog *l)
 {
     Meter *n = l->target;
+    if (n != NULL && (l->bytes | l->calls)) {
+        charge(n, l->bytes, 0, l->calls);
+    }
+    l->bytes = l->calls = l->since_nudge = 0;
     for (size_t i = 0; i < l->n; i++) {
         Rec r = l->recs[i];
-        if (r.p != NULL && n != NULL) {
-            hook_charge_data(n, r.old, r.p, r.size);
+        if (r.p != NULL) {
+            if (n != NULL) {
+                hook_hold_native(n, r.p, r.weight);
+            }
         }
-        else if (r.old != NULL && table_count != 0 && table_may_hold(r.old)) {
+        else if (table_count != 0 && table_may_hold(r.old)) {
             hook_forget_data(r.old);
         }
     }
-    if (n != NULL && (l->over_bytes | l->over_calls)) {
-        charge(n, l->over_bytes, 0, l->over_calls);
-    }
     l->n = 0;
-    l->over_bytes = l->over_calls = l->since_nudge = 0;
+    memset(l->bits, 0, sizeof l->bits);
+}
+
+static inline int
+log_pending(const NLog *l)
+{
+    return l != NULL && (l->n | l->calls) != 0;
+}
+
+/* The rate a thread logs at for m: see Rec. */
+static uint64_t
+rate_of(const Meter *m)
+{
+    if (m == NULL || m->held == NULL) {
+        return 0;
+    }
+    return m->held->rate == 0 ? 1 : m->held->rate;
 }
 
 /* A thread's log is handed back when it exits: settled by whoever looks next. */
@@ -193,7 +290,7 @@ void
 native_settle(void)
 {
     NLog *l = native_log;
-    if (l != NULL && (l->n | l->over_calls) && !in_native) {
+    if (log_pending(l) && !in_native) {
         in_native++;
         log_settle(l);
         in_native--;
@@ -222,9 +319,14 @@ native_target(Meter *m)
         registry = l;
         native_log = l;
     }
-    if (l->target != m) {
+    uint64_t rate = rate_of(m);
+    if (l->target != m || l->rate != rate) {
         native_settle();
         __atomic_store_n(&l->target, m, __ATOMIC_RELAXED);
+        if (l->rate != rate) {
+            __atomic_store_n(&l->rate, rate, __ATOMIC_RELAXED);
+            l->sample_left = rate > 1 ? log_exponential(l) * (double)rate : 0;
+        }
     }
 }
 
@@ -255,8 +357,8 @@ note(void *p, void *old, size_t size)
     in_native++;
     if (gil_state() != NULL) {
         NLog *l = native_log;
-        if (l != NULL && (l->n | l->over_calls)) {
-            log_settle(l);
+        if (log_pending(l)) {
+            log_settle(l);   /* older: first */
         }
         Meter *n = p != NULL ? hook_data_scope() : NULL;
         if (n != NULL) {
@@ -266,17 +368,8 @@ note(void *p, void *old, size_t size)
             hook_forget_data(old);
         }
     }
-    else {
-        NLog *l = native_log;
-        Meter *t = l != NULL ? __atomic_load_n(&l->target, __ATOMIC_RELAXED) : NULL;
-        if (l != NULL && (t != NULL || (p == NULL && table_count != 0 && table_may_hold(old)))) {
-            log_append(l, p, old, size);
-            /* a free weighs a block's header: 1,024 of them nudge as 64 KiB do */
-            if ((l->since_nudge += p != NULL ? size : PENDING_NUDGE / 1024) >= PENDING_NUDGE) {
-                l->since_nudge = 0;
-                hook_recheck();
-            }
-        }
+    else if (native_log != NULL) {
+        log_note(native_log, p, old, size);
     }
     in_native--;
 }
