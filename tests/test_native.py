@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,11 @@ def libpath(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(params=[False, True], ids=["nogil", "gil"])
 def lib(request: pytest.FixtureRequest, libpath: Path) -> Any:
-    return load(libpath, request.param)
+    loaded = load(libpath, request.param)
+    # ctypes' dlopen() searches its own RUNPATH, so it is not wrapped: what it loads is
+    # patched by the delivery thread's next look, or at once by install() again
+    gotcha.install(native=True)
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,16 +242,82 @@ async def test_a_thread_no_scope_started_is_not_charged(lib: Any) -> None:
     lib.drop(got[0])
 
 
+def wait_for_a_scan_after(scans: int) -> None:
+    """The delivery thread looks for new objects every 20 ms (a second when idle)."""
+    deadline = time.monotonic() + 10
+    while _meter.native_state()["scans"] == scans:
+        assert time.monotonic() < deadline, "no patching pass in 10 s"
+        time.sleep(0.005)
+
+
 @child_only
 @pytest.mark.anyio
 async def test_a_library_loaded_after_install_is_counted(
     tmp_path: Path, libpath: Path
 ) -> None:
+    scans = _meter.native_state()["scans"]
     late = load(build(tmp_path, "late"), gil=False)
+    wait_for_a_scan_after(scans)
     async with gotcha.limit() as ctx:
         p = late.grab(3 * MiB)
     assert 3 * MiB <= ctx.used().bytes <= 3 * MiB + SLACK
     late.drop(p)
+
+
+EXT_C = r"""
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdlib.h>
+#include <string.h>
+static void *kept;
+static PyObject *grab(PyObject *m, PyObject *arg) {
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n < 0 && PyErr_Occurred()) return NULL;
+    free(kept);
+    kept = malloc((size_t)n);
+    if (kept) memset(kept, 1, (size_t)n);
+    Py_RETURN_NONE;
+}
+static PyObject *drop(PyObject *m, PyObject *unused) { free(kept); kept = NULL; Py_RETURN_NONE; }
+static PyMethodDef methods[] = {{"grab", grab, METH_O, NULL},
+                                {"drop", drop, METH_NOARGS, NULL}, {NULL}};
+static struct PyModuleDef mod = {PyModuleDef_HEAD_INIT, "lateext", NULL, -1, methods};
+PyMODINIT_FUNC PyInit_lateext(void) { return PyModule_Create(&mod); }
+"""
+
+
+@pytest.fixture
+def lateext_dir(tmp_path: Path, libpath: Path) -> Path:
+    import sysconfig
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "lateext.c"
+    src.write_text(EXT_C)
+    out = tmp_path / ("lateext" + sysconfig.get_config_var("EXT_SUFFIX"))
+    include = sysconfig.get_paths()["include"]
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", f"-I{include}", "-o", str(out), str(src)],
+                   check=True)
+    return tmp_path
+
+
+@child_only
+@pytest.mark.anyio
+async def test_an_extension_imported_after_install_is_counted_at_once(
+    lateext_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    monkeypatch.syspath_prepend(str(lateext_dir))
+    ext = importlib.import_module("lateext")  # the interpreter's dlopen: patched at once
+    async with gotcha.limit(memory="1 GiB", exact_memory=True) as ctx:
+        ext.grab(5 * MiB)
+        held = ctx.memory().current  # type: ignore[union-attr]
+        ext.drop()
+    assert 5 * MiB <= ctx.used().bytes <= 5 * MiB + SLACK
+    assert 5 * MiB <= held <= 5 * MiB + SLACK
+    assert ctx.memory().current <= SLACK  # type: ignore[union-attr]
 
 
 def _hog(lib: Any, keep: list[int]) -> None:

@@ -360,7 +360,8 @@ static PyMethodDef mod_methods[] = {
     {"native_install", mod_native_install, METH_NOARGS,
      "Count C libraries' allocations from now on (after install()); idempotent."},
     {"native_state", mod_native_state, METH_NOARGS,
-     "{'on': bool, 'slots': relocations patched, 'logs': threads with a log}."},
+     "{'on': bool, 'slots': relocations patched, 'scans': patching passes, 'logs': threads "
+     "with a log}."},
     {NULL},
 };
 

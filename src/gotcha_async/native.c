@@ -51,7 +51,6 @@ int native_on;
 #  include <elf.h>
 #  include <link.h>
 #  include <pthread.h>
-#  include <sched.h>
 #  include <sys/mman.h>
 #  include <unistd.h>
 
@@ -541,9 +540,10 @@ static Target targets[] = {
 static uintptr_t own_base;      /* this extension's */
 static int scan_lock;            /* a spin lock: never taken inside a wrapper's charge */
 static unsigned long long last_adds = (unsigned long long)-1, last_subs;
-static size_t patched_slots;
+static size_t patched_slots, scans;
 
-/* 0: patch nothing, 1: dlopen and dlclose only, 2: everything */
+/* 0: patch nothing, 1: dlopen and dlclose only, 2: everything (3, below: all
+ * but dlopen and dlclose) */
 static int
 how_far(const struct dl_phdr_info *info)
 {
@@ -570,30 +570,40 @@ how_far(const struct dl_phdr_info *info)
     return 2;
 }
 
+/* A slot is written only once the loader has relocated it (it holds libc's
+ * function, or a lazy binding's stub inside the object: not the link-time
+ * value that a dlopen() in another thread, relocating this object right now,
+ * is about to replace or add the object's base to), and a
+ * read-only page (RELRO) made writable is left so: the loader, relocating
+ * the rest of that object meanwhile, must not fault on it. */
+typedef struct {
+    uintptr_t base, lo, hi;          /* load bias, mapped span */
+    uintptr_t relro_lo, relro_hi;
+} Obj;
+
 static void
-write_slot(uintptr_t addr, void *value, uintptr_t relro_lo, uintptr_t relro_hi)
+write_slot(const Obj *o, uintptr_t addr, void *real_fn, void *value)
 {
     void **slot = (void **)addr;
-    if (__atomic_load_n(slot, __ATOMIC_RELAXED) == value) {
-        return;
+    void *now = __atomic_load_n(slot, __ATOMIC_RELAXED);
+    if (now != real_fn && !((uintptr_t)now >= o->lo && (uintptr_t)now < o->hi)) {
+        return;   /* ours already, not relocated yet, or not libc's */
     }
-    long page = sysconf(_SC_PAGESIZE);
-    uintptr_t pg = (uintptr_t)(page > 0 ? page : 4096);
-    uintptr_t start = addr & ~(pg - 1);
-    int ro = addr >= relro_lo && addr < relro_hi;
-    if (ro && mprotect((void *)start, pg, PROT_READ | PROT_WRITE) != 0) {
-        return;
+    uintptr_t relro_lo = o->relro_lo, relro_hi = o->relro_hi;
+    if (addr >= relro_lo && addr < relro_hi) {
+        long page = sysconf(_SC_PAGESIZE);
+        uintptr_t pg = (uintptr_t)(page > 0 ? page : 4096);
+        if (mprotect((void *)(addr & ~(pg - 1)), pg, PROT_READ | PROT_WRITE) != 0) {
+            return;
+        }
     }
     __atomic_store_n(slot, value, __ATOMIC_RELAXED);
     patched_slots++;
-    if (ro) {
-        mprotect((void *)start, pg, PROT_READ);
-    }
 }
 
 static void
-patch_relas(uintptr_t base, const ElfW(Rela) *rel, size_t count, const ElfW(Sym) *symtab,
-            const char *strtab, int far, uintptr_t relro_lo, uintptr_t relro_hi)
+patch_relas(const Obj *o, const ElfW(Rela) *rel, size_t count, const ElfW(Sym) *symtab,
+            const char *strtab, int far)
 {
     for (size_t i = 0; i < count; i++) {
         unsigned type = (unsigned)ELF64_R_TYPE(rel[i].r_info);
@@ -606,9 +616,12 @@ patch_relas(uintptr_t base, const ElfW(Rela) *rel, size_t count, const ElfW(Sym)
         }
         const char *name = strtab + sym->st_name;
         for (size_t t = 0; t < NTARGETS; t++) {
-            if ((far == 2 || !targets[t].alloc) && *targets[t].real != NULL &&
+            if ((far >= 2 || !targets[t].alloc) && *targets[t].real != NULL &&
                 strcmp(name, targets[t].name) == 0) {
-                write_slot(base + rel[i].r_offset, targets[t].wrapper, relro_lo, relro_hi);
+                if (!targets[t].alloc && far == 3) {
+                    break;   /* its dlopen() searches its own RUNPATH: left alone */
+                }
+                write_slot(o, o->base + rel[i].r_offset, *targets[t].real, targets[t].wrapper);
                 break;
             }
         }
@@ -633,15 +646,20 @@ patch_object(struct dl_phdr_info *info, size_t size, void *data)
     }
     uintptr_t base = info->dlpi_addr;
     const ElfW(Dyn) *dyn = NULL;
-    uintptr_t relro_lo = 0, relro_hi = 0;
+    Obj o = {base, UINTPTR_MAX, 0, 0, 0};
     for (int i = 0; i < info->dlpi_phnum; i++) {
         const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
         if (ph->p_type == PT_DYNAMIC) {
             dyn = (const ElfW(Dyn) *)(base + ph->p_vaddr);
         }
         else if (ph->p_type == PT_GNU_RELRO) {
-            relro_lo = base + ph->p_vaddr;
-            relro_hi = relro_lo + ph->p_memsz;
+            o.relro_lo = base + ph->p_vaddr;
+            o.relro_hi = o.relro_lo + ph->p_memsz;
+        }
+        else if (ph->p_type == PT_LOAD) {
+            o.lo = base + ph->p_vaddr < o.lo ? base + ph->p_vaddr : o.lo;
+            o.hi = base + ph->p_vaddr + ph->p_memsz > o.hi ? base + ph->p_vaddr + ph->p_memsz
+                                                           : o.hi;
         }
     }
     if (dyn == NULL) {
@@ -661,6 +679,11 @@ patch_object(struct dl_phdr_info *info, size_t size, void *data)
         case DT_PLTREL: pltrel_rela = dyn->d_un.d_val == DT_RELA; break;
         case DT_RELA: rela = (const ElfW(Rela) *)dyn_addr(base, dyn->d_un.d_ptr); break;
         case DT_RELASZ: rela_size = dyn->d_un.d_val; break;
+        /* glibc's dlopen() searches its caller's RUNPATH: called from our
+         * wrapper, it would search ours. Such an object's loads are found by
+         * the delivery thread's look instead. */
+        case DT_RPATH:
+        case DT_RUNPATH: far = far == 2 ? 3 : far; break;
         default: break;
         }
     }
@@ -668,12 +691,10 @@ patch_object(struct dl_phdr_info *info, size_t size, void *data)
         return 0;
     }
     if (jmprel != NULL && pltrel_rela) {
-        patch_relas(base, jmprel, jmprel_size / sizeof(ElfW(Rela)), symtab, strtab, far,
-                    relro_lo, relro_hi);
+        patch_relas(&o, jmprel, jmprel_size / sizeof(ElfW(Rela)), symtab, strtab, far);
     }
     if (rela != NULL) {
-        patch_relas(base, rela, rela_size / sizeof(ElfW(Rela)), symtab, strtab, far,
-                    relro_lo, relro_hi);
+        patch_relas(&o, rela, rela_size / sizeof(ElfW(Rela)), symtab, strtab, far);
     }
     return 0;
 }
@@ -692,19 +713,28 @@ read_counts(struct dl_phdr_info *info, size_t size, void *data)
     return 1;   /* the first object says it for all */
 }
 
-/* Patch whatever was loaded or unloaded since the last look. No GIL needed. */
+/* Patch whatever was loaded or unloaded since the last look. No GIL needed.
+ * Never waits: a scan under way in another thread (or in this one, from a
+ * library's constructor that calls dlopen) is asked to look once more. */
+static int scan_again;
+
 static void
 rescan(void)
 {
-    while (__atomic_exchange_n(&scan_lock, 1, __ATOMIC_ACQUIRE)) {
-        sched_yield();
+    __atomic_store_n(&scan_again, 1, __ATOMIC_RELEASE);
+    if (__atomic_exchange_n(&scan_lock, 1, __ATOMIC_ACQUIRE)) {
+        return;
     }
-    unsigned long long counts[2] = {0, 0};
-    dl_iterate_phdr(read_counts, counts);
-    if (counts[0] != last_adds || counts[1] != last_subs || counts[0] == (unsigned long long)-2) {
-        dl_iterate_phdr(patch_object, NULL);
-        last_adds = counts[0];
-        last_subs = counts[1];
+    while (__atomic_exchange_n(&scan_again, 0, __ATOMIC_ACQ_REL)) {
+        unsigned long long counts[2] = {0, 0};
+        dl_iterate_phdr(read_counts, counts);
+        if (counts[0] != last_adds || counts[1] != last_subs ||
+            counts[0] == (unsigned long long)-2) {
+            dl_iterate_phdr(patch_object, NULL);
+            scans++;
+            last_adds = counts[0];
+            last_subs = counts[1];
+        }
     }
     __atomic_store_n(&scan_lock, 0, __ATOMIC_RELEASE);
 }
@@ -721,6 +751,7 @@ static void
 after_fork_child(void)
 {
     scan_lock = 0;
+    scan_again = 0;
 }
 
 static const char *
@@ -828,10 +859,10 @@ mod_native_state(PyObject *mod, PyObject *unused)
     for (NLog *l = registry; l != NULL; l = l->next) {
         logs++;
     }
-    return Py_BuildValue("{s:O,s:n,s:n}", "on", native_on ? Py_True : Py_False, "slots",
-                         (Py_ssize_t)patched_slots, "logs", logs);
+    return Py_BuildValue("{s:O,s:n,s:n,s:n}", "on", native_on ? Py_True : Py_False, "slots",
+                         (Py_ssize_t)patched_slots, "scans", (Py_ssize_t)scans, "logs", logs);
 #else
-    return Py_BuildValue("{s:O,s:n,s:n}", "on", Py_False, "slots", (Py_ssize_t)0, "logs",
-                         (Py_ssize_t)0);
+    return Py_BuildValue("{s:O,s:n,s:n,s:n}", "on", Py_False, "slots", (Py_ssize_t)0, "scans",
+                         (Py_ssize_t)0, "logs", (Py_ssize_t)0);
 #endif
 }
