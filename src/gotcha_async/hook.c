@@ -1817,3 +1817,19 @@ verify_chain(void)
     hook_fit_frees();
     return dropped;
 }
+
+/* A block a C library made under the GIL (native.c): charged its size, held
+ * at fp, what it takes in libc's heap */
+void
+hook_charge_native(Meter *n, void *old, void *p, size_t size, size_t fp)
+{
+    if (n == NULL || n->held == NULL) {
+        hook_charge_data(n, old, p, size);   /* batched, nothing held */
+        return;
+    }
+    if (old != NULL && table_count != 0 && table_may_hold(old)) {
+        forget_block(old);
+    }
+    charge(n, size, 0, 1);
+    hold(n, p, fp);
+}

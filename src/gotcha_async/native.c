@@ -50,6 +50,7 @@ int native_on;
 #  include <math.h>
 #  include <elf.h>
 #  include <link.h>
+#  include <malloc.h>
 #  include <pthread.h>
 #  include <sys/mman.h>
 #  include <unistd.h>
@@ -116,22 +117,38 @@ static struct {
 
 void hook_recheck(void);                                 /* hook.c */
 void hook_hold_native(Meter *n, void *p, uint64_t weight);   /* hook.c */
+void hook_charge_native(Meter *n, void *old, void *p, size_t size, size_t fp);
+
+/* What a block takes in libc's heap: what it can hold and its chunk's header.
+ * Held memory counts that, so that it meets the resident set (an lxml tree is
+ * made of blocks of 40 to 120 bytes, each with 8 to 24 more); the bytes
+ * charged are what was asked, as for Python's own allocations. */
+static inline size_t
+footprint(void *p, size_t size)
+{
+    size_t u = malloc_usable_size(p);
+    return (u > size ? u : size) + sizeof(size_t);
+}
+
+/* The thread state read where the interpreter keeps it (runtime.c), when the
+ * hook found where that is: no call. Set at install. */
+static int direct_ts;
 
 /* Does the calling thread hold the GIL (of the main interpreter)? Without it,
  * and without touching anything but the thread's own state. */
 static inline PyThreadState *
 gil_state(void)
 {
-#  if PY_VERSION_HEX >= 0x030C0000
-    /* the attached thread state, a thread-local variable: NULL once detached */
-    PyThreadState *ts = tstate_unchecked();
-#  else
-    /* the GIL holder's, process-wide: ours only while we hold it */
-    PyThreadState *ts = tstate_unchecked();
+    PyThreadState *ts = direct_ts ? tstate_direct() : tstate_unchecked();
+#  if PY_VERSION_HEX < 0x030C0000
+    /* 3.11: the GIL holder's, process-wide (none: the common case in a C
+     * library that released it); ours only while we hold it */
     if (ts == NULL || ts != PyGILState_GetThisThreadState()) {
         return NULL;
     }
 #  endif
+    /* 3.12 on: the attached thread state, a thread-local variable, NULL once
+     * detached */
     return ts != NULL && ts->interp == main_interp ? ts : NULL;
 }
 
@@ -195,23 +212,24 @@ log_note(NLog *l, void *p, void *old, size_t size)
     if (rate == 0) {
         return;
     }
+    size_t fp = footprint(p, size);
     if (rate == 1) {
         if (l->n < MAX_EXACT) {
-            log_record(l, p, NULL, size);
+            log_record(l, p, NULL, fp);
             return;
         }
         rate = FALLBACK_RATE;
     }
-    if (size >= rate) {
-        log_record(l, p, NULL, size);
+    if (fp >= rate) {
+        log_record(l, p, NULL, fp);
         return;
     }
-    if ((l->sample_left -= (double)size) > 0) {
+    if ((l->sample_left -= (double)fp) > 0) {
         return;
     }
     l->sample_left = log_exponential(l) * (double)rate;
-    double x = (double)size / (double)rate;
-    log_record(l, p, NULL, (uint64_t)((double)size / -expm1(-x) + 0.5));
+    double x = (double)fp / (double)rate;
+    log_record(l, p, NULL, (uint64_t)((double)fp / -expm1(-x) + 0.5));
 }
 
 /* Under the GIL: charge what the log holds, in order, and empty it. */
@@ -361,7 +379,7 @@ note(void *p, void *old, size_t size)
         }
         Meter *n = p != NULL ? hook_data_scope() : NULL;
         if (n != NULL) {
-            hook_charge_data(n, old, p, size);
+            hook_charge_native(n, old, p, size, n->held != NULL ? footprint(p, size) : size);
         }
         else if (old != NULL && table_count != 0 && table_may_hold(old)) {
             hook_forget_data(old);
@@ -836,6 +854,7 @@ mod_native_install(PyObject *mod, PyObject *unused)
             PyErr_Format(PyExc_RuntimeError, "native counting cannot start: %s", why);
             return NULL;
         }
+        direct_ts = hook_found_thread_state() == 1;
         __atomic_store_n(&native_on, 1, __ATOMIC_RELEASE);
     }
     Py_BEGIN_ALLOW_THREADS
