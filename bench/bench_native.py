@@ -36,9 +36,10 @@ BODY = json.dumps([{"id": i, "name": f"item-{i}", "price": i * 1.5} for i in ran
 
 
 def workloads() -> dict[str, Callable[[], float]]:
-    import gotcha_async as gotcha
     from lxml import etree
     from PIL import Image
+
+    import gotcha_async as gotcha
 
     doc = b"<root>" + b"".join(
         b"<item id='%d' kind='k%d'>text of item %d</item>" % (i, i % 7, i)

@@ -117,9 +117,12 @@ def measure_native(name: str) -> dict[str, int]:
     work = make(name)
     settle_heap()
 
-    async def run() -> dict[str, int]:
+    def reset_peak_rss() -> None:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
+
+    async def run() -> dict[str, int]:
+        reset_peak_rss()
         before = rss()
         async with gotcha.limit(memory="8 GiB", exact_memory=True) as ctx:
             kept = work()
