@@ -80,7 +80,8 @@ def workloads() -> dict[str, Callable[[], float]]:
             total = sum(item["price"] for item in items)
             names = [item["name"].upper() for item in items]
             await asyncio.sleep(0)
-            return json.dumps({"total": total, "names": names})
+            out = json.dumps({"total": total, "names": names})
+        return out
 
     def json_handler() -> float:
         async def run() -> float:
