@@ -347,6 +347,57 @@ async def test_a_hard_scope_stops_a_c_hog_between_bytecodes(lib: Any, how: str) 
 
 @child_only
 @pytest.mark.anyio
+@pytest.mark.needs_frames
+async def test_a_hard_scope_stops_a_c_hog_in_a_worker_thread(lib: Any) -> None:
+    keep: list[int] = []
+    try:
+        with pytest.raises(gotcha.LimitExceeded) as info:
+            async with gotcha.limit(bytes=32 * MiB, hard=True):
+                await anyio.to_thread.run_sync(_hog, lib, keep)
+    finally:
+        for p in keep:
+            lib.drop(p)
+    assert info.value.resource == "bytes"
+    assert 30 <= len(keep) < 200
+
+
+@child_only
+@pytest.mark.anyio
+async def test_a_thread_that_exits_hands_its_log_over(libpath: Path) -> None:
+    import contextvars
+    import gc
+
+    lib = load(libpath, gil=False)
+    gotcha.install(native=True)
+    async with gotcha.limit() as ctx:
+        context = contextvars.copy_context()
+
+    def in_scope() -> None:
+        # one Python allocation under the scope sets the thread's target, then a block
+        # without the GIL, and the thread ends in C's hands: nothing settles it there
+        got.append(lib.grab(2 * MiB))
+
+    got: list[int] = []
+    before = ctx.used().bytes
+    logs = _meter.native_state()["logs"]
+    for _ in range(20):
+        thread = threading.Thread(target=context.run, args=(in_scope,))
+        thread.start()
+        thread.join()
+    async with gotcha.limit() as other:  # a scope freed: exited threads' logs are taken in
+        pass
+    del other
+    gc.collect()
+    for p in got:
+        lib.drop(p)
+    # the exited scope's figures stay those of its exit (frozen); the logs of the 20
+    # threads are gone with them, and nothing crashed on the way
+    assert ctx.used().bytes == before
+    assert _meter.native_state()["logs"] <= logs + 1
+
+
+@child_only
+@pytest.mark.anyio
 async def test_a_soft_memory_limit_cancels_a_c_hog(lib: Any) -> None:
     keep: list[int] = []
     try:
