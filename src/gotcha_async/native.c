@@ -82,6 +82,7 @@ typedef struct NLog {
     struct NLog *next;   /* the registry, under the GIL */
     Meter *target;       /* borrowed; cleared under the GIL when the scope goes */
     uint64_t rate;       /* the target's: 0 holds nothing, 1 every block, else its rate */
+    int plain;           /* a target that holds nothing: the wrappers' inline path */
     /* the rest is written by its thread alone, and read by it (or, once the
      * thread is gone, by anyone) under the GIL */
     Rec *recs;
@@ -340,6 +341,7 @@ native_target(Meter *m)
     if (l->target != m || l->rate != rate) {
         native_settle();
         __atomic_store_n(&l->target, m, __ATOMIC_RELAXED);
+        __atomic_store_n(&l->plain, m != NULL && rate == 0, __ATOMIC_RELAXED);
         if (l->rate != rate) {
             __atomic_store_n(&l->rate, rate, __ATOMIC_RELAXED);
             l->sample_left = rate > 1 ? log_exponential(l) * (double)rate : 0;
@@ -356,6 +358,7 @@ native_forget(Meter *m)
             if (l == native_log) {
                 native_settle();
             }
+            __atomic_store_n(&l->plain, 0, __ATOMIC_RELAXED);
             __atomic_store_n(&l->target, NULL, __ATOMIC_RELAXED);
         }
     }
@@ -365,12 +368,9 @@ native_forget(Meter *m)
 /* ------------------------------------------------------------------------ */
 /* The wrappers                                                             */
 
-static void
+static Py_NO_INLINE void
 note(void *p, void *old, size_t size)
 {
-    if (in_native || (active == 0 && table_count == 0)) {
-        return;
-    }
     in_native++;
     if (gil_state() != NULL) {
         NLog *l = native_log;
@@ -391,12 +391,49 @@ note(void *p, void *old, size_t size)
     in_native--;
 }
 
+/* Nothing to do: the wrappers' own work, or no scope entered and no block
+ * held anywhere */
+static inline int
+quiet(void)
+{
+    return in_native || (active == 0 && table_count == 0);
+}
+
+/* The common case inline, before any register is saved for note(): a C
+ * library that released the GIL, in a scope that holds no memory. */
+static inline void
+note_alloc(void *p, size_t size)
+{
+    NLog *l = native_log;
+    if (l != NULL && __atomic_load_n(&l->plain, __ATOMIC_RELAXED) &&
+        (direct_ts ? tstate_direct() : tstate_unchecked()) == NULL) {
+        /* 3.12 on: this thread is detached; 3.11: nobody holds the GIL */
+        l->bytes += size;
+        l->calls += 1;
+        if ((l->since_nudge += size) >= PENDING_NUDGE) {
+            l->since_nudge = 0;
+            hook_recheck();
+        }
+        return;
+    }
+    note(p, NULL, size);
+}
+
+/* A free with no block held anywhere, and none in this thread's log, has
+ * nothing to give back. */
+static inline int
+free_is_quiet(void)
+{
+    NLog *l = native_log;
+    return quiet() || (table_count == 0 && (l == NULL || l->n == 0));
+}
+
 static void *
 w_malloc(size_t size)
 {
     void *p = real.malloc(size);
-    if (p != NULL) {
-        note(p, NULL, size);
+    if (p != NULL && !quiet()) {
+        note_alloc(p, size);
     }
     return p;
 }
@@ -405,8 +442,8 @@ static void *
 w_calloc(size_t nelem, size_t elsize)
 {
     void *p = real.calloc(nelem, elsize);
-    if (p != NULL) {
-        note(p, NULL, nelem * elsize);   /* no overflow: it was allocated */
+    if (p != NULL && !quiet()) {
+        note_alloc(p, nelem * elsize);   /* no overflow: it was allocated */
     }
     return p;
 }
@@ -416,9 +453,11 @@ w_realloc(void *old, size_t size)
 {
     void *p = real.realloc(old, size);
     if (p != NULL) {
-        note(p, old, size);
+        if (!quiet()) {
+            note(p, old, size);
+        }
     }
-    else if (old != NULL && size == 0) {
+    else if (old != NULL && size == 0 && !free_is_quiet()) {
         note(NULL, old, 0);   /* glibc's realloc(p, 0) frees p */
     }
     return p;
@@ -427,7 +466,7 @@ w_realloc(void *old, size_t size)
 static void
 w_free(void *ptr)
 {
-    if (ptr != NULL) {
+    if (ptr != NULL && !free_is_quiet()) {
         note(NULL, ptr, 0);   /* first: once freed, another thread may get the address */
     }
     real.free(ptr);
@@ -437,8 +476,8 @@ static int
 w_posix_memalign(void **out, size_t alignment, size_t size)
 {
     int rc = real.posix_memalign(out, alignment, size);
-    if (rc == 0 && *out != NULL) {
-        note(*out, NULL, size);
+    if (rc == 0 && *out != NULL && !quiet()) {
+        note_alloc(*out, size);
     }
     return rc;
 }
@@ -447,8 +486,8 @@ w_posix_memalign(void **out, size_t alignment, size_t size)
     static void *w_##name(size_t alignment, size_t size) \
     {                                                    \
         void *p = real.name(alignment, size);            \
-        if (p != NULL) {                                 \
-            note(p, NULL, size);                         \
+        if (p != NULL && !quiet()) {                     \
+            note_alloc(p, size);                         \
         }                                                \
         return p;                                        \
     }
@@ -460,8 +499,8 @@ static void *
 w_valloc(size_t size)
 {
     void *p = real.valloc(size);
-    if (p != NULL) {
-        note(p, NULL, size);
+    if (p != NULL && !quiet()) {
+        note_alloc(p, size);
     }
     return p;
 }
@@ -470,10 +509,10 @@ static void *
 w_pvalloc(size_t size)
 {
     void *p = real.pvalloc(size);
-    if (p != NULL) {
+    if (p != NULL && !quiet()) {
         long page = sysconf(_SC_PAGESIZE);
         size_t pg = page > 0 ? (size_t)page : 4096;
-        note(p, NULL, (size + pg - 1) / pg * pg);
+        note_alloc(p, (size + pg - 1) / pg * pg);
     }
     return p;
 }
@@ -482,8 +521,8 @@ static char *
 w_strdup(const char *s)
 {
     char *p = real.strdup(s);
-    if (p != NULL) {
-        note(p, NULL, strlen(p) + 1);
+    if (p != NULL && !quiet()) {
+        note_alloc(p, strlen(p) + 1);
     }
     return p;
 }
@@ -492,8 +531,8 @@ static char *
 w_strndup(const char *s, size_t n)
 {
     char *p = real.strndup(s, n);
-    if (p != NULL) {
-        note(p, NULL, strlen(p) + 1);
+    if (p != NULL && !quiet()) {
+        note_alloc(p, strlen(p) + 1);
     }
     return p;
 }
