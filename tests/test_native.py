@@ -413,6 +413,51 @@ async def test_a_soft_memory_limit_cancels_a_c_hog(lib: Any) -> None:
     assert info.value.resource == "memory"
 
 
+SHUTDOWN = r"""
+import asyncio, ctypes, sys, threading
+import gotcha_async as gotcha
+gotcha.install(native=True)
+from lxml import etree
+from PIL import Image
+lib = ctypes.CDLL(sys.argv[1])
+lib.grab.restype = ctypes.c_void_p
+lib.grab.argtypes = [ctypes.c_size_t]
+lib.drop.argtypes = [ctypes.c_void_p]
+started = threading.Event()
+
+def churn():
+    # C work without the GIL, in a scope's context, while the interpreter shuts down
+    started.set()
+    while True:
+        lib.drop(lib.grab(4096))
+
+async def main():
+    global kept
+    async with gotcha.limit(memory="1 GiB") as ctx:
+        kept = [etree.fromstring(b"<r>" + b"<i/>" * 1000 + b"</r>"), Image.new("L", (500, 500))]
+        threading.Thread(target=churn, daemon=True).start()
+        await asyncio.to_thread(started.wait)
+    print("ok", ctx.used().bytes > 250_000)
+
+asyncio.run(main())
+"""
+
+
+@child_only
+def test_the_interpreter_shuts_down_while_c_libraries_allocate(
+    libpath: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("lxml")
+    pytest.importorskip("PIL")
+    script = tmp_path / "shutdown.py"
+    script.write_text(SHUTDOWN)
+    for _ in range(3):
+        out = subprocess.run([sys.executable, str(script), str(libpath)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.strip() == "ok True"
+
+
 # ---------------------------------------------------------------------------------------
 # Real libraries
 
