@@ -385,9 +385,6 @@ charge_chain(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls)
 void
 settle(void)
 {
-    if (UNLIKELY(native_on)) {
-        native_settle();   /* what this thread's C libraries logged without the GIL */
-    }
     Meter *n = batch_meter;
     if (n == NULL) {
         return;
