@@ -133,6 +133,16 @@ def test_native_suite_in_a_process_of_its_own() -> None:
 # In the child process, native counting on
 
 @child_only
+def test_the_aiohttp_middleware_turns_native_counting_on(libpath: Path) -> None:
+    pytest.importorskip("aiohttp")
+    from gotcha_async.aiohttp import LimitMiddleware
+
+    middleware = LimitMiddleware(memory="64 MiB", native=True)
+    assert middleware._options.native is True
+    assert _meter.native_state()["on"] is True
+
+
+@child_only
 def test_install_native_twice_changes_nothing(libpath: Path) -> None:
     state = _meter.native_state()
     assert state["on"] is True and state["slots"] > 0
