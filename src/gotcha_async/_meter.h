@@ -11,7 +11,9 @@
  *   runtime.c  where the interpreter keeps the thread state, for the hook to read
  *   caller.c   whose C asked for an allocation: may a hard scope refuse it?
  *   numpy.c    numpy's data-memory handler: arrays charged to their scope
- *   native.c   C libraries' malloc and free (install(native=True))
+ *   native.c   C libraries' malloc and free (install(native=True)): the
+ *              wrappers and the threads' logs (native.h)
+ *   patch.c    pointing the loaded objects' relocations at the wrappers
  *
  * Everything here is guarded by the main interpreter's GIL: the hooked domains
  * are only called with a GIL held, and the hooks pass other interpreters'
@@ -362,7 +364,7 @@ void numpy_adopt(void);   /* at a scope's entry, with the hook paused */
 int numpy_state(void);
 
 /* ------------------------------------------------------------------------ */
-/* C libraries' malloc (native.c): all under the GIL but native_poll        */
+/* C libraries' malloc (native.c, patch.c): under the GIL but native_poll   */
 
 extern int native_on;           /* install(native=True) has run */
 void native_settle(void);       /* charge what the calling thread logged */
