@@ -406,6 +406,63 @@ async def test_a_thread_that_exits_hands_its_log_over(libpath: Path) -> None:
     assert _meter.native_state()["logs"] <= logs + 1
 
 
+CHURN_C = r"""
+#include <stdlib.h>
+void churn(long n, long size) {
+    void *keep[16] = {0};
+    for (long i = 0; i < n; i++) {
+        free(keep[i & 15]);
+        keep[i & 15] = malloc((size_t)(size + (i & 63)));
+    }
+    for (int j = 0; j < 16; j++) free(keep[j]);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def churn_lib(tmp_path_factory: pytest.TempPathFactory, libpath: Path) -> Any:
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    tmp = tmp_path_factory.mktemp("churn")
+    (tmp / "churn.c").write_text(CHURN_C)
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(tmp / "libchurn.so"),
+                    str(tmp / "churn.c")], check=True)
+    libs = (ctypes.CDLL(str(tmp / "libchurn.so")), ctypes.PyDLL(str(tmp / "libchurn.so")))
+    for lib in libs:
+        lib.churn.argtypes = [ctypes.c_long, ctypes.c_long]
+        lib.churn.restype = None
+    gotcha.install(native=True)
+    return libs
+
+
+@child_only
+@pytest.mark.anyio
+async def test_many_threads_churning_with_and_without_the_gil_give_everything_back(
+    churn_lib: Any,
+) -> None:
+    # blocks made and freed in every thread, with and without the GIL, in scopes that
+    # hold memory exactly and by sample, scopes entered and left all the while
+    results: list[tuple[int, int]] = []
+
+    async def one(i: int) -> None:
+        exact = i % 2 == 0
+        async with gotcha.limit(memory="1 GiB", exact_memory=exact) as ctx:
+            for round_ in range(5):
+                lib = churn_lib[(i + round_) % 2]
+                await anyio.to_thread.run_sync(lib.churn, 20_000, 64 + 512 * (i % 3))
+        current, peak = ctx.memory()  # type: ignore[misc]
+        results.append((current, peak))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(one, i)
+    assert len(results) == 8
+    for current, peak in results:
+        assert current <= 64 * 1024, results
+        assert peak < 64 * MiB, results
+
+
 @child_only
 @pytest.mark.anyio
 async def test_a_soft_memory_limit_cancels_a_c_hog(lib: Any) -> None:
