@@ -587,6 +587,7 @@ async def test_a_soft_limit_stops_an_lxml_hog() -> None:
 
 @child_only
 @pytest.mark.anyio
+@pytest.mark.needs_frames
 async def test_the_middleware_answers_503_to_a_pillow_hog_and_serves_on() -> None:
     Image = pytest.importorskip("PIL.Image")
     httpx = pytest.importorskip("httpx")
