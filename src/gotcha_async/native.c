@@ -22,7 +22,8 @@
  *
  *   - the calling thread holds the GIL: the block is charged at once, to the
  *     scope the PEP 445 hook would charge (hook_data_scope), through the path
- *     numpy.c uses (hook_charge_data: batches, held memory, trips);
+ *     numpy.c uses (hook_charge_data: batches, trips), held at what the block
+ *     takes in libc's heap (footprint);
  *   - it does not (lxml, Pillow and numpy release it): the block goes to a
  *     log of the thread's own (NLog), no lock and no Python, and is charged,
  *     in order, to the scope the thread last ran in (its target, set under the
@@ -34,8 +35,9 @@
  * statically linked or exported allocators (jemalloc built in), libc's own
  * allocations outside these functions (asprintf, getline, fopen's buffer),
  * blocks freed without the GIL by another thread than the one whose log
- * holds their allocation still unsettled, and past MAX_RECORDS records a
- * thread logged without the GIL, their holding (still charged in bytes).
+ * holds their allocation still unsettled, and past MAX_RECORDS records one
+ * thread logged without the GIL, the frees that follow (their blocks stay
+ * held). A free made with nothing held anywhere costs one test.
  */
 #include "native.h"
 
