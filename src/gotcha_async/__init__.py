@@ -29,6 +29,7 @@ from ._context import current as current
 from ._context import limit as limit
 from ._context import move_on_limit as move_on_limit
 from ._context import run as run
+from ._hook import install as install
 from ._units import EB as EB
 from ._units import GB as GB
 from ._units import KB as KB
@@ -53,7 +54,7 @@ __all__ = [
     "EB", "GB", "KB", "MB", "PB", "TB",
     "GRACE", "REFUSE_MIN", "Context", "EiB", "Exa", "GiB", "Giga", "HardLimitError", "KiB",
     "Kilo", "LimitExceeded", "Mega", "Memory", "MiB", "Peta", "PiB", "Tera", "TiB", "Usage",
-    "current", "limit", "move_on_limit", "parse_size", "run",
+    "current", "install", "limit", "move_on_limit", "parse_size", "run",
 ]
 
 

@@ -281,3 +281,43 @@ def _keep_hook_through_tracemalloc_stop() -> None:
 
     stop.__gotcha_wrapped__ = True  # type: ignore[attr-defined]
     tracemalloc.stop = stop
+
+
+def install(*, native: bool = False) -> None:
+    """Install the allocator hook now, and with ``native=True`` count C libraries too.
+
+    Scopes install the hook themselves when the first one is entered; call this once at
+    start-up to do it earlier, or to count the memory of C libraries.
+
+    ``native=True`` charges every loaded library's ``malloc``, ``calloc``, ``realloc``,
+    ``free``, the aligned variants (``posix_memalign``, ``aligned_alloc``, ``memalign``,
+    ``valloc``, ``pvalloc``), ``strdup`` and ``strndup`` to the scope of the thread that
+    calls them, from then on, process-wide, and the same for libraries loaded later
+    (imports, ``ctypes``, ``dlopen``). Nothing is counted twice: Python's own allocators
+    and numpy's arrays are counted already, and the interpreter, libc and numpy's core
+    are not patched. A C library is never refused memory: a scope past its limit is
+    cancelled (soft) or stopped at the next bytecode boundary (a ceiling, ``hard=True``).
+    The patching cannot be undone, and calling this again does nothing more.
+
+    What stays invisible: threads that never ran Python inside a scope (a BLAS pool's
+    workers), statically linked allocators, libc's own allocations outside these
+    functions, and the freeing of a block by another thread while its allocation still
+    waits, unsettled, in the log of a thread that has not held the GIL since.
+
+    :param native: count C libraries' allocations too (Linux with glibc, on x86-64 or
+        aarch64).
+    :raises TypeError: ``native`` is not a bool.
+    :raises NotImplementedError: ``native=True`` where it is not supported; nothing is
+        changed then.
+    """
+    if not isinstance(native, bool):
+        raise TypeError(f"native must be True or False, not {native!r}")
+    if native and not _meter.native_supported():
+        raise NotImplementedError(
+            "gotcha.install(native=True) needs Linux with glibc on x86-64 or aarch64 "
+            f"(this is {sys.platform}); nothing was changed"
+        )
+    ensure_installed()
+    if native:
+        with _lock:
+            _meter.native_install()

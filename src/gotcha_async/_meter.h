@@ -11,6 +11,9 @@
  *   runtime.c  where the interpreter keeps the thread state, for the hook to read
  *   caller.c   whose C asked for an allocation: may a hard scope refuse it?
  *   numpy.c    numpy's data-memory handler: arrays charged to their scope
+ *   native.c   C libraries' malloc and free (install(native=True)): the
+ *              wrappers and the threads' logs (native.h)
+ *   patch.c    pointing the loaded objects' relocations at the wrappers
  *
  * Everything here is guarded by the main interpreter's GIL: the hooked domains
  * are only called with a GIL held, and the hooks pass other interpreters'
@@ -359,6 +362,19 @@ void hook_forget_data(void *ptr);
 int numpy_init(void);
 void numpy_adopt(void);   /* at a scope's entry, with the hook paused */
 int numpy_state(void);
+
+/* ------------------------------------------------------------------------ */
+/* C libraries' malloc (native.c, patch.c): under the GIL but native_poll   */
+
+extern int native_on;           /* install(native=True) has run */
+void native_settle(void);       /* charge what the calling thread logged */
+void native_target(Meter *m);   /* the calling thread now runs in m (or none) */
+void native_forget(Meter *m);   /* m is going away */
+void native_poll(void);         /* without the GIL: patch objects loaded since */
+void hook_recheck(void);        /* any thread: the next allocation looks up its scope */
+PyObject *mod_native_supported(PyObject *mod, PyObject *unused);
+PyObject *mod_native_install(PyObject *mod, PyObject *unused);
+PyObject *mod_native_state(PyObject *mod, PyObject *unused);
 
 /* ------------------------------------------------------------------------ */
 /* Frames (frames.c): the private layouts, checked on 3.11 to 3.15          */

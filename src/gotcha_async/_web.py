@@ -13,7 +13,7 @@ from http import HTTPStatus
 from types import MappingProxyType
 from typing import Any
 
-from . import _otel, _report, _routes
+from . import _hook, _otel, _report, _routes
 from ._context import Context, LimitExceeded, _Recipe, _recipe
 from ._units import Limit, check_ceiling, check_limit
 
@@ -118,6 +118,7 @@ class Options:
         meter_provider: Any,
         track_memory: bool,
         summary_routes: int,
+        native: bool = False,
     ) -> None:
         #: The default limit arguments, validated (read-only).
         self.limits: Mapping[str, Any] = MappingProxyType({
@@ -140,6 +141,11 @@ class Options:
         self.status_code = status_code
         self.enforce = check_bool("enforce", enforce)
         self.track_memory = check_bool("track_memory", track_memory)
+        #: Whether C libraries' allocations are counted (read-only): install(native=True)
+        #: has run, process-wide, when the middleware was made.
+        self.native = check_bool("native", native)
+        if native:
+            _hook.install(native=True)
         # route keys: (method or None, template) -> (key, plan), matched against the
         # route the framework names; globs and regexes against the raw path, in order
         self.route_keys: dict[tuple[str | None, str], tuple[str, Plan]] = {}

@@ -248,13 +248,14 @@ class LimitMiddleware:
         enforce: bool = True,
         meter_provider: Any = None,
         track_memory: bool = False,
+        native: bool = False,
         summary_routes: int = 200,
     ) -> None:
         self._options = _web.Options(
             bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard,
             ceiling=ceiling, status_code=status_code, routes=routes, on_exceeded=on_exceeded,
             enforce=enforce, meter_provider=meter_provider, track_memory=track_memory,
-            summary_routes=summary_routes,
+            summary_routes=summary_routes, native=native,
         )
         if response is not None:
             _check_response(response)

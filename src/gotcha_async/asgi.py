@@ -383,6 +383,9 @@ class LimitMiddleware:
         a ``memory`` limit (it costs a table lookup per free while the request runs)
     :param summary_routes: how many distinct routes the summary keeps apart; requests of
         later ones are summed up as ``"(other)"``
+    :param native: count the memory of every C library too (lxml, Pillow, ...), as
+        :func:`gotcha_async.install` with ``native=True`` does, process-wide, from the
+        middleware's creation on
     :raises TypeError: for an argument of the wrong type, or a ``response`` that is
         neither an ASGI application nor a callable of one argument
     :raises ValueError: for a bad limit, status code, route pattern or route key
@@ -405,6 +408,7 @@ class LimitMiddleware:
         enforce: bool = True,
         meter_provider: Any = None,
         track_memory: bool = False,
+        native: bool = False,
         summary_routes: int = 200,
     ) -> None:
         if not callable(app):
@@ -414,7 +418,7 @@ class LimitMiddleware:
             bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard,
             ceiling=ceiling, status_code=status_code, routes=routes, on_exceeded=on_exceeded,
             enforce=enforce, meter_provider=meter_provider, track_memory=track_memory,
-            summary_routes=summary_routes,
+            summary_routes=summary_routes, native=native,
         )
         self._response = response
         self._response_is_app = response is not None and _check_response(response)

@@ -430,6 +430,7 @@ delivery_loop(void)
         /* between wake-ups, a look at the allocator chains (chain_look) */
         do {
             got = PyThread_acquire_lock_timed(lock, active > 0 ? POLL_US : IDLE_US, 0);
+            native_poll();   /* objects loaded since: patched (native.c) */
         } while (got != PY_LOCK_ACQUIRED && !(active > 0 && chain_moved()));
         Py_END_ALLOW_THREADS
         if (lock != wake) {

@@ -136,6 +136,9 @@ seen_entered(Meter *m)
     if (paused || active == 0 || ts == NULL || ts->interp != main_interp) {
         return;   /* never in the cache (lookup_meter) */
     }
+    if (UNLIKELY(native_on)) {
+        native_target(m);
+    }
     seen_ts = ts;
     seen_tsid = ts->id;
     seen_ver = ts->context_ver;
@@ -151,6 +154,9 @@ seen_entered(Meter *m)
 void
 forget_meter(Meter *m)
 {
+    if (UNLIKELY(native_on)) {
+        native_forget(m);   /* first: it may charge m what a thread logged for it */
+    }
     if (batch_meter == m) {
         settle();
     }
@@ -160,6 +166,18 @@ forget_meter(Meter *m)
     }
 #else
     (void)m;
+#endif
+}
+
+/* Any thread, without the GIL (native.c): a thread's C libraries logged
+ * enough to be charged, and its next allocation must look its scope up, which
+ * settles the log. Only the one word is written: a lookup that overwrites it
+ * fills the cache for its own thread, which is not the one waiting. */
+void
+hook_recheck(void)
+{
+#ifdef SEEN_CACHE
+    __atomic_store_n(&seen_ts, (PyThreadState *)&seen_ts, __ATOMIC_RELAXED);
 #endif
 }
 
@@ -183,6 +201,10 @@ lookup_meter(PyThreadState *ts)
     if (ts == NULL || ts->interp != main_interp || ts->tracing != 0) {
         return NULL;
     }
+    /* what the thread's C libraries logged without the GIL is its last scope's */
+    if (UNLIKELY(native_on) && !paused) {
+        native_settle();
+    }
     PyObject *v = NULL;
     /* cannot fail for a ContextVar: its hash is precomputed */
     if (PyContextVar_Get(scope_var, NULL, &v) < 0) {
@@ -190,6 +212,9 @@ lookup_meter(PyThreadState *ts)
     }
     /* the context holds a reference: this never drops to zero here */
     Py_XDECREF(v);
+    if (UNLIKELY(native_on) && !paused && active != 0) {
+        native_target((Meter *)v);
+    }
 #ifdef SEEN_CACHE
     if (paused || active == 0) {
         return (Meter *)v;   /* a paused thread or an idle hook is never in the cache */
@@ -617,6 +642,16 @@ hold_block(Meter *n, void *p, uint64_t weight)
     }
     else {
         charge_held(h, weight, 1);
+    }
+}
+
+/* A block a C library made without the GIL, charged already and chosen to be
+ * held with this weight by its thread's log (native.c) */
+void
+hook_hold_native(Meter *n, void *p, uint64_t weight)
+{
+    if (n->held != NULL) {
+        hold_block(n, p, weight);
     }
 }
 
@@ -1778,4 +1813,20 @@ verify_chain(void)
     ensure_hooked();
     hook_fit_frees();
     return dropped;
+}
+
+/* A block a C library made under the GIL (native.c): charged its size, held
+ * at fp, what it takes in libc's heap */
+void
+hook_charge_native(Meter *n, void *old, void *p, size_t size, size_t fp)
+{
+    if (n == NULL || n->held == NULL) {
+        hook_charge_data(n, old, p, size);   /* batched, nothing held */
+        return;
+    }
+    if (old != NULL && table_count != 0 && table_may_hold(old)) {
+        forget_block(old);
+    }
+    charge(n, size, 0, 1);
+    hold(n, p, fp);
 }

@@ -11,6 +11,17 @@
  */
 #include "_meter.h"
 
+/* Before a scope's counters are read: what this thread's C libraries logged
+ * without the GIL (native.c), then the hook's batch. */
+static inline void
+settle_reads(void)
+{
+    if (native_on) {
+        native_settle();
+    }
+    settle();
+}
+
 PyObject *ready_true, *ready_none;
 static PyObject *str_before_enter, *str_after_exit, *str_enter, *str_exit;
 
@@ -62,7 +73,7 @@ static int exceeded_now(const Meter *m);
 static void
 freeze(Meter *m)
 {
-    settle();   /* the batch was taken against the thresholds about to go */
+    settle_reads();   /* the batch was taken against the thresholds about to go */
     uint64_t v = 0;
     m->frozen_broken = broken_now(m, &v);
     m->frozen_reached = v;
@@ -703,7 +714,7 @@ Meter_counts(Meter *m, PyObject *unused)
         PyErr_SetString(PyExc_RuntimeError, "set_types() has not run");
         return NULL;
     }
-    settle();
+    settle_reads();
     const uint64_t *u = m->state == S_EXITED ? m->frozen_used : m->used;
     pause_hook();
     PyObject *r = PyObject_CallFunction(usage_type, "KKK", (unsigned long long)u[0],
@@ -719,6 +730,9 @@ Meter_memory(Meter *m, PyObject *unused)
     Held *h = m->held;
     if (h == NULL) {
         Py_RETURN_NONE;
+    }
+    if (native_on) {
+        native_settle();   /* frees this thread's C libraries logged without the GIL */
     }
     if (memory_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "set_types() has not run");
@@ -811,7 +825,7 @@ Meter_broken(Meter *m, PyObject *unused)
 {
     (void)unused;
     uint64_t v;
-    settle();
+    settle_reads();
     int k = broken_resource(m, &v);
     if (k < 0) {
         Py_RETURN_NONE;
@@ -845,7 +859,7 @@ exceeded_now(const Meter *m)
 int
 meter_exceeded(Meter *m)
 {
-    settle();
+    settle_reads();
     return m->state == S_EXITED ? m->frozen_exceeded : exceeded_now(m);
 }
 
@@ -881,7 +895,7 @@ static PyObject *
 Meter_get_bytes(Meter *m, void *unused)
 {
     (void)unused;
-    settle();
+    settle_reads();
     return PyLong_FromUnsignedLongLong(
         (unsigned long long)(m->state == S_EXITED ? m->frozen_used : m->used)[R_BYTES]);
 }

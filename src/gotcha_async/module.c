@@ -355,6 +355,13 @@ static PyMethodDef mod_methods[] = {
      "0 until a scope is entered after numpy was imported; 1 once numpy's arrays are "
      "counted (their data handler is ours in each scope's context); 2 if this numpy "
      "cannot be (older than 1.22)."},
+    {"native_supported", mod_native_supported, METH_NOARGS,
+     "Can C libraries' allocations be counted on this platform?"},
+    {"native_install", mod_native_install, METH_NOARGS,
+     "Count C libraries' allocations from now on (after install()); idempotent."},
+    {"native_state", mod_native_state, METH_NOARGS,
+     "{'on': bool, 'slots': relocations patched, 'scans': patching passes, 'logs': threads "
+     "with a log}."},
     {NULL},
 };
 
