@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Mapping
 
 import pytest
@@ -35,11 +36,21 @@ def pytest_configure(config: pytest.Config) -> None:
         "needs_frames: needs the interpreter's frames read (interrupts, refusals, sites): "
         "skipped on a build for a CPython it was not checked on (GOTCHA_UNCHECKED=1)",
     )
+    config.addinivalue_line(
+        "markers",
+        "native_child: needs native counting on (process-wide): deselected but in the "
+        "process tests/test_native.py starts for them (GOTCHA_NATIVE_CHILD=1)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     from gotcha_async import _meter
 
+    if os.environ.get("GOTCHA_NATIVE_CHILD") != "1":
+        native = [item for item in items if item.get_closest_marker("native_child")]
+        if native:
+            config.hook.pytest_deselected(items=native)
+            items[:] = [item for item in items if not item.get_closest_marker("native_child")]
     if _meter.checked():
         return
     skip = pytest.mark.skip(reason="a build for an unchecked CPython reads no frames")
