@@ -31,6 +31,11 @@ def pytest_asyncio_loop_factories(
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("GOTCHA_TEST_NATIVE") == "1":
+        # the whole suite with C libraries' memory counted too (.ci/run's native step)
+        import gotcha_async
+
+        gotcha_async.install(native=True)
     config.addinivalue_line(
         "markers",
         "needs_frames: needs the interpreter's frames read (interrupts, refusals, sites): "
@@ -46,7 +51,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     from gotcha_async import _meter
 
-    if os.environ.get("GOTCHA_NATIVE_CHILD") != "1":
+    if "1" not in (os.environ.get("GOTCHA_NATIVE_CHILD"), os.environ.get("GOTCHA_TEST_NATIVE")):
         native = [item for item in items if item.get_closest_marker("native_child")]
         if native:
             config.hook.pytest_deselected(items=native)

@@ -27,7 +27,9 @@ import pytest
 import gotcha_async as gotcha
 from gotcha_async import _meter
 
-CHILD = os.environ.get("GOTCHA_NATIVE_CHILD") == "1"
+# in the process test_native_suite_in_a_process_of_its_own starts, or in a whole suite run
+# with native counting on (tests/conftest.py, GOTCHA_TEST_NATIVE)
+CHILD = "1" in (os.environ.get("GOTCHA_NATIVE_CHILD"), os.environ.get("GOTCHA_TEST_NATIVE"))
 SUPPORTED = _meter.native_supported()
 MiB = gotcha.MiB
 # what the call itself costs beside the block (ctypes' argument conversion, a few
