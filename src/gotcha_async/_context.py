@@ -204,33 +204,36 @@ def _enable_fast_path(cls: type) -> None:
     _fast_path = True
 
 
-def _splice(host: asyncio.Task[Any], outer: Any, cancelling0: int) -> Any:
+def _splice(host: asyncio.Task[Any], outer: Any, cancelling0: int, ancestors: list[Any]) -> Any:
     """An entered anyio cancel scope for a lazy scope of host, where anyio would have put it.
 
     The lazy scope was entered while ``outer`` was the innermost anyio scope of its
     task (None: none). The anyio scopes the task entered since are inside it: the
     new scope goes between them and ``outer``, in the task's chain and in the
-    parent/child links anyio delivers cancellation through. anyio's own ``__enter__``
-    cannot do this: it runs in the task, and only on top of its chain.
+    parent/child links anyio delivers cancellation through. ``ancestors`` are the
+    cancel scopes of enclosing Contexts made real since (each one's place is below
+    them too). anyio's own ``__enter__`` cannot do this: it runs in the task, and
+    only on top of its chain.
     """
     backend = _anyio_asyncio
     scope = backend.CancelScope()
     scope._host_task = host
     scope._active = True
     scope._cancelling_at_enter = cancelling0
-    scope._parent_scope = outer
     state = backend._task_states.get(host)
     top = state.cancel_scope if state is not None else None
-    inner = top
-    while inner is not None and inner._parent_scope is not outer:
-        inner = inner._parent_scope
+    # inner: the outermost anyio scope entered inside; parent: where the walk stopped
+    inner, parent = None, top
+    while parent is not None and parent is not outer and parent not in ancestors:
+        inner, parent = parent, parent._parent_scope
+    if parent is None and outer is not None:
+        inner, parent = None, top  # a chain anyio rearranged (TaskGroup.start): innermost
+    scope._parent_scope = parent
     if inner is None:
-        # nothing entered inside (or a chain anyio rearranged: innermost then)
-        scope._parent_scope = top
         scope._tasks.add(host)
-        if top is not None:
-            top._tasks.discard(host)
-            top._child_scopes.add(scope)
+        if parent is not None:
+            parent._tasks.discard(host)
+            parent._child_scopes.add(scope)
         if state is None:
             backend._task_states[host] = backend.TaskState(None, scope)
         else:
@@ -238,9 +241,9 @@ def _splice(host: asyncio.Task[Any], outer: Any, cancelling0: int) -> Any:
     else:
         inner._parent_scope = scope
         scope._child_scopes.add(inner)
-        if outer is not None:
-            outer._child_scopes.discard(inner)
-            outer._child_scopes.add(scope)
+        if parent is not None:
+            parent._child_scopes.discard(inner)
+            parent._child_scopes.add(scope)
     return scope
 
 
@@ -527,7 +530,13 @@ class Context(_meter.Meter, anyio.CancelScope):
         everything is anyio's own: level-triggered delivery, child scopes and task
         groups, uncancel() counts, nesting with asyncio.timeout.
         """
-        scope = _splice(self._host, self._anyio_outer, self._cancelling0)
+        ancestors = []
+        ctx = self.parent
+        while ctx is not None:
+            if ctx._scope is not None:
+                ancestors.append(ctx._scope)
+            ctx = ctx.parent
+        scope = _splice(self._host, self._anyio_outer, self._cancelling0, ancestors)
         self._scope = scope
         self._host = None
         self._anyio_outer = None
