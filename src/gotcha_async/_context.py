@@ -159,9 +159,11 @@ def _new_cancel_scope(deadline: float, shield: bool) -> tuple[Any, Any]:
         if in_task is not None:
             if not in_task():
                 return None, None
-            cls = _scope_classes.get("trio")
-            if cls is not None:
-                return cls(deadline=deadline, shield=shield), trio.lowlevel.current_trio_token()
+            # trio's own scope: anyio's trio scope only forwards to one
+            if not _fast_trio and _hook._installed:
+                _enable_fast_trio(trio)
+            token = trio.lowlevel.current_trio_token()
+            return trio.CancelScope(deadline=deadline, shield=shield), token
     try:
         scope = anyio.CancelScope(deadline=deadline, shield=shield)
     except anyio.NoEventLoopError:
@@ -202,6 +204,17 @@ def _enable_fast_path(cls: type) -> None:
         _anyio_asyncio = backend
         _meter.set_fast(_get_running_loop, cls, asyncio.current_task, states.data)  # type: ignore[union-attr]
     _fast_path = True
+
+
+_fast_trio = False
+
+
+def _enable_fast_trio(trio: Any) -> None:
+    """From now on the C half enters and leaves plain scopes on trio itself."""
+    global _fast_trio
+    low = trio.lowlevel
+    _meter.set_fast_trio(low.in_trio_task, low.current_trio_token, trio.CancelScope)
+    _fast_trio = True
 
 
 def _splice(host: asyncio.Task[Any], outer: Any, cancelling0: int, ancestors: list[Any]) -> Any:

@@ -411,6 +411,18 @@ static PyObject *fast_running_loop, *fast_scope_class;
  * NULL: every fast scope makes its cancel scope at entry. */
 static PyObject *fast_current_task, *fast_task_states;
 static PyObject *str_cancelling, *str_cancel_scope;
+/* On trio: trio.lowlevel.in_trio_task and current_trio_token, and
+ * trio.CancelScope itself (anyio's trio scope only forwards to one). */
+static PyObject *trio_in_task, *trio_token, *trio_scope_class;
+
+int
+meter_set_fast_trio(PyObject *in_task, PyObject *token, PyObject *scope_class)
+{
+    Py_XSETREF(trio_in_task, Py_XNewRef(in_task));
+    Py_XSETREF(trio_token, Py_XNewRef(token));
+    Py_XSETREF(trio_scope_class, Py_XNewRef(scope_class));
+    return 0;
+}
 
 int
 meter_set_fast(PyObject *running_loop, PyObject *scope_class, PyObject *current_task,
@@ -500,52 +512,75 @@ lazy_clear(Meter *m)
 static int
 fast_before_enter(Meter *m, PyObject **scope)
 {
-    if (fast_scope_class == NULL || !installed || m->shield || m->cancel_pending ||
-        m->deadline != Py_HUGE_VAL) {
+    if ((fast_scope_class == NULL && trio_scope_class == NULL) || !installed || m->shield ||
+        m->cancel_pending || m->deadline != Py_HUGE_VAL) {
         return 0;
     }
-    PyObject *loop = PyObject_CallNoArgs(fast_running_loop);
-    if (loop == NULL) {
-        return -1;
+    /* waker: the running asyncio loop, or trio's token */
+    PyObject *waker = NULL;
+    int on_trio = 0;
+    if (fast_scope_class != NULL) {
+        waker = PyObject_CallNoArgs(fast_running_loop);
+        if (waker == NULL) {
+            return -1;
+        }
+        if (waker == Py_None) {
+            Py_CLEAR(waker);
+        }
     }
-    if (loop == Py_None) {
-        Py_DECREF(loop);
-        return 0;
+    if (waker == NULL) {
+        if (trio_scope_class == NULL) {
+            return 0;
+        }
+        PyObject *in = PyObject_CallNoArgs(trio_in_task);
+        if (in == NULL) {
+            return -1;
+        }
+        int yes = in == Py_True;
+        Py_DECREF(in);
+        if (!yes) {
+            return 0;
+        }
+        waker = PyObject_CallNoArgs(trio_token);
+        if (waker == NULL) {
+            return -1;
+        }
+        on_trio = 1;
     }
     if (m->parent == NULL) {
         PyObject *outer;
         if (PyContextVar_Get(scope_var, NULL, &outer) < 0) {
-            Py_DECREF(loop);
+            Py_DECREF(waker);
             return -1;
         }
         if (outer != NULL) {
             PyObject *r = Meter_set_parent(m, outer);
             Py_DECREF(outer);
             if (r == NULL) {
-                Py_DECREF(loop);
+                Py_DECREF(waker);
                 return -1;
             }
             Py_DECREF(r);
         }
     }
-    if (fast_current_task != NULL) {
-        int lazy = lazy_enter(m, loop);
+    if (!on_trio && fast_current_task != NULL) {
+        int lazy = lazy_enter(m, waker);
         if (lazy < 0) {
-            Py_DECREF(loop);
+            Py_DECREF(waker);
             return -1;
         }
         if (lazy > 0) {
-            Py_SETREF(m->waker, loop);
+            Py_SETREF(m->waker, waker);
             *scope = Py_NewRef(Py_None);
             return 1;
         }
     }
-    PyObject *s = PyObject_CallNoArgs(fast_scope_class);
+    PyObject *s = PyObject_CallNoArgs(on_trio ? trio_scope_class : fast_scope_class);
     if (s == NULL) {
-        Py_DECREF(loop);
+        Py_DECREF(waker);
         return -1;
     }
-    Py_SETREF(m->waker, loop);
+    Py_SETREF(m->waker, waker);
     Py_SETREF(m->scope, Py_NewRef(s));
     *scope = s;
     return 1;
@@ -694,7 +729,8 @@ after_exit(Meter *m, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     uint64_t reached;
-    if (fast_scope_class != NULL && m->done == Py_None && m->scope != NULL &&
+    if ((fast_scope_class != NULL || trio_scope_class != NULL) && m->done == Py_None &&
+        m->scope != NULL &&
         broken_resource(m, &reached) < 0) {
         /* Context._after_exit when no limit of this scope broke and nobody
          * awaits it: the cancel scope's exit is all there is */

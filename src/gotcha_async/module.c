@@ -10,6 +10,7 @@
 
 int meter_init_types(void);
 int meter_set_types(PyObject *u, PyObject *m);
+int meter_set_fast_trio(PyObject *in_task, PyObject *token, PyObject *scope_class);
 int meter_set_fast(PyObject *running_loop, PyObject *scope_class, PyObject *current_task,
                    PyObject *task_states);
 
@@ -108,6 +109,29 @@ mod_set_types(PyObject *mod, PyObject *args)
         return NULL;
     }
     meter_set_types(u, m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_set_fast_trio(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    PyObject *in_task, *token, *cls;
+    if (!PyArg_ParseTuple(args, "OOO", &in_task, &token, &cls)) {
+        return NULL;
+    }
+    if (in_task == Py_None) {
+        meter_set_fast_trio(NULL, NULL, NULL);
+    }
+    else if (!PyCallable_Check(in_task) || !PyCallable_Check(token) || !PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "set_fast_trio(in_trio_task, current_trio_token, type) or "
+                        "set_fast_trio(None, None, None)");
+        return NULL;
+    }
+    else {
+        meter_set_fast_trio(in_task, token, cls);
+    }
     Py_RETURN_NONE;
 }
 
@@ -325,6 +349,9 @@ static PyMethodDef mod_methods[] = {
      "leave without Python in the common case (None, None: never). With current_task "
      "and anyio's task-state dict (the WeakKeyDictionary's data), a plain scope makes "
      "no cancel scope until something asks for a cancellation (a lazy scope)."},
+    {"set_fast_trio", mod_set_fast_trio, METH_VARARGS,
+     "set_fast_trio(in_trio_task, current_trio_token, CancelScope): on trio, enter and "
+     "leave plain scopes without Python, around trio's own cancel scope."},
     {"set_types", mod_set_types, METH_VARARGS,
      "set_types(Usage, Memory): the NamedTuples the module returns."},
     {"set_hooked", mod_set_hooked, METH_O,
