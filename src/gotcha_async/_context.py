@@ -290,6 +290,7 @@ def _only_refusals(exc: BaseException | None) -> bool:
 #: A scope's checked arguments, as Context._apply takes them: (limits, whether it has
 #: a ceiling, ceilings, track_memory, sampling rate, whether the C half needs them).
 _Recipe = tuple[tuple[Any, ...], bool, tuple[Any, ...], bool, int, bool]
+_PLAIN: _Recipe = (_NO_LIMITS, False, _NO_LIMITS, False, 0, False)
 
 
 def _recipe(
@@ -308,6 +309,12 @@ def _recipe(
     :raises TypeError: for an argument of the wrong type
     :raises ValueError: for a bad limit or ceiling
     """
+    if (
+        bytes is None and objects is None and calls is None and memory is None
+        and hard is False and ceiling is None and track_memory is False
+        and exact_memory is False
+    ):
+        return _PLAIN  # limit(): a pure measurement
     limits: tuple[int | None, ...] = (bytes, objects, calls, memory)  # type: ignore[assignment]
     # the common cases (None, a plain int in range) without a call each
     if not (
@@ -857,8 +864,10 @@ def limit(
     current when it is entered. See :class:`Context` for the parameters.
     """
     ctx: Context = _new_meter(Context)
-    ctx._init(bytes, objects, calls, memory, hard, ceiling, None, shield, track_memory,
-              exact_memory, True)
+    if shield is not False and type(shield) is not bool:
+        raise TypeError(f"shield must be True or False, not {shield!r}")
+    ctx._apply(_recipe(bytes, objects, calls, memory, hard, ceiling, track_memory, exact_memory),
+               None, shield, True)
     return ctx
 
 
@@ -880,8 +889,10 @@ def move_on_limit(
     :class:`Context` for the parameters.
     """
     ctx: Context = _new_meter(Context)
-    ctx._init(bytes, objects, calls, memory, hard, ceiling, None, shield, track_memory,
-              exact_memory, False)
+    if shield is not False and type(shield) is not bool:
+        raise TypeError(f"shield must be True or False, not {shield!r}")
+    ctx._apply(_recipe(bytes, objects, calls, memory, hard, ceiling, track_memory, exact_memory),
+               None, shield, False)
     return ctx
 
 
