@@ -210,11 +210,18 @@ _fast_trio = False
 
 
 def _enable_fast_trio(trio: Any) -> None:
-    """From now on the C half enters and leaves plain scopes on trio itself."""
+    """From now on the C half enters and leaves plain scopes on trio itself.
+
+    It reads trio's run context (what ``trio.lowlevel.in_trio_task`` and
+    ``current_trio_token`` read); where trio has none by that name, scopes take the
+    Python path.
+    """
     global _fast_trio
-    low = trio.lowlevel
-    _meter.set_fast_trio(low.in_trio_task, low.current_trio_token, trio.CancelScope)
     _fast_trio = True
+    run = sys.modules.get("trio._core._run")
+    context = getattr(run, "GLOBAL_RUN_CONTEXT", None)
+    if context is not None and hasattr(context, "runner") and hasattr(context, "task"):
+        _meter.set_fast_trio(context, trio.CancelScope)
 
 
 def _splice(host: asyncio.Task[Any], outer: Any, cancelling0: int, ancestors: list[Any]) -> Any:

@@ -411,18 +411,6 @@ static PyObject *fast_running_loop, *fast_scope_class;
  * NULL: every fast scope makes its cancel scope at entry. */
 static PyObject *fast_current_task, *fast_task_states;
 static PyObject *str_cancelling, *str_cancel_scope;
-/* On trio: trio.lowlevel.in_trio_task and current_trio_token, and
- * trio.CancelScope itself (anyio's trio scope only forwards to one). */
-static PyObject *trio_in_task, *trio_token, *trio_scope_class;
-
-int
-meter_set_fast_trio(PyObject *in_task, PyObject *token, PyObject *scope_class)
-{
-    Py_XSETREF(trio_in_task, Py_XNewRef(in_task));
-    Py_XSETREF(trio_token, Py_XNewRef(token));
-    Py_XSETREF(trio_scope_class, Py_XNewRef(scope_class));
-    return 0;
-}
 
 int
 meter_set_fast(PyObject *running_loop, PyObject *scope_class, PyObject *current_task,
@@ -433,6 +421,48 @@ meter_set_fast(PyObject *running_loop, PyObject *scope_class, PyObject *current_
     Py_XSETREF(fast_current_task, Py_XNewRef(current_task));
     Py_XSETREF(fast_task_states, Py_XNewRef(task_states));
     return 0;
+}
+
+/* On trio: trio's run context (a thread-local: "task" is set while a task
+ * runs, "runner" while trio runs), and trio.CancelScope itself (anyio's trio
+ * scope only forwards to one). */
+static PyObject *trio_run_context, *trio_scope_class;
+static PyObject *str_task, *str_runner, *str_trio_token, *str_current_trio_token;
+
+int
+meter_set_fast_trio(PyObject *run_context, PyObject *scope_class)
+{
+    Py_XSETREF(trio_run_context, Py_XNewRef(run_context));
+    Py_XSETREF(trio_scope_class, Py_XNewRef(scope_class));
+    return 0;
+}
+
+/* The running trio's token if a trio task is running here (new reference),
+ * NULL without an error if not, NULL with one on failure. */
+static PyObject *
+trio_waker(void)
+{
+    PyObject *task = PyObject_GetAttr(trio_run_context, str_task);
+    if (task == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+        }
+        return NULL;
+    }
+    Py_DECREF(task);
+    PyObject *runner = PyObject_GetAttr(trio_run_context, str_runner);
+    if (runner == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+        }
+        return NULL;
+    }
+    PyObject *token = PyObject_GetAttr(runner, str_trio_token);
+    if (token == Py_None) {   /* made on first use */
+        Py_SETREF(token, PyObject_CallMethodNoArgs(runner, str_current_trio_token));
+    }
+    Py_DECREF(runner);
+    return token;
 }
 
 /* Entering lazily: note the host task, the anyio scope innermost in it now,
@@ -532,18 +562,9 @@ fast_before_enter(Meter *m, PyObject **scope)
         if (trio_scope_class == NULL) {
             return 0;
         }
-        PyObject *in = PyObject_CallNoArgs(trio_in_task);
-        if (in == NULL) {
-            return -1;
-        }
-        int yes = in == Py_True;
-        Py_DECREF(in);
-        if (!yes) {
-            return 0;
-        }
-        waker = PyObject_CallNoArgs(trio_token);
+        waker = trio_waker();
         if (waker == NULL) {
-            return -1;
+            return PyErr_Occurred() ? -1 : 0;
         }
         on_trio = 1;
     }
@@ -1229,10 +1250,15 @@ meter_init_types(void)
     str_exit = PyUnicode_InternFromString("__exit__");
     str_cancelling = PyUnicode_InternFromString("cancelling");
     str_cancel_scope = PyUnicode_InternFromString("cancel_scope");
+    str_task = PyUnicode_InternFromString("task");
+    str_runner = PyUnicode_InternFromString("runner");
+    str_trio_token = PyUnicode_InternFromString("trio_token");
+    str_current_trio_token = PyUnicode_InternFromString("current_trio_token");
     ready_true = PyObject_CallOneArg((PyObject *)&ReadyType, Py_True);
     ready_none = PyObject_CallOneArg((PyObject *)&ReadyType, Py_None);
     if (!str_before_enter || !str_after_exit || !str_enter || !str_exit || !str_cancelling ||
-        !str_cancel_scope || !ready_true ||
+        !str_cancel_scope || !str_task || !str_runner || !str_trio_token ||
+        !str_current_trio_token || !ready_true ||
         !ready_none) {
         return -1;
     }

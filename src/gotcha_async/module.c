@@ -10,7 +10,7 @@
 
 int meter_init_types(void);
 int meter_set_types(PyObject *u, PyObject *m);
-int meter_set_fast_trio(PyObject *in_task, PyObject *token, PyObject *scope_class);
+int meter_set_fast_trio(PyObject *run_context, PyObject *scope_class);
 int meter_set_fast(PyObject *running_loop, PyObject *scope_class, PyObject *current_task,
                    PyObject *task_states);
 
@@ -116,21 +116,20 @@ static PyObject *
 mod_set_fast_trio(PyObject *mod, PyObject *args)
 {
     (void)mod;
-    PyObject *in_task, *token, *cls;
-    if (!PyArg_ParseTuple(args, "OOO", &in_task, &token, &cls)) {
+    PyObject *run_context, *cls;
+    if (!PyArg_ParseTuple(args, "OO", &run_context, &cls)) {
         return NULL;
     }
-    if (in_task == Py_None) {
-        meter_set_fast_trio(NULL, NULL, NULL);
+    if (run_context == Py_None) {
+        meter_set_fast_trio(NULL, NULL);
     }
-    else if (!PyCallable_Check(in_task) || !PyCallable_Check(token) || !PyType_Check(cls)) {
+    else if (!PyType_Check(cls)) {
         PyErr_SetString(PyExc_TypeError,
-                        "set_fast_trio(in_trio_task, current_trio_token, type) or "
-                        "set_fast_trio(None, None, None)");
+                        "set_fast_trio(run_context, type) or set_fast_trio(None, None)");
         return NULL;
     }
     else {
-        meter_set_fast_trio(in_task, token, cls);
+        meter_set_fast_trio(run_context, cls);
     }
     Py_RETURN_NONE;
 }
@@ -350,8 +349,9 @@ static PyMethodDef mod_methods[] = {
      "and anyio's task-state dict (the WeakKeyDictionary's data), a plain scope makes "
      "no cancel scope until something asks for a cancellation (a lazy scope)."},
     {"set_fast_trio", mod_set_fast_trio, METH_VARARGS,
-     "set_fast_trio(in_trio_task, current_trio_token, CancelScope): on trio, enter and "
-     "leave plain scopes without Python, around trio's own cancel scope."},
+     "set_fast_trio(run_context, CancelScope): on trio, enter and leave plain scopes "
+     "without Python, around trio's own cancel scope (run_context: trio's thread-local "
+     "GLOBAL_RUN_CONTEXT; None, None: never)."},
     {"set_types", mod_set_types, METH_VARARGS,
      "set_types(Usage, Memory): the NamedTuples the module returns."},
     {"set_hooked", mod_set_hooked, METH_O,
