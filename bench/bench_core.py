@@ -69,7 +69,8 @@ class TimeoutNoneOnly:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        return bool(await self.scope.__aexit__(exc_type, exc, tb))
+        await self.scope.__aexit__(exc_type, exc, tb)  # raises what it does not swallow
+        return False
 
 
 class BackendScopeOnly:

@@ -15,6 +15,9 @@ class Meter:
     _deadline: float
     _shield: bool
     _cancel_pending: bool
+    _host: Any
+    _anyio_outer: Any
+    _cancelling0: int
     _limits: tuple[int | None, ...]
     _cancel_reason: str | None
     _hard: bool
