@@ -494,3 +494,68 @@ async def test_native_cancel_of_the_task_is_not_swallowed() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# -- more arrangements -------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_parent_made_real_from_a_child_task_of_its_task_group() -> None:
+    await warm()
+    child_scope: dict[str, gotcha.Context] = {}
+
+    async def child() -> None:
+        async with gotcha.move_on_limit() as ctx:
+            child_scope["ctx"] = ctx
+            bytearray(OVER)  # breaks the parent's limit, from the child's task
+            await anyio.sleep(10)
+
+    with anyio.fail_after(5), pytest.raises(gotcha.LimitExceeded) as info:
+        async with gotcha.limit(bytes=LIMIT) as parent:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(child)
+    assert info.value.context is parent
+    assert child_scope["ctx"].parent is parent
+    assert not child_scope["ctx"].cancelled_caught  # the parent's cancellation passed through
+    assert cancelling() == 0
+
+
+@pytest.mark.anyio
+async def test_move_on_after_outside_and_a_broken_limit_inside() -> None:
+    await warm()
+    with anyio.move_on_after(5) as outer:
+        async with gotcha.move_on_limit(bytes=LIMIT) as ctx:
+            bytearray(OVER)
+            await checkpoints()
+            pytest.fail("not cancelled")
+        await anyio.sleep(0)  # the outer scope is not cancelled
+    assert ctx.cancelled_caught and not outer.cancel_called
+    assert cancelling() == 0
+
+
+@pytest.mark.anyio
+async def test_run_raises_for_a_broken_limit() -> None:
+    await warm()
+
+    async def work() -> None:
+        bytearray(OVER)
+        await checkpoints()
+
+    with pytest.raises(gotcha.LimitExceeded):
+        await gotcha.run(work, bytes=LIMIT)
+    assert cancelling() == 0
+
+
+@pytest.mark.asyncio
+async def test_a_lazy_scope_after_another_task_made_one_real() -> None:
+    # anyio's task states are not empty any more: entry looks the task up
+    await warm()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(asyncio.sleep, 0)
+        async with gotcha.limit() as ctx:
+            assert ctx._scope is None and ctx._anyio_outer is not None
+        with pytest.raises(gotcha.LimitExceeded):
+            async with gotcha.limit(bytes=LIMIT):
+                bytearray(OVER)
+                await checkpoints()
+    assert cancelling() == 0
