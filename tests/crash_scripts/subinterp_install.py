@@ -15,7 +15,6 @@ MemoryError, or a SIGSEGV in the wrapper reading a NULL ctx).
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 
 from _common import report
