@@ -126,7 +126,7 @@ def pin(pid: int, cpu: int) -> None:
 class Server:
     """uvicorn serving ``target`` (its app arguments) in a subprocess."""
 
-    def __init__(self, target: list[str]) -> None:
+    def __init__(self, target: list[str], options: list[str]) -> None:
         attr = target[-1]
         self.port = free_port()
         # the server's log (a hog's warning, its traceback) is shown only if it fails
@@ -134,7 +134,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", *target,
              "--host", HOST, "--port", str(self.port), "--log-level", "warning",
-             "--no-access-log"],
+             "--no-access-log", *options],
             stdout=subprocess.DEVNULL, stderr=self.log,
         )
         pin(self.proc.pid, 0)
@@ -250,6 +250,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per side")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                        help="uvicorn's event loop (auto: uvloop if installed)")
+    parser.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
+                        help="uvicorn's HTTP parser (auto: httptools if installed)")
     parser.add_argument("--python-load", action="store_true",
                         help="use the Python load generator even if wrk is there")
     parser.add_argument("--load", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -281,7 +285,7 @@ def main() -> None:
     servers: dict[str, Server] = {}
     try:
         for side, target in targets.items():
-            servers[side] = Server(target)
+            servers[side] = Server(target, ["--loop", args.loop, "--http", args.http])
         # the sides do differ: the limited ones refuse the hog
         hog = {side: get(s.port, "/hog", timeout=30) for side, s in servers.items()}
         if hog != {"without": 200, "cancel scope": 200, "limit()": 500, "with": 503,
@@ -300,7 +304,8 @@ def main() -> None:
 
     generator = f"wrk -t1 -c{args.connections}" if wrk else \
         f"Python keep-alive client, {args.connections} connections"
-    print(f"examples/asgi_app.py `/` under uvicorn, {args.duration:g} s per side, "
+    print(f"examples/asgi_app.py `/` under uvicorn (--loop {args.loop} --http {args.http}), "
+          f"{args.duration:g} s per side, "
           f"load: {generator}\n")
     ratios = {
         "with / cancel scope": ("with", "cancel scope", f">= {GOAL}"),

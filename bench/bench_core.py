@@ -1,7 +1,8 @@
 """Core benchmarks: what gotcha costs, as ratios measured side by side in one run.
 
-    python bench/bench_core.py            # the full table (about a minute)
+    python bench/bench_core.py            # the full table (a few minutes)
     python bench/bench_core.py --quick    # fewer repeats
+    python bench/bench_core.py --goals    # only what a governed request costs
 
 Each variant runs interleaved with its baseline, several times; the table shows the
 median of the per-round ratios, so a burst of noise on this shared machine hits
@@ -53,6 +54,23 @@ class CancelScopeOnly:
         tb: TracebackType | None,
     ) -> bool:
         return bool(self.scope.__exit__(exc_type, exc, tb))
+
+
+class TimeoutNoneOnly:
+    """``asyncio.timeout(None)`` per request: asyncio's own cancel scope, for reference."""
+
+    async def __aenter__(self) -> None:
+        self.scope = asyncio.timeout(None)
+        await self.scope.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        await self.scope.__aexit__(exc_type, exc, tb)  # raises what it does not swallow
+        return False
 
 
 class BackendScopeOnly:
@@ -156,11 +174,19 @@ def ratio(rounds: list[dict[str, float]], variant: str, baseline: str) -> float:
 N_SCOPES = 20_000
 
 
-async def cancel_scopes() -> float:
+async def cancel_scopes(on_trio: bool = False) -> float:
+    """anyio.CancelScope() on asyncio; on trio, trio.CancelScope() (what anyio's wraps)."""
     t = time.perf_counter()
-    for _ in range(N_SCOPES):
-        with anyio.CancelScope():
-            pass
+    if on_trio:
+        import trio
+
+        for _ in range(N_SCOPES):
+            with trio.CancelScope():
+                pass
+    else:
+        for _ in range(N_SCOPES):
+            with anyio.CancelScope():
+                pass
     return time.perf_counter() - t
 
 
@@ -182,12 +208,13 @@ async def limited_scopes() -> float:
 
 def scope_costs(backend: str, repeats: int) -> tuple[float, float, float, float]:
     async def measure() -> tuple[float, float, float, float]:
-        await cancel_scopes()  # warm up
+        on_trio = backend == "trio"
+        await cancel_scopes(on_trio)  # warm up
         base: list[float] = []
         plain: list[float] = []
         limited: list[float] = []
         for _ in range(repeats):
-            base.append(await cancel_scopes())
+            base.append(await cancel_scopes(on_trio))
             plain.append(await limit_scopes())
             limited.append(await limited_scopes())
         ratios = [p / b for p, b in zip(plain, base, strict=True)]
@@ -238,36 +265,44 @@ def hooked_vs_bare(repeats: int, in_chain: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="3 rounds instead of 7")
+    parser.add_argument("--goals", action="store_true",
+                        help="only the rows of a governed request's cost (about 3 minutes)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 7)")
     args = parser.parse_args()
-    repeats = 3 if args.quick else 7
+    repeats = args.repeats or (3 if args.quick else 7)
 
     rows: list[tuple[str, float, str]] = []
     limited: dict[str, Any] = {"bytes": gotcha.MiB, "objects": 100_000, "calls": 100_000}
-    rounds = side_by_side(
-        {
-            "bare": lambda: time_workload(None),
-            "CancelScope": lambda: time_workload(CancelScopeOnly),
-            "limit": lambda: time_workload(gotcha.limit),
-            "limited": lambda: time_workload(lambda: gotcha.limit(**limited)),
-            "ceiling": lambda: time_workload(lambda: gotcha.limit(**limited, ceiling=2)),
-            "hard": lambda: time_workload(lambda: gotcha.limit(**limited, hard=True)),
-            "memory": lambda: time_workload(lambda: gotcha.limit(memory=gotcha.MiB)),
-            "memory16": lambda: time_workload(lambda: gotcha.limit(memory=16 * gotcha.MiB)),
-            "exact": lambda: time_workload(
-                lambda: gotcha.limit(memory=gotcha.MiB, exact_memory=True)
-            ),
-            "tracemalloc": lambda: time_workload(
-                None, setup=tm_start, teardown=tracemalloc.stop
-            ),
-        },
-        repeats,
-    )
+    goals = ("bare", "CancelScope", "timeout", "limit", "bytes", "memory")
+    variants: dict[str, Callable[[], float]] = {
+        "bare": lambda: time_workload(None),
+        "CancelScope": lambda: time_workload(CancelScopeOnly),
+        "timeout": lambda: time_workload(TimeoutNoneOnly),
+        "limit": lambda: time_workload(gotcha.limit),
+        "bytes": lambda: time_workload(lambda: gotcha.limit(bytes=gotcha.MiB)),
+        "limited": lambda: time_workload(lambda: gotcha.limit(**limited)),
+        "ceiling": lambda: time_workload(lambda: gotcha.limit(**limited, ceiling=2)),
+        "hard": lambda: time_workload(lambda: gotcha.limit(**limited, hard=True)),
+        "memory": lambda: time_workload(lambda: gotcha.limit(memory=gotcha.MiB)),
+        "memory16": lambda: time_workload(lambda: gotcha.limit(memory=16 * gotcha.MiB)),
+        "exact": lambda: time_workload(
+            lambda: gotcha.limit(memory=gotcha.MiB, exact_memory=True)
+        ),
+        "tracemalloc": lambda: time_workload(
+            None, setup=tm_start, teardown=tracemalloc.stop
+        ),
+    }
+    if args.goals:
+        variants = {name: run for name, run in variants.items() if name in goals}
+    rounds = side_by_side(variants, repeats)
     handler = "JSON handler, 500 in flight:"
     for variant, baseline, what, goal in (
-        ("limit", "CancelScope", "limit() vs a bare anyio.CancelScope()", "<= 1.05"),
-        ("limit", "bare", "limit() vs no scope", "<= 1.15"),
+        ("bytes", "bare", "limit(bytes=1 MiB) vs no scope", "<= 1.05"),
+        ("limit", "bare", "limit() vs no scope", "<= 1.05"),
+        ("limit", "CancelScope", "limit() vs a bare anyio.CancelScope()", "<= 1.00"),
         ("CancelScope", "bare", "anyio.CancelScope() alone vs no scope", "(reference)"),
+        ("timeout", "bare", "asyncio.timeout(None) alone vs no scope", "(reference)"),
         ("limited", "limit", "limit(bytes, objects, calls) vs limit()", "<= 1.02"),
         ("ceiling", "limited", "the same with ceiling=2 vs without", "<= 1.02"),
         ("hard", "limited", "the same with hard=True vs without", "<= 1.02"),
@@ -277,14 +312,18 @@ def main() -> None:
         ("exact", "limit", "limit(memory=1 MiB, exact_memory=True) vs limit()", "<= 2.0"),
         ("tracemalloc", "bare", "tracemalloc.start(1) alone vs no scope", "(reference)"),
     ):
-        rows.append((f"{handler} {what}", ratio(rounds, variant, baseline), goal))
-    for backend in ("asyncio", "trio"):
+        if variant in variants and baseline in variants:
+            rows.append((f"{handler} {what}", ratio(rounds, variant, baseline), goal))
+    for backend, floor, goal in (("asyncio", "anyio.CancelScope()", "<= 0.60"),
+                                 ("trio", "trio.CancelScope()", "<= 1.10")):
         base_us, ours_us, scope_ratio, ratio_l = scope_costs(backend, repeats)
-        goal = "<= 1.25" if backend == "asyncio" else "(reference)"
-        rows.append((f"limit() enter+exit vs anyio.CancelScope() [{backend}: "
+        rows.append((f"limit() enter+exit vs {floor} [{backend}: "
                      f"{ours_us:.2f} us vs {base_us:.2f} us]", scope_ratio, goal))
-        rows.append((f"limit(bytes, objects, calls) enter+exit vs CancelScope() [{backend}]",
+        rows.append((f"limit(bytes, objects, calls) enter+exit vs {floor} [{backend}]",
                      ratio_l, goal))
+    if args.goals:
+        print_table(rows, max(len(r[0]) for r in rows), repeats)
+        return
     rows.append(("1M small objects, no scope active (hook steps aside) vs no gotcha",
                  hooked_vs_bare(repeats, in_chain=False), "<= 1.02"))
     rows.append(("1M small objects, no scope active, hook forced into the chain",

@@ -37,7 +37,9 @@ CONCURRENCY = 500
 VARIANTS = {
     "no scope": "None",
     "anyio.CancelScope()": "bench_core.CancelScopeOnly",
+    "asyncio.timeout(None)": "bench_core.TimeoutNoneOnly",
     "limit()": "gotcha.limit",
+    "limit(bytes=1 MiB)": "lambda: gotcha.limit(bytes=gotcha.MiB)",
     "limit(memory=1 MiB)": "lambda: gotcha.limit(memory=gotcha.MiB)",
     "limit(memory=16 MiB)": "lambda: gotcha.limit(memory=16 * gotcha.MiB)",
     "limit(memory=1 MiB, exact_memory=True)":
@@ -47,9 +49,11 @@ VARIANTS = {
 
 # (variant, baseline, goal or None for a reference row)
 ROWS = [
-    ("limit()", "anyio.CancelScope()", 1.05),
-    ("limit()", "no scope", 1.15),
+    ("limit(bytes=1 MiB)", "no scope", 1.05),
+    ("limit()", "no scope", 1.05),
+    ("limit()", "anyio.CancelScope()", 1.00),
     ("anyio.CancelScope()", "no scope", None),
+    ("asyncio.timeout(None)", "no scope", None),
     ("limit(memory=1 MiB)", "limit()", 1.05),
     ("limit(memory=16 MiB)", "limit()", 1.05),
     ("limit(memory=1 MiB, exact_memory=True)", "limit()", 2.0),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import os
 import sys
 import tracemalloc
@@ -158,9 +159,11 @@ def _new_cancel_scope(deadline: float, shield: bool) -> tuple[Any, Any]:
         if in_task is not None:
             if not in_task():
                 return None, None
-            cls = _scope_classes.get("trio")
-            if cls is not None:
-                return cls(deadline=deadline, shield=shield), trio.lowlevel.current_trio_token()
+            # trio's own scope: anyio's trio scope only forwards to one
+            if not _fast_trio and _hook._installed:
+                _enable_fast_trio(trio)
+            token = trio.lowlevel.current_trio_token()
+            return trio.CancelScope(deadline=deadline, shield=shield), token
     try:
         scope = anyio.CancelScope(deadline=deadline, shield=shield)
     except anyio.NoEventLoopError:
@@ -171,17 +174,97 @@ def _new_cancel_scope(deadline: float, shield: bool) -> tuple[Any, Any]:
 
 
 _fast_path = False
+# anyio's asyncio backend module, once lazy scopes are on (see _materialize)
+_anyio_asyncio: Any = None
+#: What a lazy scope needs of anyio's asyncio backend; checked once, on a fresh scope.
+_LAZY_NEEDS = ("_host_task", "_parent_scope", "_child_scopes", "_tasks", "_active",
+               "_cancelling_at_enter")
 
 
 def _enable_fast_path(cls: type) -> None:
     """From now on the C half enters and leaves plain scopes on asyncio itself.
 
     Not in asyncio's debug mode, where entering marks the scope quiet (see
-    _before_enter), nor before the hook is installed.
+    _before_enter), nor before the hook is installed. Where anyio's backend has what
+    a lazy scope needs (checked here, once), a plain scope is lazy: it makes no
+    cancel scope until something asks for a cancellation (see Context._materialize).
     """
-    global _fast_path
-    _meter.set_fast(_get_running_loop, cls)
+    global _fast_path, _anyio_asyncio
+    backend = sys.modules.get(cls.__module__)
+    states = getattr(backend, "_task_states", None)
+    probe = cls()
+    if (
+        os.environ.get("GOTCHA_EAGER_SCOPES")
+        or not isinstance(getattr(states, "data", None), dict)
+        or not hasattr(backend, "TaskState")
+        or not all(hasattr(probe, name) for name in _LAZY_NEEDS)
+    ):
+        _meter.set_fast(_get_running_loop, cls)
+    else:
+        _anyio_asyncio = backend
+        _meter.set_fast(_get_running_loop, cls, asyncio.current_task, states.data)  # type: ignore[union-attr]
     _fast_path = True
+
+
+_fast_trio = False
+
+
+def _enable_fast_trio(trio: Any) -> None:
+    """From now on the C half enters and leaves plain scopes on trio itself.
+
+    It reads trio's run context (what ``trio.lowlevel.in_trio_task`` and
+    ``current_trio_token`` read); where trio has none by that name, scopes take the
+    Python path.
+    """
+    global _fast_trio
+    _fast_trio = True
+    run = sys.modules.get("trio._core._run")
+    context = getattr(run, "GLOBAL_RUN_CONTEXT", None)
+    if context is not None and hasattr(context, "runner") and hasattr(context, "task"):
+        _meter.set_fast_trio(context, trio.CancelScope)
+
+
+def _splice(host: asyncio.Task[Any], outer: Any, cancelling0: int, ancestors: list[Any]) -> Any:
+    """An entered anyio cancel scope for a lazy scope of host, where anyio would have put it.
+
+    The lazy scope was entered while ``outer`` was the innermost anyio scope of its
+    task (None: none). The anyio scopes the task entered since are inside it: the
+    new scope goes between them and ``outer``, in the task's chain and in the
+    parent/child links anyio delivers cancellation through. ``ancestors`` are the
+    cancel scopes of enclosing Contexts made real since (each one's place is below
+    them too). anyio's own ``__enter__`` cannot do this: it runs in the task, and
+    only on top of its chain.
+    """
+    backend = _anyio_asyncio
+    scope = backend.CancelScope()
+    scope._host_task = host
+    scope._active = True
+    scope._cancelling_at_enter = cancelling0
+    state = backend._task_states.get(host)
+    top = state.cancel_scope if state is not None else None
+    # inner: the outermost anyio scope entered inside; parent: where the walk stopped
+    inner, parent = None, top
+    while parent is not None and parent is not outer and parent not in ancestors:
+        inner, parent = parent, parent._parent_scope
+    if parent is None and outer is not None:
+        inner, parent = None, top  # a chain anyio rearranged (TaskGroup.start): innermost
+    scope._parent_scope = parent
+    if inner is None:
+        scope._tasks.add(host)
+        if parent is not None:
+            parent._tasks.discard(host)
+            parent._child_scopes.add(scope)
+        if state is None:
+            backend._task_states[host] = backend.TaskState(None, scope)
+        else:
+            state.cancel_scope = scope
+    else:
+        inner._parent_scope = scope
+        scope._child_scopes.add(inner)
+        if parent is not None:
+            parent._child_scopes.discard(inner)
+            parent._child_scopes.add(scope)
+    return scope
 
 
 def _call_soon(waker: Any, callback: Callable[[], object]) -> None:
@@ -214,6 +297,7 @@ def _only_refusals(exc: BaseException | None) -> bool:
 #: A scope's checked arguments, as Context._apply takes them: (limits, whether it has
 #: a ceiling, ceilings, track_memory, sampling rate, whether the C half needs them).
 _Recipe = tuple[tuple[Any, ...], bool, tuple[Any, ...], bool, int, bool]
+_PLAIN: _Recipe = (_NO_LIMITS, False, _NO_LIMITS, False, 0, False)
 
 
 def _recipe(
@@ -232,6 +316,12 @@ def _recipe(
     :raises TypeError: for an argument of the wrong type
     :raises ValueError: for a bad limit or ceiling
     """
+    if (
+        bytes is None and objects is None and calls is None and memory is None
+        and hard is False and ceiling is None and track_memory is False
+        and exact_memory is False
+    ):
+        return _PLAIN  # limit(): a pure measurement
     limits: tuple[int | None, ...] = (bytes, objects, calls, memory)  # type: ignore[assignment]
     # the common cases (None, a plain int in range) without a call each
     if not (
@@ -448,9 +538,40 @@ class Context(_meter.Meter, anyio.CancelScope):
         self._scope = scope
         return scope
 
-    def _after_exit(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def _live_scope(self) -> Any:
+        """The cancel scope, made now if the scope is lazy; None outside a loop or
+        once a lazy scope that never needed one has exited."""
         scope = self._scope
+        if scope is None and self._host is not None:
+            scope = self._materialize()
+        return scope
+
+    def _materialize(self) -> Any:
+        """Make a lazy scope real: the anyio cancel scope it would have entered.
+
+        A plain scope on asyncio (no deadline, no shield, no cancel before entry)
+        notes its task and the task's innermost anyio scope at entry, and nothing
+        else. The first thing that needs a cancel scope (a broken limit,
+        :meth:`cancel`, setting ``deadline`` or ``shield``) makes one, spliced into
+        anyio's chain where entering it would have put it, so from then on
+        everything is anyio's own: level-triggered delivery, child scopes and task
+        groups, uncancel() counts, nesting with asyncio.timeout.
+        """
+        ancestors = []
+        ctx = self.parent
+        while ctx is not None:
+            if ctx._scope is not None:
+                ancestors.append(ctx._scope)
+            ctx = ctx.parent
+        scope = _splice(self._host, self._anyio_outer, self._cancelling0, ancestors)
+        self._scope = scope
+        self._host = None
+        self._anyio_outer = None
+        return scope
+
+    def _after_exit(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         broken = self._broken()
+        scope = self._live_scope() if broken is not None else self._scope
         if scope is not None:
             if broken is not None and not scope.cancel_called:
                 # the delivery may not have come yet (no safe point since the trip):
@@ -593,8 +714,9 @@ class Context(_meter.Meter, anyio.CancelScope):
         :param reason: passed on to the cancel scope, as :meth:`anyio.CancelScope.cancel`
             does (it shows in the cancellation's message)
         """
-        if self._scope is not None:
-            self._scope.cancel(reason)
+        scope = self._live_scope()
+        if scope is not None:
+            scope.cancel(reason)
         else:
             self._cancel_pending = True
             self._cancel_reason = reason
@@ -620,8 +742,9 @@ class Context(_meter.Meter, anyio.CancelScope):
         if type(value) is not bool:
             raise TypeError(f"shield must be True or False, not {value!r}")
         self._shield = value
-        if self._scope is not None:
-            self._scope.shield = value
+        scope = self._live_scope() if value else self._scope
+        if scope is not None:
+            scope.shield = value
 
     @property
     def deadline(self) -> float:
@@ -631,8 +754,9 @@ class Context(_meter.Meter, anyio.CancelScope):
     @deadline.setter
     def deadline(self, value: float) -> None:
         self._deadline = value
-        if self._scope is not None:
-            self._scope.deadline = value
+        scope = self._live_scope() if value != math.inf else self._scope
+        if scope is not None:
+            scope.deadline = value
 
     # -- being done ------------------------------------------------------------------
 
@@ -693,7 +817,9 @@ class Context(_meter.Meter, anyio.CancelScope):
     def _cancel_for_limit(self) -> None:
         # on the scope's own loop, as a callback: never in the middle of a step
         if self._state == 1:
-            self._scope.cancel()
+            scope = self._live_scope()
+            if scope is not None:
+                scope.cancel()
         self._signal_done()
 
     def _limit_exceeded(self, resource: int, used: int) -> LimitExceeded:
@@ -749,8 +875,10 @@ def limit(
     current when it is entered. See :class:`Context` for the parameters.
     """
     ctx: Context = _new_meter(Context)
-    ctx._init(bytes, objects, calls, memory, hard, ceiling, None, shield, track_memory,
-              exact_memory, True)
+    if shield is not False and type(shield) is not bool:
+        raise TypeError(f"shield must be True or False, not {shield!r}")
+    ctx._apply(_recipe(bytes, objects, calls, memory, hard, ceiling, track_memory, exact_memory),
+               None, shield, True)
     return ctx
 
 
@@ -772,8 +900,10 @@ def move_on_limit(
     :class:`Context` for the parameters.
     """
     ctx: Context = _new_meter(Context)
-    ctx._init(bytes, objects, calls, memory, hard, ceiling, None, shield, track_memory,
-              exact_memory, False)
+    if shield is not False and type(shield) is not bool:
+        raise TypeError(f"shield must be True or False, not {shield!r}")
+    ctx._apply(_recipe(bytes, objects, calls, memory, hard, ceiling, track_memory, exact_memory),
+               None, shield, False)
     return ctx
 
 

@@ -29,6 +29,7 @@
 #  define Py_T_OBJECT_EX T_OBJECT_EX
 #  define Py_T_DOUBLE T_DOUBLE
 #  define Py_T_BOOL T_BOOL
+#  define Py_T_PYSSIZET T_PYSSIZET
 #  define Py_READONLY READONLY
 #endif
 #include <stddef.h>
@@ -269,6 +270,14 @@ typedef struct Meter {
     PyObject *done;            /* (Event, waker) once the scope is awaited */
     double deadline;
     char shield, cancel_pending;
+    /* A lazy scope (asyncio, entered by the fast path): no anyio cancel scope
+     * until something asks for a cancellation. host is the task it was entered
+     * in, anyio_outer the anyio cancel scope that was that task's innermost
+     * then (None if none), cancelling0 the task's cancelling() then; all three
+     * only while it is entered and not yet made real (strong; None otherwise). */
+    PyObject *host;
+    PyObject *anyio_outer;
+    Py_ssize_t cancelling0;
     /* Context's own fields, set by _apply() in one call (strong) */
     PyObject *limits_obj;      /* the 4-tuple of limits */
     PyObject *cancel_reason;   /* str or None */

@@ -41,6 +41,8 @@ Meter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         m->scope = Py_NewRef(Py_None);
         m->waker = Py_NewRef(Py_None);
         m->done = Py_NewRef(Py_None);
+        m->host = Py_NewRef(Py_None);
+        m->anyio_outer = Py_NewRef(Py_None);
         m->deadline = Py_HUGE_VAL;
         m->frozen_broken = -1;
     }
@@ -56,6 +58,8 @@ Meter_traverse(Meter *m, visitproc visit, void *arg)
     Py_VISIT(m->waker);
     Py_VISIT(m->done);
     Py_VISIT(m->entered_in);
+    Py_VISIT(m->host);
+    Py_VISIT(m->anyio_outer);
     return 0;
 }
 
@@ -154,6 +158,8 @@ Meter_clear(Meter *m)
     Py_CLEAR(m->waker);
     Py_CLEAR(m->done);
     Py_CLEAR(m->entered_in);
+    Py_CLEAR(m->host);
+    Py_CLEAR(m->anyio_outer);
     if (m->token != NULL) {
         Py_CLEAR(m->token);
         abandon(m);
@@ -411,13 +417,134 @@ Meter_set_parent(Meter *m, PyObject *p)
  * known (never in asyncio's debug mode): asyncio's _get_running_loop, and that
  * class. */
 static PyObject *fast_running_loop, *fast_scope_class;
+/* For lazy scopes: asyncio's current_task, and the dict under anyio's
+ * _task_states (a WeakKeyDictionary: weak references to tasks -> TaskState).
+ * NULL: every fast scope makes its cancel scope at entry. */
+static PyObject *fast_current_task, *fast_task_states;
+static PyObject *str_cancelling, *str_cancel_scope;
 
 int
-meter_set_fast(PyObject *running_loop, PyObject *scope_class)
+meter_set_fast(PyObject *running_loop, PyObject *scope_class, PyObject *current_task,
+               PyObject *task_states)
 {
     Py_XSETREF(fast_running_loop, Py_XNewRef(running_loop));
     Py_XSETREF(fast_scope_class, Py_XNewRef(scope_class));
+    Py_XSETREF(fast_current_task, Py_XNewRef(current_task));
+    Py_XSETREF(fast_task_states, Py_XNewRef(task_states));
     return 0;
+}
+
+/* On trio: trio's run context (a thread-local: "task" is set while a task
+ * runs, "runner" while trio runs), and trio.CancelScope itself (anyio's trio
+ * scope only forwards to one). */
+static PyObject *trio_run_context, *trio_scope_class;
+static PyObject *str_task, *str_runner, *str_trio_token, *str_current_trio_token;
+
+int
+meter_set_fast_trio(PyObject *run_context, PyObject *scope_class)
+{
+    Py_XSETREF(trio_run_context, Py_XNewRef(run_context));
+    Py_XSETREF(trio_scope_class, Py_XNewRef(scope_class));
+    return 0;
+}
+
+/* The running trio's token if a trio task is running here (new reference),
+ * NULL without an error if not, NULL with one on failure. */
+static PyObject *
+trio_waker(void)
+{
+    PyObject *task = PyObject_GetAttr(trio_run_context, str_task);
+    if (task == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+        }
+        return NULL;
+    }
+    Py_DECREF(task);
+    PyObject *runner = PyObject_GetAttr(trio_run_context, str_runner);
+    if (runner == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+        }
+        return NULL;
+    }
+    PyObject *token = PyObject_GetAttr(runner, str_trio_token);
+    if (token == Py_None) {   /* made on first use */
+        Py_SETREF(token, PyObject_CallMethodNoArgs(runner, str_current_trio_token));
+    }
+    Py_DECREF(runner);
+    return token;
+}
+
+/* Entering lazily: note the host task, the anyio scope innermost in it now,
+ * and its cancelling() count; Context._materialize() makes the anyio scope
+ * from these, where anyio would have put it, when a cancellation is asked
+ * for. 1 done, 0 for the eager path (no task: a loop callback), -1 error. */
+static int
+lazy_enter(Meter *m, PyObject *loop)
+{
+    PyObject *task = PyObject_CallOneArg(fast_current_task, loop);
+    if (task == NULL) {
+        return -1;
+    }
+    if (task == Py_None) {
+        Py_DECREF(task);
+        return 0;
+    }
+    PyObject *n = PyObject_CallMethodNoArgs(task, str_cancelling);
+    if (n == NULL) {
+        Py_DECREF(task);
+        return -1;
+    }
+    Py_ssize_t cancelling = PyLong_AsSsize_t(n);
+    Py_DECREF(n);
+    if (cancelling == -1 && PyErr_Occurred()) {
+        Py_DECREF(task);
+        return -1;
+    }
+    PyObject *outer = Py_NewRef(Py_None);
+    if (PyDict_GET_SIZE(fast_task_states) > 0) {
+        /* a weak reference hashes and compares as its referent */
+        PyObject *ref = PyWeakref_NewRef(task, NULL);
+        if (ref == NULL) {
+            Py_DECREF(task);
+            Py_DECREF(outer);
+            return -1;
+        }
+        PyObject *state = PyDict_GetItemWithError(fast_task_states, ref);   /* borrowed */
+        Py_DECREF(ref);
+        if (state == NULL && PyErr_Occurred()) {
+            Py_DECREF(task);
+            Py_DECREF(outer);
+            return -1;
+        }
+        if (state != NULL) {
+            Py_INCREF(state);
+            PyObject *s = PyObject_GetAttr(state, str_cancel_scope);
+            Py_DECREF(state);
+            if (s == NULL) {
+                Py_DECREF(task);
+                Py_DECREF(outer);
+                return -1;
+            }
+            Py_SETREF(outer, s);
+        }
+    }
+    Py_SETREF(m->host, task);
+    Py_SETREF(m->anyio_outer, outer);
+    m->cancelling0 = cancelling;
+    return 1;
+}
+
+static void
+lazy_clear(Meter *m)
+{
+    if (m->host != Py_None) {
+        Py_SETREF(m->host, Py_NewRef(Py_None));
+    }
+    if (m->anyio_outer != Py_None) {
+        Py_SETREF(m->anyio_outer, Py_NewRef(Py_None));
+    }
 }
 
 /* Context._before_enter for its commonest case, without a Python frame: in a
@@ -426,40 +553,66 @@ meter_set_fast(PyObject *running_loop, PyObject *scope_class)
 static int
 fast_before_enter(Meter *m, PyObject **scope)
 {
-    if (fast_scope_class == NULL || !installed || m->shield || m->cancel_pending ||
-        m->deadline != Py_HUGE_VAL) {
+    if ((fast_scope_class == NULL && trio_scope_class == NULL) || !installed || m->shield ||
+        m->cancel_pending || m->deadline != Py_HUGE_VAL) {
         return 0;
     }
-    PyObject *loop = PyObject_CallNoArgs(fast_running_loop);
-    if (loop == NULL) {
-        return -1;
+    /* waker: the running asyncio loop, or trio's token */
+    PyObject *waker = NULL;
+    int on_trio = 0;
+    if (fast_scope_class != NULL) {
+        waker = PyObject_CallNoArgs(fast_running_loop);
+        if (waker == NULL) {
+            return -1;
+        }
+        if (waker == Py_None) {
+            Py_CLEAR(waker);
+        }
     }
-    if (loop == Py_None) {
-        Py_DECREF(loop);
-        return 0;
+    if (waker == NULL) {
+        if (trio_scope_class == NULL) {
+            return 0;
+        }
+        waker = trio_waker();
+        if (waker == NULL) {
+            return PyErr_Occurred() ? -1 : 0;
+        }
+        on_trio = 1;
     }
     if (m->parent == NULL) {
         PyObject *outer;
         if (PyContextVar_Get(scope_var, NULL, &outer) < 0) {
-            Py_DECREF(loop);
+            Py_DECREF(waker);
             return -1;
         }
         if (outer != NULL) {
             PyObject *r = Meter_set_parent(m, outer);
             Py_DECREF(outer);
             if (r == NULL) {
-                Py_DECREF(loop);
+                Py_DECREF(waker);
                 return -1;
             }
             Py_DECREF(r);
         }
     }
-    PyObject *s = PyObject_CallNoArgs(fast_scope_class);
+    if (!on_trio && fast_current_task != NULL) {
+        int lazy = lazy_enter(m, waker);
+        if (lazy < 0) {
+            Py_DECREF(waker);
+            return -1;
+        }
+        if (lazy > 0) {
+            Py_SETREF(m->waker, waker);
+            *scope = Py_NewRef(Py_None);
+            return 1;
+        }
+    }
+    PyObject *s = PyObject_CallNoArgs(on_trio ? trio_scope_class : fast_scope_class);
     if (s == NULL) {
-        Py_DECREF(loop);
+        Py_DECREF(waker);
         return -1;
     }
-    Py_SETREF(m->waker, loop);
+    Py_SETREF(m->waker, waker);
     Py_SETREF(m->scope, Py_NewRef(s));
     *scope = s;
     return 1;
@@ -540,6 +693,7 @@ enter(Meter *m)
         seen_entered(m);
     }
     if (token == NULL) {
+        lazy_clear(m);
         active--;
         step_aside_if_idle();
         if (scope != Py_None) {
@@ -607,7 +761,8 @@ after_exit(Meter *m, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     uint64_t reached;
-    if (fast_scope_class != NULL && m->done == Py_None && m->scope != NULL &&
+    if ((fast_scope_class != NULL || trio_scope_class != NULL) && m->done == Py_None &&
+        m->scope != NULL &&
         broken_resource(m, &reached) < 0) {
         /* Context._after_exit when no limit of this scope broke and nobody
          * awaits it: the cancel scope's exit is all there is */
@@ -652,7 +807,9 @@ Meter_exit(Meter *m, PyObject *const *args, Py_ssize_t nargs)
     if (nargs == 3 && leave(m) < 0) {
         return NULL;
     }
-    return after_exit(m, args, nargs);
+    PyObject *r = after_exit(m, args, nargs);
+    lazy_clear(m);
+    return r;
 }
 
 static PyObject *ready_new(PyObject *value);
@@ -681,6 +838,7 @@ Meter_aexit(Meter *m, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *r = after_exit(m, args, nargs);
+    lazy_clear(m);
     if (r == NULL) {
         return NULL;
     }
@@ -958,6 +1116,12 @@ static PyMemberDef Meter_members[] = {
     {"_shield", Py_T_BOOL, offsetof(Meter, shield), 0, "The shield before entering."},
     {"_cancel_pending", Py_T_BOOL, offsetof(Meter, cancel_pending), 0,
      "Whether cancel() came before entering."},
+    {"_host", Py_T_OBJECT_EX, offsetof(Meter, host), 0,
+     "A lazy scope's task, while it is entered and has no cancel scope yet; else None."},
+    {"_anyio_outer", Py_T_OBJECT_EX, offsetof(Meter, anyio_outer), 0,
+     "A lazy scope's enclosing anyio cancel scope in its task at entry, or None."},
+    {"_cancelling0", Py_T_PYSSIZET, offsetof(Meter, cancelling0), 0,
+     "A lazy scope's task's cancelling() at entry."},
     {"_limits", Py_T_OBJECT_EX, offsetof(Meter, limits_obj), 0,
      "The (bytes, objects, calls, memory) limits."},
     {"_cancel_reason", Py_T_OBJECT_EX, offsetof(Meter, cancel_reason), 0,
@@ -1108,9 +1272,17 @@ meter_init_types(void)
     str_after_exit = PyUnicode_InternFromString("_after_exit");
     str_enter = PyUnicode_InternFromString("__enter__");
     str_exit = PyUnicode_InternFromString("__exit__");
+    str_cancelling = PyUnicode_InternFromString("cancelling");
+    str_cancel_scope = PyUnicode_InternFromString("cancel_scope");
+    str_task = PyUnicode_InternFromString("task");
+    str_runner = PyUnicode_InternFromString("runner");
+    str_trio_token = PyUnicode_InternFromString("trio_token");
+    str_current_trio_token = PyUnicode_InternFromString("current_trio_token");
     ready_true = PyObject_CallOneArg((PyObject *)&ReadyType, Py_True);
     ready_none = PyObject_CallOneArg((PyObject *)&ReadyType, Py_None);
-    if (!str_before_enter || !str_after_exit || !str_enter || !str_exit || !ready_true ||
+    if (!str_before_enter || !str_after_exit || !str_enter || !str_exit || !str_cancelling ||
+        !str_cancel_scope || !str_task || !str_runner || !str_trio_token ||
+        !str_current_trio_token || !ready_true ||
         !ready_none) {
         return -1;
     }

@@ -10,7 +10,9 @@
 
 int meter_init_types(void);
 int meter_set_types(PyObject *u, PyObject *m);
-int meter_set_fast(PyObject *running_loop, PyObject *scope_class);
+int meter_set_fast_trio(PyObject *run_context, PyObject *scope_class);
+int meter_set_fast(PyObject *running_loop, PyObject *scope_class, PyObject *current_task,
+                   PyObject *task_states);
 
 /* install(var, deliver, exempt_dirs, dispatch, main_thread_ident, interrupt_type) */
 static PyObject *
@@ -111,22 +113,48 @@ mod_set_types(PyObject *mod, PyObject *args)
 }
 
 static PyObject *
-mod_set_fast(PyObject *mod, PyObject *args)
+mod_set_fast_trio(PyObject *mod, PyObject *args)
 {
     (void)mod;
-    PyObject *loop_fn, *cls;
-    if (!PyArg_ParseTuple(args, "OO", &loop_fn, &cls)) {
+    PyObject *run_context, *cls;
+    if (!PyArg_ParseTuple(args, "OO", &run_context, &cls)) {
         return NULL;
     }
-    if (loop_fn == Py_None || cls == Py_None) {
-        meter_set_fast(NULL, NULL);
+    if (run_context == Py_None) {
+        meter_set_fast_trio(NULL, NULL);
     }
-    else if (!PyCallable_Check(loop_fn) || !PyType_Check(cls)) {
-        PyErr_SetString(PyExc_TypeError, "set_fast(callable, type) or set_fast(None, None)");
+    else if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "set_fast_trio(run_context, type) or set_fast_trio(None, None)");
         return NULL;
     }
     else {
-        meter_set_fast(loop_fn, cls);
+        meter_set_fast_trio(run_context, cls);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mod_set_fast(PyObject *mod, PyObject *args)
+{
+    (void)mod;
+    PyObject *loop_fn, *cls, *task_fn = Py_None, *states = Py_None;
+    if (!PyArg_ParseTuple(args, "OO|OO", &loop_fn, &cls, &task_fn, &states)) {
+        return NULL;
+    }
+    if (loop_fn == Py_None || cls == Py_None) {
+        meter_set_fast(NULL, NULL, NULL, NULL);
+    }
+    else if (!PyCallable_Check(loop_fn) || !PyType_Check(cls) ||
+             (task_fn != Py_None && !PyCallable_Check(task_fn)) ||
+             (states != Py_None && !PyDict_Check(states))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "set_fast(callable, type[, current_task, dict]) or set_fast(None, None)");
+        return NULL;
+    }
+    else {
+        meter_set_fast(loop_fn, cls, task_fn == Py_None ? NULL : task_fn,
+                       states == Py_None ? NULL : states);
     }
     Py_RETURN_NONE;
 }
@@ -316,8 +344,14 @@ static PyMethodDef mod_methods[] = {
      "The delivery thread's body: run it in a thread of its own, once after install() "
      "and once after each fork; it never returns."},
     {"set_fast", mod_set_fast, METH_VARARGS,
-     "set_fast(get_running_loop, scope_class): enter and leave without Python in the "
-     "common case (None, None: never)."},
+     "set_fast(get_running_loop, scope_class[, current_task, task_states]): enter and "
+     "leave without Python in the common case (None, None: never). With current_task "
+     "and anyio's task-state dict (the WeakKeyDictionary's data), a plain scope makes "
+     "no cancel scope until something asks for a cancellation (a lazy scope)."},
+    {"set_fast_trio", mod_set_fast_trio, METH_VARARGS,
+     "set_fast_trio(run_context, CancelScope): on trio, enter and leave plain scopes "
+     "without Python, around trio's own cancel scope (run_context: trio's thread-local "
+     "GLOBAL_RUN_CONTEXT; None, None: never)."},
     {"set_types", mod_set_types, METH_VARARGS,
      "set_types(Usage, Memory): the NamedTuples the module returns."},
     {"set_hooked", mod_set_hooked, METH_O,
