@@ -612,3 +612,85 @@ async def test_the_middleware_answers_503_to_a_pillow_hog_and_serves_on() -> Non
         ok = await client.get("/")
     assert hog.status_code == 503
     assert ok.status_code == 200 and ok.text == "0"
+
+
+def _peak_rss_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident set (VmHWM) starts again from the current one
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+@child_only
+@pytest.mark.parametrize("library", ["Pillow", "lxml"])
+@pytest.mark.needs_frames
+def test_a_real_server_answers_concurrent_c_hogs_503_and_stays_near_its_budget(
+    library: str,
+) -> None:
+    # four requests at once, each growing a C library's memory in a worker thread (lxml's
+    # parse without the GIL) by 1 MiB or more a step, 1 GiB if nothing stopped it: each is
+    # stopped at its ceiling (twice 32 MiB by default), answered 503, and the process
+    # grows by about what four ceilings allow, not by the 4 GiB asked for
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from asgi_server import serving
+
+    from gotcha_async.asgi import LimitMiddleware
+
+    if library == "Pillow":
+        Image = pytest.importorskip("PIL.Image")
+
+        def step() -> Any:
+            return Image.new("L", (1024, 1024))  # 1 MiB of pixels, Pillow's own malloc
+    else:
+        etree = pytest.importorskip("lxml.etree")
+        doc = b"<r>" + b"<i>x</i>" * 20_000 + b"</r>"
+
+        def step() -> Any:
+            return etree.fromstring(doc)  # about 1.7 MiB of libxml2 nodes
+
+    def hog() -> int:
+        keep = []
+        for _ in range(1000):
+            keep.append(step())
+        return len(keep)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        n = await anyio.to_thread.run_sync(hog) if scope["path"] == "/hog" else 0
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"%d" % n})
+
+    budget = 32 * MiB
+    with serving(LimitMiddleware(app, memory=budget, native=True)) as server:
+
+        async def four_hogs() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+                codes = [0] * 4
+
+                async def one(i: int) -> None:
+                    codes[i] = (await client.get("/hog")).status_code
+
+                async with anyio.create_task_group() as tg:
+                    for i in range(4):
+                        tg.start_soon(one, i)
+                return codes
+
+        _peak_rss_reset()
+        before = _peak_rss()
+        codes = anyio.run(four_hogs)
+        growth = _peak_rss() - before
+        assert codes == [503] * 4
+        assert httpx.get(f"{server.url}/").text == "0"
+    # four ceilings (2 x 32 MiB) and the steps in flight when each was stopped
+    assert growth < 4 * 2 * budget + 128 * MiB, f"grew by {growth / MiB:.0f} MiB"
