@@ -84,3 +84,13 @@ def test_limit_validates_every_parameter(name: str) -> None:
     unparsable: dict[str, Any] = {name: "ten"}
     with pytest.raises(ValueError, match=name):
         gotcha.Context(**unparsable)
+
+
+def test_the_pytest_plugin_names_the_resources_as_the_package_does() -> None:
+    # the plugin imports nothing of the package when pytest loads it, so it keeps its own
+    # copy of the table
+    from gotcha_async import _units, pytest_plugin
+
+    assert pytest_plugin._LIMIT_ARGS == _units.RESOURCES
+    assert pytest_plugin._UNITS == _units.UNITS
+    assert tuple(_units.USED) == _units.RESOURCES

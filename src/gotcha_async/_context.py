@@ -27,7 +27,16 @@ import anyio
 
 from . import _hook, _meter
 from ._hook import HardLimitError, ensure_installed, machinery_dirs, scope_var
-from ._units import _MAX, Limit, check_ceiling, check_limit, sampling_rate, scaled
+from ._units import (
+    _MAX,
+    RESOURCES,
+    USED,
+    Limit,
+    check_ceiling,
+    check_limit,
+    sampling_rate,
+    scaled,
+)
 
 __all__ = [
     "Context",
@@ -44,14 +53,7 @@ T = TypeVar("T")
 # Usage() alone means Usage[int]: what used() returns
 N = DefaultTypeVar("N", int, "int | None", default=int)
 
-RESOURCES = ("bytes", "objects", "calls", "memory")
 _NO_LIMITS = (None, None, None, None)
-_USED = {
-    "bytes": "bytes allocated",
-    "objects": "objects allocated",
-    "calls": "allocator calls",
-    "memory": "bytes held at peak",
-}
 
 _scope_var = scope_var
 _PACKAGE_DIR = os.path.join(os.path.dirname(__file__), "")
@@ -102,7 +104,7 @@ class LimitExceeded(Exception):
         self.used = used
         self.limit = limit
         self.details = details
-        what = _USED[resource] if resource in _USED else f"{resource} used"
+        what = USED[resource] if resource in USED else f"{resource} used"
         super().__init__(f"{resource} limit exceeded: {used:,} {what}, limit {limit:,}{details}")
 
     def __reduce__(self) -> tuple[Any, ...]:

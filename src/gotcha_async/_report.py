@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from ._units import RESOURCES, UNITS
+
 logger = logging.getLogger("gotcha_async")
 
-RESOURCES = ("bytes", "objects", "calls", "memory")
 
 # -- human units -------------------------------------------------------------------------
 
@@ -64,8 +65,7 @@ def used_of_limit(resource: str, used: int, limit: int) -> str:
             if u != lim or used == limit:
                 return f"{u} of {lim}"
         return f"{used:,} B of {limit:,} B"
-    unit = "objects" if resource == "objects" else "allocator calls"
-    return f"{used:,} {unit} of {limit:,}"
+    return f"{used:,} {UNITS[resource]} of {limit:,}"
 
 
 # -- one exceeded request -------------------------------------------------------------------

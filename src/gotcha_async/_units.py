@@ -1,4 +1,4 @@
-"""Unit constants, size strings and limit validation."""
+"""The resources a scope counts, unit constants, size strings and limit validation."""
 
 from __future__ import annotations
 
@@ -6,6 +6,23 @@ import functools
 import math
 import re
 from fractions import Fraction
+
+#: What a scope counts, in the order of the C counters (_meter.h: R_BYTES ... R_MEMORY)
+RESOURCES = ("bytes", "objects", "calls", "memory")
+#: Each resource's figure, in words ("8 MiB bytes allocated")
+USED = {
+    "bytes": "bytes allocated",
+    "objects": "objects allocated",
+    "calls": "allocator calls",
+    "memory": "bytes held at peak",
+}
+#: The unit of a count of each resource ("1,750 allocator calls")
+UNITS = {
+    "bytes": "bytes",
+    "objects": "objects",
+    "calls": "allocator calls",
+    "memory": "bytes of memory held",
+}
 
 KiB: int = 1024
 MiB: int = 1024**2

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import _hook, _otel, _report, _routes
 from ._context import Context, LimitExceeded, _Recipe, _recipe
-from ._units import Limit, check_ceiling, check_limit
+from ._units import RESOURCES, Limit, check_ceiling, check_limit
 
 #: The middlewares' default ceiling: a request that never reaches a checkpoint is
 #: stopped at twice its budget, wherever it is.
@@ -27,7 +27,6 @@ RouteLimits = (
     | Callable[[Any], Mapping[str, Any] | None]
 )
 
-RESOURCES = _report.RESOURCES
 LIMIT_KEYS = frozenset((*RESOURCES, "hard"))
 # RFC 6455: "a message that violates its policy"
 WS_POLICY_VIOLATION = 1008

@@ -56,7 +56,11 @@ if TYPE_CHECKING:
 __all__ = ["gotcha_context"]
 
 MARKER = "gotcha"
+# _units.RESOURCES and _units.UNITS, which this module cannot import at load (a test
+# keeps them the same)
 _LIMIT_ARGS = ("bytes", "objects", "calls", "memory")
+_UNITS = {"bytes": "bytes", "objects": "objects", "calls": "allocator calls",
+          "memory": "bytes of memory held"}
 _MARKER_ARGS = (*_LIMIT_ARGS, "hard", "leaks")
 _SECTION = "gotcha"
 # sites shown per test, in a failure and in the report
@@ -641,9 +645,8 @@ def _over_budget(ctx: Context, budget: dict[str, Any]) -> str | None:
         actual = held.peak if held is not None else reached
     else:
         actual = ctx.used()[index]
-    unit = {"bytes": "bytes", "objects": "objects", "calls": "allocator calls",
-            "memory": "bytes of memory held"}[resource]
-    limited = f"Test was limited to {limit:,} {unit}" + (" (hard)" if budget["hard"] else "")
+    hard = " (hard)" if budget["hard"] else ""
+    limited = f"Test was limited to {limit:,} {_UNITS[resource]}{hard}"
     if reached > actual:
         # a hard limit refused the allocation: it never happened, so say what it asked
         counted = "bytes" if resource == "memory" else resource
