@@ -193,19 +193,30 @@ def _enable_fast_path(cls: type) -> None:
     """
     global _fast_path, _anyio_asyncio
     backend = sys.modules.get(cls.__module__)
-    states = getattr(backend, "_task_states", None)
-    probe = cls()
-    if (
-        os.environ.get("GOTCHA_EAGER_SCOPES")
-        or not isinstance(getattr(states, "data", None), dict)
-        or not hasattr(backend, "TaskState")
-        or not all(hasattr(probe, name) for name in _LAZY_NEEDS)
-    ):
+    if not lazy_possible(cls):
         _meter.set_fast(_get_running_loop, cls)
     else:
         _anyio_asyncio = backend
-        _meter.set_fast(_get_running_loop, cls, asyncio.current_task, states.data)  # type: ignore[union-attr]
+        _meter.set_fast(_get_running_loop, cls, asyncio.current_task,
+                        backend._task_states.data)  # type: ignore[union-attr]
     _fast_path = True
+
+
+def lazy_possible(cls: type) -> bool:
+    """Does anyio's asyncio backend (its CancelScope, cls) have what a lazy scope needs?
+
+    Its task states and the scopes' private fields that the splice reads and writes
+    (anyio 4.16 and later have them); without them every scope takes the full path.
+    """
+    backend = sys.modules.get(cls.__module__)
+    states = getattr(backend, "_task_states", None)
+    probe = cls()
+    return (
+        not os.environ.get("GOTCHA_EAGER_SCOPES")
+        and isinstance(getattr(states, "data", None), dict)
+        and hasattr(backend, "TaskState")
+        and all(hasattr(probe, name) for name in _LAZY_NEEDS)
+    )
 
 
 _fast_trio = False
