@@ -727,6 +727,11 @@ leave(Meter *m)
                         "this Context is not active: exit without a matching enter");
         return -1;
     }
+    /* what this thread's C libraries logged without the GIL since it last held
+     * it is this scope's: charged and held before the scope freezes */
+    if (native_on) {
+        native_settle();
+    }
     pause_hook();
     int r = PyContextVar_Reset(scope_var, m->token);
     resume_hook();

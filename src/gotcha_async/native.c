@@ -540,19 +540,19 @@ w_dlclose(void *h)
 /* The functions patch.c points the objects at                             */
 
 Target targets[] = {
-    {"malloc", (void *)w_malloc, (void **)&real.malloc, 1},
-    {"calloc", (void *)w_calloc, (void **)&real.calloc, 1},
-    {"realloc", (void *)w_realloc, (void **)&real.realloc, 1},
-    {"free", (void *)w_free, (void **)&real.free, 1},
-    {"posix_memalign", (void *)w_posix_memalign, (void **)&real.posix_memalign, 1},
-    {"aligned_alloc", (void *)w_aligned_alloc, (void **)&real.aligned_alloc, 1},
-    {"memalign", (void *)w_memalign, (void **)&real.memalign, 1},
-    {"valloc", (void *)w_valloc, (void **)&real.valloc, 1},
-    {"pvalloc", (void *)w_pvalloc, (void **)&real.pvalloc, 1},
-    {"strdup", (void *)w_strdup, (void **)&real.strdup, 1},
-    {"strndup", (void *)w_strndup, (void **)&real.strndup, 1},
-    {"dlopen", (void *)w_dlopen, (void **)&real.dlopen, 0},
-    {"dlclose", (void *)w_dlclose, (void **)&real.dlclose, 0},
+    {"malloc", (void *)w_malloc, (void **)&real.malloc, 1, NULL},
+    {"calloc", (void *)w_calloc, (void **)&real.calloc, 1, NULL},
+    {"realloc", (void *)w_realloc, (void **)&real.realloc, 1, NULL},
+    {"free", (void *)w_free, (void **)&real.free, 1, NULL},
+    {"posix_memalign", (void *)w_posix_memalign, (void **)&real.posix_memalign, 1, NULL},
+    {"aligned_alloc", (void *)w_aligned_alloc, (void **)&real.aligned_alloc, 1, NULL},
+    {"memalign", (void *)w_memalign, (void **)&real.memalign, 1, NULL},
+    {"valloc", (void *)w_valloc, (void **)&real.valloc, 1, NULL},
+    {"pvalloc", (void *)w_pvalloc, (void **)&real.pvalloc, 1, NULL},
+    {"strdup", (void *)w_strdup, (void **)&real.strdup, 1, NULL},
+    {"strndup", (void *)w_strndup, (void **)&real.strndup, 1, NULL},
+    {"dlopen", (void *)w_dlopen, (void **)&real.dlopen, 0, NULL},
+    {"dlclose", (void *)w_dlclose, (void **)&real.dlclose, 0, NULL},
 };
 const size_t ntargets = sizeof targets / sizeof targets[0];
 

@@ -36,6 +36,10 @@ typedef struct {
     void *wrapper;
     void **real;
     char alloc;   /* 0: dlopen/dlclose, patched in the interpreter too */
+    void *global; /* what the global scope resolves the name to, where that is not
+                   * libc's own definition: a non-PIE executable that takes the
+                   * function's address defines it at a PLT entry of its own
+                   * (Debian's python3.15) */
 } Target;
 extern Target targets[];
 extern const size_t ntargets;

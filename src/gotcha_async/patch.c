@@ -72,11 +72,12 @@ typedef struct {
 } Obj;
 
 static void
-write_slot(const Obj *o, uintptr_t addr, void *real_fn, void *value)
+write_slot(const Obj *o, uintptr_t addr, const Target *t)
 {
     void **slot = (void **)addr;
     void *now = __atomic_load_n(slot, __ATOMIC_RELAXED);
-    if (now != real_fn && !((uintptr_t)now >= o->lo && (uintptr_t)now < o->hi)) {
+    if (now != *t->real && (t->global == NULL || now != t->global) &&
+        !((uintptr_t)now >= o->lo && (uintptr_t)now < o->hi)) {
         return;   /* ours already, not relocated yet, or not libc's */
     }
     uintptr_t relro_lo = o->relro_lo, relro_hi = o->relro_hi;
@@ -87,7 +88,7 @@ write_slot(const Obj *o, uintptr_t addr, void *real_fn, void *value)
             return;
         }
     }
-    __atomic_store_n(slot, value, __ATOMIC_RELAXED);
+    __atomic_store_n(slot, t->wrapper, __ATOMIC_RELAXED);
     patched_slots++;
 }
 
@@ -111,7 +112,7 @@ patch_relas(const Obj *o, const ElfW(Rela) *rel, size_t count, const ElfW(Sym) *
                 if (!targets[t].alloc && far == 3) {
                     break;   /* its dlopen() searches its own RUNPATH: left alone */
                 }
-                write_slot(o, o->base + rel[i].r_offset, *targets[t].real, targets[t].wrapper);
+                write_slot(o, o->base + rel[i].r_offset, &targets[t]);
                 break;
             }
         }
@@ -248,8 +249,18 @@ after_fork_child(void)
 const char *
 patch_setup(void)
 {
+    /* libc's own definitions, which a library's slot holds once bound; the
+     * global scope's answer can be a PLT entry of the executable instead,
+     * kept as the name's other address */
+    void *libc = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
     for (size_t t = 0; t < ntargets; t++) {
-        *targets[t].real = dlsym(RTLD_DEFAULT, targets[t].name);
+        void *global = dlsym(RTLD_DEFAULT, targets[t].name);
+        void *own = libc != NULL ? dlsym(libc, targets[t].name) : NULL;
+        *targets[t].real = own != NULL ? own : global;
+        targets[t].global = global != *targets[t].real ? global : NULL;
+    }
+    if (libc != NULL) {
+        dlclose(libc);   /* RTLD_NOLOAD took a reference to what is loaded for good */
     }
     if (!real.malloc || !real.calloc || !real.realloc || !real.free || !real.dlopen ||
         !real.dlclose) {
