@@ -13,7 +13,7 @@ median of the per-round ratios (native / without), beside its goal:
 
 - lxml: ``etree.fromstring`` of a 20 MB document;
 - Pillow: decode a 2000x1500 PNG and resize it to 1000x750;
-- JSON handler: DESIGN's handler workload (``json.loads`` of a 50-item body, a sum, a list
+- JSON handler: bench_core.py's handler workload (``json.loads`` of a 50-item body, a sum, a list
   comprehension, a checkpoint, ``json.dumps``), 500 concurrent requests, each in its
   own ``limit()``.
 """

@@ -1,5 +1,5 @@
 """Ecosystem fault injection: popular C extensions and runtimes driven for real under
-hard and ceiling scopes with random budgets (issue 31), next to scripts/fault_inject.py.
+hard and ceiling scopes with random budgets, next to scripts/fault_inject.py.
 
     python scripts/ecosystem_inject.py                          # every library, seeds 1 2 3
     python scripts/ecosystem_inject.py --libraries orjson numpy --seeds 7 --draws 40

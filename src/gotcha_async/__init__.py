@@ -9,7 +9,7 @@ Importing the package imports everything its public names need (the C extension,
 anyio) and does nothing else: no hook is installed and no thread started until the
 first scope is entered. The names are not loaded lazily on first access: a signal
 handler that used gotcha while that first access was importing them saw a half-made
-module (issue 31, item 12).
+module (docs/reliability.md, row 31/12).
 """
 
 from typing import Any as _Any
