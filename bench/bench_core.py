@@ -40,6 +40,21 @@ async def handler(body: str) -> str:
     return json.dumps({"total": total, "names": names})
 
 
+class NoScope:
+    """An ``async with`` that does nothing: the coroutine every wrapped row adds, alone."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return False
+
+
 class CancelScopeOnly:
     """An anyio.CancelScope() per request, nothing else: the floor under limit()."""
 
@@ -274,9 +289,10 @@ def main() -> None:
 
     rows: list[tuple[str, float, str]] = []
     limited: dict[str, Any] = {"bytes": gotcha.MiB, "objects": 100_000, "calls": 100_000}
-    goals = ("bare", "CancelScope", "timeout", "limit", "bytes", "memory")
+    goals = ("bare", "wrapper", "CancelScope", "timeout", "limit", "bytes", "memory")
     variants: dict[str, Callable[[], float]] = {
         "bare": lambda: time_workload(None),
+        "wrapper": lambda: time_workload(NoScope),
         "CancelScope": lambda: time_workload(CancelScopeOnly),
         "timeout": lambda: time_workload(TimeoutNoneOnly),
         "limit": lambda: time_workload(gotcha.limit),
@@ -301,6 +317,8 @@ def main() -> None:
         ("bytes", "bare", "limit(bytes=1 MiB) vs no scope", "<= 1.05"),
         ("limit", "bare", "limit() vs no scope", "<= 1.05"),
         ("limit", "CancelScope", "limit() vs a bare anyio.CancelScope()", "<= 1.00"),
+        ("wrapper", "bare", "the wrapping coroutine alone vs no scope", "(reference)"),
+        ("bytes", "wrapper", "limit(bytes=1 MiB) vs the wrapping coroutine alone", "(reference)"),
         ("CancelScope", "bare", "anyio.CancelScope() alone vs no scope", "(reference)"),
         ("timeout", "bare", "asyncio.timeout(None) alone vs no scope", "(reference)"),
         ("limited", "limit", "limit(bytes, objects, calls) vs limit()", "<= 1.02"),

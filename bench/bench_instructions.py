@@ -36,6 +36,7 @@ CONCURRENCY = 500
 # name: (what wraps each request, as bench_core.py spells it)
 VARIANTS = {
     "no scope": "None",
+    "the wrapping coroutine alone": "bench_core.NoScope",
     "anyio.CancelScope()": "bench_core.CancelScopeOnly",
     "asyncio.timeout(None)": "bench_core.TimeoutNoneOnly",
     "limit()": "gotcha.limit",
@@ -52,6 +53,8 @@ ROWS = [
     ("limit(bytes=1 MiB)", "no scope", 1.05),
     ("limit()", "no scope", 1.05),
     ("limit()", "anyio.CancelScope()", 1.00),
+    ("the wrapping coroutine alone", "no scope", None),
+    ("limit(bytes=1 MiB)", "the wrapping coroutine alone", None),
     ("anyio.CancelScope()", "no scope", None),
     ("asyncio.timeout(None)", "no scope", None),
     ("limit(memory=1 MiB)", "limit()", 1.05),
