@@ -14,9 +14,12 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import aiohttp
 import anyio
 import pytest
+from aiohttp import web
 from fresh_scripts import run as run_fresh
+from test_aiohttp import LIMIT, State, get, gotcha_records, make_app, serving
 
 import gotcha_async as gotcha
 from gotcha_async import _context, _foreign
@@ -218,3 +221,137 @@ def test_a_missing_dispatch_function_is_said_once(force: Force) -> None:
 def test_without_a_dispatch_function_sites_are_still_recorded() -> None:
     # in a process of its own: the dispatch functions reach the C half at install
     run_fresh("dispatch_missing.py", timeout=60)
+
+
+# -- aiohttp's payload writer and websocket writer ---------------------------------------
+
+
+PIECE = 1024
+PIECES = 50  # 50 KiB: aiohttp's writer drains (and may wait) past 64 KiB buffered
+
+
+async def stream_over(request: web.Request) -> web.StreamResponse:
+    """Over its limit once started, then small writes, none of which waits."""
+    response = web.StreamResponse()
+    await response.prepare(request)
+    await response.write(b"<" * PIECE)
+    data = bytearray(2 * LIMIT)
+    for _ in range(PIECES):
+        await response.write(b"." * PIECE)
+    await response.write_eof(str(len(data)).encode())
+    return response
+
+
+@pytest.mark.parametrize("private", [True, False], ids=["payload_writer", "public_methods"])
+@pytest.mark.asyncio
+async def test_a_stream_whose_writes_never_wait_is_stopped_at_a_write(
+    force: Force, private: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not private:
+        force("AIOHTTP_PAYLOAD_WRITER", "_no_such_writer")
+    state = State()
+    body = b""
+    # no ceiling: only a write can stop a handler whose writes never wait
+    app = make_app(state, bytes=LIMIT, ceiling=None)
+    app.router.add_get("/stream-over", stream_over)
+    async with serving(app) as url:
+        ok = await get(url + "/ok")
+        hog = await get(url + "/hog")
+        async with aiohttp.ClientSession() as session, \
+                session.get(url + "/stream-over") as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async for chunk in response.content.iter_any():
+                    body += chunk
+    assert ok == (200, b"ok")
+    assert hog[0] == 503
+    assert body == b"<" * PIECE  # nothing written after the limit broke
+    [hog_record, stream_record] = gotcha_records(caplog)
+    assert (hog_record.outcome, hog_record.status) == ("refused", 503)  # type: ignore[attr-defined]
+    assert (stream_record.outcome, stream_record.status) == (  # type: ignore[attr-defined]
+        "aborted", 200)
+    assert _foreign._found["aiohttp_writer"] is private
+
+
+@pytest.mark.asyncio
+async def test_added_by_hand_without_the_payload_writer_says_what_is_lost(
+    force: Force,
+) -> None:
+    force("AIOHTTP_PAYLOAD_WRITER", "_no_such_writer")
+    state = State()
+    async with serving(make_app(state, by_hand=True, bytes=LIMIT)) as url:
+        with pytest.warns(RuntimeWarning, match="added by hand"):
+            hog = await get(url + "/hog")
+        ok = await get(url + "/ok")  # said once
+    assert (hog[0], ok) == (503, (200, b"ok"))
+
+
+FRAMES = 50
+
+
+async def ws_flood(request: web.Request) -> web.WebSocketResponse:
+    """Over its limit, then frames whose sends never wait."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    await ws.receive()
+    data = bytearray(2 * LIMIT)
+    for i in range(FRAMES):
+        await ws.send_str(f"frame {i} of {len(data)}")
+    await ws.send_json({"done": True})
+    return ws
+
+
+@pytest.mark.parametrize("private", [True, False], ids=["post_start", "public_methods"])
+@pytest.mark.asyncio
+async def test_a_websocket_whose_sends_never_wait_is_closed_at_a_send(
+    force: Force, private: bool
+) -> None:
+    if not private:
+        force("AIOHTTP_POST_START", "_no_such_method")
+    state = State()
+    app = make_app(state, bytes=LIMIT, ceiling=None)
+    app.router.add_get("/ws-flood", ws_flood)
+    frames = []
+    async with serving(app) as url:
+        async with aiohttp.ClientSession() as session, session.ws_connect(url + "/ws-flood") as ws:
+            await ws.send_str("go")
+            while True:
+                message = await ws.receive()
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    break
+                frames.append(message.data)
+    assert message.type == aiohttp.WSMsgType.CLOSE
+    assert (message.data, message.extra) == (1008, "bytes limit exceeded")
+    assert len(frames) < FRAMES
+    [exceeded] = state.exceeded
+    assert (exceeded.method, exceeded.outcome) == ("WEBSOCKET", "closed")
+    assert _foreign._found["aiohttp_post_start"] is private
+
+
+# -- OpenTelemetry's placeholder provider ------------------------------------------------
+
+
+class Placeholder:
+    _real_meter_provider: object = None
+
+
+def test_the_placeholder_tells_when_the_sdk_is_set() -> None:
+    placeholder = Placeholder()
+    sdk_is_set = _foreign.otel_sdk_is_set(placeholder)
+    assert not sdk_is_set()
+    placeholder._real_meter_provider = object()
+    assert sdk_is_set()
+
+
+def test_without_the_placeholders_attribute_the_global_provider_is_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry import metrics
+
+    placeholder = object()
+    current: list[object] = [placeholder]
+    monkeypatch.setattr(metrics, "get_meter_provider", lambda: current[0])
+    sdk_is_set = _foreign.otel_sdk_is_set(placeholder)
+    assert not sdk_is_set()
+    current[0] = object()
+    assert sdk_is_set()

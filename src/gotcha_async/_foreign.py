@@ -24,6 +24,13 @@ the loops' dispatch functions                  none: a warning; allocation sites
 (``asyncio.events.Handle._run``,               loop's tasks may go on into the frames of
 ``asyncio.runners.Runner.run``,                whoever started the loop
 ``trio._core._run.unrolled_run``)
+aiohttp ``BaseRequest._payload_writer``        the response's public ``write`` and
+                                               ``write_eof`` wrapped at prepare (only for
+                                               a middleware added with ``install()``)
+aiohttp ``WebSocketResponse._post_start``      the response's public ``send_frame``,
+                                               ``send_str`` and ``send_bytes`` wrapped
+OpenTelemetry's placeholder provider's         ``metrics.get_meter_provider()`` asked
+``_real_meter_provider``                       until an SDK is set
 =============================================  ==========================================
 
 Each name is a constant below, so that a test can point it at a name that does not
@@ -61,6 +68,12 @@ DISPATCH = (
     ("asyncio.runners", "Runner.run"),      # under uvloop, whose loop is C
     ("trio._core._run", "unrolled_run"),
 )
+#: aiohttp: the request's payload writer, which every write of its response goes through.
+AIOHTTP_PAYLOAD_WRITER = "_payload_writer"
+#: aiohttp: the WebSocketResponse method that hands the frame writer over, after prepare.
+AIOHTTP_POST_START = "_post_start"
+#: OpenTelemetry API: its placeholder provider's reference to the SDK once one is set.
+OTEL_REAL_PROVIDER = "_real_meter_provider"
 
 # answers, by question; reset() forgets them
 _found: dict[Any, Any] = {}
@@ -306,3 +319,64 @@ def dispatch_frames() -> tuple[tuple[str, str], ...]:
         places.extend((f, name) for f in files)
     found = _found["dispatch"] = tuple(places)
     return found
+
+
+# -- aiohttp ---------------------------------------------------------------------------
+
+
+def wrap_payload_writer(request: Any, wrap: Callable[[Any], Any]) -> bool:
+    """Put ``wrap(writer)`` in place of the request's payload writer; False where
+    aiohttp has none by that name (checked on the first request): the caller then
+    guards the response's public methods instead."""
+    ok = _found.get("aiohttp_writer")
+    if ok is None:
+        ok = _found["aiohttp_writer"] = hasattr(request, AIOHTTP_PAYLOAD_WRITER)
+    if not ok:
+        return False
+    writer = getattr(request, AIOHTTP_PAYLOAD_WRITER)
+    if writer is None:
+        return False
+    setattr(request, AIOHTTP_PAYLOAD_WRITER, wrap(writer))
+    return True
+
+
+def wrap_ws_writer(response: Any, wrap: Callable[[Any], Any]) -> bool:
+    """Have a WebSocketResponse hand ``wrap(writer)`` to itself instead of its frame
+    writer (an instance attribute, for this one response); False where its
+    ``_post_start(request, protocol, writer)`` is not there (checked once): the caller
+    then guards the response's public send methods instead."""
+    ok = _found.get("aiohttp_post_start")
+    if ok is None:
+        method = getattr(type(response), AIOHTTP_POST_START, None)
+        try:
+            params = list(inspect.signature(method).parameters) if callable(method) else []
+        except (TypeError, ValueError):
+            params = []
+        ok = _found["aiohttp_post_start"] = params == ["self", "request", "protocol", "writer"]
+    if not ok:
+        return False
+    post_start = getattr(response, AIOHTTP_POST_START)
+
+    def guarded_post_start(request: Any, protocol: Any, writer: Any) -> None:
+        post_start(request, protocol, wrap(writer))
+
+    setattr(response, AIOHTTP_POST_START, guarded_post_start)
+    return True
+
+
+# -- OpenTelemetry ---------------------------------------------------------------------
+
+
+def otel_sdk_is_set(placeholder: Any) -> Callable[[], bool]:
+    """A function telling whether an SDK provider has been set since ``placeholder``
+    (the API's global provider while none is) was read.
+
+    The placeholder learns of the SDK when it is set (the API's own way of handing its
+    instruments over): asking it costs an attribute read; otherwise
+    ``metrics.get_meter_provider()`` is asked, which reads the environment.
+    """
+    if hasattr(placeholder, OTEL_REAL_PROVIDER):
+        return lambda: getattr(placeholder, OTEL_REAL_PROVIDER) is not None
+    from opentelemetry import metrics
+
+    return lambda: metrics.get_meter_provider() is not placeholder

@@ -20,7 +20,7 @@ from typing import Any
 import anyio.lowlevel
 from aiohttp import web
 
-from . import _report, _web
+from . import _foreign, _report, _web
 from ._context import Context, LimitExceeded
 from ._report import NO_ROUTE, Exceeded, RouteSummary
 from ._units import Limit
@@ -44,7 +44,8 @@ _MIDDLEWARE: Any = (
 class _State:
     """How far one request's response has gone."""
 
-    __slots__ = ("aborted", "complete", "ctx", "in_handler", "response", "started", "status")
+    __slots__ = ("aborted", "complete", "ctx", "in_handler", "public", "response", "started",
+                 "status")
 
     def __init__(self, ctx: Context | None = None) -> None:
         self.ctx = ctx
@@ -54,6 +55,9 @@ class _State:
         self.in_handler = True
         self.status: int | None = None
         self.response: web.StreamResponse | None = None
+        #: the response's public methods are guarded at prepare (aiohttp has no payload
+        #: writer where this package knows it: _foreign.wrap_payload_writer)
+        self.public = False
 
 
 async def _guard(ctx: Context, state: _State) -> None:
@@ -135,6 +139,20 @@ class _GuardedWriter:
         self._state.complete = True
 
 
+def _guard_public_methods(response: web.StreamResponse, ctx: Context, state: _State,
+                          names: tuple[str, ...]) -> None:
+    """Check the limit at each call of these methods of this one response (instance
+    attributes): where aiohttp's writers cannot be wrapped, its public methods are."""
+    for name in names:
+        method = getattr(response, name)
+
+        async def guarded(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+            await _guard(ctx, state)
+            return await _method(*args, **kwargs)
+
+        setattr(response, name, guarded)
+
+
 def _client(request: web.BaseRequest) -> str | None:
     transport = request.transport
     peer = transport.get_extra_info("peername") if transport is not None else None
@@ -145,7 +163,7 @@ def _templates(router: web.UrlDispatcher) -> list[str]:
     """Every resource's canonical path, those of sub-applications included."""
     out = []
     for resource in router.resources():
-        sub = getattr(resource, "_app", None)
+        sub = resource.get_info().get("app")  # a sub-application's resource names it
         if isinstance(sub, web.Application):
             out.extend(_templates(sub.router))
         elif isinstance(resource.canonical, str):
@@ -295,17 +313,28 @@ class LimitMiddleware:
         if not isinstance(state, _State):
             return
         state.response = response
-        if isinstance(response, web.WebSocketResponse) and state.ctx is not None:
-            # The frame writer is handed to the response right after this signal, by
-            # _post_start: wrap it on the way (an instance attribute, for this one
-            # response only).
-            post_start = response._post_start
-            ctx = state.ctx
+        ctx = state.ctx
+        if ctx is None:
+            return
+        if isinstance(response, web.WebSocketResponse):
+            # The frame writer is handed to the response right after this signal:
+            # wrapped on the way, for this one response only
+            if not _foreign.wrap_ws_writer(response, lambda w: _GuardedWsWriter(w, ctx, state)):
+                _guard_public_methods(response, ctx, state, ("send_frame", "send_str",
+                                                             "send_bytes"))
+        if state.public:
+            # the headers go out right after this signal
+            state.started = True
+            state.status = response.status
+            _guard_public_methods(response, ctx, state, ("write",))
+            write_eof = response.write_eof
 
-            def guarded_post_start(request: Any, protocol: Any, writer: Any) -> None:
-                post_start(request, protocol, _GuardedWsWriter(writer, ctx, state))  # type: ignore[arg-type]
+            async def guarded_write_eof(*args: Any, **kwargs: Any) -> None:
+                await _guard(ctx, state)
+                await write_eof(*args, **kwargs)
+                state.complete = True
 
-            response._post_start = guarded_post_start  # type: ignore[method-assign]
+            response.write_eof = guarded_write_eof  # type: ignore[method-assign]
 
     async def _on_startup(self, app: web.Application) -> None:
         # the router is frozen from now on: every route is known
@@ -344,9 +373,13 @@ class LimitMiddleware:
         ctx = plan.new_scope()
         state = _State(ctx)
         request[_STATE] = state
-        writer = getattr(request, "_payload_writer", None)
-        if writer is not None:
-            request._payload_writer = _GuardedWriter(writer, ctx, state)  # type: ignore[assignment]
+        if not _foreign.wrap_payload_writer(request, lambda w: _GuardedWriter(w, ctx, state)):
+            state.public = True
+            if not self._installed:
+                _foreign.degraded(
+                    "aiohttp_by_hand", "this aiohttp has no request._payload_writer: a "
+                    "LimitMiddleware added by hand (not with install() or setup()) cannot "
+                    "stop a handler at its writes, only at its checkpoints and its ceiling")
         error: LimitExceeded | None = None
         response: web.StreamResponse | None = None
         try:
