@@ -32,6 +32,7 @@ from ._units import (
     RESOURCES,
     USED,
     Limit,
+    check_bool,
     check_ceiling,
     check_limit,
     sampling_rate,
@@ -295,12 +296,13 @@ def _recipe(
             check_limit("calls", calls),
             check_limit("memory", memory),
         )
+    # the checks inline (this runs for every scope), the raising in check_bool
     if type(hard) is not bool:
-        raise TypeError(f"hard must be True or False, not {hard!r}")
+        check_bool("hard", hard)
     if type(track_memory) is not bool:
-        raise TypeError(f"track_memory must be True or False, not {track_memory!r}")
+        check_bool("track_memory", track_memory)
     if type(exact_memory) is not bool:
-        raise TypeError(f"exact_memory must be True or False, not {exact_memory!r}")
+        check_bool("exact_memory", exact_memory)
     if hard:
         if ceiling is not None:
             check_ceiling(ceiling, hard)  # raises: hard=True is ceiling=1
@@ -447,7 +449,7 @@ class Context(_meter.Meter, anyio.CancelScope):
         recipe = _recipe(bytes, objects, calls, memory, hard, ceiling, track_memory,
                          exact_memory)
         if type(shield) is not bool:
-            raise TypeError(f"shield must be True or False, not {shield!r}")
+            check_bool("shield", shield)
         if parent is not None and not isinstance(parent, Context):
             raise TypeError(f"parent must be a Context or None, not {parent!r}")
         self._apply(recipe, parent, shield, fail)
@@ -699,8 +701,7 @@ class Context(_meter.Meter, anyio.CancelScope):
 
     @shield.setter
     def shield(self, value: bool) -> None:
-        if type(value) is not bool:
-            raise TypeError(f"shield must be True or False, not {value!r}")
+        check_bool("shield", value)
         self._shield = value
         scope = self._live_scope() if value else self._scope
         if scope is not None:
@@ -836,7 +837,7 @@ def limit(
     """
     ctx: Context = _new_meter(Context)
     if shield is not False and type(shield) is not bool:
-        raise TypeError(f"shield must be True or False, not {shield!r}")
+        check_bool("shield", shield)
     ctx._apply(_recipe(bytes, objects, calls, memory, hard, ceiling, track_memory, exact_memory),
                None, shield, True)
     return ctx
@@ -861,7 +862,7 @@ def move_on_limit(
     """
     ctx: Context = _new_meter(Context)
     if shield is not False and type(shield) is not bool:
-        raise TypeError(f"shield must be True or False, not {shield!r}")
+        check_bool("shield", shield)
     ctx._apply(_recipe(bytes, objects, calls, memory, hard, ceiling, track_memory, exact_memory),
                None, shield, False)
     return ctx

@@ -19,6 +19,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from . import _foreign, _meter
+from ._units import check_bool
 
 if TYPE_CHECKING:
     from ._context import Context
@@ -283,8 +284,7 @@ def install(*, native: bool = False) -> None:
     :raises NotImplementedError: ``native=True`` where it is not supported; nothing is
         changed then.
     """
-    if not isinstance(native, bool):
-        raise TypeError(f"native must be True or False, not {native!r}")
+    check_bool("native", native)
     if native and not _meter.native_supported():
         raise NotImplementedError(
             "gotcha.install(native=True) needs Linux with glibc on x86-64 or aarch64 "
