@@ -14,8 +14,8 @@ The options and the behaviour are those of :class:`gotcha_async.asgi.LimitMiddle
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Unpack
 
 import anyio.lowlevel
 from aiohttp import web
@@ -23,8 +23,7 @@ from aiohttp import web
 from . import _foreign, _report, _web
 from ._context import Context, LimitExceeded
 from ._report import NO_ROUTE, Exceeded, RouteSummary
-from ._units import Limit
-from ._web import WS_POLICY_VIOLATION, RouteLimits
+from ._web import WS_POLICY_VIOLATION
 
 __all__ = ["Exceeded", "LimitMiddleware", "RouteSummary", "middleware_of", "setup", "summary"]
 
@@ -216,7 +215,7 @@ def _route(request: web.Request) -> str | None:
     return canonical if isinstance(canonical, str) else None
 
 
-class LimitMiddleware:
+class LimitMiddleware(_web.Middleware):
     """An aiohttp middleware running each request and websocket in its own limit.
 
     The same options and behaviour as :class:`gotcha_async.asgi.LimitMiddleware`:
@@ -250,51 +249,12 @@ class LimitMiddleware:
 
     __middleware_version__ = 1  # a new-style middleware, for aiohttp 3
 
-    def __init__(
-        self,
-        *,
-        bytes: Limit = None,  # shadows the builtin: the contract's name
-        objects: Limit = None,
-        calls: Limit = None,
-        memory: Limit = None,
-        hard: bool = False,
-        ceiling: float | None = _web.DEFAULT_CEILING,
-        status_code: int = 503,
-        response: web.Response | Callable[[LimitExceeded], web.StreamResponse] | None = None,
-        routes: RouteLimits | None = None,
-        on_exceeded: Callable[..., Any] | None = None,
-        enforce: bool = True,
-        meter_provider: Any = None,
-        track_memory: bool = False,
-        native: bool = False,
-        summary_routes: int = 200,
-    ) -> None:
-        self._options = _web.Options(
-            bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard,
-            ceiling=ceiling, status_code=status_code, routes=routes, on_exceeded=on_exceeded,
-            enforce=enforce, meter_provider=meter_provider, track_memory=track_memory,
-            summary_routes=summary_routes, native=native,
-        )
-        if response is not None:
-            _check_response(response)
-        self._response = response
+    def __init__(self, **options: Unpack[_web.MiddlewareOptions]) -> None:
+        super().__init__(options)
         self._installed = False
 
-    @property
-    def limits(self) -> Mapping[str, Any]:
-        """The default limit arguments, validated (read-only)."""
-        return self._options.limits
-
-    @property
-    def enforce(self) -> bool:
-        return self._options.enforce
-
-    def summary(self) -> list[RouteSummary]:
-        """Per route: count, median, p99, max of bytes and peak memory, and a suggestion."""
-        return self._options.summary.rows()
-
-    def summary_text(self) -> str:
-        return self._options.summary.text()
+    def _check_response(self, response: object) -> None:
+        _check_response(response)
 
     def install(self, app: web.Application) -> None:
         """Add this middleware to ``app`` with the signals it uses."""
