@@ -333,6 +333,7 @@ def test_setup_builds_and_installs_once() -> None:
     [
         ({"bytes": "lots"}, ValueError, "bytes: not a size: 'lots'"),
         ({"enforce": 0}, TypeError, "enforce must be True or False, not 0"),
+        ({"bytez": 1}, TypeError, "LimitMiddleware() got an unexpected keyword argument 'bytez'"),
         ({"status_code": 302}, ValueError, "status_code must be an HTTP error status"),
         ({"routes": {"/x": {"bites": 1}}}, ValueError, "routes['/x'] has an unknown key 'bites'"),
         ({"response": 429}, TypeError, "response must be an aiohttp web.Response"),

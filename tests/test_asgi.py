@@ -1071,6 +1071,7 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
         ({"meter_provider": 42}, TypeError, "meter_provider must be an OpenTelemetry "
                                             "MeterProvider or None, not 42"),
         ({"summary_routes": 0}, ValueError, "summary_routes must be an int >= 1, got 0"),
+        ({"bytez": 1}, TypeError, "LimitMiddleware() got an unexpected keyword argument 'bytez'"),
     ],
 )
 def test_bad_configuration_fails_at_construction(

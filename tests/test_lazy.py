@@ -18,7 +18,7 @@ import anyio._backends._asyncio
 import pytest
 
 import gotcha_async as gotcha
-from gotcha_async import _context
+from gotcha_async import _foreign
 
 LIMIT = 1000
 OVER = 64 * 1024  # one allocation well past LIMIT
@@ -51,7 +51,7 @@ def cancelling() -> int:
 # where anyio lacks the internals a lazy scope uses, every scope takes the full path (and
 # the rest of this file holds all the same)
 lazy = pytest.mark.skipif(
-    not _context.lazy_possible(anyio._backends._asyncio.CancelScope),
+    not _foreign.lazy_possible(anyio._backends._asyncio.CancelScope),
     reason="this anyio has not what a lazy scope needs: every scope is made at entry",
 )
 

@@ -25,13 +25,14 @@ else:
 
 import anyio
 
-from . import _hook, _meter
+from . import _foreign, _hook, _meter
 from ._hook import HardLimitError, ensure_installed, machinery_dirs, scope_var
 from ._units import (
     _MAX,
     RESOURCES,
     USED,
     Limit,
+    check_bool,
     check_ceiling,
     check_limit,
     sampling_rate,
@@ -60,7 +61,8 @@ _PACKAGE_DIR = os.path.join(os.path.dirname(__file__), "")
 # asyncio's debug mode is on under -X dev or PYTHONASYNCIODEBUG (asyncio.run(debug=True) and
 # loop.set_debug() too, which this does not see: only then is the loop asked per scope)
 _DEBUG_POSSIBLE = sys.flags.dev_mode or bool(os.environ.get("PYTHONASYNCIODEBUG"))
-_get_running_loop = asyncio.events._get_running_loop
+# asyncio's own where it has it (_foreign): the same function the C half calls
+_get_running_loop = _foreign.running_loop()
 _new_meter = _meter.Meter.__new__
 
 
@@ -135,17 +137,16 @@ def _loop_waker() -> Any:
     return None
 
 
-# anyio's backend cancel-scope classes, learnt from anyio itself on first use.
-# anyio.CancelScope() finds the backend through sniffio on every call, which is
-# most of its cost; which loop runs here is cheaper to see directly.
-_scope_classes: dict[str, Any] = {}
-
-
 def _new_cancel_scope(deadline: float, shield: bool) -> tuple[Any, Any]:
-    """(an anyio cancel scope, the loop's waker), or (None, None) outside a loop."""
+    """(an anyio cancel scope, the loop's waker), or (None, None) outside a loop.
+
+    anyio.CancelScope() finds the backend through sniffio on every call, which is
+    most of its cost; which loop runs here is cheaper to see directly, and the
+    backend's class is made directly once known (_foreign.scope_class).
+    """
     loop = _get_running_loop()
     if loop is not None:
-        cls = _scope_classes.get("asyncio")
+        cls = _foreign.scope_class("asyncio")
         if cls is not None:
             if not _fast_path and not _DEBUG_POSSIBLE and _hook._installed:
                 _enable_fast_path(cls)
@@ -171,16 +172,13 @@ def _new_cancel_scope(deadline: float, shield: bool) -> tuple[Any, Any]:
     except anyio.NoEventLoopError:
         return None, None
     waker = _loop_waker()
-    _scope_classes.setdefault("asyncio" if loop is not None else "trio", type(scope))
+    _foreign.learn_scope_class("asyncio" if loop is not None else "trio", type(scope))
     return scope, waker
 
 
 _fast_path = False
-# anyio's asyncio backend module, once lazy scopes are on (see _materialize)
-_anyio_asyncio: Any = None
-#: What a lazy scope needs of anyio's asyncio backend; checked once, on a fresh scope.
-_LAZY_NEEDS = ("_host_task", "_parent_scope", "_child_scopes", "_tasks", "_active",
-               "_cancelling_at_enter")
+# anyio's asyncio scope class, once lazy scopes are on (see _materialize)
+_lazy_class: Any = None
 
 
 def _enable_fast_path(cls: type) -> None:
@@ -188,35 +186,18 @@ def _enable_fast_path(cls: type) -> None:
 
     Not in asyncio's debug mode, where entering marks the scope quiet (see
     _before_enter), nor before the hook is installed. Where anyio's backend has what
-    a lazy scope needs (checked here, once), a plain scope is lazy: it makes no
-    cancel scope until something asks for a cancellation (see Context._materialize).
+    a lazy scope needs (_foreign.lazy_possible, checked once), a plain scope is lazy:
+    it makes no cancel scope until something asks for a cancellation (see
+    Context._materialize).
     """
-    global _fast_path, _anyio_asyncio
-    backend = sys.modules.get(cls.__module__)
-    if not lazy_possible(cls):
+    global _fast_path, _lazy_class
+    if not _foreign.lazy_possible(cls):
         _meter.set_fast(_get_running_loop, cls)
     else:
-        _anyio_asyncio = backend
+        _lazy_class = cls
         _meter.set_fast(_get_running_loop, cls, asyncio.current_task,
-                        backend._task_states.data)  # type: ignore[union-attr]
+                        _foreign.task_states(cls))
     _fast_path = True
-
-
-def lazy_possible(cls: type) -> bool:
-    """Does anyio's asyncio backend (its CancelScope, cls) have what a lazy scope needs?
-
-    Its task states and the scopes' private fields that the splice reads and writes
-    (anyio 4.16 and later have them); without them every scope takes the full path.
-    """
-    backend = sys.modules.get(cls.__module__)
-    states = getattr(backend, "_task_states", None)
-    probe = cls()
-    return (
-        not os.environ.get("GOTCHA_EAGER_SCOPES")
-        and isinstance(getattr(states, "data", None), dict)
-        and hasattr(backend, "TaskState")
-        and all(hasattr(probe, name) for name in _LAZY_NEEDS)
-    )
 
 
 _fast_trio = False
@@ -226,58 +207,24 @@ def _enable_fast_trio(trio: Any) -> None:
     """From now on the C half enters and leaves plain scopes on trio itself.
 
     It reads trio's run context (what ``trio.lowlevel.in_trio_task`` and
-    ``current_trio_token`` read); where trio has none by that name, scopes take the
-    Python path.
+    ``current_trio_token`` read); where trio has none by that name
+    (_foreign.trio_run_context), scopes take the Python path.
     """
     global _fast_trio
     _fast_trio = True
-    run = sys.modules.get("trio._core._run")
-    context = getattr(run, "GLOBAL_RUN_CONTEXT", None)
-    if context is not None and hasattr(context, "runner") and hasattr(context, "task"):
+    context = _foreign.trio_run_context()
+    if context is not None:
         _meter.set_fast_trio(context, trio.CancelScope)
 
 
-def _splice(host: asyncio.Task[Any], outer: Any, cancelling0: int, ancestors: list[Any]) -> Any:
-    """An entered anyio cancel scope for a lazy scope of host, where anyio would have put it.
-
-    The lazy scope was entered while ``outer`` was the innermost anyio scope of its
-    task (None: none). The anyio scopes the task entered since are inside it: the
-    new scope goes between them and ``outer``, in the task's chain and in the
-    parent/child links anyio delivers cancellation through. ``ancestors`` are the
-    cancel scopes of enclosing Contexts made real since (each one's place is below
-    them too). anyio's own ``__enter__`` cannot do this: it runs in the task, and
-    only on top of its chain.
-    """
-    backend = _anyio_asyncio
-    scope = backend.CancelScope()
-    scope._host_task = host
-    scope._active = True
-    scope._cancelling_at_enter = cancelling0
-    state = backend._task_states.get(host)
-    top = state.cancel_scope if state is not None else None
-    # inner: the outermost anyio scope entered inside; parent: where the walk stopped
-    inner, parent = None, top
-    while parent is not None and parent is not outer and parent not in ancestors:
-        inner, parent = parent, parent._parent_scope
-    if parent is None and outer is not None:
-        inner, parent = None, top  # a chain anyio rearranged (TaskGroup.start): innermost
-    scope._parent_scope = parent
-    if inner is None:
-        scope._tasks.add(host)
-        if parent is not None:
-            parent._tasks.discard(host)
-            parent._child_scopes.add(scope)
-        if state is None:
-            backend._task_states[host] = backend.TaskState(None, scope)
-        else:
-            state.cancel_scope = scope
-    else:
-        inner._parent_scope = scope
-        scope._child_scopes.add(inner)
-        if parent is not None:
-            parent._child_scopes.discard(inner)
-            parent._child_scopes.add(scope)
-    return scope
+def _forget_fast_paths() -> None:
+    """Ask _foreign again: the next scope on each loop sets the fast paths up anew
+    (tests that force a fallback; the C half keeps what it was given until then)."""
+    global _fast_path, _fast_trio, _get_running_loop
+    _meter.set_fast(None, None)
+    _meter.set_fast_trio(None, None)
+    _fast_path = _fast_trio = False
+    _get_running_loop = _foreign.running_loop()
 
 
 def _call_soon(waker: Any, callback: Callable[[], object]) -> None:
@@ -349,12 +296,13 @@ def _recipe(
             check_limit("calls", calls),
             check_limit("memory", memory),
         )
+    # the checks inline (this runs for every scope), the raising in check_bool
     if type(hard) is not bool:
-        raise TypeError(f"hard must be True or False, not {hard!r}")
+        check_bool("hard", hard)
     if type(track_memory) is not bool:
-        raise TypeError(f"track_memory must be True or False, not {track_memory!r}")
+        check_bool("track_memory", track_memory)
     if type(exact_memory) is not bool:
-        raise TypeError(f"exact_memory must be True or False, not {exact_memory!r}")
+        check_bool("exact_memory", exact_memory)
     if hard:
         if ceiling is not None:
             check_ceiling(ceiling, hard)  # raises: hard=True is ceiling=1
@@ -501,7 +449,7 @@ class Context(_meter.Meter, anyio.CancelScope):
         recipe = _recipe(bytes, objects, calls, memory, hard, ceiling, track_memory,
                          exact_memory)
         if type(shield) is not bool:
-            raise TypeError(f"shield must be True or False, not {shield!r}")
+            check_bool("shield", shield)
         if parent is not None and not isinstance(parent, Context):
             raise TypeError(f"parent must be a Context or None, not {parent!r}")
         self._apply(recipe, parent, shield, fail)
@@ -576,7 +524,8 @@ class Context(_meter.Meter, anyio.CancelScope):
             if ctx._scope is not None:
                 ancestors.append(ctx._scope)
             ctx = ctx.parent
-        scope = _splice(self._host, self._anyio_outer, self._cancelling0, ancestors)
+        scope = _foreign.splice(_lazy_class, self._host, self._anyio_outer, self._cancelling0,
+                                ancestors)
         self._scope = scope
         self._host = None
         self._anyio_outer = None
@@ -752,8 +701,7 @@ class Context(_meter.Meter, anyio.CancelScope):
 
     @shield.setter
     def shield(self, value: bool) -> None:
-        if type(value) is not bool:
-            raise TypeError(f"shield must be True or False, not {value!r}")
+        check_bool("shield", value)
         self._shield = value
         scope = self._live_scope() if value else self._scope
         if scope is not None:
@@ -889,7 +837,7 @@ def limit(
     """
     ctx: Context = _new_meter(Context)
     if shield is not False and type(shield) is not bool:
-        raise TypeError(f"shield must be True or False, not {shield!r}")
+        check_bool("shield", shield)
     ctx._apply(_recipe(bytes, objects, calls, memory, hard, ceiling, track_memory, exact_memory),
                None, shield, True)
     return ctx
@@ -914,7 +862,7 @@ def move_on_limit(
     """
     ctx: Context = _new_meter(Context)
     if shield is not False and type(shield) is not bool:
-        raise TypeError(f"shield must be True or False, not {shield!r}")
+        check_bool("shield", shield)
     ctx._apply(_recipe(bytes, objects, calls, memory, hard, ceiling, track_memory, exact_memory),
                None, shield, False)
     return ctx

@@ -10,7 +10,6 @@ import _thread
 import contextlib
 import contextvars
 import functools
-import importlib.util
 import opcode  # with the package: installing at shutdown can import nothing
 import os
 import sys
@@ -19,7 +18,8 @@ import tracemalloc
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from . import _meter
+from . import _foreign, _meter
+from ._units import check_bool
 
 if TYPE_CHECKING:
     from ._context import Context
@@ -47,14 +47,7 @@ class HardLimitError(MemoryError):
         return super().__str__() or "a hard gotcha limit was exceeded"
 
 
-def _find_spec(name: str) -> Any:
-    # None where the import system cannot answer: a module that is not there, or a
-    # process shutting down (sys.meta_path is None; modules already imported are
-    # still answered from sys.modules)
-    try:
-        return importlib.util.find_spec(name)
-    except (ImportError, ValueError, AttributeError, TypeError):
-        return None
+_find_spec = _foreign.find_spec
 
 
 @functools.cache
@@ -94,25 +87,6 @@ UNCHECKED = (
     "ceilings cannot stop code that never awaits here, and allocation sites are not "
     "recorded; soft limits, counting and cancellation work"
 )
-
-
-@functools.cache
-def dispatch_frames() -> tuple[tuple[str, str], ...]:
-    """The functions from which the event loops run a task's step, as (file, name).
-
-    Every frame older than one of these belongs to whoever started the loop (a
-    ``main()``, pytest's runner), never to the task: an allocation site's walk of the
-    stack stops there. uvloop runs the step from C, whose caller is asyncio's runner.
-    """
-    places = (("asyncio", "events.py", "_run"),   # Handle._run: task steps, callbacks
-              ("asyncio", "runners.py", "run"),   # Runner.run, under uvloop's C loop
-              ("trio", os.path.join("_core", "_run.py"), "unrolled_run"))
-    found: list[tuple[str, str]] = []
-    for package, file, name in places:
-        spec = _find_spec(package)
-        if spec is not None and spec.submodule_search_locations:
-            found.extend((os.path.join(p, file), name) for p in spec.submodule_search_locations)
-    return tuple(found)
 
 
 def _interrupt_opcodes() -> tuple[int, int, tuple[tuple[int, int], ...]]:
@@ -161,7 +135,7 @@ def ensure_installed() -> None:
             return
         if not _meter.installed():
             main = threading.main_thread().ident or threading.get_ident()
-            dirs, places = machinery_dirs(), dispatch_frames()
+            dirs, places = machinery_dirs(), _foreign.dispatch_frames()
             try:
                 _meter.install(scope_var, _deliver, dirs, places, main, HardLimitError)
             except RuntimeError:
@@ -310,8 +284,7 @@ def install(*, native: bool = False) -> None:
     :raises NotImplementedError: ``native=True`` where it is not supported; nothing is
         changed then.
     """
-    if not isinstance(native, bool):
-        raise TypeError(f"native must be True or False, not {native!r}")
+    check_bool("native", native)
     if native and not _meter.native_supported():
         raise NotImplementedError(
             "gotcha.install(native=True) needs Linux with glibc on x86-64 or aarch64 "

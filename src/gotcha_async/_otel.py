@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _report
+from . import _foreign, _report
 
 # Powers of four from 1 KiB to 4 GiB: request allocations span six orders of
 # magnitude, and OpenTelemetry's default buckets (0 to 10,000) would put nearly every
@@ -75,14 +75,8 @@ class Instruments:
         # until then, recording is skipped (a tenth of a small request's cost)
         self.placeholder = placeholder
         if placeholder is not None:
-            from opentelemetry import metrics
-
-            self.current_provider = metrics.get_meter_provider
-            # The placeholder learns of the SDK when it is set (the API's own way of
-            # handing its instruments over): asking it costs an attribute read where
-            # get_meter_provider() reads the environment. Any other API version is
-            # asked through get_meter_provider().
-            self.placeholder_tells = hasattr(placeholder, "_real_meter_provider")
+            #: whether the SDK has been set since (the placeholder says: _foreign)
+            self.sdk_is_set = _foreign.otel_sdk_is_set(placeholder)
         meter = meter_provider.get_meter("gotcha_async", _version())
         self.histograms = []
         for resource, (name, unit, description) in METRICS.items():
@@ -99,8 +93,7 @@ class Instruments:
         placeholder = self.placeholder
         if placeholder is None:
             return True
-        if (placeholder._real_meter_provider is None if self.placeholder_tells
-                else self.current_provider() is placeholder):
+        if not self.sdk_is_set():
             return False  # nobody could read it yet
         self.placeholder = None  # set at last: these instruments now forward to it
         return True

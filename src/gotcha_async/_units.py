@@ -1,11 +1,17 @@
-"""The resources a scope counts, unit constants, size strings and limit validation."""
+"""The resources a scope counts, unit constants, size strings and the validation of
+limit arguments: one validator per kind of argument, used by the scopes, the middlewares
+and the pytest plugin alike (the plugin keeps its own copy of RESOURCES and UNITS only,
+for use before it imports anything of the package; tests/test_units.py keeps it the
+same)."""
 
 from __future__ import annotations
 
 import functools
 import math
 import re
+from collections.abc import Mapping
 from fractions import Fraction
+from typing import Any
 
 #: What a scope counts, in the order of the C counters (_meter.h: R_BYTES ... R_MEMORY)
 RESOURCES = ("bytes", "objects", "calls", "memory")
@@ -102,6 +108,47 @@ def check_limit(name: str, value: object) -> int | None:
     if result > _MAX:
         raise ValueError(f"{name} is too large: {value!r}")
     return result
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Validate a flag (``hard``, ``enforce`` ...): True or False, nothing else.
+
+    :raises TypeError: for anything else, naming the parameter and the value
+    """
+    if type(value) is not bool:
+        raise TypeError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+#: The limit arguments a route (a middleware's ``routes=``) or a test's marker gives.
+LIMIT_ARGS = (*RESOURCES, "hard")
+
+
+def check_limit_args(kwargs: object, where: str | None = None) -> dict[str, Any]:
+    """Validate a mapping of limit arguments (some of :data:`LIMIT_ARGS`); return them
+    as a plain dict of checked values (limits as ints or None).
+
+    :param where: how to name the mapping in an error, e.g. ``"routes['/upload/*']"``
+        (each value is then named ``routes['/upload/*']['bytes']``); None: the values
+        are parameters of their own, named ``bytes`` ...
+    :raises TypeError: for a value that is not a mapping, or a limit of the wrong type
+    :raises ValueError: for an unknown key, or a negative or malformed limit
+    """
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(
+            f"{where} must be a mapping of limit arguments ({', '.join(LIMIT_ARGS)}), "
+            f"not {type(kwargs).__name__} {kwargs!r}"
+        )
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key not in LIMIT_ARGS:
+            raise ValueError(
+                f"{where or 'the limit arguments'} has an unknown key {key!r}; expected "
+                f"some of {', '.join(sorted(LIMIT_ARGS))}"
+            )
+        name = key if where is None else f"{where}[{key!r}]"
+        out[key] = check_bool(name, value) if key == "hard" else check_limit(name, value)
+    return out
 
 
 @functools.lru_cache(maxsize=64)

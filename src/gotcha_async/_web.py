@@ -1,6 +1,8 @@
-"""What the ASGI and aiohttp middlewares share: their options, which limits apply to a
-request, the scope that measures it, and what happens once it is over (the log line,
-the hook, the metrics, the per-route summary).
+"""What the ASGI and aiohttp middlewares share: their options (one definition,
+:class:`MiddlewareOptions`, with their defaults and their checks), what they tell about
+themselves (:class:`Middleware`), which limits apply to a request, the scope that
+measures it, and what happens once it is over (the log line, the hook, the metrics, the
+per-route summary).
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from http import HTTPStatus
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypedDict
 
 from . import _hook, _otel, _report, _routes
 from ._context import Context, LimitExceeded, _Recipe, _recipe
-from ._units import RESOURCES, Limit, check_ceiling, check_limit
+from ._units import Limit, check_bool, check_ceiling, check_limit_args
 
 #: The middlewares' default ceiling: a request that never reaches a checkpoint is
 #: stopped at twice its budget, wherever it is.
@@ -27,41 +29,8 @@ RouteLimits = (
     | Callable[[Any], Mapping[str, Any] | None]
 )
 
-LIMIT_KEYS = frozenset((*RESOURCES, "hard"))
 # RFC 6455: "a message that violates its policy"
 WS_POLICY_VIOLATION = 1008
-
-
-def check_bool(where: str, value: object) -> bool:
-    if type(value) is not bool:
-        raise TypeError(f"{where} must be True or False, not {value!r}")
-    return value
-
-
-def check_limit_kwargs(where: str, kwargs: object) -> LimitKwargs:
-    """Validate a route's limit kwargs; return them as a plain dict of checked values.
-
-    :param where: how to name the mapping in an error, e.g. ``"routes['/upload/*']"``
-    :raises TypeError: for a value that is not a mapping, or a limit of the wrong type
-    :raises ValueError: for an unknown key, or a negative or malformed limit
-    """
-    if not isinstance(kwargs, Mapping):
-        raise TypeError(
-            f"{where} must be a mapping of limit arguments (bytes, objects, calls, memory, "
-            f"hard), not {type(kwargs).__name__} {kwargs!r}"
-        )
-    out: LimitKwargs = {}
-    for key, value in kwargs.items():
-        if key not in LIMIT_KEYS:
-            raise ValueError(
-                f"{where} has an unknown key {key!r}; expected some of "
-                f"{', '.join(sorted(LIMIT_KEYS))}"
-            )
-        if key == "hard":
-            out[key] = check_bool(f"{where}['hard']", value)
-        else:
-            out[key] = check_limit(f"{where}[{key!r}]", value)
-    return out
 
 
 def _compile_pattern(pattern: object) -> re.Pattern[str]:
@@ -98,35 +67,106 @@ class Plan:
         self.new_scope: Callable[[], Context] = partial(Context._made, recipe, fail)
 
 
+class MiddlewareOptions(TypedDict, total=False):
+    """The options of both middlewares, by keyword: ``asgi.LimitMiddleware(app, **options)``
+    and ``aiohttp.LimitMiddleware(**options)``. What each one means is in
+    :class:`gotcha_async.asgi.LimitMiddleware`'s docstring; their defaults are
+    :data:`DEFAULTS`; they are checked, all of them, when the middleware is made."""
+
+    bytes: Limit
+    objects: Limit
+    calls: Limit
+    memory: Limit
+    hard: bool
+    ceiling: float | None
+    status_code: int
+    #: the framework's own kind of answer (each middleware checks its own)
+    response: Any
+    routes: RouteLimits | None
+    on_exceeded: Callable[..., Any] | None
+    enforce: bool
+    meter_provider: Any
+    track_memory: bool
+    native: bool
+    summary_routes: int
+
+
+#: Every option's default.
+DEFAULTS: MiddlewareOptions = {
+    "bytes": None, "objects": None, "calls": None, "memory": None, "hard": False,
+    "ceiling": DEFAULT_CEILING, "status_code": 503, "response": None, "routes": None,
+    "on_exceeded": None, "enforce": True, "meter_provider": None, "track_memory": False,
+    "native": False, "summary_routes": 200,
+}
+
+
+class Middleware:
+    """What both ``LimitMiddleware`` classes are: their options, checked when one is
+    made, and what they tell about themselves; the framework's own class adds how a
+    request runs."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        # options: a MiddlewareOptions, but a caller may not have been type-checked
+        unknown = [name for name in options if name not in DEFAULTS]
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}"
+            )
+        self._options = Options({**DEFAULTS, **options})  # type: ignore[typeddict-item]
+        self._response = self._options.response
+        if self._response is not None:
+            self._check_response(self._response)
+
+    def _check_response(self, response: object) -> None:
+        """Raise TypeError for a ``response`` that this framework cannot send."""
+        raise NotImplementedError
+
+    @property
+    def limits(self) -> Mapping[str, Any]:
+        """The default limit arguments, validated (read-only)."""
+        return self._options.limits
+
+    @property
+    def status_code(self) -> int:
+        """The status a request stopped before its response started gets (read-only)."""
+        return self._options.status_code
+
+    @property
+    def enforce(self) -> bool:
+        """False in observe mode: measure and report, never stop (read-only)."""
+        return self._options.enforce
+
+    @property
+    def on_exceeded(self) -> Callable[..., Any] | None:
+        """The hook called once per request that broke its limit (read-only)."""
+        return self._options.on_exceeded
+
+    def summary(self) -> list[_report.RouteSummary]:
+        """Per route: request count, median, p99 and max of bytes and peak memory, and a
+        suggested budget (see :data:`gotcha_async._report.SUGGESTION_RULE`), the most
+        requested route first. Kept in fixed memory since the middleware started."""
+        return self._options.summary.rows()
+
+    def summary_text(self) -> str:
+        """The summary as logged at shutdown in observe mode."""
+        return self._options.summary.text()
+
+
 class Options:
     """The validated options of a middleware, and the per-request steps they imply."""
 
-    def __init__(
-        self,
-        *,
-        bytes: Limit,
-        objects: Limit,
-        calls: Limit,
-        memory: Limit,
-        hard: bool,
-        ceiling: float | None,
-        status_code: int,
-        routes: RouteLimits | None,
-        on_exceeded: Callable[..., Any] | None,
-        enforce: bool,
-        meter_provider: Any,
-        track_memory: bool,
-        summary_routes: int,
-        native: bool = False,
-    ) -> None:
+    def __init__(self, options: MiddlewareOptions) -> None:
+        bytes, objects, calls, memory = (options["bytes"], options["objects"],
+                                         options["calls"], options["memory"])
+        hard, ceiling, status_code = options["hard"], options["ceiling"], options["status_code"]
+        routes, on_exceeded, enforce = (options["routes"], options["on_exceeded"],
+                                        options["enforce"])
+        meter_provider, track_memory = options["meter_provider"], options["track_memory"]
+        summary_routes, native = options["summary_routes"], options["native"]
         #: The default limit arguments, validated (read-only).
-        self.limits: Mapping[str, Any] = MappingProxyType({
-            "bytes": check_limit("bytes", bytes),
-            "objects": check_limit("objects", objects),
-            "calls": check_limit("calls", calls),
-            "memory": check_limit("memory", memory),
-            "hard": check_bool("hard", hard),
-        })
+        self.limits: Mapping[str, Any] = MappingProxyType(check_limit_args(
+            {"bytes": bytes, "objects": objects, "calls": calls, "memory": memory,
+             "hard": hard}))
         if ceiling is not None:
             check_ceiling(ceiling, False)
         #: The ceiling of every soft limit, a multiple of it (None: purely soft).
@@ -143,6 +183,9 @@ class Options:
         #: Whether C libraries' allocations are counted (read-only): install(native=True)
         #: has run, process-wide, when the middleware was made.
         self.native = check_bool("native", native)
+        #: What a request stopped before its response started is answered (the
+        #: framework's middleware checks it), None for status_code with a line of text.
+        self.response = options["response"]
         if native:
             _hook.install(native=True)
         # route keys: (method or None, template) -> (key, plan), matched against the
@@ -155,7 +198,7 @@ class Options:
             for index, (key, kw) in enumerate(routes.items()):
                 self._order[key.pattern if isinstance(key, re.Pattern) else key] = index
                 plan = self._plan({**self.limits,
-                                   **check_limit_kwargs(f"routes[{key!r}]", kw)})
+                                   **check_limit_args(kw, f"routes[{key!r}]")})
                 if isinstance(key, re.Pattern):
                     self.globs.append((None, _compile_pattern(key), key.pattern, plan))
                     continue
@@ -265,7 +308,7 @@ class Options:
             found_kw = self.route_fn(target)
             if found_kw is not None:
                 # a callable's answer is checked per request: it exists only now
-                route = check_limit_kwargs(f"routes({path!r})", found_kw)
+                route = check_limit_args(found_kw, f"routes({path!r})")
                 return self._plan({**self.limits, **route}), None
         return self.default_plan, None
 

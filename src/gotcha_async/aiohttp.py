@@ -14,17 +14,16 @@ The options and the behaviour are those of :class:`gotcha_async.asgi.LimitMiddle
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Unpack
 
 import anyio.lowlevel
 from aiohttp import web
 
-from . import _report, _web
+from . import _foreign, _report, _web
 from ._context import Context, LimitExceeded
 from ._report import NO_ROUTE, Exceeded, RouteSummary
-from ._units import Limit
-from ._web import WS_POLICY_VIOLATION, RouteLimits
+from ._web import WS_POLICY_VIOLATION
 
 __all__ = ["Exceeded", "LimitMiddleware", "RouteSummary", "middleware_of", "setup", "summary"]
 
@@ -44,7 +43,8 @@ _MIDDLEWARE: Any = (
 class _State:
     """How far one request's response has gone."""
 
-    __slots__ = ("aborted", "complete", "ctx", "in_handler", "response", "started", "status")
+    __slots__ = ("aborted", "complete", "ctx", "in_handler", "public", "response", "started",
+                 "status")
 
     def __init__(self, ctx: Context | None = None) -> None:
         self.ctx = ctx
@@ -54,6 +54,9 @@ class _State:
         self.in_handler = True
         self.status: int | None = None
         self.response: web.StreamResponse | None = None
+        #: the response's public methods are guarded at prepare (aiohttp has no payload
+        #: writer where this package knows it: _foreign.wrap_payload_writer)
+        self.public = False
 
 
 async def _guard(ctx: Context, state: _State) -> None:
@@ -135,6 +138,20 @@ class _GuardedWriter:
         self._state.complete = True
 
 
+def _guard_public_methods(response: web.StreamResponse, ctx: Context, state: _State,
+                          names: tuple[str, ...]) -> None:
+    """Check the limit at each call of these methods of this one response (instance
+    attributes): where aiohttp's writers cannot be wrapped, its public methods are."""
+    for name in names:
+        method = getattr(response, name)
+
+        async def guarded(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+            await _guard(ctx, state)
+            return await _method(*args, **kwargs)
+
+        setattr(response, name, guarded)
+
+
 def _client(request: web.BaseRequest) -> str | None:
     transport = request.transport
     peer = transport.get_extra_info("peername") if transport is not None else None
@@ -145,7 +162,7 @@ def _templates(router: web.UrlDispatcher) -> list[str]:
     """Every resource's canonical path, those of sub-applications included."""
     out = []
     for resource in router.resources():
-        sub = getattr(resource, "_app", None)
+        sub = resource.get_info().get("app")  # a sub-application's resource names it
         if isinstance(sub, web.Application):
             out.extend(_templates(sub.router))
         elif isinstance(resource.canonical, str):
@@ -198,7 +215,7 @@ def _route(request: web.Request) -> str | None:
     return canonical if isinstance(canonical, str) else None
 
 
-class LimitMiddleware:
+class LimitMiddleware(_web.Middleware):
     """An aiohttp middleware running each request and websocket in its own limit.
 
     The same options and behaviour as :class:`gotcha_async.asgi.LimitMiddleware`:
@@ -232,51 +249,12 @@ class LimitMiddleware:
 
     __middleware_version__ = 1  # a new-style middleware, for aiohttp 3
 
-    def __init__(
-        self,
-        *,
-        bytes: Limit = None,  # shadows the builtin: the contract's name
-        objects: Limit = None,
-        calls: Limit = None,
-        memory: Limit = None,
-        hard: bool = False,
-        ceiling: float | None = _web.DEFAULT_CEILING,
-        status_code: int = 503,
-        response: web.Response | Callable[[LimitExceeded], web.StreamResponse] | None = None,
-        routes: RouteLimits | None = None,
-        on_exceeded: Callable[..., Any] | None = None,
-        enforce: bool = True,
-        meter_provider: Any = None,
-        track_memory: bool = False,
-        native: bool = False,
-        summary_routes: int = 200,
-    ) -> None:
-        self._options = _web.Options(
-            bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard,
-            ceiling=ceiling, status_code=status_code, routes=routes, on_exceeded=on_exceeded,
-            enforce=enforce, meter_provider=meter_provider, track_memory=track_memory,
-            summary_routes=summary_routes, native=native,
-        )
-        if response is not None:
-            _check_response(response)
-        self._response = response
+    def __init__(self, **options: Unpack[_web.MiddlewareOptions]) -> None:
+        super().__init__(options)
         self._installed = False
 
-    @property
-    def limits(self) -> Mapping[str, Any]:
-        """The default limit arguments, validated (read-only)."""
-        return self._options.limits
-
-    @property
-    def enforce(self) -> bool:
-        return self._options.enforce
-
-    def summary(self) -> list[RouteSummary]:
-        """Per route: count, median, p99, max of bytes and peak memory, and a suggestion."""
-        return self._options.summary.rows()
-
-    def summary_text(self) -> str:
-        return self._options.summary.text()
+    def _check_response(self, response: object) -> None:
+        _check_response(response)
 
     def install(self, app: web.Application) -> None:
         """Add this middleware to ``app`` with the signals it uses."""
@@ -295,17 +273,28 @@ class LimitMiddleware:
         if not isinstance(state, _State):
             return
         state.response = response
-        if isinstance(response, web.WebSocketResponse) and state.ctx is not None:
-            # The frame writer is handed to the response right after this signal, by
-            # _post_start: wrap it on the way (an instance attribute, for this one
-            # response only).
-            post_start = response._post_start
-            ctx = state.ctx
+        ctx = state.ctx
+        if ctx is None:
+            return
+        if isinstance(response, web.WebSocketResponse):
+            # The frame writer is handed to the response right after this signal:
+            # wrapped on the way, for this one response only
+            if not _foreign.wrap_ws_writer(response, lambda w: _GuardedWsWriter(w, ctx, state)):
+                _guard_public_methods(response, ctx, state, ("send_frame", "send_str",
+                                                             "send_bytes"))
+        if state.public:
+            # the headers go out right after this signal
+            state.started = True
+            state.status = response.status
+            _guard_public_methods(response, ctx, state, ("write",))
+            write_eof = response.write_eof
 
-            def guarded_post_start(request: Any, protocol: Any, writer: Any) -> None:
-                post_start(request, protocol, _GuardedWsWriter(writer, ctx, state))  # type: ignore[arg-type]
+            async def guarded_write_eof(*args: Any, **kwargs: Any) -> None:
+                await _guard(ctx, state)
+                await write_eof(*args, **kwargs)
+                state.complete = True
 
-            response._post_start = guarded_post_start  # type: ignore[method-assign]
+            response.write_eof = guarded_write_eof  # type: ignore[method-assign]
 
     async def _on_startup(self, app: web.Application) -> None:
         # the router is frozen from now on: every route is known
@@ -344,9 +333,13 @@ class LimitMiddleware:
         ctx = plan.new_scope()
         state = _State(ctx)
         request[_STATE] = state
-        writer = getattr(request, "_payload_writer", None)
-        if writer is not None:
-            request._payload_writer = _GuardedWriter(writer, ctx, state)  # type: ignore[assignment]
+        if not _foreign.wrap_payload_writer(request, lambda w: _GuardedWriter(w, ctx, state)):
+            state.public = True
+            if not self._installed:
+                _foreign.degraded(
+                    "aiohttp_by_hand", "this aiohttp has no request._payload_writer: a "
+                    "LimitMiddleware added by hand (not with install() or setup()) cannot "
+                    "stop a handler at its writes, only at its checkpoints and its ceiling")
         error: LimitExceeded | None = None
         response: web.StreamResponse | None = None
         try:

@@ -18,8 +18,8 @@ import atexit
 import inspect
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Unpack
 
 import anyio
 import anyio.lowlevel
@@ -28,8 +28,7 @@ from . import _report, _routes, _web
 from ._context import Context, LimitExceeded, _scope_var
 from ._meter import ReceiveGuard, SendGuard
 from ._report import NO_ROUTE, Exceeded, RouteSummary
-from ._units import Limit
-from ._web import WS_POLICY_VIOLATION, RouteLimits
+from ._web import WS_POLICY_VIOLATION
 
 __all__ = ["Exceeded", "LimitMiddleware", "RouteSummary", "middleware_of", "summary"]
 
@@ -263,7 +262,7 @@ def route_of(scope: Scope, root_path: str) -> str | None:
     return template
 
 
-class LimitMiddleware:
+class LimitMiddleware(_web.Middleware):
     """Run every HTTP request and every websocket connection inside its own :func:`limit`.
 
     Everything the request's handler allocates -- in its task, in tasks it starts and in
@@ -351,77 +350,55 @@ class LimitMiddleware:
     Configuration is checked when the middleware is built (with ``app.add_middleware``,
     Starlette builds its middleware at the first ASGI call, the lifespan startup).
 
+    **Options**, all by keyword (``**options``; the aiohttp middleware takes the same,
+    defined once, in ``gotcha_async._web.MiddlewareOptions``):
+
+    - ``bytes``: limit on the bytes each request allocates (int, size string or None)
+    - ``objects``: limit on each request's object allocations
+    - ``calls``: limit on each request's allocator calls
+    - ``memory``: limit on the peak of memory each request holds
+    - ``hard``: stop the request at the limit itself, checkpoint or not
+      (``ceiling=1``)
+    - ``ceiling``: a multiple of every limit at which a request is stopped whether it
+      reaches a checkpoint or not (2 by default: a handler that builds a big list
+      without ever awaiting is stopped at twice its budget, with a ``MemoryError`` in
+      its own code, and answered ``status_code``); None for purely soft limits.
+      Requests that stay within their budget never see it.
+    - ``status_code``: the HTTP status answered to a request that broke its limit
+      before its response started (400 to 599), when ``response`` is None, and to a
+      websocket refused before its handshake
+    - ``response``: what a request that broke its limit before its response started is
+      answered: an ASGI application (a Starlette ``JSONResponse(...)`` is one), or a
+      callable taking the :class:`~gotcha_async.LimitExceeded` and returning one. None:
+      ``status_code`` with a short plain-text body
+    - ``routes``: per-route limits, as above
+    - ``on_exceeded``: called as ``on_exceeded(scope, ctx)`` or
+      ``on_exceeded(scope, ctx, exceeded)`` (and awaited if it returns an awaitable)
+      once per request that broke its limit
+    - ``enforce``: False for observe mode: measure and report, never stop anything
+    - ``meter_provider``: an OpenTelemetry ``MeterProvider`` for the per-request
+      metrics; None for OpenTelemetry's global provider when ``opentelemetry-api`` is
+      installed (``pip install "gotcha-async[otel]"``), no metrics otherwise; a
+      ``NoOpMeterProvider`` for none
+    - ``track_memory``: measure the peak of memory held by every request, even without
+      a ``memory`` limit (it costs a table lookup per free while the request runs)
+    - ``summary_routes``: how many distinct routes the summary keeps apart; requests of
+      later ones are summed up as ``"(other)"``
+    - ``native``: count the memory of every C library too (lxml, Pillow, ...), as
+      :func:`gotcha_async.install` with ``native=True`` does, process-wide, from the
+      middleware's creation on
+
     :param app: the ASGI application to wrap
-    :param bytes: limit on the bytes each request allocates (int, size string or None)
-    :param objects: limit on each request's object allocations
-    :param calls: limit on each request's allocator calls
-    :param memory: limit on the peak of memory each request holds
-    :param hard: stop the request at the limit itself, checkpoint or not
-        (``ceiling=1``)
-    :param ceiling: a multiple of every limit at which a request is stopped whether it
-        reaches a checkpoint or not (2 by default: a handler that builds a big list
-        without ever awaiting is stopped at twice its budget, with a ``MemoryError`` in
-        its own code, and answered ``status_code``); None for purely soft limits.
-        Requests that stay within their budget never see it.
-    :param status_code: the HTTP status answered to a request that broke its limit
-        before its response started (400 to 599), when ``response`` is None, and to a
-        websocket refused before its handshake
-    :param response: what a request that broke its limit before its response started is
-        answered: an ASGI application (a Starlette ``JSONResponse(...)`` is one), or a
-        callable taking the :class:`~gotcha_async.LimitExceeded` and returning one. None:
-        ``status_code`` with a short plain-text body
-    :param routes: per-route limits, as above
-    :param on_exceeded: called as ``on_exceeded(scope, ctx)`` or
-        ``on_exceeded(scope, ctx, exceeded)`` (and awaited if it returns an awaitable)
-        once per request that broke its limit
-    :param enforce: False for observe mode: measure and report, never stop anything
-    :param meter_provider: an OpenTelemetry ``MeterProvider`` for the per-request
-        metrics; None for OpenTelemetry's global provider when ``opentelemetry-api`` is
-        installed (``pip install "gotcha-async[otel]"``), no metrics otherwise; a
-        ``NoOpMeterProvider`` for none
-    :param track_memory: measure the peak of memory held by every request, even without
-        a ``memory`` limit (it costs a table lookup per free while the request runs)
-    :param summary_routes: how many distinct routes the summary keeps apart; requests of
-        later ones are summed up as ``"(other)"``
-    :param native: count the memory of every C library too (lxml, Pillow, ...), as
-        :func:`gotcha_async.install` with ``native=True`` does, process-wide, from the
-        middleware's creation on
     :raises TypeError: for an argument of the wrong type, or a ``response`` that is
         neither an ASGI application nor a callable of one argument
     :raises ValueError: for a bad limit, status code, route pattern or route key
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        bytes: Limit = None,  # shadows the builtin: the contract's name
-        objects: Limit = None,
-        calls: Limit = None,
-        memory: Limit = None,
-        hard: bool = False,
-        ceiling: float | None = _web.DEFAULT_CEILING,
-        status_code: int = 503,
-        response: Answer | None = None,
-        routes: RouteLimits | None = None,
-        on_exceeded: ExceededHook | None = None,
-        enforce: bool = True,
-        meter_provider: Any = None,
-        track_memory: bool = False,
-        native: bool = False,
-        summary_routes: int = 200,
-    ) -> None:
+    def __init__(self, app: ASGIApp, **options: Unpack[_web.MiddlewareOptions]) -> None:
         if not callable(app):
             raise TypeError(f"app must be an ASGI callable, not {app!r}")
         self.app = app
-        self._options = _web.Options(
-            bytes=bytes, objects=objects, calls=calls, memory=memory, hard=hard,
-            ceiling=ceiling, status_code=status_code, routes=routes, on_exceeded=on_exceeded,
-            enforce=enforce, meter_provider=meter_provider, track_memory=track_memory,
-            summary_routes=summary_routes, native=native,
-        )
-        self._response = response
-        self._response_is_app = response is not None and _check_response(response)
+        super().__init__(options)
         self._router: _routes.Router | None = _UNBOUND
         self._django = False
         self._resolve_first = False
@@ -432,37 +409,16 @@ class LimitMiddleware:
             # no lifespan (Django's handler has none): the summary is logged at exit
             atexit.register(_log_summary_at_exit, weakref.ref(self))
 
+    #: whether ``response`` is an ASGI application (or a callable returning one)
+    _response_is_app = False
+
+    def _check_response(self, response: object) -> None:
+        self._response_is_app = _check_response(response)
+
     def _log_summary_once(self) -> None:
         if not self._summary_logged:
             self._summary_logged = True
             self._options.log_summary()
-
-    @property
-    def limits(self) -> Mapping[str, Any]:
-        """The default limit arguments, validated (read-only)."""
-        return self._options.limits
-
-    @property
-    def status_code(self) -> int:
-        return self._options.status_code
-
-    @property
-    def enforce(self) -> bool:
-        return self._options.enforce
-
-    @property
-    def on_exceeded(self) -> ExceededHook | None:
-        return self._options.on_exceeded
-
-    def summary(self) -> list[RouteSummary]:
-        """Per route: request count, median, p99 and max of bytes and peak memory, and a
-        suggested budget (see :data:`gotcha_async._report.SUGGESTION_RULE`), the most
-        requested route first. Kept in fixed memory since the middleware started."""
-        return self._options.summary.rows()
-
-    def summary_text(self) -> str:
-        """The summary as logged at shutdown in observe mode."""
-        return self._options.summary.text()
 
     # -- the ASGI callable ---------------------------------------------------------------
 

@@ -265,26 +265,18 @@ def _budget_from_marker(mark: pytest.Mark) -> dict[str, Any]:
             f"unknown argument {unknown[0]!r} "
             "(expected bytes, objects, calls, memory, hard, leaks)"
         )
-    from gotcha_async import Context
-    from gotcha_async._units import check_limit
+    # the scopes' own validators, with their messages, which name the parameter
+    from gotcha_async._units import check_limit, check_limit_args
 
     budget = dict(mark.kwargs)
     leaks = budget.pop("leaks", _UNSET)
     try:
-        # The Context validates exactly what limit() would, with its own messages,
-        # which name the parameter; a throwaway one costs nothing until entered.
-        Context(**budget)
+        # only what the marker gives: the rest comes from the session's defaults
+        budget = check_limit_args(budget)
         if leaks is not _UNSET:
             budget["leaks"] = check_limit("leaks", leaks)
-    except (TypeError, ValueError, NotImplementedError) as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(str(exc)) from None
-
-    # only what the marker gives: the rest comes from the session's defaults
-    for name in _LIMIT_ARGS:
-        if name in budget:
-            budget[name] = check_limit(name, budget[name])
-    if "hard" in budget:
-        budget["hard"] = bool(budget["hard"])
     return budget
 
 

@@ -17,9 +17,13 @@ from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from gotcha_async import _foreign
 from gotcha_async.asgi import LimitMiddleware
 
 placeholder_tells = {"True": True, "False": False}[sys.argv[1]]
+assert hasattr(metrics.get_meter_provider(), _foreign.OTEL_REAL_PROVIDER)
+if not placeholder_tells:
+    _foreign.OTEL_REAL_PROVIDER = "_no_such_attribute"  # as an API without it
 
 
 async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -29,8 +33,7 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
 
 middleware = LimitMiddleware(app)  # built before the SDK is configured, as apps are
 instruments = middleware._options.instruments
-assert instruments is not None and instruments.placeholder_tells
-instruments.placeholder_tells = placeholder_tells
+assert instruments is not None and instruments.placeholder is not None
 reader = InMemoryMetricReader()
 metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 
