@@ -1,7 +1,15 @@
 /*
- * gotcha_async._meter: what the C files share.
+ * gotcha_async._meter: what the C files share. The sources are src/_meter/
+ * (setup.py builds every .c there):
  *
- *   hook.c     the PEP 445 allocator hooks, the allocator chain, charging
+ *   hook.c     the PEP 445 allocator hooks' inline path, and charging
+ *   scope.c    finding the calling thread's scope, and the scope last found
+ *   sample.c   held memory as the hook records it: sampling, the rate
+ *   stop.c     past a threshold: trips, stops of hard scopes, refusals
+ *   probe.c    can a dict's growth fail here? (once, at install)
+ *   chain.c    the allocator chain: joining, leaving, the hook's forms
+ *   data.c     numpy's and C libraries' blocks, charged as the hooks do
+ *              (hook.h: what these seven share, and no other file)
  *   frames.c   reading CPython's frames: whose code runs, and where
  *   held.c     the held-memory table (pointer -> scope and size)
  *   deliver.c  how a broken limit reaches Python: the trip queue, the pending
@@ -36,6 +44,19 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* Every declaration of the extension's files is hidden (only PyInit__meter,
+ * PyMODINIT_FUNC, is exported): its data is then read directly, not through
+ * the GOT, from any file, as if it were static. */
+#if defined(__GNUC__) || defined(__clang__)
+#  define GOTCHA_HIDDEN_BEGIN _Pragma("GCC visibility push(hidden)")
+#  define GOTCHA_HIDDEN_END _Pragma("GCC visibility pop")
+#else
+#  define GOTCHA_HIDDEN_BEGIN
+#  define GOTCHA_HIDDEN_END
+#endif
+
+GOTCHA_HIDDEN_BEGIN
 
 /* ------------------------------------------------------------------------ */
 /* Compiler and CPython version shims                                       */
@@ -100,14 +121,8 @@ tstate_unchecked(void)
     (defined(__x86_64__) || defined(__aarch64__)) && (defined(__GNUC__) || defined(__clang__))
 #  define HAVE_TLS_SLOT 1
 #endif
-#if defined(__GNUC__) || defined(__clang__)
-/* hidden: the hook loads them directly, not through the GOT */
-extern PyThreadState **ts_slot __attribute__((visibility("hidden")));
-extern intptr_t ts_tls_offset __attribute__((visibility("hidden")));
-#else
 extern PyThreadState **ts_slot;
 extern intptr_t ts_tls_offset;
-#endif
 int find_thread_state(void);   /* 1: tstate_direct() may be used */
 
 #ifdef HAVE_TLS_SLOT
@@ -189,23 +204,14 @@ typedef struct {
     int n;
 } Site;
 
-#if defined(__GNUC__) || defined(__clang__)
-/* hidden: the free hook tests it with one instruction, not through the GOT */
-extern size_t table_count __attribute__((visibility("hidden")));
-#else
-extern size_t table_count;
-#endif
+extern size_t table_count;   /* the free hook tests it with one instruction */
 
 /* A counting filter over the recorded addresses: a free whose slot counts 0
  * is certainly not recorded and skips the table (most frees, with sampling).
  * A free reads only a bit per slot, set while its count is not 0: 8 KiB,
  * which the first-level cache keeps far better than the counts' 64 KiB. */
 #define FILTER_BITS 16
-#if defined(__GNUC__) || defined(__clang__)
-extern uint64_t held_bits[(1 << FILTER_BITS) / 64] __attribute__((visibility("hidden")));
-#else
 extern uint64_t held_bits[(1 << FILTER_BITS) / 64];
-#endif
 
 /* An address's slot: its 16-byte granule in its 1 MiB window, the granule's
  * bits XORed with the window's. Blocks allocated together (and freed together,
@@ -341,8 +347,8 @@ void charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls);
 void settle(void);   /* before reading or changing any scope's counters or thresholds */
 void held_retune(Held *inner);
 void ensure_hooked(void);
-int probe_dict_growth(void);  /* sets dict_fragile */
-extern int dict_fragile;
+int probe_dict_growth(void);   /* probe.c, at install */
+int dict_fragile_state(void);   /* what it found: 0, 1 or 2 */
 int verify_chain(void);        /* 1 if the hook had been dropped */
 int chain_moved(void);         /* without the GIL: has a chain's top changed? */
 void chain_look(void);         /* GIL held: verify_chain() if scopes are entered */
@@ -431,5 +437,7 @@ int start_delivery(void);
 PyObject *delivery_loop(void);
 void delivery_after_fork(void);
 int deliver_now(void);
+
+GOTCHA_HIDDEN_END
 
 #endif

@@ -287,7 +287,7 @@ mod_dict_fragile(PyObject *mod, PyObject *unused)
 {
     (void)mod;
     (void)unused;
-    return PyLong_FromLong(dict_fragile);
+    return PyLong_FromLong(dict_fragile_state());
 }
 
 static PyObject *
