@@ -14,7 +14,10 @@
  *   held.c     the held-memory table (pointer -> scope and size)
  *   deliver.c  how a broken limit reaches Python: the trip queue, the pending
  *              call, the delivery thread, and interrupts of hard scopes
- *   meter.c    the Meter type (the C half of gotcha_async.Context) and Ready
+ *   meter.c    the Meter type (the C half of gotcha_async.Context)
+ *   enter.c    entering and leaving a scope
+ *   ready.c    Ready, the awaitable a scope's __aenter__ returns
+ *              (meter.h: what these three share, and no other file)
  *   module.c   module functions and init
  *   runtime.c  where the interpreter keeps the thread state, for the hook to read
  *   caller.c   whose C asked for an allocation: may a hard scope refuse it?
@@ -319,7 +322,11 @@ extern PyTypeObject GuardType, ReceiveGuardType;
 int meter_exceeded(struct Meter *m);   /* its own limit or a live ancestor's broken */
 int guard_init(void);                  /* guard.c: SendGuard's and ReceiveGuard's types */
 extern PyTypeObject ReadyType;
-extern PyObject *ready_true, *ready_none;
+int meter_init_types(void);
+int meter_set_types(PyObject *u, PyObject *m);
+int meter_set_fast_trio(PyObject *run_context, PyObject *scope_class);
+int meter_set_fast(PyObject *running_loop, PyObject *scope_class, PyObject *current_task,
+                   PyObject *task_states);
 
 /* ------------------------------------------------------------------------ */
 /* The hook (hook.c)                                                        */

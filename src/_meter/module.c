@@ -8,12 +8,6 @@
  */
 #include "_meter.h"
 
-int meter_init_types(void);
-int meter_set_types(PyObject *u, PyObject *m);
-int meter_set_fast_trio(PyObject *run_context, PyObject *scope_class);
-int meter_set_fast(PyObject *running_loop, PyObject *scope_class, PyObject *current_task,
-                   PyObject *task_states);
-
 /* install(var, deliver, exempt_dirs, dispatch, main_thread_ident, interrupt_type) */
 static PyObject *
 mod_install(PyObject *mod, PyObject *args)
