@@ -238,7 +238,9 @@ table_may_hold(void *p)
     size_t s = filter_slot((uintptr_t)p);
     return (int)((held_bits[s >> 6] >> (s & 63)) & 1);
 }
-extern Py_ssize_t live_holders;
+int held_holder_started(void);   /* a scope holds memory: 1 if the first */
+int held_holder_ended(void);     /* one is gone: 1 if the last */
+Py_ssize_t held_holders(void);   /* tracking scopes whose Meter exists */
 
 Held *held_new(void);   /* zeroed, or NULL */
 void held_decref(Held *h);
@@ -336,8 +338,6 @@ extern PyInterpreterState *main_interp;
 extern GOTCHA_TLS int paused;      /* our own work: not charged, never refused */
 extern Py_ssize_t active;          /* entered scopes, anywhere */
 extern int installed;
-extern PyObject *exempt;           /* tuple of str: path prefixes of loop machinery */
-extern PyObject *dispatch;         /* tuple of (file, name): where loops run a task's step */
 
 Meter *current_meter(void);
 /* Our own work is not charged. Pausing also forgets the scope last found, so
@@ -423,6 +423,9 @@ int frames_same_site(PyThreadState *ts, uint32_t *site);
 void frames_remember_site(uint32_t site);
 void frames_forget_site(void);
 int frames_init(void);
+/* at install: exempt, a tuple of str (path prefixes of loop machinery), and
+ * dispatch, a tuple of (file, name) (where loops run a task's step) */
+void frames_setup(PyObject *exempt, PyObject *dispatch);
 
 /* ------------------------------------------------------------------------ */
 /* The caller of an allocation (caller.c)                                   */
@@ -434,9 +437,9 @@ int caller_ready(void);        /* 0: refusals are off on this build or platform 
 /* ------------------------------------------------------------------------ */
 /* Delivery (deliver.c)                                                     */
 
-extern PyObject *deliver_cb;       /* Python callable taking a tripped scope */
-extern PyObject *interrupt_type;   /* what an interrupt raises (a MemoryError) */
-extern unsigned long main_ident;
+/* at install: the Python callable taking a tripped scope, what an interrupt
+ * raises (a MemoryError), the main thread's ident */
+void deliver_setup(PyObject *cb, PyObject *itype, unsigned long ident);
 
 void trip(Meter *m, int resource);
 void request_interrupt(Meter *m);

@@ -31,7 +31,7 @@ static PyMemAllocatorEx polled[2];
 static int
 frees_wanted(void)
 {
-    return live_holders > 0 || table_count > 0;
+    return held_holders() > 0 || table_count > 0;
 }
 
 /* Is the hook on top? A wrapper that saved the hook in one form may put it

@@ -77,7 +77,28 @@ filter_clear(void)
 }
 
 /* Tracking scopes whose Context object still exists (see table_purge). */
-Py_ssize_t live_holders;
+static Py_ssize_t live_holders;
+
+/* A scope starts holding memory: 1 if it is the only one */
+int
+held_holder_started(void)
+{
+    return live_holders++ == 0;
+}
+
+/* A scope that held memory is gone: 1 if it was the last */
+int
+held_holder_ended(void)
+{
+    assert(live_holders > 0);
+    return --live_holders == 0;
+}
+
+Py_ssize_t
+held_holders(void)
+{
+    return live_holders;
+}
 
 /* Spent counters, kept for the next scopes: a request's scope makes one and
  * its last block's free drops it, and a trip through glibc's calloc and free

@@ -22,8 +22,6 @@ PyInterpreterState *main_interp;
 GOTCHA_TLS int paused;
 Py_ssize_t active;
 int installed;
-PyObject *exempt;
-PyObject *dispatch;
 
 Domain dom_mem = {.domain = PYMEM_DOMAIN_MEM, .is_obj = 0};
 Domain dom_obj = {.domain = PYMEM_DOMAIN_OBJ, .is_obj = 1};

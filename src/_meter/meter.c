@@ -176,7 +176,7 @@ Meter_dealloc(Meter *m)
         m->held->owner = NULL;   /* its blocks may live on; the scope does not */
         held_decref(m->held);
         m->held = NULL;
-        if (--live_holders == 0) {
+        if (held_holder_ended()) {
             if (table_count > 0) {
                 table_purge();
             }
@@ -203,7 +203,7 @@ start_holding(Meter *m, uint64_t rate)
         m->held->refcnt = 1;
         m->held->owner = m;
         m->held->base_rate = rate;
-        if (live_holders++ == 0) {
+        if (held_holder_started()) {
             hook_fit_frees();   /* before this scope can hold a block */
         }
     }

@@ -48,16 +48,13 @@ mod_install(PyObject *mod, PyObject *args)
         return NULL;
     }
     caller_init();
-    main_ident = ident;
+    deliver_setup(cb, itype, ident);
     if (start_delivery() < 0) {
         PyErr_SetString(PyExc_RuntimeError, "cannot make the delivery thread's lock");
         return NULL;
     }
-    exempt = Py_NewRef(dirs);
-    dispatch = Py_NewRef(places);
+    frames_setup(dirs, places);
     scope_var = Py_NewRef(var);
-    deliver_cb = Py_NewRef(cb);
-    interrupt_type = Py_NewRef(itype);
     installed = 1;   /* the first enter() puts the hook in the chain */
     Py_RETURN_NONE;
 }
