@@ -4,7 +4,8 @@
  * The hook is process-wide and its state is guarded by the main
  * interpreter's GIL, so the module loads in the main interpreter only, and
  * refuses before it touches anything anywhere else: static types readied from
- * a subinterpreter's memory would outlive it.
+ * a subinterpreter's memory would outlive it. Multi-phase init (PEP 489):
+ * PyInit__meter makes nothing, meter_exec checks the interpreter first.
  */
 #include "_meter.h"
 
@@ -390,12 +391,61 @@ static PyMethodDef mod_methods[] = {
     {NULL},
 };
 
+/* The hook is process-wide and its state global, guarded by the main
+ * interpreter's GIL: the module says so (PEP 489 slots), and refuses any
+ * other interpreter before it touches anything. A module object made for a
+ * subinterpreter is that interpreter's own, and goes with the failed import;
+ * nothing is readied in its memory. */
+static int
+meter_exec(PyObject *m)
+{
+    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
+        PyErr_SetString(PyExc_ImportError,
+                        "gotcha_async can only be imported in the main interpreter: its "
+                        "allocator hook is process-wide");
+        return -1;
+    }
+    /* once per process: the module can be executed again (a second import
+     * after it was dropped from sys.modules), and the types are static */
+    static int ready;
+    if (!ready) {
+        main_interp = PyInterpreterState_Main();
+        if (meter_init_types() < 0 || frames_init() < 0 || guard_init() < 0 ||
+            numpy_init() < 0) {
+            return -1;
+        }
+        ready = 1;
+    }
+    if (PyModule_AddObjectRef(m, "Meter", (PyObject *)&MeterType) < 0 ||
+        PyModule_AddObjectRef(m, "Ready", (PyObject *)&ReadyType) < 0 ||
+        PyModule_AddObjectRef(m, "SendGuard", (PyObject *)&GuardType) < 0 ||
+        PyModule_AddObjectRef(m, "ReceiveGuard", (PyObject *)&ReceiveGuardType) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+static PyModuleDef_Slot meter_slots[] = {
+    {Py_mod_exec, meter_exec},
+#ifdef Py_mod_multiple_interpreters
+    /* 3.12+: an isolated subinterpreter is refused by CPython itself, before
+     * meter_exec (a legacy one, sharing the main GIL, by meter_exec) */
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+    /* 3.13+: the counters and the hook rely on the GIL */
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
 static struct PyModuleDef meter_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "gotcha_async._meter",
     .m_doc = "The allocator hook and per-scope counters of gotcha_async.",
-    .m_size = -1,
+    .m_size = 0,   /* no per-module state: the hook's is the process's */
     .m_methods = mod_methods,
+    .m_slots = meter_slots,
 };
 
 PyMODINIT_FUNC
@@ -407,28 +457,7 @@ PyInit__meter(void)
                     "and allocator hook rely on the GIL");
     return NULL;
 #else
-    /* first, before anything is readied in this interpreter's memory */
-    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
-        PyErr_SetString(PyExc_ImportError,
-                        "gotcha_async can only be imported in the main interpreter: its "
-                        "allocator hook is process-wide");
-        return NULL;
-    }
-    main_interp = PyInterpreterState_Main();
-    if (meter_init_types() < 0 || frames_init() < 0 || guard_init() < 0 || numpy_init() < 0) {
-        return NULL;
-    }
-    PyObject *m = PyModule_Create(&meter_module);
-    if (m == NULL) {
-        return NULL;
-    }
-    if (PyModule_AddObjectRef(m, "Meter", (PyObject *)&MeterType) < 0 ||
-        PyModule_AddObjectRef(m, "Ready", (PyObject *)&ReadyType) < 0 ||
-        PyModule_AddObjectRef(m, "SendGuard", (PyObject *)&GuardType) < 0 ||
-        PyModule_AddObjectRef(m, "ReceiveGuard", (PyObject *)&ReceiveGuardType) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    /* multi-phase: nothing is made here, in whichever interpreter imports */
+    return PyModuleDef_Init(&meter_module);
 #endif
 }
