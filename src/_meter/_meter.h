@@ -43,6 +43,7 @@
 #  define Py_T_PYSSIZET T_PYSSIZET
 #  define Py_READONLY READONLY
 #endif
+#include <assert.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -60,6 +61,12 @@
 #endif
 
 GOTCHA_HIDDEN_BEGIN
+
+/* Invariants are assert()ed: checked in a build without NDEBUG (a debug
+ * CPython's extensions, or CFLAGS=-UNDEBUG), free in a release build.
+ * ASSERT_GIL: the calling thread holds the GIL (never in the hooks
+ * themselves, which run before a thread state exists). */
+#define ASSERT_GIL() assert(PyGILState_Check())
 
 /* ------------------------------------------------------------------------ */
 /* Compiler and CPython version shims                                       */
@@ -347,6 +354,7 @@ void pause_hook(void);
 static inline void
 resume_hook(void)
 {
+    assert(paused > 0);
     paused--;
 }
 int in_scope_of(Meter *inner, Meter *m);

@@ -126,6 +126,8 @@ schedule_for(unsigned long ident)
 void
 trip(Meter *m, int resource)
 {
+    ASSERT_GIL();
+    assert(resource >= 0 && resource < NRES);
     if (m->tripped) {
         return;
     }

@@ -244,6 +244,7 @@ relink(Meter *m)
 static int
 enter(Meter *m)
 {
+    ASSERT_GIL();
     if (m->state != S_NEW) {
         PyErr_SetString(PyExc_RuntimeError,
                         "this Context has already been entered; a Context can be used only once");
@@ -346,6 +347,7 @@ leave(Meter *m)
     Py_CLEAR(m->entered_in);
     m->state = S_EXITED;
     freeze(m);
+    assert(active > 0);
     active--;
     step_aside_if_idle();
     if (active > 0) {

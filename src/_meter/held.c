@@ -63,6 +63,7 @@ filter_remove(uintptr_t p)
 {
     size_t s = filter_slot(p);
     uint8_t *c = &held_filter[s];
+    assert(*c > 0);   /* the filter counts every recorded address */
     if (*c < 255 && --*c == 0) {
         held_bits[s >> 6] &= ~((uint64_t)1 << (s & 63));
     }
@@ -176,13 +177,14 @@ held_release(Held *h)
             free(h);
         }
         h = parent;
-    } while (h != NULL && --h->refcnt == 0);
+    } while (h != NULL && (assert(h->refcnt > 0), --h->refcnt == 0));
 }
 
 /* small enough to inline into table_remove(), which calls it for every block */
 void
 held_decref(Held *h)
 {
+    assert(h == NULL || h->refcnt > 0);
     if (h != NULL && --h->refcnt == 0) {
         held_release(h);
     }
@@ -258,6 +260,7 @@ static void
 t_delete(Table *t, size_t i)
 {
     size_t mask = t->cap - 1, hole = i;
+    assert(t->count > 0 && t->slot[i].key != 0);
     t->count--;
     for (size_t j = (i + 1) & mask; t->slot[j].key; j = (j + 1) & mask) {
         size_t home = slot_of(t, t->slot[j].key);
@@ -291,6 +294,7 @@ static void
 held_credit(Held *h, size_t size)
 {
     for (; h != NULL; h = h->parent) {
+        assert(h->current >= size);   /* what a block credits, it was charged */
         h->current -= size;
     }
 }

@@ -60,6 +60,7 @@ settle(void)
     if (n == NULL) {
         return;
     }
+    ASSERT_GIL();
     hot.batch_meter = NULL;
     hot.batch_small = hot.batch_bound = 0;
     uint64_t b = hot.batch_b0 - (uint64_t)hot.left_b;

@@ -100,6 +100,7 @@ abandon(Meter *m)
     if (m->state == S_ENTERED) {
         m->state = S_EXITED;
         freeze(m);
+        assert(active > 0);
         active--;
         forget_seen();   /* with no scope entered the cache must be empty (malloc_in) */
         step_aside_if_idle();
@@ -119,6 +120,7 @@ release_parent(Meter *p)
     if (p == NULL) {
         return;
     }
+    assert(p->children > 0);
     p->children--;
     if (Py_REFCNT(p) > 1) {
         Py_DECREF(p);   /* not freed now */
@@ -170,6 +172,7 @@ static void
 Meter_dealloc(Meter *m)
 {
     PyObject_GC_UnTrack(m);
+    assert(m->children == 0);   /* each child keeps its parent alive */
     forget_meter(m);   /* first: clearing can run code that allocates */
     Meter_clear(m);
     if (m->held != NULL) {

@@ -24,6 +24,7 @@ raise_fences(Meter *m)
         uint64_t now = r == R_MEMORY ? (m->held ? m->held->current : 0) : m->used[r];
         uint64_t base = now > m->ceiling[r] ? now : m->ceiling[r];
         m->fence[r] = rounds <= GRACE_ROUNDS ? sat_add(base, grace[r]) : base;
+        assert(m->fence[r] >= m->ceiling[r]);   /* a stop only ever moves it on */
     }
 }
 
