@@ -346,11 +346,32 @@ static PyMethodDef mod_methods[] = {
      "GLOBAL_RUN_CONTEXT; None, None: never)."},
     {"set_types", mod_set_types, METH_VARARGS,
      "set_types(Usage, Memory): the NamedTuples the module returns."},
-    {"set_hooked", mod_set_hooked, METH_O,
-     "set_hooked(flag): take the hook out or put it back (benchmarks, tests)."},
     {"tracemalloc_stopped", mod_tracemalloc_stopped, METH_NOARGS,
      "Call after tracemalloc.stop(): rejoin the chain if it dropped the hook; "
      "True if it had."},
+    {"after_fork", mod_after_fork, METH_NOARGS, "Restart delivery in a forked child."},
+    {"grace", mod_grace, METH_NOARGS, "Allowance past a hard ceiling after each stop."},
+    {"refuse_min", mod_refuse_min, METH_NOARGS,
+     "The smallest allocation a hard scope refuses outright."},
+    {"checked", mod_checked, METH_NOARGS,
+     "Was this build made for a CPython whose private layouts were checked (3.11 to "
+     "3.15)? If not, no frame is read: no interrupts, refusals or allocation sites."},
+    {"numpy_adopt", mod_numpy_adopt, METH_NOARGS,
+     "Make numpy's data handler ours in the calling context, as a scope's entry does "
+     "(after numpy was imported inside a scope)."},
+    {"native_supported", mod_native_supported, METH_NOARGS,
+     "Can C libraries' allocations be counted on this platform?"},
+    {"native_install", mod_native_install, METH_NOARGS,
+     "Count C libraries' allocations from now on (after install()); idempotent."},
+    {NULL},
+};
+
+/* What tests and benchmarks ask, and the package never does: _meter._debug,
+ * a namespace of its own, so that the module's surface is what the package
+ * uses. */
+static PyMethodDef debug_methods[] = {
+    {"set_hooked", mod_set_hooked, METH_O,
+     "set_hooked(flag): take the hook out or put it back (benchmarks, tests)."},
     {"hooked", mod_hooked, METH_NOARGS, "Is the hook in place on both domains?"},
     {"reads_thread_state", mod_reads_thread_state, METH_NOARGS,
      "Do the hooks in the chain read the thread state where the interpreter keeps it?"},
@@ -359,32 +380,18 @@ static PyMethodDef mod_methods[] = {
     {"hook_form", mod_hook_form, METH_NOARGS,
      "How the object domain's frees reach the hook: 'out' of the chain, 'full', 'light' "
      "(left to the allocator below), 'light, watched' (a link above a wrapper sees them)."},
-    {"after_fork", mod_after_fork, METH_NOARGS, "Restart delivery in a forked child."},
     {"active", mod_active, METH_NOARGS, "Number of entered scopes in the process."},
     {"held_blocks", mod_held_blocks, METH_NOARGS, "Number of blocks in the held-memory table."},
-    {"grace", mod_grace, METH_NOARGS, "Allowance past a hard ceiling after each stop."},
-    {"refuse_min", mod_refuse_min, METH_NOARGS,
-     "The smallest allocation a hard scope refuses outright."},
     {"dict_fragile", mod_dict_fragile, METH_NOARGS,
      "After install(): 0 if a dict survives a failed resize here; 1 if not, and the sizes "
      "of its tables are never refused; 2 if not, and nothing is refused."},
-    {"checked", mod_checked, METH_NOARGS,
-     "Was this build made for a CPython whose private layouts were checked (3.11 to "
-     "3.15)? If not, no frame is read: no interrupts, refusals or allocation sites."},
     {"refusals", mod_refusals, METH_NOARGS,
      "After install(): can a hard scope refuse an allocation here (can it tell that "
      "CPython's own C asked for it)? If not, growth is only ever interrupted."},
-    {"numpy_adopt", mod_numpy_adopt, METH_NOARGS,
-     "Make numpy's data handler ours in the calling context, as a scope's entry does "
-     "(after numpy was imported inside a scope)."},
     {"numpy_state", mod_numpy_state, METH_NOARGS,
      "0 until a scope is entered after numpy was imported; 1 once numpy's arrays are "
      "counted (their data handler is ours in each scope's context); 2 if this numpy "
      "cannot be (older than 1.22)."},
-    {"native_supported", mod_native_supported, METH_NOARGS,
-     "Can C libraries' allocations be counted on this platform?"},
-    {"native_install", mod_native_install, METH_NOARGS,
-     "Count C libraries' allocations from now on (after install()); idempotent."},
     {"native_state", mod_native_state, METH_NOARGS,
      "{'on': bool, 'slots': relocations patched, 'scans': patching passes, 'logs': threads "
      "with a log}."},
@@ -422,7 +429,16 @@ meter_exec(PyObject *m)
         PyModule_AddObjectRef(m, "ReceiveGuard", (PyObject *)&ReceiveGuardType) < 0) {
         return -1;
     }
-    return 0;
+    PyObject *debug = PyModule_New("gotcha_async._meter._debug");
+    if (debug == NULL) {
+        return -1;
+    }
+    int r = PyModule_AddFunctions(debug, debug_methods) < 0 ||
+                    PyModule_SetDocString(debug, "The hook's state, for tests and benchmarks.") < 0
+                ? -1
+                : PyModule_AddObjectRef(m, "_debug", debug);
+    Py_DECREF(debug);
+    return r;
 }
 
 static PyModuleDef_Slot meter_slots[] = {
