@@ -18,7 +18,8 @@
  *   enter.c    entering and leaving a scope
  *   ready.c    Ready, the awaitable a scope's __aenter__ returns
  *              (meter.h: what these three share, and no other file)
- *   module.c   module functions and init
+ *   guard.c    the ASGI middleware's send and receive (SendGuard, ReceiveGuard)
+ *   module.c   module functions (those for tests under _debug) and init
  *   runtime.c  where the interpreter keeps the thread state, for the hook to read
  *   caller.c   whose C asked for an allocation: may a hard scope refuse it?
  *   numpy.c    numpy's data-memory handler: arrays charged to their scope

@@ -11,9 +11,10 @@
  *             libraries' under the GIL (native.c)
  *
  * The inline path reads the scope last found and the batch on every
- * allocation: they are one struct (hot), defined in hook.c, written by hook.c
- * and scope.c and read by data.c, which take the same inline path. Everything
- * else of a file is static in it.
+ * allocation: they are one struct (hot), defined in hook.c and used by hook.c,
+ * scope.c (which fills the cache) and data.c (which takes the same inline
+ * path for numpy's and C libraries' blocks). Everything else of a file is
+ * static in it.
  */
 #ifndef GOTCHA_HOOK_H
 #define GOTCHA_HOOK_H
