@@ -9,6 +9,9 @@
 #include <math.h>
 #include <time.h>
 
+/* ------------------------------------------------------------------------ */
+/* The thread's countdown                                                   */
+
 /* Outside a batch, the countdown to the next sample is the thread's own, in
  * expected samples (see hold()). */
 static GOTCHA_TLS double sample_left;
@@ -44,7 +47,7 @@ sample_countdown(double expected)
 
 
 /* ------------------------------------------------------------------------ */
-/* Held memory                                                              */
+/* Sampling                                                                 */
 
 /* log(u) for u in (0, 1] without libm's: glibc's log reads a table whose
  * lines, and its code's, miss the caches at almost every sample (callgrind's
