@@ -1,4 +1,4 @@
-"""Builds the one C extension, ``gotcha_async._meter``, from every ``.c`` file of the package.
+"""Builds the one C extension, ``gotcha_async._meter``, from every ``.c`` file of ``src/_meter/``.
 
 Everything else about the project is in ``pyproject.toml``. Compiler flags are chosen here,
 once the compiler is known, because MSVC and the GCC-style compilers (gcc, clang, mingw)
@@ -24,7 +24,9 @@ from glob import glob
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-PACKAGE = "src/gotcha_async"
+# the extension's C, beside the package and not in it: an sdist carries it (MANIFEST.in),
+# a wheel only the compiled module
+SOURCE_DIR = "src/_meter"
 
 # hidden: only PyInit__meter (PyMODINIT_FUNC) is exported, whatever the other files declare
 GCC_FLAGS = ["-std=c11", "-Wall", "-Wno-missing-braces", "-fvisibility=hidden"]
@@ -53,9 +55,9 @@ class BuildExt(build_ext):
 
 
 # sorted: the same object order, hence the same binary, on every machine
-SOURCES = sorted(glob(f"{PACKAGE}/*.c"))
+SOURCES = sorted(glob(f"{SOURCE_DIR}/*.c"))
 if not SOURCES:
-    raise SystemExit(f"no C sources in {PACKAGE}/: run the build from the project's root")
+    raise SystemExit(f"no C sources in {SOURCE_DIR}/: run the build from the project's root")
 
 setup(
     ext_modules=[
@@ -63,7 +65,7 @@ setup(
             "gotcha_async._meter",
             sources=SOURCES,
             # a changed header rebuilds every file, as none says which headers it includes
-            depends=sorted(glob(f"{PACKAGE}/*.h")),
+            depends=sorted(glob(f"{SOURCE_DIR}/*.h")),
             define_macros=[("GOTCHA_UNCHECKED", "1")] if unchecked() else [],
         )
     ],

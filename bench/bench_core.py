@@ -149,10 +149,10 @@ def time_workload(
     gc.collect()
     # Every run starts from an idle hook: a run that left scopes entered or held blocks
     # tracked would slow the next one down and skew the ratios of all that follow.
-    if _meter.active() or _meter.held_blocks():
+    if _meter._debug.active() or _meter._debug.held_blocks():
         raise RuntimeError(
-            f"not idle before a run: {_meter.active()} scopes active, "
-            f"{_meter.held_blocks()} held blocks"
+            f"not idle before a run: {_meter._debug.active()} scopes active, "
+            f"{_meter._debug.held_blocks()} held blocks"
         )
     if setup:
         setup()
@@ -263,18 +263,18 @@ def hooked_vs_bare(repeats: int, in_chain: bool) -> float:
     ratios = []
     alloc_loop(100_000)
     for _ in range(repeats):
-        _meter.set_hooked(False)
+        _meter._debug.set_hooked(False)
         gc.collect()
         bare = alloc_loop()
         if in_chain:
-            _meter.set_hooked(True)
+            _meter._debug.set_hooked(True)
         else:
             with gotcha.Context():
                 pass
         gc.collect()
         ours = alloc_loop()
         ratios.append(ours / bare)
-    _meter.set_hooked(False)
+    _meter._debug.set_hooked(False)
     return statistics.median(ratios)
 
 

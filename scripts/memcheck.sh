@@ -18,7 +18,7 @@ PYTHONMALLOC=malloc valgrind --tool=memcheck --leak-check=full --show-leak-kinds
 # built with debug information), or "(in .../_meter.cpython-...so)" without it. An error is ours when a
 # frame of its stack is; a definite leak is ours when the extension called the allocator
 # itself (tracemalloc's own leaks under our hook are not).
-ours="[(]($(cd src/gotcha_async && ls -- *.c *.h | sed 's/[.]\([ch]\)$/[.]\1/' | paste -sd'|' -)):|_meter[.]cpython"
+ours="[(]($(cd src/_meter && ls -- *.c *.h | sed 's/[.]\([ch]\)$/[.]\1/' | paste -sd'|' -)):|_meter[.]cpython"
 errors=$(awk -v ours="$ours" '/Invalid (read|write)|uninitialised|Invalid free|Mismatched free/{b=1; s=""}
               b{s=s $0} /^==[0-9]+== $/{if (b && s ~ ours) n++; b=0} END{print n+0}' "$log")
 leaks=$(awk -v ours="$ours" '/definitely lost/{b=1; k=0; next}

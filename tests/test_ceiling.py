@@ -34,7 +34,7 @@ async def test_a_ceiling_stops_a_loop_that_never_awaits_between_limit_and_ceilin
     assert isinstance(info.value.__cause__, gotcha.HardLimitError)
     assert isinstance(info.value.__cause__, MemoryError)
     assert 6 * MiB < ctx.used().bytes <= 6 * MiB + SLIP
-    assert gotcha.current() is None and _meter.active() == 0
+    assert gotcha.current() is None and _meter._debug.active() == 0
 
 
 @pytest.mark.anyio
@@ -118,7 +118,7 @@ def test_a_hard_scope_in_a_plain_thread_leaves_the_others_alone() -> None:
         stop.set()
         other.join()
     assert errors == [] and bystander_rounds > 0
-    assert _meter.active() == 0
+    assert _meter._debug.active() == 0
 
 
 @pytest.mark.anyio

@@ -49,7 +49,7 @@ async def test_cpython_own_allocations_are_still_refused() -> None:
     # the measurement at install found where CPython's calls go, on this interpreter
     async with gotcha.limit():
         pass
-    assert _meter.refusals()
+    assert _meter._debug.refusals()
     seen: list[BaseException] = []
     async with gotcha.move_on_limit(bytes=gotcha.MiB, hard=True) as ctx:
         try:

@@ -100,7 +100,7 @@ def test_memory_outlives_its_scope_and_is_credited_later() -> None:
     with gotcha.Context(track_memory=True) as ctx:
         kept = big(MiB)
     assert ctx.memory().current >= MiB  # type: ignore[union-attr]
-    assert _meter.hooked()  # a held block keeps the hook in place for its free
+    assert _meter._debug.hooked()  # a held block keeps the hook in place for its free
     t = threading.Thread(target=kept.clear)  # freed outside any scope, in a thread
     t.start()
     t.join()
@@ -205,12 +205,12 @@ def test_a_free_of_null_credits_nothing_where_held_blocks_fill_the_filter() -> N
         mem_free(None)
     with gotcha.Context(track_memory=True, exact_memory=True) as ctx:
         blocks = [bytearray(100) for _ in range(300_000)]
-        held, current = _meter.held_blocks(), ctx.memory().current  # type: ignore[union-attr]
+        held, current = _meter._debug.held_blocks(), ctx.memory().current  # type: ignore[union-attr]
         for _ in range(100):
             free(None)
             mem_free(None)
         # the ints these reads return are held too: a block or two, a few bytes more
-        assert held <= _meter.held_blocks() <= held + 2
+        assert held <= _meter._debug.held_blocks() <= held + 2
         assert 0 <= ctx.memory().current - current < 1024  # type: ignore[union-attr]
         del blocks
         assert ctx.memory().current < SLACK  # type: ignore[union-attr]

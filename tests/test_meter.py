@@ -27,15 +27,15 @@ def big(n: int) -> bytearray:
 
 def test_hook_is_in_the_chain_only_while_it_has_work() -> None:
     # work: an active scope, or a held block (tracked by a memory scope) to credit
-    assert _meter.active() == 0
-    assert _meter.hooked() == (_meter.held_blocks() > 0)
+    assert _meter._debug.active() == 0
+    assert _meter._debug.hooked() == (_meter._debug.held_blocks() > 0)
     with gotcha.limit():
-        assert _meter.hooked()
-        assert _meter.active() == 1
+        assert _meter._debug.hooked()
+        assert _meter._debug.active() == 1
         with gotcha.limit():
-            assert _meter.active() == 2
-    assert _meter.active() == 0
-    assert _meter.hooked() == (_meter.held_blocks() > 0)
+            assert _meter._debug.active() == 2
+    assert _meter._debug.active() == 0
+    assert _meter._debug.hooked() == (_meter._debug.held_blocks() > 0)
 
 
 def test_the_hook_reads_the_thread_state_where_the_interpreter_keeps_it() -> None:
@@ -44,10 +44,10 @@ def test_the_hook_reads_the_thread_state_where_the_interpreter_keeps_it() -> Non
     # block is static (runtime.c). A release or a build where the check fails silently
     # costs a call on every allocation: this says where it must not.
     with gotcha.limit():
-        direct = _meter.reads_thread_state()
+        direct = _meter._debug.reads_thread_state()
     linux_tls = sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64")
     assert direct == (sys.version_info[:2] == (3, 11) or linux_tls)
-    assert _meter.thread_state_agrees() is (True if direct else None)
+    assert _meter._debug.thread_state_agrees() is (True if direct else None)
 
 
 def test_the_direct_read_is_each_threads_own_state() -> None:
@@ -55,7 +55,7 @@ def test_the_direct_read_is_each_threads_own_state() -> None:
     # its own scope: the read gives that thread's state, and each scope gets exactly
     # its own thread's allocations, not its neighbours'
     with gotcha.limit():
-        expected = _meter.thread_state_agrees()
+        expected = _meter._debug.thread_state_agrees()
     n = 8
     sizes = [(i + 1) * MB for i in range(n)]
     barrier = threading.Barrier(n)
@@ -64,7 +64,7 @@ def test_the_direct_read_is_each_threads_own_state() -> None:
 
     def work(i: int) -> None:
         barrier.wait()
-        agrees[i] = _meter.thread_state_agrees()
+        agrees[i] = _meter._debug.thread_state_agrees()
         with gotcha.limit() as ctx:
             barrier.wait()
             big(sizes[i])
@@ -122,7 +122,7 @@ def test_tracemalloc_started_first_and_stopped_inside_a_scope() -> None:
             big(MB)
             assert tracemalloc.get_traced_memory()[1] >= MB  # tracemalloc still sees it
             tracemalloc.stop()  # drops the allocator tracemalloc saved, our hook with it
-            assert _meter.hooked()
+            assert _meter._debug.hooked()
             big(2 * MB)
     finally:
         tracemalloc.stop()
@@ -269,7 +269,7 @@ def test_a_thread_that_ended_inside_its_scope_is_not_mistaken_for_the_next() -> 
         # them, and then nothing is left active for the tests that follow
         del left[:]
         gc.collect()
-    assert _meter.active() == 0
+    assert _meter._debug.active() == 0
 
 
 def test_an_ancestor_counts_an_open_descendants_small_blocks() -> None:

@@ -96,17 +96,17 @@ def lib(request: pytest.FixtureRequest, libpath: Path) -> Any:
 def test_install_native_rejects_a_non_bool() -> None:
     with pytest.raises(TypeError, match=r"native must be True or False, not 'yes'"):
         gotcha.install(native="yes")  # type: ignore[arg-type]
-    assert _meter.native_state()["on"] is False or CHILD
+    assert _meter._debug.native_state()["on"] is False or CHILD
 
 
 def test_install_native_raises_where_unsupported(monkeypatch: pytest.MonkeyPatch) -> None:
     if SUPPORTED:
         # the check made before anything changes, as on a platform without support
         monkeypatch.setattr(_meter, "native_supported", lambda: False)
-    before = _meter.native_state()
+    before = _meter._debug.native_state()
     with pytest.raises(NotImplementedError, match="needs Linux with glibc"):
         gotcha.install(native=True)
-    assert _meter.native_state() == before
+    assert _meter._debug.native_state() == before
 
 
 def test_middleware_native_must_be_a_bool() -> None:
@@ -141,16 +141,16 @@ def test_the_aiohttp_middleware_turns_native_counting_on(libpath: Path) -> None:
 
     middleware = LimitMiddleware(memory="64 MiB", native=True)
     assert middleware._options.native is True
-    assert _meter.native_state()["on"] is True
+    assert _meter._debug.native_state()["on"] is True
 
 
 @child_only
 def test_install_native_twice_changes_nothing(libpath: Path) -> None:
-    state = _meter.native_state()
+    state = _meter._debug.native_state()
     assert state["on"] is True and state["slots"] > 0
     gotcha.install(native=True)
     gotcha.install()
-    assert _meter.native_state()["slots"] == state["slots"]
+    assert _meter._debug.native_state()["slots"] == state["slots"]
 
 
 @child_only
@@ -257,7 +257,7 @@ async def test_a_thread_no_scope_started_is_not_charged(lib: Any) -> None:
 def wait_for_a_scan_after(scans: int) -> None:
     """The delivery thread looks for new objects every 20 ms (a second when idle)."""
     deadline = time.monotonic() + 10
-    while _meter.native_state()["scans"] == scans:
+    while _meter._debug.native_state()["scans"] == scans:
         assert time.monotonic() < deadline, "no patching pass in 10 s"
         time.sleep(0.005)
 
@@ -267,7 +267,7 @@ def wait_for_a_scan_after(scans: int) -> None:
 async def test_a_library_loaded_after_install_is_counted(
     tmp_path: Path, libpath: Path
 ) -> None:
-    scans = _meter.native_state()["scans"]
+    scans = _meter._debug.native_state()["scans"]
     late = load(build(tmp_path, "late"), gil=False)
     wait_for_a_scan_after(scans)
     async with gotcha.limit() as ctx:
@@ -381,7 +381,7 @@ async def test_a_thread_that_exits_hands_its_log_over(libpath: Path) -> None:
 
     got: list[int] = []
     before = ctx.used().bytes
-    logs = _meter.native_state()["logs"]
+    logs = _meter._debug.native_state()["logs"]
     for _ in range(20):
         thread = threading.Thread(target=context.run, args=(in_scope,))
         thread.start()
@@ -395,7 +395,7 @@ async def test_a_thread_that_exits_hands_its_log_over(libpath: Path) -> None:
     # the exited scope's figures stay those of its exit (frozen); the logs of the 20
     # threads are gone with them, and nothing crashed on the way
     assert ctx.used().bytes == before
-    assert _meter.native_state()["logs"] <= logs + 1
+    assert _meter._debug.native_state()["logs"] <= logs + 1
 
 
 CHURN_C = r"""

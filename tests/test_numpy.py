@@ -37,7 +37,7 @@ async def test_an_array_of_n_float64_is_8n_bytes(n: int) -> None:
         a = np.empty(n, dtype=np.float64)
     assert 8 * n <= ctx.used().bytes <= 8 * n + HEADER
     assert handler_name() == "gotcha_async(default_allocator)"
-    assert _meter.numpy_state() == 1
+    assert _meter._debug.numpy_state() == 1
     del a
 
 
@@ -431,7 +431,7 @@ def test_numpy_imported_inside_a_scope() -> None:
 def test_numpy_untouched_without_a_scope() -> None:
     code = (
         "import numpy as np; from gotcha_async import _meter; "
-        "print(np._core.multiarray.get_handler_name(), _meter.numpy_state())"
+        "print(np._core.multiarray.get_handler_name(), _meter._debug.numpy_state())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout == "default_allocator 0\n", out.stderr

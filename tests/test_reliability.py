@@ -125,7 +125,7 @@ def test_a_hundred_thousand_scopes_and_ten_thousand_exceeded_leak_no_object(
     # that RSS's noise needs as a bound
     objects, _ = leaked_after(100_000, 10_000, backend)
     assert objects < 1000
-    assert _meter.active() == 0
+    assert _meter._debug.active() == 0
 
 
 @pytest.mark.slow  # 15 to 20 s a backend
@@ -136,7 +136,7 @@ def test_a_million_scopes_and_a_hundred_thousand_exceeded_leak_nothing(backend: 
     # one leaked object per scope would be 1,100,000; one leaked byte each, 1 MB
     assert objects < 1000
     assert memory < 4 * MiB
-    assert _meter.active() == 0
+    assert _meter._debug.active() == 0
 
 
 def test_contexts_die_with_their_last_reference() -> None:
@@ -224,7 +224,7 @@ async def test_exit_in_another_task_is_refused() -> None:
         tg.start_soon(intruder)
     assert len(errors) == 1
     assert "exited in the task" in str(errors[0]) or "different task" in str(errors[0])
-    assert _meter.active() == 0 and gotcha.current() is None
+    assert _meter._debug.active() == 0 and gotcha.current() is None
 
 
 def test_exit_without_enter_and_reuse_after_exit() -> None:

@@ -58,4 +58,4 @@ else:
     count = actual = 0
 
 report(caught=caught, count=count, actual=actual, exceeded=ctx.exceeded(),
-       dict_fragile=_meter.dict_fragile(), version=list(sys.version_info[:3]))
+       dict_fragile=_meter._debug.dict_fragile(), version=list(sys.version_info[:3]))

@@ -103,4 +103,4 @@ with gotcha.move_on_limit(bytes=100_000, hard=True) as ctx:
         provoke()
 gc.enable()
 report(fired=FIRED[0], memory_errors=FIRED[1], exceeded=ctx.exceeded(),
-       current_none=gotcha.current() is None, active=gotcha._meter.active())
+       current_none=gotcha.current() is None, active=gotcha._meter._debug.active())

@@ -74,7 +74,7 @@ def threads(n: int, rounds: int, kind: str) -> None:
     for t in workers:
         t.join()
     skipped = n * rounds - counts["caught"] - counts["finished"] - counts["escaped"]
-    report(**counts, skipped=skipped, active=gotcha._meter.active())
+    report(**counts, skipped=skipped, active=gotcha._meter._debug.active())
 
 
 def trio_run(rounds: int) -> None:
@@ -100,7 +100,7 @@ def trio_run(rounds: int) -> None:
         except BaseException as exc:  # TrioInternalError, a HardLimitError that escaped
             r = type(exc).__name__
         outcomes[r] = outcomes.get(r, 0) + 1
-    report(outcomes=outcomes, active=gotcha._meter.active())
+    report(outcomes=outcomes, active=gotcha._meter._debug.active())
 
 
 class Node:
@@ -126,7 +126,7 @@ def gc_del(rounds: int) -> None:
                 gc.collect()
             except MemoryError:
                 caught += 1
-    report(rounds=rounds, caught=caught, active=gotcha._meter.active())
+    report(rounds=rounds, caught=caught, active=gotcha._meter._debug.active())
 
 
 def leaf(i: int) -> list[int]:
@@ -171,7 +171,7 @@ def loops() -> None:
         t = threading.Thread(target=run, args=(kind,))
         t.start()
         t.join()
-    report(outcomes=outcomes, active=gotcha._meter.active())
+    report(outcomes=outcomes, active=gotcha._meter._debug.active())
 
 
 if mode == "threads":

@@ -117,8 +117,8 @@ while True:
         bad.append(f"{k}: the KeyboardInterrupt was lost")
     if not none_after:
         bad.append(f"{k}: current() is a dead scope")
-    if _meter.active() != 0:
-        bad.append(f"{k}: {_meter.active()} scope(s) left active")
+    if _meter._debug.active() != 0:
+        bad.append(f"{k}: {_meter._debug.active()} scope(s) left active")
     try:
         bytearray(LIMIT * 4)
     except MemoryError:
@@ -128,4 +128,4 @@ while True:
         bad.append("more than 5000 instructions in one enter/exit")
         break
 report(points=points, bad=bad[:20], nbad=len(bad), current_none=gotcha.current() is None,
-       active=_meter.active())
+       active=_meter._debug.active())

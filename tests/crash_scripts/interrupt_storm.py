@@ -96,7 +96,7 @@ for _ in range(count):
         state[0] = trip_until_interrupted()
         state[1] = gotcha.current() is None
 
-    before = _meter.active()
+    before = _meter._debug.active()
     try:
         # a context of its own per round: a scope left entered stays there
         contextvars.Context().run(one)
@@ -113,7 +113,7 @@ for _ in range(count):
     elif state[0] == "stuck":
         stuck += 1
         fired[0] += 1  # disarmed above: the next round waits for its own
-    if not state[1] or _meter.active() > before:
+    if not state[1] or _meter._debug.active() > before:
         dead += 1
     try:
         bytearray(LIMIT * 4)
@@ -124,4 +124,4 @@ for _ in range(count):
 gc.collect()
 report(cpython_with_leaks=control, fired=fired[0], caught=caught, lost=lost, stuck=stuck,
        escaped=escaped, dead=dead,
-       refused_outside=refused_outside, active=_meter.active())
+       refused_outside=refused_outside, active=_meter._debug.active())

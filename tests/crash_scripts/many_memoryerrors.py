@@ -65,5 +65,5 @@ memory_errors = len(caught)
 del errors, caught
 report(raised=raised, memory_errors=memory_errors, all_memory_errors=all_memory_errors,
        used=ctx.used().bytes, limit=LIMIT, exceeded=ctx.exceeded(),
-       current_none=gotcha.current() is None, active=gotcha._meter.active(),
+       current_none=gotcha.current() is None, active=gotcha._meter._debug.active(),
        after=len(bytearray(10 * gotcha.MiB)))

@@ -21,7 +21,7 @@ def leave_it_entered() -> None:
     bytearray(1000)
 
 
-before = (_meter.active(), _meter.hooked())
+before = (_meter._debug.active(), _meter._debug.hooked())
 t = threading.Thread(target=leave_it_entered)
 t.start()
 t.join()
@@ -29,6 +29,6 @@ del t
 gc.collect()
 with gotcha.Context() as ctx:
     bytearray(1000)
-after = (_meter.active(), _meter.hooked())
+after = (_meter._debug.active(), _meter._debug.hooked())
 report(before=before, after=after, counted=ctx.used().bytes,
        big=len(bytearray(10 * gotcha.MiB)))

@@ -46,4 +46,4 @@ if toggle:
 for t in workers:
     t.join()
 report(exceeded=exceeded, finished=finished, cycles=cycles,
-       current=gotcha.current() is None, active=gotcha._meter.active())
+       current=gotcha.current() is None, active=gotcha._meter._debug.active())

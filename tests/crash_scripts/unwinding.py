@@ -82,4 +82,4 @@ for lim in range(step, top + 8 * step, step):
     outcomes[what] = outcomes.get(what, 0) + 1
     assert gotcha.current() is None
 report(outcomes=outcomes, top=top, current_none=gotcha.current() is None,
-       active=gotcha._meter.active())
+       active=gotcha._meter._debug.active())

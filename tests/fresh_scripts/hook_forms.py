@@ -36,14 +36,14 @@ def hold_and_free(ctx: gotcha.Context) -> None:
 
 def frees_only_while_a_scope_can_hold() -> None:
     with gotcha.limit():
-        assert _meter.hook_form() == "light"
+        assert _meter._debug.hook_form() == "light"
         holder = gotcha.limit(memory=10 * MB)
-        assert _meter.hook_form() == "full"
+        assert _meter._debug.hook_form() == "full"
         with holder:
             hold_and_free(holder)
         del holder
-        assert _meter.hook_form() == "light"
-    assert _meter.hook_form() == "out"
+        assert _meter._debug.hook_form() == "light"
+    assert _meter._debug.hook_form() == "out"
 
 
 def tracemalloc_started_over_a_light_hook() -> None:
@@ -51,25 +51,25 @@ def tracemalloc_started_over_a_light_hook() -> None:
         tracemalloc.start()
         with gotcha.limit(memory=10 * MB) as ctx:
             hold_and_free(ctx)
-            assert _meter.hook_form() == "light, watched"
+            assert _meter._debug.hook_form() == "light, watched"
             tracemalloc.stop()  # the light hook back on top, the link gone with it
-            assert _meter.hook_form() == "full"
+            assert _meter._debug.hook_form() == "full"
             hold_and_free(ctx)
         del ctx
-        assert _meter.hook_form() == "light"
+        assert _meter._debug.hook_form() == "light"
 
 
 def stop_bypassing_the_wrapper() -> None:
     with gotcha.limit():
         tracemalloc.start()
         holder = gotcha.limit(memory=10 * MB)
-        assert _meter.hook_form() == "light, watched"
+        assert _meter._debug.hook_form() == "light, watched"
         _tracemalloc.stop()  # behind our back: the link is gone, unnoticed
         with holder:  # entering probes the chain, and frees reach the hook again
-            assert _meter.hook_form() == "full"
+            assert _meter._debug.hook_form() == "full"
             hold_and_free(holder)
         del holder
-        assert _meter.hook_form() == "light"
+        assert _meter._debug.hook_form() == "light"
 
 
 def every_form_while_threads_allocate() -> None:
@@ -96,7 +96,7 @@ def every_form_while_threads_allocate() -> None:
             if i % 4 == 1:
                 tracemalloc.start()  # over a light hook: the link goes on top
             with gotcha.limit(memory=10 * MB, exact_memory=True) as ctx:
-                forms.add(_meter.hook_form())
+                forms.add(_meter._debug.hook_form())
                 data = [bytearray(5000) for _ in range(50)]
                 assert 250_000 <= current(ctx) < 250_000 + SLACK
                 if i % 4 == 1:
@@ -109,7 +109,7 @@ def every_form_while_threads_allocate() -> None:
                 (_tracemalloc.stop if i % 8 == 2 else tracemalloc.stop)()
             del ctx
             gc.collect()
-            forms.add(_meter.hook_form())
+            forms.add(_meter._debug.hook_form())
     finally:
         stop.set()
         for t in threads:

@@ -12,11 +12,11 @@ gc.collect()
 ctx = gotcha.Context(track_memory=True, exact_memory=True)
 with ctx:
     kept = [bytearray(1024) for _ in range(100)]
-assert _meter.held_blocks() >= 100
-assert _meter.hooked()
+assert _meter._debug.held_blocks() >= 100
+assert _meter._debug.hooked()
 del ctx  # the last Context that could report these blocks
-assert _meter.held_blocks() == 0, _meter.held_blocks()
-assert not _meter.hooked()
+assert _meter._debug.held_blocks() == 0, _meter._debug.held_blocks()
+assert not _meter._debug.hooked()
 del kept  # their frees find nothing to credit, and nothing breaks
 with gotcha.Context(track_memory=True) as again:  # tracking starts afresh
     data = bytearray(1 << 20)

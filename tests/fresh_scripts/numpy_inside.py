@@ -17,7 +17,7 @@ async def main() -> None:
         before = ctx.used().bytes
         np.empty(10**6)
         grown = ctx.used().bytes - before
-    assert _meter.numpy_state() == 1, _meter.numpy_state()
+    assert _meter._debug.numpy_state() == 1, _meter._debug.numpy_state()
     assert 8 * 10**6 <= grown <= 8 * 10**6 + 4096, grown
     # numpy keeps its own loader, and the watch is gone
     assert np.__spec__ is not None and np.__spec__.loader is np.__loader__

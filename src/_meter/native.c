@@ -97,9 +97,9 @@ static GOTCHA_TLS int in_native;   /* the wrappers' own work, or a signal in it 
 
 RealFns real;
 
-void hook_recheck(void);                                 /* hook.c */
-void hook_hold_native(Meter *n, void *p, uint64_t weight);   /* hook.c */
-void hook_charge_native(Meter *n, void *old, void *p, size_t size, size_t fp);
+void hook_recheck(void);                                 /* scope.c */
+void hook_hold_native(Meter *n, void *p, uint64_t weight);   /* sample.c */
+void hook_charge_native(Meter *n, void *old, void *p, size_t size, size_t fp);   /* data.c */
 
 /* What a block takes in libc's heap: what it can hold and its chunk's header.
  * Held memory counts that, so that it meets the resident set (an lxml tree is

@@ -63,6 +63,7 @@ filter_remove(uintptr_t p)
 {
     size_t s = filter_slot(p);
     uint8_t *c = &held_filter[s];
+    assert(*c > 0);   /* the filter counts every recorded address */
     if (*c < 255 && --*c == 0) {
         held_bits[s >> 6] &= ~((uint64_t)1 << (s & 63));
     }
@@ -77,7 +78,28 @@ filter_clear(void)
 }
 
 /* Tracking scopes whose Context object still exists (see table_purge). */
-Py_ssize_t live_holders;
+static Py_ssize_t live_holders;
+
+/* A scope starts holding memory: 1 if it is the only one */
+int
+held_holder_started(void)
+{
+    return live_holders++ == 0;
+}
+
+/* A scope that held memory is gone: 1 if it was the last */
+int
+held_holder_ended(void)
+{
+    assert(live_holders > 0);
+    return --live_holders == 0;
+}
+
+Py_ssize_t
+held_holders(void)
+{
+    return live_holders;
+}
 
 /* Spent counters, kept for the next scopes: a request's scope makes one and
  * its last block's free drops it, and a trip through glibc's calloc and free
@@ -155,13 +177,14 @@ held_release(Held *h)
             free(h);
         }
         h = parent;
-    } while (h != NULL && --h->refcnt == 0);
+    } while (h != NULL && (assert(h->refcnt > 0), --h->refcnt == 0));
 }
 
 /* small enough to inline into table_remove(), which calls it for every block */
 void
 held_decref(Held *h)
 {
+    assert(h == NULL || h->refcnt > 0);
     if (h != NULL && --h->refcnt == 0) {
         held_release(h);
     }
@@ -237,6 +260,7 @@ static void
 t_delete(Table *t, size_t i)
 {
     size_t mask = t->cap - 1, hole = i;
+    assert(t->count > 0 && t->slot[i].key != 0);
     t->count--;
     for (size_t j = (i + 1) & mask; t->slot[j].key; j = (j + 1) & mask) {
         size_t home = slot_of(t, t->slot[j].key);
@@ -270,6 +294,7 @@ static void
 held_credit(Held *h, size_t size)
 {
     for (; h != NULL; h = h->parent) {
+        assert(h->current >= size);   /* what a block credits, it was charged */
         h->current -= size;
     }
 }

@@ -38,9 +38,17 @@
  */
 #include "_meter.h"
 
-PyObject *deliver_cb;
-PyObject *interrupt_type;
-unsigned long main_ident;
+static PyObject *deliver_cb;       /* Python callable taking a tripped scope */
+static PyObject *interrupt_type;   /* what an interrupt raises (a MemoryError) */
+static unsigned long main_ident;
+
+void
+deliver_setup(PyObject *cb, PyObject *itype, unsigned long ident)
+{
+    Py_XSETREF(deliver_cb, Py_NewRef(cb));
+    Py_XSETREF(interrupt_type, Py_NewRef(itype));
+    main_ident = ident;
+}
 
 static Meter *queue;           /* tripped scopes waiting for delivery */
 static int scheduled;          /* a pending call is on its way */
@@ -118,6 +126,8 @@ schedule_for(unsigned long ident)
 void
 trip(Meter *m, int resource)
 {
+    ASSERT_GIL();
+    assert(resource >= 0 && resource < NRES);
     if (m->tripped) {
         return;
     }

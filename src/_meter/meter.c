@@ -9,11 +9,11 @@
  * __enter__/__aenter__ and reset as the very first of __exit__/__aexit__, and
  * the Python work (the cancel scope, delivery, exceptions) happens around it.
  */
-#include "_meter.h"
+#include "meter.h"
 
 /* Before a scope's counters are read: what this thread's C libraries logged
  * without the GIL (native.c), then the hook's batch. */
-static inline void
+void
 settle_reads(void)
 {
     if (native_on) {
@@ -22,8 +22,6 @@ settle_reads(void)
     settle();
 }
 
-PyObject *ready_true, *ready_none;
-static PyObject *str_before_enter, *str_after_exit, *str_enter, *str_exit;
 
 /* ------------------------------------------------------------------------ */
 /* Life                                                                     */
@@ -74,7 +72,7 @@ static int exceeded_now(const Meter *m);
  * and its counters move unseen behind the snapshot. Held memory is the
  * exception: a block allocated in its context is held by its nearest live
  * ancestor (hold_block), so that frees keep crediting it exactly. */
-static void
+void
 freeze(Meter *m)
 {
     settle_reads();   /* the batch was taken against the thresholds about to go */
@@ -102,6 +100,7 @@ abandon(Meter *m)
     if (m->state == S_ENTERED) {
         m->state = S_EXITED;
         freeze(m);
+        assert(active > 0);
         active--;
         forget_seen();   /* with no scope entered the cache must be empty (malloc_in) */
         step_aside_if_idle();
@@ -115,12 +114,13 @@ static Meter **orphans;
 static size_t n_orphans, orphans_cap;
 static int freeing;
 
-static void
+void
 release_parent(Meter *p)
 {
     if (p == NULL) {
         return;
     }
+    assert(p->children > 0);
     p->children--;
     if (Py_REFCNT(p) > 1) {
         Py_DECREF(p);   /* not freed now */
@@ -172,13 +172,14 @@ static void
 Meter_dealloc(Meter *m)
 {
     PyObject_GC_UnTrack(m);
+    assert(m->children == 0);   /* each child keeps its parent alive */
     forget_meter(m);   /* first: clearing can run code that allocates */
     Meter_clear(m);
     if (m->held != NULL) {
         m->held->owner = NULL;   /* its blocks may live on; the scope does not */
         held_decref(m->held);
         m->held = NULL;
-        if (--live_holders == 0) {
+        if (held_holder_ended()) {
             if (table_count > 0) {
                 table_purge();
             }
@@ -205,7 +206,7 @@ start_holding(Meter *m, uint64_t rate)
         m->held->refcnt = 1;
         m->held->owner = m;
         m->held->base_rate = rate;
-        if (live_holders++ == 0) {
+        if (held_holder_started()) {
             hook_fit_frees();   /* before this scope can hold a block */
         }
     }
@@ -232,7 +233,6 @@ limit_arg(PyObject *v, uint64_t *out)
     return *out == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
 }
 
-static PyObject *Meter_set_parent(Meter *m, PyObject *p);
 
 /* _setup(parent, limits, ceilings, track, rate): limits and ceilings are
  * tuples of NRES validated ints or None, the sampling rate an int (Python's
@@ -363,7 +363,7 @@ parent_for(const Meter *m, Meter *outer)
     return found;
 }
 
-static PyObject *
+PyObject *
 Meter_set_parent(Meter *m, PyObject *p)
 {
     if (!PyObject_TypeCheck(p, &MeterType)) {
@@ -408,451 +408,6 @@ Meter_set_parent(Meter *m, PyObject *p)
     m->parent = parent;
     m->hard_chain = m->hard || parent->hard_chain;
     Py_RETURN_NONE;
-}
-
-/* ------------------------------------------------------------------------ */
-/* Entering and leaving                                                     */
-
-/* Set by Python once the hook is installed and anyio's asyncio scope class is
- * known (never in asyncio's debug mode): asyncio's _get_running_loop, and that
- * class. */
-static PyObject *fast_running_loop, *fast_scope_class;
-/* For lazy scopes: asyncio's current_task, and the dict under anyio's
- * _task_states (a WeakKeyDictionary: weak references to tasks -> TaskState).
- * NULL: every fast scope makes its cancel scope at entry. */
-static PyObject *fast_current_task, *fast_task_states;
-static PyObject *str_cancelling, *str_cancel_scope;
-
-int
-meter_set_fast(PyObject *running_loop, PyObject *scope_class, PyObject *current_task,
-               PyObject *task_states)
-{
-    Py_XSETREF(fast_running_loop, Py_XNewRef(running_loop));
-    Py_XSETREF(fast_scope_class, Py_XNewRef(scope_class));
-    Py_XSETREF(fast_current_task, Py_XNewRef(current_task));
-    Py_XSETREF(fast_task_states, Py_XNewRef(task_states));
-    return 0;
-}
-
-/* On trio: trio's run context (a thread-local: "task" is set while a task
- * runs, "runner" while trio runs), and trio.CancelScope itself (anyio's trio
- * scope only forwards to one). */
-static PyObject *trio_run_context, *trio_scope_class;
-static PyObject *str_task, *str_runner, *str_trio_token, *str_current_trio_token;
-
-int
-meter_set_fast_trio(PyObject *run_context, PyObject *scope_class)
-{
-    Py_XSETREF(trio_run_context, Py_XNewRef(run_context));
-    Py_XSETREF(trio_scope_class, Py_XNewRef(scope_class));
-    return 0;
-}
-
-/* The running trio's token if a trio task is running here (new reference),
- * NULL without an error if not, NULL with one on failure. */
-static PyObject *
-trio_waker(void)
-{
-    PyObject *task = PyObject_GetAttr(trio_run_context, str_task);
-    if (task == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            PyErr_Clear();
-        }
-        return NULL;
-    }
-    Py_DECREF(task);
-    PyObject *runner = PyObject_GetAttr(trio_run_context, str_runner);
-    if (runner == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            PyErr_Clear();
-        }
-        return NULL;
-    }
-    PyObject *token = PyObject_GetAttr(runner, str_trio_token);
-    if (token == Py_None) {   /* made on first use */
-        Py_SETREF(token, PyObject_CallMethodNoArgs(runner, str_current_trio_token));
-    }
-    Py_DECREF(runner);
-    return token;
-}
-
-/* Entering lazily: note the host task, the anyio scope innermost in it now,
- * and its cancelling() count; Context._materialize() makes the anyio scope
- * from these, where anyio would have put it, when a cancellation is asked
- * for. 1 done, 0 for the eager path (no task: a loop callback), -1 error. */
-static int
-lazy_enter(Meter *m, PyObject *loop)
-{
-    PyObject *task = PyObject_CallOneArg(fast_current_task, loop);
-    if (task == NULL) {
-        return -1;
-    }
-    if (task == Py_None) {
-        Py_DECREF(task);
-        return 0;
-    }
-    PyObject *n = PyObject_CallMethodNoArgs(task, str_cancelling);
-    if (n == NULL) {
-        Py_DECREF(task);
-        return -1;
-    }
-    Py_ssize_t cancelling = PyLong_AsSsize_t(n);
-    Py_DECREF(n);
-    if (cancelling == -1 && PyErr_Occurred()) {
-        Py_DECREF(task);
-        return -1;
-    }
-    PyObject *outer = Py_NewRef(Py_None);
-    if (PyDict_GET_SIZE(fast_task_states) > 0) {
-        /* a weak reference hashes and compares as its referent */
-        PyObject *ref = PyWeakref_NewRef(task, NULL);
-        if (ref == NULL) {
-            Py_DECREF(task);
-            Py_DECREF(outer);
-            return -1;
-        }
-        PyObject *state = PyDict_GetItemWithError(fast_task_states, ref);   /* borrowed */
-        Py_DECREF(ref);
-        if (state == NULL && PyErr_Occurred()) {
-            Py_DECREF(task);
-            Py_DECREF(outer);
-            return -1;
-        }
-        if (state != NULL) {
-            Py_INCREF(state);
-            PyObject *s = PyObject_GetAttr(state, str_cancel_scope);
-            Py_DECREF(state);
-            if (s == NULL) {
-                Py_DECREF(task);
-                Py_DECREF(outer);
-                return -1;
-            }
-            Py_SETREF(outer, s);
-        }
-    }
-    Py_SETREF(m->host, task);
-    Py_SETREF(m->anyio_outer, outer);
-    m->cancelling0 = cancelling;
-    return 1;
-}
-
-static void
-lazy_clear(Meter *m)
-{
-    if (m->host != Py_None) {
-        Py_SETREF(m->host, Py_NewRef(Py_None));
-    }
-    if (m->anyio_outer != Py_None) {
-        Py_SETREF(m->anyio_outer, Py_NewRef(Py_None));
-    }
-}
-
-/* Context._before_enter for its commonest case, without a Python frame: in a
- * running asyncio loop, no deadline, no shield, no cancel asked for before
- * entering. Returns 1 with *scope set, 0 for the Python path, -1 on error. */
-static int
-fast_before_enter(Meter *m, PyObject **scope)
-{
-    if ((fast_scope_class == NULL && trio_scope_class == NULL) || !installed || m->shield ||
-        m->cancel_pending || m->deadline != Py_HUGE_VAL) {
-        return 0;
-    }
-    /* waker: the running asyncio loop, or trio's token */
-    PyObject *waker = NULL;
-    int on_trio = 0;
-    if (fast_scope_class != NULL) {
-        waker = PyObject_CallNoArgs(fast_running_loop);
-        if (waker == NULL) {
-            return -1;
-        }
-        if (waker == Py_None) {
-            Py_CLEAR(waker);
-        }
-    }
-    if (waker == NULL) {
-        if (trio_scope_class == NULL) {
-            return 0;
-        }
-        waker = trio_waker();
-        if (waker == NULL) {
-            return PyErr_Occurred() ? -1 : 0;
-        }
-        on_trio = 1;
-    }
-    if (m->parent == NULL) {
-        PyObject *outer;
-        if (PyContextVar_Get(scope_var, NULL, &outer) < 0) {
-            Py_DECREF(waker);
-            return -1;
-        }
-        if (outer != NULL) {
-            PyObject *r = Meter_set_parent(m, outer);
-            Py_DECREF(outer);
-            if (r == NULL) {
-                Py_DECREF(waker);
-                return -1;
-            }
-            Py_DECREF(r);
-        }
-    }
-    if (!on_trio && fast_current_task != NULL) {
-        int lazy = lazy_enter(m, waker);
-        if (lazy < 0) {
-            Py_DECREF(waker);
-            return -1;
-        }
-        if (lazy > 0) {
-            Py_SETREF(m->waker, waker);
-            *scope = Py_NewRef(Py_None);
-            return 1;
-        }
-    }
-    PyObject *s = PyObject_CallNoArgs(on_trio ? trio_scope_class : fast_scope_class);
-    if (s == NULL) {
-        Py_DECREF(waker);
-        return -1;
-    }
-    Py_SETREF(m->waker, waker);
-    Py_SETREF(m->scope, Py_NewRef(s));
-    *scope = s;
-    return 1;
-}
-
-/* m's parent exited between m's set-up and its entry: m takes the parent's
- * nearest live ancestor instead. */
-static int
-relink(Meter *m)
-{
-    Meter *old = m->parent;
-    settle();
-    if (m->held != NULL && m->held->parent != NULL) {
-        held_decref(m->held->parent);
-        m->held->parent = NULL;
-    }
-    m->parent = NULL;
-    m->hard_chain = m->hard;
-    PyObject *r = Meter_set_parent(m, (PyObject *)old);
-    release_parent(old);   /* after: the walk went through it */
-    if (r == NULL) {
-        return -1;
-    }
-    Py_DECREF(r);
-    if (m->held != NULL) {
-        held_retune(m->held);
-    }
-    return 0;
-}
-
-static int
-enter(Meter *m)
-{
-    if (m->state != S_NEW) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "this Context has already been entered; a Context can be used only once");
-        return -1;
-    }
-    if (m->parent != NULL && m->parent->state == S_EXITED && relink(m) < 0) {
-        return -1;
-    }
-    /* the cancel scope, made and entered before the scope is current: nothing
-     * of it is the body's (and the hook is installed in Python on first use) */
-    PyObject *scope = NULL;
-    int fast = fast_before_enter(m, &scope);
-    if (fast < 0) {
-        return -1;
-    }
-    if (fast == 0) {
-        scope = PyObject_CallMethodNoArgs((PyObject *)m, str_before_enter);
-    }
-    if (scope == NULL) {
-        return -1;
-    }
-    if (!installed) {
-        Py_DECREF(scope);
-        PyErr_SetString(PyExc_RuntimeError, "gotcha_async._meter.install() has not run");
-        return -1;
-    }
-    if (scope != Py_None) {
-        PyObject *r = PyObject_CallMethodNoArgs(scope, str_enter);
-        if (r == NULL) {
-            Py_DECREF(scope);
-            return -1;
-        }
-        Py_DECREF(r);
-    }
-    active++;
-    verify_chain();
-    pause_hook();
-    PyObject *token = PyContextVar_Set(scope_var, (PyObject *)m);
-    if (token != NULL) {
-        numpy_adopt();   /* numpy's arrays made in this context are charged (numpy.c) */
-    }
-    resume_hook();
-    forget_seen();
-    if (token != NULL) {
-        seen_entered(m);
-    }
-    if (token == NULL) {
-        lazy_clear(m);
-        active--;
-        step_aside_if_idle();
-        if (scope != Py_None) {
-            PyObject *t, *v, *tb;
-            PyErr_Fetch(&t, &v, &tb);
-            PyObject *r = PyObject_CallMethodObjArgs(scope, str_exit, Py_None, Py_None,
-                                                     Py_None, NULL);
-            if (r == NULL) {
-                PyErr_WriteUnraisable(scope);
-            }
-            Py_XDECREF(r);
-            PyErr_Restore(t, v, tb);
-        }
-        Py_DECREF(scope);
-        return -1;
-    }
-    Py_DECREF(scope);
-    m->token = token;
-    m->state = S_ENTERED;
-    if (m->request) {
-        m->entered_in = Py_XNewRef(PyThreadState_Get()->context);
-    }
-    return 0;
-}
-
-static int
-leave(Meter *m)
-{
-    if (m->state != S_ENTERED) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "this Context is not active: exit without a matching enter");
-        return -1;
-    }
-    /* what this thread's C libraries logged without the GIL since it last held
-     * it is this scope's: charged and held before the scope freezes */
-    if (native_on) {
-        native_settle();
-    }
-    pause_hook();
-    int r = PyContextVar_Reset(scope_var, m->token);
-    resume_hook();
-    forget_seen();
-    if (r < 0) {
-        if (PyErr_ExceptionMatches(PyExc_ValueError)) {
-            PyErr_SetString(PyExc_RuntimeError,
-                            "a Context must be exited in the task (the contextvars context) "
-                            "that entered it");
-        }
-        return -1;
-    }
-    Py_CLEAR(m->token);
-    Py_CLEAR(m->entered_in);
-    m->state = S_EXITED;
-    freeze(m);
-    active--;
-    step_aside_if_idle();
-    if (active > 0) {
-        verify_chain();   /* a swapper that ran inside this scope: the outer ones go on */
-    }
-    return 0;
-}
-
-static int broken_resource(const Meter *m, uint64_t *reached);
-
-static PyObject *
-after_exit(Meter *m, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "__exit__ takes 3 arguments");
-        return NULL;
-    }
-    uint64_t reached;
-    if ((fast_scope_class != NULL || trio_scope_class != NULL) && m->done == Py_None &&
-        m->scope != NULL &&
-        broken_resource(m, &reached) < 0) {
-        /* Context._after_exit when no limit of this scope broke and nobody
-         * awaits it: the cancel scope's exit is all there is */
-        if (m->scope == Py_None) {
-            Py_RETURN_FALSE;
-        }
-        PyObject *call[4] = {m->scope, args[0], args[1], args[2]};
-        PyObject *r = PyObject_VectorcallMethod(str_exit, call,
-                                                4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        if (r == NULL) {
-            return NULL;
-        }
-        int swallowed = PyObject_IsTrue(r);
-        Py_DECREF(r);
-        if (swallowed < 0) {
-            return NULL;
-        }
-        if (m->done != Py_None) {   /* awaited from a callback the exit ran */
-            PyObject *d = PyObject_CallMethod((PyObject *)m, "_signal_done", NULL);
-            if (d == NULL) {
-                return NULL;
-            }
-            Py_DECREF(d);
-        }
-        return PyBool_FromLong(swallowed);
-    }
-    PyObject *call[4] = {(PyObject *)m, args[0], args[1], args[2]};
-    return PyObject_VectorcallMethod(str_after_exit, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                     NULL);
-}
-
-static PyObject *
-Meter_enter(Meter *m, PyObject *unused)
-{
-    (void)unused;
-    return enter(m) < 0 ? NULL : Py_NewRef(m);
-}
-
-static PyObject *
-Meter_exit(Meter *m, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs == 3 && leave(m) < 0) {
-        return NULL;
-    }
-    PyObject *r = after_exit(m, args, nargs);
-    lazy_clear(m);
-    return r;
-}
-
-static PyObject *ready_new(PyObject *value);
-
-/* The awaitable is made before the scope is current: awaiting it allocates
- * nothing, so an empty scope stays charged (0, 0, 0). */
-static PyObject *
-Meter_aenter(Meter *m, PyObject *unused)
-{
-    (void)unused;
-    PyObject *ready = ready_new((PyObject *)m);
-    if (ready == NULL) {
-        return NULL;
-    }
-    if (enter(m) < 0) {
-        Py_DECREF(ready);
-        return NULL;
-    }
-    return ready;
-}
-
-static PyObject *
-Meter_aexit(Meter *m, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs == 3 && leave(m) < 0) {
-        return NULL;
-    }
-    PyObject *r = after_exit(m, args, nargs);
-    lazy_clear(m);
-    if (r == NULL) {
-        return NULL;
-    }
-    int swallow = PyObject_IsTrue(r);
-    Py_DECREF(r);
-    if (swallow < 0) {
-        return NULL;
-    }
-    return Py_NewRef(swallow ? ready_true : ready_none);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -953,7 +508,7 @@ Meter_reset(Meter *m, PyObject *unused)
 
 /* This scope's own broken limit: its resource (the first to break, then in
  * order) and what it reached, or -1; for an exited scope, as it was at exit. */
-static int
+int
 broken_resource(const Meter *m, uint64_t *reached)
 {
     if (m->state == S_EXITED) {
@@ -1164,131 +719,11 @@ PyTypeObject MeterType = {
     .tp_getset = Meter_getset,
 };
 
-/* ------------------------------------------------------------------------ */
-/* Ready: an awaitable that is already done. Awaiting it allocates nothing,  */
-/* so an empty scope stays charged (0, 0, 0).                                */
-
-typedef struct {
-    PyObject_HEAD
-    PyObject *value;
-} Ready;
-
-static PyObject *
-ready_new(PyObject *value)
-{
-    Ready *r = PyObject_GC_New(Ready, &ReadyType);
-    if (r == NULL) {
-        return NULL;
-    }
-    r->value = Py_NewRef(value);
-    PyObject_GC_Track(r);
-    return (PyObject *)r;
-}
-
-static PyObject *
-Ready_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    (void)kwds;
-    PyObject *value = Py_None;
-    if (!PyArg_UnpackTuple(args, "Ready", 0, 1, &value)) {
-        return NULL;
-    }
-    Ready *r = (Ready *)type->tp_alloc(type, 0);
-    if (r != NULL) {
-        r->value = Py_NewRef(value);
-    }
-    return (PyObject *)r;
-}
-
-static void
-Ready_dealloc(Ready *r)
-{
-    PyObject_GC_UnTrack(r);
-    Py_CLEAR(r->value);
-    Py_TYPE(r)->tp_free((PyObject *)r);
-}
-
-static int
-Ready_traverse(Ready *r, visitproc visit, void *arg)
-{
-    Py_VISIT(r->value);
-    return 0;
-}
-
-static PyObject *
-Ready_await(PyObject *self)
-{
-    return Py_NewRef(self);
-}
-
-static PySendResult
-Ready_send(Ready *r, PyObject *arg, PyObject **result)
-{
-    (void)arg;
-    *result = Py_NewRef(r->value);
-    return PYGEN_RETURN;
-}
-
-/* The path an await takes where the interpreter does not use am_send (3.12 and
- * later call tp_iternext for non-generators): the StopIteration carrying the
- * value is the library's own work, made with the hook paused. */
-static PyObject *
-Ready_next(Ready *r)
-{
-    if (r->value == Py_None) {
-        return NULL;   /* exhausted without an exception: the result is None */
-    }
-    pause_hook();
-    PyObject *stop_exc = PyObject_CallOneArg(PyExc_StopIteration, r->value);
-    if (stop_exc != NULL) {
-        PyErr_SetObject(PyExc_StopIteration, stop_exc);
-        Py_DECREF(stop_exc);
-    }
-    resume_hook();
-    return NULL;
-}
-
-static PyAsyncMethods Ready_async = {
-    .am_await = Ready_await,
-    .am_send = (sendfunc)Ready_send,
-};
-
-PyTypeObject ReadyType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "gotcha_async._meter.Ready",
-    .tp_basicsize = sizeof(Ready),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Ready(value): an awaitable that returns value at once.",
-    .tp_new = Ready_new,
-    .tp_dealloc = (destructor)Ready_dealloc,
-    .tp_traverse = (traverseproc)Ready_traverse,
-    .tp_as_async = &Ready_async,
-    .tp_iter = PyObject_SelfIter,
-    .tp_iternext = (iternextfunc)Ready_next,
-};
 
 int
 meter_init_types(void)
 {
-    if (PyType_Ready(&MeterType) < 0 || PyType_Ready(&ReadyType) < 0) {
-        return -1;
-    }
-    str_before_enter = PyUnicode_InternFromString("_before_enter");
-    str_after_exit = PyUnicode_InternFromString("_after_exit");
-    str_enter = PyUnicode_InternFromString("__enter__");
-    str_exit = PyUnicode_InternFromString("__exit__");
-    str_cancelling = PyUnicode_InternFromString("cancelling");
-    str_cancel_scope = PyUnicode_InternFromString("cancel_scope");
-    str_task = PyUnicode_InternFromString("task");
-    str_runner = PyUnicode_InternFromString("runner");
-    str_trio_token = PyUnicode_InternFromString("trio_token");
-    str_current_trio_token = PyUnicode_InternFromString("current_trio_token");
-    ready_true = PyObject_CallOneArg((PyObject *)&ReadyType, Py_True);
-    ready_none = PyObject_CallOneArg((PyObject *)&ReadyType, Py_None);
-    if (!str_before_enter || !str_after_exit || !str_enter || !str_exit || !str_cancelling ||
-        !str_cancel_scope || !str_task || !str_runner || !str_trio_token ||
-        !str_current_trio_token || !ready_true ||
-        !ready_none) {
+    if (PyType_Ready(&MeterType) < 0 || ready_init() < 0 || enter_init() < 0) {
         return -1;
     }
     return 0;

@@ -7,6 +7,8 @@
 
 #include "_meter.h"
 
+GOTCHA_HIDDEN_BEGIN
+
 #if defined(__linux__) && defined(__GLIBC__) && (defined(__x86_64__) || defined(__aarch64__))
 #  define NATIVE_SUPPORTED 1
 #endif
@@ -48,5 +50,7 @@ const char *patch_setup(void);   /* real's functions found, this extension's pla
 void rescan(void);               /* patch what was loaded since; any thread, no GIL */
 extern size_t patched_slots, scans;
 #endif
+
+GOTCHA_HIDDEN_END
 
 #endif

@@ -4,15 +4,10 @@
  * The hook is process-wide and its state is guarded by the main
  * interpreter's GIL, so the module loads in the main interpreter only, and
  * refuses before it touches anything anywhere else: static types readied from
- * a subinterpreter's memory would outlive it.
+ * a subinterpreter's memory would outlive it. Multi-phase init (PEP 489):
+ * PyInit__meter makes nothing, meter_exec checks the interpreter first.
  */
 #include "_meter.h"
-
-int meter_init_types(void);
-int meter_set_types(PyObject *u, PyObject *m);
-int meter_set_fast_trio(PyObject *run_context, PyObject *scope_class);
-int meter_set_fast(PyObject *running_loop, PyObject *scope_class, PyObject *current_task,
-                   PyObject *task_states);
 
 /* install(var, deliver, exempt_dirs, dispatch, main_thread_ident, interrupt_type) */
 static PyObject *
@@ -54,16 +49,13 @@ mod_install(PyObject *mod, PyObject *args)
         return NULL;
     }
     caller_init();
-    main_ident = ident;
+    deliver_setup(cb, itype, ident);
     if (start_delivery() < 0) {
         PyErr_SetString(PyExc_RuntimeError, "cannot make the delivery thread's lock");
         return NULL;
     }
-    exempt = Py_NewRef(dirs);
-    dispatch = Py_NewRef(places);
+    frames_setup(dirs, places);
     scope_var = Py_NewRef(var);
-    deliver_cb = Py_NewRef(cb);
-    interrupt_type = Py_NewRef(itype);
     installed = 1;   /* the first enter() puts the hook in the chain */
     Py_RETURN_NONE;
 }
@@ -287,7 +279,7 @@ mod_dict_fragile(PyObject *mod, PyObject *unused)
 {
     (void)mod;
     (void)unused;
-    return PyLong_FromLong(dict_fragile);
+    return PyLong_FromLong(dict_fragile_state());
 }
 
 static PyObject *
@@ -354,11 +346,32 @@ static PyMethodDef mod_methods[] = {
      "GLOBAL_RUN_CONTEXT; None, None: never)."},
     {"set_types", mod_set_types, METH_VARARGS,
      "set_types(Usage, Memory): the NamedTuples the module returns."},
-    {"set_hooked", mod_set_hooked, METH_O,
-     "set_hooked(flag): take the hook out or put it back (benchmarks, tests)."},
     {"tracemalloc_stopped", mod_tracemalloc_stopped, METH_NOARGS,
      "Call after tracemalloc.stop(): rejoin the chain if it dropped the hook; "
      "True if it had."},
+    {"after_fork", mod_after_fork, METH_NOARGS, "Restart delivery in a forked child."},
+    {"grace", mod_grace, METH_NOARGS, "Allowance past a hard ceiling after each stop."},
+    {"refuse_min", mod_refuse_min, METH_NOARGS,
+     "The smallest allocation a hard scope refuses outright."},
+    {"checked", mod_checked, METH_NOARGS,
+     "Was this build made for a CPython whose private layouts were checked (3.11 to "
+     "3.15)? If not, no frame is read: no interrupts, refusals or allocation sites."},
+    {"numpy_adopt", mod_numpy_adopt, METH_NOARGS,
+     "Make numpy's data handler ours in the calling context, as a scope's entry does "
+     "(after numpy was imported inside a scope)."},
+    {"native_supported", mod_native_supported, METH_NOARGS,
+     "Can C libraries' allocations be counted on this platform?"},
+    {"native_install", mod_native_install, METH_NOARGS,
+     "Count C libraries' allocations from now on (after install()); idempotent."},
+    {NULL},
+};
+
+/* What tests and benchmarks ask, and the package never does: _meter._debug,
+ * a namespace of its own, so that the module's surface is what the package
+ * uses. */
+static PyMethodDef debug_methods[] = {
+    {"set_hooked", mod_set_hooked, METH_O,
+     "set_hooked(flag): take the hook out or put it back (benchmarks, tests)."},
     {"hooked", mod_hooked, METH_NOARGS, "Is the hook in place on both domains?"},
     {"reads_thread_state", mod_reads_thread_state, METH_NOARGS,
      "Do the hooks in the chain read the thread state where the interpreter keeps it?"},
@@ -367,44 +380,88 @@ static PyMethodDef mod_methods[] = {
     {"hook_form", mod_hook_form, METH_NOARGS,
      "How the object domain's frees reach the hook: 'out' of the chain, 'full', 'light' "
      "(left to the allocator below), 'light, watched' (a link above a wrapper sees them)."},
-    {"after_fork", mod_after_fork, METH_NOARGS, "Restart delivery in a forked child."},
     {"active", mod_active, METH_NOARGS, "Number of entered scopes in the process."},
     {"held_blocks", mod_held_blocks, METH_NOARGS, "Number of blocks in the held-memory table."},
-    {"grace", mod_grace, METH_NOARGS, "Allowance past a hard ceiling after each stop."},
-    {"refuse_min", mod_refuse_min, METH_NOARGS,
-     "The smallest allocation a hard scope refuses outright."},
     {"dict_fragile", mod_dict_fragile, METH_NOARGS,
      "After install(): 0 if a dict survives a failed resize here; 1 if not, and the sizes "
      "of its tables are never refused; 2 if not, and nothing is refused."},
-    {"checked", mod_checked, METH_NOARGS,
-     "Was this build made for a CPython whose private layouts were checked (3.11 to "
-     "3.15)? If not, no frame is read: no interrupts, refusals or allocation sites."},
     {"refusals", mod_refusals, METH_NOARGS,
      "After install(): can a hard scope refuse an allocation here (can it tell that "
      "CPython's own C asked for it)? If not, growth is only ever interrupted."},
-    {"numpy_adopt", mod_numpy_adopt, METH_NOARGS,
-     "Make numpy's data handler ours in the calling context, as a scope's entry does "
-     "(after numpy was imported inside a scope)."},
     {"numpy_state", mod_numpy_state, METH_NOARGS,
      "0 until a scope is entered after numpy was imported; 1 once numpy's arrays are "
      "counted (their data handler is ours in each scope's context); 2 if this numpy "
      "cannot be (older than 1.22)."},
-    {"native_supported", mod_native_supported, METH_NOARGS,
-     "Can C libraries' allocations be counted on this platform?"},
-    {"native_install", mod_native_install, METH_NOARGS,
-     "Count C libraries' allocations from now on (after install()); idempotent."},
     {"native_state", mod_native_state, METH_NOARGS,
      "{'on': bool, 'slots': relocations patched, 'scans': patching passes, 'logs': threads "
      "with a log}."},
     {NULL},
 };
 
+/* The hook is process-wide and its state global, guarded by the main
+ * interpreter's GIL: the module says so (PEP 489 slots), and refuses any
+ * other interpreter before it touches anything. A module object made for a
+ * subinterpreter is that interpreter's own, and goes with the failed import;
+ * nothing is readied in its memory. */
+static int
+meter_exec(PyObject *m)
+{
+    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
+        PyErr_SetString(PyExc_ImportError,
+                        "gotcha_async can only be imported in the main interpreter: its "
+                        "allocator hook is process-wide");
+        return -1;
+    }
+    /* once per process: the module can be executed again (a second import
+     * after it was dropped from sys.modules), and the types are static */
+    static int ready;
+    if (!ready) {
+        main_interp = PyInterpreterState_Main();
+        if (meter_init_types() < 0 || frames_init() < 0 || guard_init() < 0 ||
+            numpy_init() < 0) {
+            return -1;
+        }
+        ready = 1;
+    }
+    if (PyModule_AddObjectRef(m, "Meter", (PyObject *)&MeterType) < 0 ||
+        PyModule_AddObjectRef(m, "Ready", (PyObject *)&ReadyType) < 0 ||
+        PyModule_AddObjectRef(m, "SendGuard", (PyObject *)&GuardType) < 0 ||
+        PyModule_AddObjectRef(m, "ReceiveGuard", (PyObject *)&ReceiveGuardType) < 0) {
+        return -1;
+    }
+    PyObject *debug = PyModule_New("gotcha_async._meter._debug");
+    if (debug == NULL) {
+        return -1;
+    }
+    int r = PyModule_AddFunctions(debug, debug_methods) < 0 ||
+                    PyModule_SetDocString(debug, "The hook's state, for tests and benchmarks.") < 0
+                ? -1
+                : PyModule_AddObjectRef(m, "_debug", debug);
+    Py_DECREF(debug);
+    return r;
+}
+
+static PyModuleDef_Slot meter_slots[] = {
+    {Py_mod_exec, meter_exec},
+#ifdef Py_mod_multiple_interpreters
+    /* 3.12+: an isolated subinterpreter is refused by CPython itself, before
+     * meter_exec (a legacy one, sharing the main GIL, by meter_exec) */
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+    /* 3.13+: the counters and the hook rely on the GIL */
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
 static struct PyModuleDef meter_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "gotcha_async._meter",
     .m_doc = "The allocator hook and per-scope counters of gotcha_async.",
-    .m_size = -1,
+    .m_size = 0,   /* no per-module state: the hook's is the process's */
     .m_methods = mod_methods,
+    .m_slots = meter_slots,
 };
 
 PyMODINIT_FUNC
@@ -416,28 +473,7 @@ PyInit__meter(void)
                     "and allocator hook rely on the GIL");
     return NULL;
 #else
-    /* first, before anything is readied in this interpreter's memory */
-    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
-        PyErr_SetString(PyExc_ImportError,
-                        "gotcha_async can only be imported in the main interpreter: its "
-                        "allocator hook is process-wide");
-        return NULL;
-    }
-    main_interp = PyInterpreterState_Main();
-    if (meter_init_types() < 0 || frames_init() < 0 || guard_init() < 0 || numpy_init() < 0) {
-        return NULL;
-    }
-    PyObject *m = PyModule_Create(&meter_module);
-    if (m == NULL) {
-        return NULL;
-    }
-    if (PyModule_AddObjectRef(m, "Meter", (PyObject *)&MeterType) < 0 ||
-        PyModule_AddObjectRef(m, "Ready", (PyObject *)&ReadyType) < 0 ||
-        PyModule_AddObjectRef(m, "SendGuard", (PyObject *)&GuardType) < 0 ||
-        PyModule_AddObjectRef(m, "ReceiveGuard", (PyObject *)&ReceiveGuardType) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    /* multi-phase: nothing is made here, in whichever interpreter imports */
+    return PyModuleDef_Init(&meter_module);
 #endif
 }

@@ -153,6 +153,16 @@ has_prefix(PyObject *s, PyObject *prefix)
     return 1;
 }
 
+static PyObject *exempt;     /* tuple of str: path prefixes of loop machinery */
+static PyObject *dispatch;   /* tuple of (file, name): where loops run a task's step */
+
+void
+frames_setup(PyObject *exempt_dirs, PyObject *places)
+{
+    Py_XSETREF(exempt, Py_NewRef(exempt_dirs));
+    Py_XSETREF(dispatch, Py_NewRef(places));
+}
+
 /* Is this the event loop's, anyio's or our own code? (File names are
  * compared as text: a non-ASCII path is as good as any.) */
 static int

@@ -1,13 +1,25 @@
 /*
- * gotcha_async._meter: what the C files share.
+ * gotcha_async._meter: what the C files share. The sources are src/_meter/
+ * (setup.py builds every .c there):
  *
- *   hook.c     the PEP 445 allocator hooks, the allocator chain, charging
+ *   hook.c     the PEP 445 allocator hooks' inline path, and charging
+ *   scope.c    finding the calling thread's scope, and the scope last found
+ *   sample.c   held memory as the hook records it: sampling, the rate
+ *   stop.c     past a threshold: trips, stops of hard scopes, refusals
+ *   probe.c    can a dict's growth fail here? (once, at install)
+ *   chain.c    the allocator chain: joining, leaving, the hook's forms
+ *   data.c     numpy's and C libraries' blocks, charged as the hooks do
+ *              (hook.h: what these seven share, and no other file)
  *   frames.c   reading CPython's frames: whose code runs, and where
  *   held.c     the held-memory table (pointer -> scope and size)
  *   deliver.c  how a broken limit reaches Python: the trip queue, the pending
  *              call, the delivery thread, and interrupts of hard scopes
- *   meter.c    the Meter type (the C half of gotcha_async.Context) and Ready
- *   module.c   module functions and init
+ *   meter.c    the Meter type (the C half of gotcha_async.Context)
+ *   enter.c    entering and leaving a scope
+ *   ready.c    Ready, the awaitable a scope's __aenter__ returns
+ *              (meter.h: what these three share, and no other file)
+ *   guard.c    the ASGI middleware's send and receive (SendGuard, ReceiveGuard)
+ *   module.c   module functions (those for tests under _debug) and init
  *   runtime.c  where the interpreter keeps the thread state, for the hook to read
  *   caller.c   whose C asked for an allocation: may a hard scope refuse it?
  *   numpy.c    numpy's data-memory handler: arrays charged to their scope
@@ -32,10 +44,30 @@
 #  define Py_T_PYSSIZET T_PYSSIZET
 #  define Py_READONLY READONLY
 #endif
+#include <assert.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* Every declaration of the extension's files is hidden (only PyInit__meter,
+ * PyMODINIT_FUNC, is exported): its data is then read directly, not through
+ * the GOT, from any file, as if it were static. */
+#if defined(__GNUC__) || defined(__clang__)
+#  define GOTCHA_HIDDEN_BEGIN _Pragma("GCC visibility push(hidden)")
+#  define GOTCHA_HIDDEN_END _Pragma("GCC visibility pop")
+#else
+#  define GOTCHA_HIDDEN_BEGIN
+#  define GOTCHA_HIDDEN_END
+#endif
+
+GOTCHA_HIDDEN_BEGIN
+
+/* Invariants are assert()ed: checked in a build without NDEBUG (a debug
+ * CPython's extensions, or CFLAGS=-UNDEBUG), free in a release build.
+ * ASSERT_GIL: the calling thread holds the GIL (never in the hooks
+ * themselves, which run before a thread state exists). */
+#define ASSERT_GIL() assert(PyGILState_Check())
 
 /* ------------------------------------------------------------------------ */
 /* Compiler and CPython version shims                                       */
@@ -100,14 +132,8 @@ tstate_unchecked(void)
     (defined(__x86_64__) || defined(__aarch64__)) && (defined(__GNUC__) || defined(__clang__))
 #  define HAVE_TLS_SLOT 1
 #endif
-#if defined(__GNUC__) || defined(__clang__)
-/* hidden: the hook loads them directly, not through the GOT */
-extern PyThreadState **ts_slot __attribute__((visibility("hidden")));
-extern intptr_t ts_tls_offset __attribute__((visibility("hidden")));
-#else
 extern PyThreadState **ts_slot;
 extern intptr_t ts_tls_offset;
-#endif
 int find_thread_state(void);   /* 1: tstate_direct() may be used */
 
 #ifdef HAVE_TLS_SLOT
@@ -189,23 +215,14 @@ typedef struct {
     int n;
 } Site;
 
-#if defined(__GNUC__) || defined(__clang__)
-/* hidden: the free hook tests it with one instruction, not through the GOT */
-extern size_t table_count __attribute__((visibility("hidden")));
-#else
-extern size_t table_count;
-#endif
+extern size_t table_count;   /* the free hook tests it with one instruction */
 
 /* A counting filter over the recorded addresses: a free whose slot counts 0
  * is certainly not recorded and skips the table (most frees, with sampling).
  * A free reads only a bit per slot, set while its count is not 0: 8 KiB,
  * which the first-level cache keeps far better than the counts' 64 KiB. */
 #define FILTER_BITS 16
-#if defined(__GNUC__) || defined(__clang__)
-extern uint64_t held_bits[(1 << FILTER_BITS) / 64] __attribute__((visibility("hidden")));
-#else
 extern uint64_t held_bits[(1 << FILTER_BITS) / 64];
-#endif
 
 /* An address's slot: its 16-byte granule in its 1 MiB window, the granule's
  * bits XORed with the window's. Blocks allocated together (and freed together,
@@ -229,7 +246,9 @@ table_may_hold(void *p)
     size_t s = filter_slot((uintptr_t)p);
     return (int)((held_bits[s >> 6] >> (s & 63)) & 1);
 }
-extern Py_ssize_t live_holders;
+int held_holder_started(void);   /* a scope holds memory: 1 if the first */
+int held_holder_ended(void);     /* one is gone: 1 if the last */
+Py_ssize_t held_holders(void);   /* tracking scopes whose Meter exists */
 
 Held *held_new(void);   /* zeroed, or NULL */
 void held_decref(Held *h);
@@ -313,7 +332,11 @@ extern PyTypeObject GuardType, ReceiveGuardType;
 int meter_exceeded(struct Meter *m);   /* its own limit or a live ancestor's broken */
 int guard_init(void);                  /* guard.c: SendGuard's and ReceiveGuard's types */
 extern PyTypeObject ReadyType;
-extern PyObject *ready_true, *ready_none;
+int meter_init_types(void);
+int meter_set_types(PyObject *u, PyObject *m);
+int meter_set_fast_trio(PyObject *run_context, PyObject *scope_class);
+int meter_set_fast(PyObject *running_loop, PyObject *scope_class, PyObject *current_task,
+                   PyObject *task_states);
 
 /* ------------------------------------------------------------------------ */
 /* The hook (hook.c)                                                        */
@@ -323,8 +346,6 @@ extern PyInterpreterState *main_interp;
 extern GOTCHA_TLS int paused;      /* our own work: not charged, never refused */
 extern Py_ssize_t active;          /* entered scopes, anywhere */
 extern int installed;
-extern PyObject *exempt;           /* tuple of str: path prefixes of loop machinery */
-extern PyObject *dispatch;         /* tuple of (file, name): where loops run a task's step */
 
 Meter *current_meter(void);
 /* Our own work is not charged. Pausing also forgets the scope last found, so
@@ -334,6 +355,7 @@ void pause_hook(void);
 static inline void
 resume_hook(void)
 {
+    assert(paused > 0);
     paused--;
 }
 int in_scope_of(Meter *inner, Meter *m);
@@ -341,8 +363,8 @@ void charge(Meter *n, uint64_t bytes, uint64_t objects, uint64_t calls);
 void settle(void);   /* before reading or changing any scope's counters or thresholds */
 void held_retune(Held *inner);
 void ensure_hooked(void);
-int probe_dict_growth(void);  /* sets dict_fragile */
-extern int dict_fragile;
+int probe_dict_growth(void);   /* probe.c, at install */
+int dict_fragile_state(void);   /* what it found: 0, 1 or 2 */
 int verify_chain(void);        /* 1 if the hook had been dropped */
 int chain_moved(void);         /* without the GIL: has a chain's top changed? */
 void chain_look(void);         /* GIL held: verify_chain() if scopes are entered */
@@ -410,6 +432,9 @@ int frames_same_site(PyThreadState *ts, uint32_t *site);
 void frames_remember_site(uint32_t site);
 void frames_forget_site(void);
 int frames_init(void);
+/* at install: exempt, a tuple of str (path prefixes of loop machinery), and
+ * dispatch, a tuple of (file, name) (where loops run a task's step) */
+void frames_setup(PyObject *exempt, PyObject *dispatch);
 
 /* ------------------------------------------------------------------------ */
 /* The caller of an allocation (caller.c)                                   */
@@ -421,9 +446,9 @@ int caller_ready(void);        /* 0: refusals are off on this build or platform 
 /* ------------------------------------------------------------------------ */
 /* Delivery (deliver.c)                                                     */
 
-extern PyObject *deliver_cb;       /* Python callable taking a tripped scope */
-extern PyObject *interrupt_type;   /* what an interrupt raises (a MemoryError) */
-extern unsigned long main_ident;
+/* at install: the Python callable taking a tripped scope, what an interrupt
+ * raises (a MemoryError), the main thread's ident */
+void deliver_setup(PyObject *cb, PyObject *itype, unsigned long ident);
 
 void trip(Meter *m, int resource);
 void request_interrupt(Meter *m);
@@ -431,5 +456,7 @@ int start_delivery(void);
 PyObject *delivery_loop(void);
 void delivery_after_fork(void);
 int deliver_now(void);
+
+GOTCHA_HIDDEN_END
 
 #endif
