@@ -25,7 +25,7 @@ import anyio
 import anyio.lowlevel
 
 from . import _report, _routes, _web
-from ._context import Context, LimitExceeded, _scope_var
+from ._context import Context, HardLimitError, LimitExceeded, _scope_var
 from ._meter import ReceiveGuard, SendGuard
 from ._report import NO_ROUTE, Exceeded, RouteSummary
 from ._web import WS_POLICY_VIOLATION
@@ -88,10 +88,31 @@ class _DropStopped(logging.Filter):
         return ctx is None or not ctx.exceeded()
 
 
+class _DropUnretrievedStop(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" for a stopped sync view.
+
+    Django runs a sync view in a worker thread (asgiref's ``run_in_executor``), and a
+    view stopped there ends that future with the stop, while the middleware has Django
+    cancel the request: when the cancellation reaches the awaiting coroutine before the
+    future's result does, asgiref re-raises the cancellation and nobody reads the
+    future. The stop was the request's, answered and logged in one line already; the
+    record, logged by the future's finalizer wherever the garbage collector runs, can
+    name no scope, so it is known by its exception alone.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        info = record.exc_info
+        return not (info and isinstance(info[1], HardLimitError)
+                    and record.getMessage().startswith("Future exception was never retrieved"))
+
+
 def _silence_django_errors() -> None:
     django_logger = logging.getLogger("django.request")
     if not any(isinstance(f, _DropStopped) for f in django_logger.filters):
         django_logger.addFilter(_DropStopped())
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropUnretrievedStop) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DropUnretrievedStop())
 
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
