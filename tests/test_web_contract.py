@@ -694,7 +694,9 @@ async def test_summary_from_the_app_groups_unrouted_requests(web: Adapter) -> No
     # the harness asked /ok once more before the shutdown
     assert {(r.method, r.route): r.count for r in web.summary(served.app)} == {
         ("GET", "(no route)"): 3, ("GET", web.route("/items/{n:int}")): 2, ("GET", "/ok"): 1}
-    assert web.middleware_of(served.app).summary() == web.summary(served.app)
+    middleware = web.middleware_of(served.app)
+    assert isinstance(middleware, type(web.middleware()))  # the framework's own
+    assert middleware.summary() == web.summary(served.app)
 
 
 def test_middleware_of_an_app_without_one_says_so(web: Adapter) -> None:
@@ -802,10 +804,12 @@ def test_websocket_under_its_limit_works_then_is_closed_with_1008_when_it_breaks
 
 
 @needs_websockets
+@pytest.mark.parametrize("ceiling", [None, "default"])
 def test_websocket_over_its_limit_before_the_handshake_is_refused_with_the_status(
-    web: Adapter,
+    web: Adapter, ceiling: str | None
 ) -> None:
-    with web.serve(endpoints(), bytes=LIMIT, **SOFT) as served:
+    options: dict[str, Any] = {} if ceiling == "default" else {"ceiling": None}
+    with web.serve(endpoints(), bytes=LIMIT, **options) as served:
         with pytest.raises(InvalidStatus) as info:
             websockets_sync.connect(served.ws_url + "/ws-hog-before-accept", open_timeout=10)
     assert info.value.response.status_code == 503
@@ -842,6 +846,7 @@ def test_websocket_over_its_limit_before_the_handshake_is_refused_with_the_statu
         ({"meter_provider": 42}, TypeError, "meter_provider must be an OpenTelemetry "
                                             "MeterProvider or None, not 42"),
         ({"summary_routes": 0}, ValueError, "summary_routes must be an int >= 1, got 0"),
+        ({"bytez": 1}, TypeError, "LimitMiddleware() got an unexpected keyword argument 'bytez'"),
     ],
 )
 def test_bad_options_fail_at_construction_naming_the_option(
