@@ -32,7 +32,7 @@ import pytest
 from asgi_server import START_TIMEOUT
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
-from web_adapters import ADAPTERS, Adapter, Endpoints, Params, Socket, Stream, Text
+from web_adapters import ADAPTERS, Adapter, Endpoints, Params, Served, Socket, Stream, Text
 
 import gotcha_async as gotcha
 from gotcha_async._report import human_size
@@ -163,9 +163,9 @@ def gotcha_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "gotcha_async"]
 
 
-async def statuses(url: str, requests: list[tuple[str, str]]) -> list[int]:
+async def statuses(served: Served, requests: list[tuple[str, str]]) -> list[int]:
     # one client, one kept-alive connection, as a browser or a service would
-    async with httpx.AsyncClient(base_url=url, timeout=START_TIMEOUT) as client:
+    async with served.client() as client:
         return [(await client.request(method, path)).status_code for method, path in requests]
 
 
@@ -183,7 +183,7 @@ async def test_concurrent_requests_under_the_limit_pass_and_hogs_get_503(
     state = State(barrier=Barrier(n))
     results: dict[int, httpx.Response] = {}
     with web.serve(endpoints(state), loop=server_loop, bytes=LIMIT, **SOFT) as served:
-        async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
+        async with served.client(timeout=30) as client:
 
             async def get(i: int) -> None:
                 results[i] = await client.get(paths[i])
@@ -213,7 +213,7 @@ async def test_hog_without_a_checkpoint_runs_to_its_end_and_still_gets_503(
 ) -> None:
     state = State()
     with web.serve(endpoints(state), loop=server_loop, bytes=LIMIT, **SOFT) as served:
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with served.client() as client:
             response = await client.get("/hog-no-checkpoint")
     assert (response.status_code, response.text) == (503, BODY_503)
     # the handler ran to its end and returned its response: still no 200
@@ -225,7 +225,7 @@ async def test_hog_without_a_checkpoint_runs_to_its_end_and_still_gets_503(
 async def test_hogs_are_refused_at_the_default_ceiling(web: Adapter) -> None:
     state = State()
     with web.serve(endpoints(state), bytes=LIMIT) as served:
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with served.client() as client:
             ok = await client.get("/ok")
             hog = await client.get("/hog")
             no_checkpoint = await client.get("/hog-no-checkpoint")
@@ -239,13 +239,13 @@ async def test_hogs_are_refused_at_the_default_ceiling(web: Adapter) -> None:
 @pytest.mark.anyio
 async def test_hog_in_a_worker_thread_gets_503(web: Adapter) -> None:
     with web.serve(endpoints(), bytes=LIMIT, **SOFT) as served:
-        assert await statuses(served.url, [("GET", "/hog-in-thread")]) == [503]
+        assert await statuses(served, [("GET", "/hog-in-thread")]) == [503]
 
 
 @pytest.mark.anyio
 async def test_status_code_is_configurable(web: Adapter) -> None:
     with web.serve(endpoints(), bytes=LIMIT, status_code=429, **SOFT) as served:
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with served.client() as client:
             response = await client.get("/hog")
     assert response.status_code == 429
     assert response.text == "Too Many Requests: the request exceeded its bytes limit\n"
@@ -256,7 +256,7 @@ async def test_status_code_is_configurable(web: Adapter) -> None:
 async def test_hard_limit_refuses_the_allocation_and_answers_503(web: Adapter) -> None:
     state = State()
     with web.serve(endpoints(state), bytes=LIMIT, hard=True) as served:
-        assert await statuses(served.url, [("GET", "/hog-no-checkpoint")]) == [503]
+        assert await statuses(served, [("GET", "/hog-no-checkpoint")]) == [503]
     assert state.finished == []  # refused at the allocation: the handler never went on
 
 
@@ -268,7 +268,7 @@ async def test_stream_exceeding_after_it_started_is_aborted_not_truncated(
     state = State()
     received = 0
     with web.serve(endpoints(state), bytes=LIMIT, **SOFT) as served:
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with served.client() as client:
             async with client.stream("GET", "/stream") as response:
                 assert response.status_code == 200  # already sent when the limit broke
                 with pytest.raises(httpx.RemoteProtocolError):
@@ -289,7 +289,7 @@ async def test_stream_exceeding_after_it_started_is_aborted_not_truncated(
 @pytest.mark.anyio
 async def test_stream_under_the_limit_completes(web: Adapter) -> None:
     with web.serve(endpoints(), bytes=LIMIT, **SOFT) as served:
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with served.client() as client:
             response = await client.get("/stream-small")
     assert (response.status_code, response.content) == (200, b"x" * 4096)
 
@@ -301,14 +301,14 @@ async def test_application_own_limit_is_not_the_middlewares(
     caplog.set_level(logging.WARNING, logger="gotcha_async")
     with web.serve(endpoints(), bytes=LIMIT, **SOFT) as served:
         # the application's own error, as the framework answers it
-        assert await statuses(served.url, [("GET", "/own-limit")]) == [500]
+        assert await statuses(served, [("GET", "/own-limit")]) == [500]
     assert gotcha_records(caplog) == []
 
 
 @pytest.mark.anyio
 async def test_no_limit_measures_requests_and_never_stops_them(web: Adapter) -> None:
     with web.serve(endpoints()) as served:
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with served.client() as client:
             hog = await client.get("/hog")
             ok = await client.get("/ok")
     assert hog.status_code == 200
@@ -328,7 +328,7 @@ async def test_route_mapping_globs_and_regexes_override_defaults(web: Adapter) -
         "/items/9": {"bytes": None, "objects": 1},
     }
     with web.serve(endpoints(), bytes=LIMIT, routes=routes, **SOFT) as served:
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with served.client() as client:
             big = await client.get("/big/hog")
             free = await client.get("/free/hog")
             default = await client.get("/hog")
@@ -347,7 +347,7 @@ async def test_route_keys_are_templates_with_an_optional_method(web: Adapter) ->
     item = web.route("/items/{n:int}")
     routes = {f"GET {item}": {"bytes": 100}, "/hog": {"bytes": None}}
     with web.serve(endpoints(), bytes=LIMIT, routes=routes, **SOFT) as served:
-        codes = await statuses(served.url, [
+        codes = await statuses(served, [
             ("GET", "/items/1"),  # a plain request allocates more than 100 bytes
             ("HEAD", "/items/1"),  # no key for HEAD: the default 1 MiB
             ("POST", "/items/1"),  # nor for POST
@@ -363,7 +363,7 @@ async def test_route_key_without_a_method_applies_to_every_method_and_a_methods_
     item = web.route("/items/{n:int}")
     routes = {item: {"bytes": 100}, f"POST {item}": {"bytes": None}}
     with web.serve(endpoints(), routes=routes, **SOFT) as served:
-        codes = await statuses(served.url, [("GET", "/items/1"), ("POST", "/items/1")])
+        codes = await statuses(served, [("GET", "/items/1"), ("POST", "/items/1")])
     assert codes == [503, 200]
 
 
@@ -377,7 +377,7 @@ async def test_route_callable_chooses_limits_per_request(web: Adapter) -> None:
         return {"bytes": "16 MiB"} if path.startswith("/big/") else None
 
     with web.serve(endpoints(), bytes=LIMIT, routes=routes, **SOFT) as served:
-        codes = await statuses(served.url, [("GET", "/big/hog"), ("GET", "/free/hog")])
+        codes = await statuses(served, [("GET", "/big/hog"), ("GET", "/free/hog")])
     assert codes == [200, 503]
     assert seen[:2] == ["/big/hog", "/free/hog"]
 
@@ -388,7 +388,7 @@ async def test_route_callable_bad_answer_fails_that_request_only(web: Adapter) -
         return {"bytes": -1} if web.path_of(target) == "/hog" else None
 
     with web.serve(endpoints(), bytes=LIMIT, routes=routes, **SOFT) as served:
-        assert await statuses(served.url, [("GET", "/hog"), ("GET", "/ok")]) == [500, 200]
+        assert await statuses(served, [("GET", "/hog"), ("GET", "/ok")]) == [500, 200]
 
 
 @pytest.mark.anyio
@@ -399,7 +399,7 @@ async def test_key_naming_no_route_is_reported_once_at_startup(
     with web.serve(endpoints(), routes={"/items/{id}": {"bytes": 100}}) as served:
         # reported by the startup, before any request
         [warning] = [r.getMessage() for r in gotcha_records(caplog)]
-        assert await statuses(served.url, [("GET", "/items/1")] * 3) == [200] * 3
+        assert await statuses(served, [("GET", "/items/1")] * 3) == [200] * 3
     assert len(gotcha_records(caplog)) == 1
     assert warning.startswith("routes key '/items/{id}' names no route of the application")
     assert repr(web.route("/items/{n:int}")) in warning  # what the user meant, listed
@@ -414,7 +414,7 @@ async def test_log_record_per_exceeded_request_is_one_readable_line(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="gotcha_async")
     with web.serve(endpoints(), bytes=LIMIT, **SOFT) as served:
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with served.client() as client:
             assert (await client.get("/ok")).status_code == 200
             assert (await client.get("/hog?x=1")).status_code == 503
     [record] = gotcha_records(caplog)
@@ -442,7 +442,7 @@ async def test_route_template_not_the_raw_path_in_the_log_line_the_metrics_and_t
     item = web.route("/items/{n:int}")
     with web.serve(endpoints(), routes={"/items/*": {"bytes": 1000}},
                    meter_provider=MeterProvider(metric_readers=[reader])) as served:
-        assert await statuses(served.url, [("GET", "/items/1"), ("GET", "/items/2"),
+        assert await statuses(served, [("GET", "/items/1"), ("GET", "/items/2"),
                                            ("GET", "/ok")]) == [503, 503, 200]
     # the harness asked /ok once more before the shutdown
     records = gotcha_records(caplog)
@@ -479,7 +479,7 @@ async def test_on_exceeded_called_once_per_exceeded_request(web: Adapter, kind: 
 
     hook = sync_hook if kind == "sync" else async_hook
     with web.serve(endpoints(), bytes=LIMIT, on_exceeded=hook, **SOFT) as served:
-        codes = await statuses(served.url, [("GET", p) for p in
+        codes = await statuses(served, [("GET", p) for p in
                                             ("/ok", "/hog", "/ok", "/hog-no-checkpoint")])
     assert codes == [200, 503, 200, 503]
     assert [(path, exceeded) for path, exceeded, _ in calls] == [
@@ -498,7 +498,7 @@ async def test_on_exceeded_exception_is_logged_and_still_answers(
         raise RuntimeError("metrics backend down")
 
     with web.serve(endpoints(), bytes=LIMIT, on_exceeded=hook, **SOFT) as served:
-        codes = await statuses(served.url, [("GET", "/hog"), ("GET", "/hog"), ("GET", "/ok")])
+        codes = await statuses(served, [("GET", "/hog"), ("GET", "/hog"), ("GET", "/ok")])
     assert codes == [503, 503, 200]
     errors = [r for r in gotcha_records(caplog) if r.levelno == logging.ERROR]
     assert len(errors) == 2
@@ -530,7 +530,7 @@ async def test_child_tasks_of_a_handler_are_charged_to_the_request_and_stopped_w
         return "all parts done"
 
     with web.serve({"/fan-out": Text(fan_out)}, bytes=LIMIT, **SOFT) as served:
-        assert await statuses(served.url, [("GET", "/fan-out")]) == [503]
+        assert await statuses(served, [("GET", "/fan-out")]) == [503]
     assert done == []
     [record] = gotcha_records(caplog)
     assert record.used > HOG // 4  # type: ignore[attr-defined]
@@ -570,7 +570,7 @@ async def test_task_outliving_its_request_is_in_no_scope_once_the_request_ended(
         return "released"
 
     with web.serve({"/spawn": Text(spawn), "/go": Text(go)}, bytes=LIMIT, **SOFT) as served:
-        assert await statuses(served.url, [("GET", "/spawn"), ("GET", "/go")]) == [200, 200]
+        assert await statuses(served, [("GET", "/spawn"), ("GET", "/go")]) == [200, 200]
         assert await anyio.to_thread.run_sync(finished.wait, START_TIMEOUT)
     request_ctx = seen["request"]
     assert request_ctx is not None and seen["later"] is None
@@ -594,7 +594,7 @@ async def test_observe_mode_never_stops_a_request_and_reports_each_one_over(
         seen.append(exceeded)
 
     with web.serve(endpoints(state), bytes=LIMIT, enforce=False, on_exceeded=hook) as served:
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with served.client() as client:
             codes = [(await client.get(p)).status_code
                      for p in ("/ok", "/hog", "/hog-no-checkpoint", "/ok")]
             streamed = await client.get("/stream")
@@ -628,7 +628,7 @@ async def test_observe_mode_reports_a_memory_limit_from_the_peak(web: Adapter) -
         seen.append(exceeded)
 
     with web.serve(endpoints(), memory=LIMIT, enforce=False, on_exceeded=hook) as served:
-        codes = await statuses(served.url, [("GET", "/hog"), ("GET", "/stream-small")])
+        codes = await statuses(served, [("GET", "/hog"), ("GET", "/stream-small")])
     assert codes == [200, 200]
     [exceeded] = seen
     assert (exceeded.path, exceeded.resource) == ("/hog", "memory")
@@ -642,7 +642,7 @@ async def test_observe_mode_logs_the_summary_once_at_shutdown(
     caplog.set_level(logging.INFO, logger="gotcha_async")
     item = web.route("/items/{n:int}")
     with web.serve(endpoints(), bytes=LIMIT, enforce=False, track_memory=True) as served:
-        codes = await statuses(served.url, [("GET", "/hog")] * 3 + [
+        codes = await statuses(served, [("GET", "/hog")] * 3 + [
             ("GET", f"/items/{n}") for n in range(5)])
         assert codes == [200] * 8
         assert [r for r in gotcha_records(caplog) if r.levelno == logging.INFO] == []
@@ -672,7 +672,7 @@ def test_enforce_mode_logs_no_summary(web: Adapter, caplog: pytest.LogCaptureFix
 @pytest.mark.anyio
 async def test_summary_is_readable_from_the_middleware(web: Adapter) -> None:
     with web.serve(endpoints(), bytes=LIMIT, track_memory=True, **SOFT) as served:
-        codes = await statuses(served.url, [("GET", "/hog")] * 4 + [("GET", "/stream-small")])
+        codes = await statuses(served, [("GET", "/hog")] * 4 + [("GET", "/stream-small")])
         assert codes == [503] * 4 + [200]
     rows = {(r.method, r.route): r for r in web.middleware_of(served.app).summary()}
     hog = rows[("GET", "/hog")]
@@ -690,7 +690,7 @@ async def test_summary_is_readable_from_the_middleware(web: Adapter) -> None:
 async def test_summary_from_the_app_groups_unrouted_requests(web: Adapter) -> None:
     with web.serve(endpoints(), enforce=False) as served:
         paths = ["/items/1", "/items/2", "/nowhere/1", "/nowhere/2", "/nowhere/3"]
-        assert await statuses(served.url, [("GET", p) for p in paths]) == [200] * 2 + [404] * 3
+        assert await statuses(served, [("GET", p) for p in paths]) == [200] * 2 + [404] * 3
     # the harness asked /ok once more before the shutdown
     assert {(r.method, r.route): r.count for r in web.summary(served.app)} == {
         ("GET", "(no route)"): 3, ("GET", web.route("/items/{n:int}")): 2, ("GET", "/ok"): 1}
@@ -714,7 +714,7 @@ async def test_response_is_a_ready_response_sent_afresh_to_each_request(
     caplog.set_level(logging.WARNING, logger="gotcha_async")
     busy = web.json_response({"error": "over budget"}, 429, {"Retry-After": "5"})
     with web.serve(endpoints(), bytes=LIMIT, response=busy, **SOFT) as served:
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with served.client() as client:
             # twice on one connection: the same response object answers each time
             first = await client.get("/hog")
             second = await client.get("/hog")
@@ -740,7 +740,7 @@ async def test_response_callable_gets_the_limit_exceeded(web: Adapter) -> None:
 
     with web.serve(endpoints(), bytes=LIMIT, response=answer, on_exceeded=hook,
                    **SOFT) as served:
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with served.client() as client:
             r = await client.get("/hog")
     assert (r.status_code, r.json()) == (503, {"resource": "bytes", "limit": LIMIT})
     assert [e.status for e in seen] == [503]
@@ -754,7 +754,7 @@ async def test_response_callable_that_fails_leaves_the_default_answer(
         raise RuntimeError("template missing")
 
     with web.serve(endpoints(), bytes=LIMIT, response=broken, **SOFT) as served:
-        async with httpx.AsyncClient(base_url=served.url) as client:
+        async with served.client() as client:
             r = await client.get("/hog")
     assert (r.status_code, r.text) == (503, BODY_503)
     [failed] = [rec for rec in gotcha_records(caplog) if rec.levelno == logging.ERROR]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import httpx
-from asgi_server import START_TIMEOUT, serving
+from asgi_server import START_TIMEOUT, TLS, serving
 
 import gotcha_async.aiohttp
 import gotcha_async.asgi
@@ -83,6 +83,10 @@ class Served:
     #: what the server logged with a traceback while it ran (a test reads it after the
     #: block; uvicorn's loggers do not propagate to caplog)
     tracebacks: list[logging.LogRecord] = field(default_factory=list)
+
+    def client(self, timeout: float = START_TIMEOUT) -> httpx.AsyncClient:
+        """An httpx client of this server (on the test's own backend)."""
+        return httpx.AsyncClient(base_url=self.url, timeout=timeout, verify=TLS)
 
 
 class _Tracebacks(logging.Handler):
@@ -327,7 +331,7 @@ class AiohttpAdapter(Adapter):
             url = f"http://127.0.0.1:{port}"
             yield Served(url, f"ws://127.0.0.1:{port}", app, tracebacks)
             # whatever the test did, the server is still there
-            assert httpx.get(url + "/ok").status_code == 200
+            assert httpx.get(url + "/ok", verify=TLS).status_code == 200
 
     def route(self, template: str) -> str:
         # declared as {n:\d+}: aiohttp names the resource by its canonical path
