@@ -388,7 +388,10 @@ async def test_route_callable_bad_answer_fails_that_request_only(web: Adapter) -
         return {"bytes": -1} if web.path_of(target) == "/hog" else None
 
     with web.serve(endpoints(), bytes=LIMIT, routes=routes, **SOFT) as served:
-        assert await statuses(served, [("GET", "/hog"), ("GET", "/ok")]) == [500, 200]
+        assert await statuses(served, [("GET", "/hog")]) == [500]
+        # the next request is answered (a new connection: after an error of the
+        # application uvicorn closes its connection, racing a client that reuses it)
+        assert await statuses(served, [("GET", "/ok")]) == [200]
 
 
 @pytest.mark.anyio
