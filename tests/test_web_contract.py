@@ -443,10 +443,12 @@ async def test_route_template_not_the_raw_path_in_the_log_line_the_metrics_and_t
     caplog.set_level(logging.WARNING, logger="gotcha_async")
     reader = InMemoryMetricReader()
     item = web.route("/items/{n:int}")
+    # Soft: with a budget this small the default ceiling can stop a Starlette request
+    # before its router has run, and then no template is known (Python 3.13)
     with web.serve(endpoints(), routes={"/items/*": {"bytes": 1000}},
-                   meter_provider=MeterProvider(metric_readers=[reader])) as served:
+                   meter_provider=MeterProvider(metric_readers=[reader]), **SOFT) as served:
         assert await statuses(served, [("GET", "/items/1"), ("GET", "/items/2"),
-                                           ("GET", "/ok")]) == [503, 503, 200]
+                                       ("GET", "/ok")]) == [503, 503, 200]
     # the harness asked /ok once more before the shutdown
     records = gotcha_records(caplog)
     assert [(r.path, r.route) for r in records] == [  # type: ignore[attr-defined]
@@ -483,7 +485,7 @@ async def test_on_exceeded_called_once_per_exceeded_request(web: Adapter, kind: 
     hook = sync_hook if kind == "sync" else async_hook
     with web.serve(endpoints(), bytes=LIMIT, on_exceeded=hook, **SOFT) as served:
         codes = await statuses(served, [("GET", p) for p in
-                                            ("/ok", "/hog", "/ok", "/hog-no-checkpoint")])
+                                        ("/ok", "/hog", "/ok", "/hog-no-checkpoint")])
     assert codes == [200, 503, 200, 503]
     assert [(path, exceeded) for path, exceeded, _ in calls] == [
         ("/hog", True), ("/hog-no-checkpoint", True)
