@@ -1,8 +1,11 @@
-"""Routes as FastAPI and Starlette name them, the summary reachable from the app, and
-``response=``, behind a real uvicorn on 127.0.0.1.
+"""Routes as FastAPI and Starlette name them, and the summary reachable from the app,
+behind a real uvicorn on 127.0.0.1: FastAPI's shapes (a route per method on one path),
+Mount, globs with a method, the summary pasted back into routes=, Starlette's router.
 
 The middleware is added as FastAPI and Starlette users add it,
-``app.add_middleware(LimitMiddleware, ...)``: the test never holds the instance.
+``app.add_middleware(LimitMiddleware, ...)``: the test never holds the instance. What
+the ASGI middleware promises as the aiohttp one does (route keys, a key naming no
+route, response=) is tested once for both in test_web_contract.py.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import pytest
 from asgi_server import serving
 from fastapi import FastAPI
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 import gotcha_async as gotcha
@@ -102,20 +105,6 @@ async def test_route_key_inside_a_mount() -> None:
 
 
 @pytest.mark.anyio
-async def test_key_naming_no_route_is_reported_once_at_startup(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    app = fastapi_app(routes={"GET /items/{id}": {"bytes": "1 MiB"}})
-    with serving(app) as server:
-        # reported by the lifespan startup, before any request
-        [warning] = gotcha_warnings(caplog)
-        assert await statuses(server.url, [("GET", "/items/1")] * 3) == [200] * 3
-    assert gotcha_warnings(caplog) == [warning]
-    assert warning.startswith("routes key 'GET /items/{id}' names no route of the application")
-    assert "'/items/{item_id}'" in warning  # what the user meant, listed
-
-
-@pytest.mark.anyio
 async def test_glob_keys_still_match_raw_paths() -> None:
     app = fastapi_app(routes={"GET /items/*": {"bytes": "1 MiB"}}, ceiling=None)
     with serving(app) as server:
@@ -153,67 +142,6 @@ async def test_summary_from_the_app_uses_the_keys_and_pastes_back_into_routes(
     assert gotcha_warnings(caplog) == []
 
 
-def test_middleware_of_an_app_without_one_says_so() -> None:
-    with pytest.raises(LookupError, match="no LimitMiddleware in"):
-        middleware_of(PlainTextResponse("x"))
-
-
-# -- response= ----------------------------------------------------------------------------
-
-
-@pytest.mark.anyio
-async def test_response_is_an_asgi_app_such_as_a_json_response(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    busy = JSONResponse({"error": "over budget"}, status_code=429,
-                        headers={"Retry-After": "5"})
-    app = fastapi_app(bytes="1 MiB", ceiling=None, response=busy)
-    with serving(app) as server:
-        async with httpx.AsyncClient(base_url=server.url) as client:
-            # twice on one connection: the same response object answers each time
-            first = await client.get("/items/1")
-            second = await client.get("/items/2")
-            ok = await client.get("/ok")
-    for r in (first, second):
-        assert r.status_code == 429
-        assert r.json() == {"error": "over budget"}
-        assert r.headers["retry-after"] == "5"
-    assert ok.status_code == 200
-    assert all("answered 429" in line for line in gotcha_warnings(caplog))
-    assert len(gotcha_warnings(caplog)) == 2
-
-
-@pytest.mark.anyio
-async def test_response_callable_gets_the_limit_exceeded() -> None:
-    def answer(exc: gotcha.LimitExceeded) -> JSONResponse:
-        return JSONResponse({"resource": exc.resource, "limit": exc.limit}, status_code=503)
-
-    app = fastapi_app(bytes="1 MiB", ceiling=None, response=answer)
-    with serving(app) as server:
-        async with httpx.AsyncClient(base_url=server.url) as client:
-            r = await client.get("/items/1")
-    assert (r.status_code, r.json()) == (503, {"resource": "bytes", "limit": gotcha.MiB})
-
-
-@pytest.mark.anyio
-async def test_response_callable_that_fails_leaves_the_default_answer(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    def broken(exc: gotcha.LimitExceeded) -> Any:
-        raise RuntimeError("template missing")
-
-    app = fastapi_app(bytes="1 MiB", ceiling=None, response=broken)
-    with serving(app) as server:
-        async with httpx.AsyncClient(base_url=server.url) as client:
-            r = await client.get("/items/1")
-    assert r.status_code == 503
-    assert r.text.startswith("Service Unavailable: the request exceeded its bytes limit")
-    [failed] = [rec for rec in caplog.records if rec.levelno == logging.ERROR
-                and rec.name == "gotcha_async"]
-    assert failed.getMessage().startswith("response=<function")
-    assert failed.exc_info is not None and isinstance(failed.exc_info[1], RuntimeError)
-
-
 # -- bad configuration ----------------------------------------------------------------------
 
 
@@ -224,12 +152,9 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"response": 429}, TypeError, "response must be an ASGI application"),
         ({"response": lambda a, b: None}, TypeError,
          "response must be an ASGI application such as starlette's JSONResponse(...), or a "
          "callable taking the LimitExceeded and returning one; <function"),
-        ({"routes": {"get /x": {}}}, ValueError,
-         "routes key 'get /x' must be a route or path pattern, optionally after a method"),
         ({"routes": {"GET  /x y": {}}}, ValueError, "routes key 'GET  /x y' must be"),
     ],
 )
