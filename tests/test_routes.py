@@ -105,6 +105,38 @@ async def test_route_key_inside_a_mount() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("limits", [{"hard": True}, {}], ids=["hard", "default-ceiling"])
+async def test_a_request_stopped_before_the_router_ran_is_named_by_its_route(
+    limits: dict[str, Any], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # stopped in a middleware between this one and the router: Starlette never put the
+    # route in the scope (3.13 with the default ceiling logged the raw path's glob)
+    class Greedy:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                keep = []
+                while len(keep) < HOG // 1000:  # past any ceiling here
+                    keep.append(bytes(1000))
+                del keep
+            await self.app(scope, receive, send)
+
+    async def item(request: Any) -> Response:
+        return PlainTextResponse("item")
+
+    app = Starlette(routes=[Route("/ok", item), Route("/items/{n:int}", item)])
+    app.add_middleware(Greedy)
+    app.add_middleware(LimitMiddleware, routes={"/items/*": {"bytes": "64 KiB"}}, **limits)
+    with serving(app) as server:
+        assert await statuses(server.url, [("GET", "/items/1")]) == [503]
+    assert [r.route for r in caplog.records if r.name == "gotcha_async"
+            and r.levelno == logging.WARNING] == ["/items/{n:int}"]
+    assert [r.route for r in summary(app) if r.count and r.exceeded] == ["/items/{n:int}"]
+
+
+@pytest.mark.anyio
 async def test_glob_keys_still_match_raw_paths() -> None:
     app = fastapi_app(routes={"GET /items/*": {"bytes": "1 MiB"}}, ceiling=None)
     with serving(app) as server:

@@ -441,6 +441,20 @@ class LimitMiddleware(_web.Middleware):
             self._summary_logged = True
             self._options.log_summary()
 
+    def _route_after(self, scope: Scope, root_path: str) -> str | None:
+        """The route of a request that is being reported, once it has run.
+
+        Starlette's router names it in the scope; a request stopped before the router
+        ran (at a ceiling, in the middlewares in between) is matched by the middleware's
+        own copy of the router, so that its log line, metrics and summary row are its
+        route's, not the raw path's. Not on the common path: it runs for requests that
+        broke a limit.
+        """
+        route = route_of(scope, root_path)
+        if route is None and isinstance(self._router, _routes.Router):
+            route = self._router.resolve(scope)
+        return route
+
     # -- the ASGI callable ---------------------------------------------------------------
 
     def _bind(self, scope: Scope) -> None:
@@ -526,7 +540,7 @@ class LimitMiddleware(_web.Middleware):
             if error is not None:
                 answer = self._answer_for(error)
                 status = getattr(answer, "status_code", None) if answer else options.status_code
-        route = template if template is not None else route_of(scope, root_path)
+        route = template if template is not None else self._route_after(scope, root_path)
         name = route or glob or NO_ROUTE
         scheme = scope.get("scheme")
         if breach is None:
@@ -631,7 +645,7 @@ class LimitMiddleware(_web.Middleware):
             outcome, status = "refused", options.status_code
         else:
             outcome, status = "denied", None
-        route = template if template is not None else route_of(scope, root_path)
+        route = template if template is not None else self._route_after(scope, root_path)
         await options.finish(
             ctx, breach, outcome=outcome, status=status, method="WEBSOCKET", path=path,
             route=route, name=route or glob or NO_ROUTE, scheme=scope.get("scheme"),
