@@ -28,6 +28,7 @@ import httpx
 import pytest
 import uvicorn
 from asgi_server import START_TIMEOUT, _Server, serving
+from web_adapters import aiohttp_serving
 
 import gotcha_async as gotcha
 from gotcha_async.asgi import LimitMiddleware
@@ -253,38 +254,10 @@ def hypercorn_serving(app: Any, backend: str) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def aiohttp_serving(app: Any) -> Iterator[int]:
-    from aiohttp import web
-
-    ports: list[int] = []
-
-    def run(ready: threading.Event, stoppers: list[Callable[[], object]]) -> None:
-        async def main() -> None:
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            ports.append(runner.addresses[0][1])
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            stoppers.append(lambda: loop.call_soon_threadsafe(stop.set))
-            ready.set()
-            try:
-                await stop.wait()
-            finally:
-                await runner.cleanup()
-
-        asyncio.run(main())
-
-    with in_thread(run):
-        yield ports[0]
-
-
-@contextlib.contextmanager
 def server(kind: str, seen: Seen, **limits: Any) -> Iterator[int]:
     """Serve the application under LimitMiddleware(**limits) on ``kind``; its port."""
     if kind == "aiohttp":
-        with aiohttp_serving(aiohttp_app(seen, **limits)) as port:
+        with aiohttp_serving(aiohttp_app(seen, **limits), "asyncio") as port:
             yield port
         return
     app = LimitMiddleware(asgi_app(seen), **limits)

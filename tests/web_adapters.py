@@ -327,7 +327,7 @@ class AiohttpAdapter(Adapter):
               **options: Any) -> Iterator[Served]:
         app = self.app(endpoints, **options)
         tracebacks: list[logging.LogRecord] = []
-        with _tracebacks_of("aiohttp", tracebacks), _aiohttp_serving(app, loop) as port:
+        with _tracebacks_of("aiohttp", tracebacks), aiohttp_serving(app, loop) as port:
             url = f"http://127.0.0.1:{port}"
             yield Served(url, f"ws://127.0.0.1:{port}", app, tracebacks)
             # whatever the test did, the server is still there
@@ -371,7 +371,7 @@ def _new_loop(loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 @contextlib.contextmanager
-def _aiohttp_serving(app: Any, loop: str) -> Iterator[int]:
+def aiohttp_serving(app: Any, loop: str) -> Iterator[int]:
     """aiohttp's own server for ``app`` on a free port of 127.0.0.1, in a thread; its
     port. At the exit, the application's cleanup (on_shutdown included) has run."""
     from aiohttp import web
