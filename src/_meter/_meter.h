@@ -1,31 +1,12 @@
 /*
  * gotcha_async._meter: what the C files share. The sources are src/_meter/
- * (setup.py builds every .c there):
+ * (setup.py builds every .c there).
  *
- *   hook.c     the PEP 445 allocator hooks' inline path, and charging
- *   scope.c    finding the calling thread's scope, and the scope last found
- *   sample.c   held memory as the hook records it: sampling, the rate
- *   stop.c     past a threshold: trips, stops of hard scopes, refusals
- *   probe.c    can a dict's growth fail here? (once, at install)
- *   chain.c    the allocator chain: joining, leaving, the hook's forms
- *   data.c     numpy's and C libraries' blocks, charged as the hooks do
- *              (hook.h: what these seven share, and no other file)
- *   frames.c   reading CPython's frames: whose code runs, and where
- *   held.c     the held-memory table (pointer -> scope and size)
- *   deliver.c  how a broken limit reaches Python: the trip queue, the pending
- *              call, the delivery thread, and interrupts of hard scopes
- *   meter.c    the Meter type (the C half of gotcha_async.Context)
- *   enter.c    entering and leaving a scope
- *   ready.c    Ready, the awaitable a scope's __aenter__ returns
- *              (meter.h: what these three share, and no other file)
- *   guard.c    the ASGI middleware's send and receive (SendGuard, ReceiveGuard)
- *   module.c   module functions (those for tests under _debug) and init
- *   runtime.c  where the interpreter keeps the thread state, for the hook to read
- *   caller.c   whose C asked for an allocation: may a hard scope refuse it?
- *   numpy.c    numpy's data-memory handler: arrays charged to their scope
- *   native.c   C libraries' malloc and free (install(native=True)): the
- *              wrappers and the threads' logs (native.h)
- *   patch.c    pointing the loaded objects' relocations at the wrappers
+ * What each file does: docs/how-it-works.md, "The pieces" (a test keeps that
+ * table in step with the tree). Besides this header, three are shared within a
+ * group of files only: hook.h by the hook's seven files (hook, scope, sample,
+ * stop, probe, chain, data), meter.h by meter.c, enter.c and ready.c, native.h
+ * by native.c and patch.c.
  *
  * Everything here is guarded by the main interpreter's GIL: the hooked domains
  * are only called with a GIL held, and the hooks pass other interpreters'

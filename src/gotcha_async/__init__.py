@@ -1,12 +1,7 @@
 """gotcha_async: per-task allocation budgets for asyncio and trio.
 
-Layout: ``_meter`` (C) hooks the allocators and keeps the counters; ``_hook`` installs
-it on first use; ``_context`` is the scope API on top of it; ``_units`` parses sizes
-and validates every limit argument; ``_memory`` reads held memory and allocation sites;
-``_foreign`` holds every private name of asyncio, anyio, trio, aiohttp and OpenTelemetry
-that the package uses, each checked once with its fallback; ``asgi``, ``aiohttp`` and
-``pytest_plugin`` are the integrations, the two middlewares sharing ``_web`` (their
-options, defined once, and what happens to a request).
+What each module and each C file does: docs/how-it-works.md, "The pieces" (a test keeps
+that table in step with the tree).
 
 Importing the package imports everything its public names need (the C extension,
 anyio) and does nothing else: no hook is installed and no thread started until the
