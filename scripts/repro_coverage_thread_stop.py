@@ -4,8 +4,8 @@
     COVERAGE_CORE=sysmon python scripts/repro_coverage_thread_stop.py   # 3.12+
     COVERAGE_CORE=ctrace python scripts/repro_coverage_thread_stop.py   # clean
 
-Found by scripts/ecosystem_inject.py (docs/reliability.md, row 31/5). The work runs in a worker thread
-(``anyio.to_thread.run_sync``) inside a hard scope and is stopped there; the awaiting
+Found by scripts/ecosystem_inject.py (docs/reliability.md, row 31/5). The work runs in a
+worker thread (``anyio.to_thread.run_sync``) inside a hard scope and is stopped there; the awaiting
 task's thread is interrupted as well, at its next bytecode: coverage's Python tracer
 (called for anyio's ``CancelScope.__exit__``) or its ``sys.monitoring`` callbacks. CPython
 unsets the tracer ("Trace function changed") and anyio's machinery is aborted halfway: a
