@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -74,3 +74,30 @@ def serving(
     assert not thread.is_alive(), "uvicorn did not shut down"
 
 
+@contextlib.contextmanager
+def in_thread(run: Callable[[threading.Event, list[Callable[[], object]]], None]) -> Iterator[None]:
+    """Run a server's loop in a thread: run(ready, stoppers) sets ready once it serves
+    and puts in stoppers a thread-safe way to make it return."""
+    ready = threading.Event()
+    stoppers: list[Callable[[], object]] = []
+    failed: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run(ready, stoppers)
+        except BaseException as exc:  # shown by the test, not lost in the thread
+            failed.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=target, name="server", daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(START_TIMEOUT), "the server did not start"
+        assert not failed, failed
+        yield
+    finally:
+        for stop in stoppers:
+            stop()
+        thread.join(START_TIMEOUT)
+    assert not thread.is_alive(), "the server did not shut down"
+    assert not failed, failed

@@ -27,7 +27,7 @@ import anyio
 import httpx
 import pytest
 import uvicorn
-from asgi_server import START_TIMEOUT, _Server, serving
+from asgi_server import START_TIMEOUT, _Server, in_thread, serving
 from web_adapters import aiohttp_serving
 
 import gotcha_async as gotcha
@@ -182,35 +182,6 @@ def listening_socket() -> socket.socket:
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     return sock
-
-
-@contextlib.contextmanager
-def in_thread(run: Callable[[threading.Event, list[Callable[[], object]]], None]) -> Iterator[None]:
-    """Run a server's loop in a thread: run(ready, stoppers) sets ready once it serves
-    and puts in stoppers a thread-safe way to make it return."""
-    ready = threading.Event()
-    stoppers: list[Callable[[], object]] = []
-    failed: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            run(ready, stoppers)
-        except BaseException as exc:  # shown by the test, not lost in the thread
-            failed.append(exc)
-            ready.set()
-
-    thread = threading.Thread(target=target, name="server", daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(START_TIMEOUT), "the server did not start"
-        assert not failed, failed
-        yield
-    finally:
-        for stop in stoppers:
-            stop()
-        thread.join(START_TIMEOUT)
-    assert not thread.is_alive(), "the server did not shut down"
-    assert not failed, failed
 
 
 @contextlib.contextmanager

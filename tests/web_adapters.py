@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import httpx
-from asgi_server import START_TIMEOUT, TLS, serving
+from asgi_server import START_TIMEOUT, TLS, in_thread, serving
 
 import gotcha_async.aiohttp
 import gotcha_async.asgi
@@ -376,47 +376,30 @@ def aiohttp_serving(app: Any, loop: str) -> Iterator[int]:
     port. At the exit, the application's cleanup (on_shutdown included) has run."""
     from aiohttp import web
 
-    ready = threading.Event()
     ports: list[int] = []
-    stoppers: list[Callable[[], object]] = []
-    failed: list[BaseException] = []
 
-    async def main() -> None:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=START_TIMEOUT)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            ports.append(runner.addresses[0][1])
-            stop = asyncio.Event()
-            running = asyncio.get_running_loop()
-            stoppers.append(lambda: running.call_soon_threadsafe(stop.set))
-            ready.set()
-            await stop.wait()
-        finally:
-            await runner.cleanup()
+    def run(ready: threading.Event, stoppers: list[Callable[[], object]]) -> None:
+        async def main() -> None:
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=START_TIMEOUT)
+            await runner.setup()
+            try:
+                site = web.TCPSite(runner, "127.0.0.1", 0)
+                await site.start()
+                ports.append(runner.addresses[0][1])
+                stop = asyncio.Event()
+                running = asyncio.get_running_loop()
+                stoppers.append(lambda: running.call_soon_threadsafe(stop.set))
+                ready.set()
+                await stop.wait()
+            finally:
+                await runner.cleanup()
 
-    def run() -> None:
-        try:
-            with asyncio.Runner(loop_factory=_new_loop(loop)) as runner:
-                runner.run(main())
-        except BaseException as exc:  # shown by the test, not lost in the thread
-            failed.append(exc)
-        finally:
-            ready.set()
+        with asyncio.Runner(loop_factory=_new_loop(loop)) as runner:
+            runner.run(main())
 
-    thread = threading.Thread(target=run, name="aiohttp", daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(START_TIMEOUT), "aiohttp did not start"
-        assert not failed and ports, failed
+    with in_thread(run):
+        assert ports, "aiohttp did not say its port"
         yield ports[0]
-    finally:
-        for stop in stoppers:
-            stop()
-        thread.join(START_TIMEOUT)
-    assert not thread.is_alive(), "aiohttp did not shut down"
-    assert not failed, failed
 
 
 ADAPTERS: list[Adapter] = [StarletteAdapter(), AiohttpAdapter()]
