@@ -3,7 +3,9 @@ scopes change the allocator chain.
 
     subinterp_chain.py SECONDS
 
-The main thread enters and leaves scopes without a pause: the first entered puts the
+The main thread enters and leaves scopes without a pause, for SECONDS and until each
+subinterpreter has run its work twice (a slow debug build on a loaded machine can take
+longer than SECONDS for one round), at most ``LONGEST`` seconds: the first entered puts the
 hook in the chain, the last left takes it out, a ``memory=`` scope turns its frees on
 and off. Two isolated subinterpreters, each in its own thread and under its own GIL,
 allocate and free all the while. They read the allocator table without the main GIL,
@@ -31,9 +33,12 @@ WORK = (
     "    if len(keep) > 2000:\n"
     "        del keep[:1000]\n"
 )
+LONGEST = 150.0
 stop = threading.Event()
 failures: list[str] = []
 rounds = [0, 0]
+# set when a subinterpreter has done two rounds, or can do no more
+done = [threading.Event(), threading.Event()]
 
 
 def work(i: int) -> None:
@@ -41,6 +46,7 @@ def work(i: int) -> None:
         interp = create_isolated()
     except Exception as exc:  # said in the result, not only on stderr
         failures.append(f"creation: {type(exc).__name__}: {exc}")
+        done[i].set()
         return
     try:
         while not stop.is_set():
@@ -49,14 +55,20 @@ def work(i: int) -> None:
                 failures.append(failure)
                 return
             rounds[i] += 1
+            if rounds[i] >= 2:
+                done[i].set()
     finally:
+        done[i].set()
         destroy(interp)
 
 
 async def churn(seconds: float) -> int:
-    end = time.monotonic() + seconds
+    start = time.monotonic()
     n = 0
-    while time.monotonic() < end:
+    while not all(d.is_set() for d in done) or time.monotonic() < start + seconds:
+        if time.monotonic() > start + LONGEST:
+            failures.append(f"rounds after {LONGEST:.0f} s: {rounds}")
+            break
         async with gotcha.limit(memory=64 * gotcha.MiB):
             keep = [bytearray(100) for _ in range(50)]
         async with gotcha.limit():
