@@ -858,12 +858,12 @@ def print_row(row: Row) -> None:
 # Classes found and not fixed yet: their runs are made and reported like any other, but
 # a bad one fails the whole run only with --strict (docs/reliability.md says what each is).
 OPEN = {
-    "sqlalchemy+greenlet": "a stop lands in one greenlet while the other handles "
-                           "an exception (the task awaits, for the session's greenlet, the "
-                           "rollback that greenlet's except runs); greenlet keeps exception "
-                           "state per greenlet, so the stop is not seen as cleanup: the "
-                           "session is left in a state its close() refuses, its connection "
-                           "checked out",
+    "sqlalchemy+greenlet": "the TaskGroup's cancellation of a task whose stop already "
+                           "landed reaches the pool's reset of its connection (a rollback "
+                           "awaited in aiosqlite's thread): SQLAlchemy logs 'Exception "
+                           "during reset', and the SQLite write lock stays held ('database "
+                           "is locked' after the draws); asyncio.timeout at that instant "
+                           "does the same",
 }
 
 

@@ -451,6 +451,43 @@ frame_runs_user_code(PyThreadState *ts)
     return ts == NULL ? 0 : frame_user(top_frame(ts));
 }
 
+/* what a coroutine's frame is at while it is suspended in an await: 1 for a
+ * YIELD_VALUE, 2 for a RESUME, which is one only with a non-zero oparg (3.13
+ * points after the yield); each with its specialized and instrumented forms */
+static unsigned char awaiting_op[256];
+
+/* Is the frame suspended in an await (or a yield)? It is on top while a
+ * cancellation is thrown into the coroutines it awaits, before theirs are:
+ * what is made then is the thrower's. Reads the frame's own bytecode, where
+ * these instructions keep their oparg. */
+static int
+frame_awaiting(void *frame)
+{
+    PyCodeObject *code = frame_code(frame);
+    if (code == NULL) {
+        return 0;
+    }
+    int lasti = frame_lasti(frame, code);
+    if (lasti < 0 || lasti >= (int)(Py_SIZE(code))) {
+        return 0;
+    }
+    const unsigned char *unit = (const unsigned char *)code->co_code_adaptive + 2 * lasti;
+    int kind = awaiting_op[unit[0]];
+    return kind == 1 || (kind == 2 && (unit[1] & 3) != 0);
+}
+
+/* Is the thread running something other than user code's own bytecode: the
+ * machinery (a loop, anyio) or a throw into an awaiting coroutine? */
+int
+machinery_now(PyThreadState *ts)
+{
+    if (ts == NULL) {
+        return 1;
+    }
+    void *top = top_frame(ts);
+    return !frame_user(top) || frame_awaiting(top);
+}
+
 int
 frame_is_user_code(void *frame)
 {
@@ -592,8 +629,21 @@ static int op_resume = -1, op_extended_arg = -1;
 static unsigned char jump_back[256];   /* backward jumps: 1 + their inline caches */
 
 int
-frames_set_opcodes(int resume, int extended_arg, PyObject *jumps)
+frames_set_opcodes(int resume, int extended_arg, PyObject *jumps, PyObject *awaiting)
 {
+    memset(awaiting_op, 0, sizeof(awaiting_op));
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(awaiting); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(awaiting, i);
+        int op, kind;
+        if (!PyTuple_Check(pair) || !PyArg_ParseTuple(pair, "ii", &op, &kind) || op < 0 ||
+            op > 255 || kind < 1 || kind > 2) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError, "awaiting must be (opcode, 1 or 2) pairs");
+            }
+            return -1;
+        }
+        awaiting_op[op] = (unsigned char)kind;
+    }
     memset(jump_back, 0, sizeof(jump_back));
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(jumps); i++) {
         PyObject *pair = PyTuple_GET_ITEM(jumps, i);

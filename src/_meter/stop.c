@@ -45,15 +45,23 @@ handling_exception(void)
 
 /* Once stopped, the scope's code unwinds: its except and finally blocks and
  * the __exit__s on the way (a session's rollback and close) must run to their
- * end, or what they hand back (a pooled connection) is lost. While the thread
- * handles an exception, a stopped scope is not stopped again until it reaches
- * twice its ceiling: code that swallows its stop and goes on is stopped as
- * soon as it leaves the handler. 1 if the stop is put off (the fences moved). */
+ * end, or what they hand back (a pooled connection) is lost. Cleanup is not
+ * always code handling an exception of the thread's: a library may run it in
+ * another greenlet (each keeps exception state of its own) or in a task of its
+ * own (a close behind asyncio.shield). So until a stopped scope reaches twice
+ * its ceiling, it is not stopped again in code that handles an exception or
+ * that the stopped code started since (started_by_stopped()); code that
+ * swallows its stop and goes on, and a sibling task the stop has not reached
+ * yet, are stopped as the first was. 1 if the stop is put off (the fences
+ * moved). */
 static int
 unwinding(Meter *m)
 {
-    if (m->stops == 0 || !handling_exception()) {
-        return 0;
+    if (!m->landed) {
+        return 0;   /* the first stop is still on its way: asked for again */
+    }
+    if (!handling_exception() && !started_by_stopped(m)) {
+        return 0;   /* code the stop has not reached yet (a sibling task) */
     }
     settle();
     uint64_t now[NRES];
@@ -163,6 +171,9 @@ refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size,
         if (!m->tripped) {
             trip(m, r);
         }
+        settle();
+        m->landed = 1;
+        meter_path(m);
         raise_fences(m);   /* the refusal is the stop: no interrupt as well */
         return 1;
     }
