@@ -25,6 +25,13 @@ def big(n: int) -> bytearray:
     return bytearray(n)
 
 
+def fill() -> None:
+    """Allocates in 1 KiB steps until it is stopped."""
+    keep = []
+    while True:
+        keep.append(big(KiB))
+
+
 def peak_rss() -> int:
     import resource  # Unix only: the one test that uses it is skipped elsewhere
 
@@ -195,11 +202,8 @@ async def test_a_stopped_scopes_cleanup_runs_to_its_end() -> None:
     with pytest.raises(gotcha.LimitExceeded):
         async with gotcha.limit(bytes=MiB, hard=True) as ctx:
             try:
-                keep = []
-                while True:
-                    keep.append(big(KiB))
+                fill()
             finally:
-                del keep
                 undo = [bytes(100) for _ in range(4_000)]  # 0.5 MB in small steps
                 cleaned.append(len(undo))
     assert cleaned == [4_000]
@@ -266,11 +270,8 @@ async def test_a_close_the_stopped_code_starts_in_a_task_of_its_own_runs_to_its_
     tasks = []
     async with gotcha.move_on_limit(bytes=MiB, hard=True) as ctx:
         try:
-            keep = []
-            while True:
-                keep.append(big(KiB))
+            fill()
         finally:
-            del keep
             tasks.append(asyncio.ensure_future(close()))
             await asyncio.shield(tasks[0])  # the scope's cancellation may end the wait
     await tasks[0]  # its exception, if it was stopped

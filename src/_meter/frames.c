@@ -628,34 +628,33 @@ frame_is_user(PyThreadState *ts)
 static int op_resume = -1, op_extended_arg = -1;
 static unsigned char jump_back[256];   /* backward jumps: 1 + their inline caches */
 
+/* table[op] = value + add for each (op, value) pair, value in [lo, hi] */
+static int
+read_pairs(PyObject *pairs, unsigned char *table, int lo, int hi, int add, const char *what)
+{
+    memset(table, 0, 256);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pairs); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(pairs, i);
+        int op, value;
+        if (!PyTuple_Check(pair) || !PyArg_ParseTuple(pair, "ii", &op, &value) || op < 0 ||
+            op > 255 || value < lo || value > hi) {
+            if (!PyErr_Occurred()) {
+                PyErr_Format(PyExc_ValueError, "%s must be (opcode, %d to %d) pairs", what, lo,
+                             hi);
+            }
+            return -1;
+        }
+        table[op] = (unsigned char)(value + add);
+    }
+    return 0;
+}
+
 int
 frames_set_opcodes(int resume, int extended_arg, PyObject *jumps, PyObject *awaiting)
 {
-    memset(awaiting_op, 0, sizeof(awaiting_op));
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(awaiting); i++) {
-        PyObject *pair = PyTuple_GET_ITEM(awaiting, i);
-        int op, kind;
-        if (!PyTuple_Check(pair) || !PyArg_ParseTuple(pair, "ii", &op, &kind) || op < 0 ||
-            op > 255 || kind < 1 || kind > 2) {
-            if (!PyErr_Occurred()) {
-                PyErr_SetString(PyExc_ValueError, "awaiting must be (opcode, 1 or 2) pairs");
-            }
-            return -1;
-        }
-        awaiting_op[op] = (unsigned char)kind;
-    }
-    memset(jump_back, 0, sizeof(jump_back));
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(jumps); i++) {
-        PyObject *pair = PyTuple_GET_ITEM(jumps, i);
-        int op, caches;
-        if (!PyTuple_Check(pair) || !PyArg_ParseTuple(pair, "ii", &op, &caches) || op < 0 ||
-            op > 255 || caches < 0 || caches > 100) {
-            if (!PyErr_Occurred()) {
-                PyErr_SetString(PyExc_ValueError, "jumps must be (opcode, caches) pairs");
-            }
-            return -1;
-        }
-        jump_back[op] = (unsigned char)(caches + 1);
+    if (read_pairs(awaiting, awaiting_op, 1, 2, 0, "awaiting") < 0 ||
+        read_pairs(jumps, jump_back, 0, 100, 1, "jumps") < 0) {
+        return -1;
     }
     op_resume = resume;
     op_extended_arg = extended_arg;
