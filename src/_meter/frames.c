@@ -477,15 +477,14 @@ frame_awaiting(void *frame)
 }
 
 /* Is the thread running something other than user code's own bytecode: the
- * machinery (a loop, anyio) or a throw into an awaiting coroutine? */
+ * machinery (a loop, anyio) or a throw into an awaiting coroutine? No when
+ * that cannot be told (no frame to read: an unchecked CPython), so that
+ * everything is charged. */
 int
 machinery_now(PyThreadState *ts)
 {
-    if (ts == NULL) {
-        return 1;
-    }
-    void *top = top_frame(ts);
-    return !frame_user(top) || frame_awaiting(top);
+    void *top = ts == NULL ? NULL : top_frame(ts);
+    return top != NULL && (!frame_user(top) || frame_awaiting(top));
 }
 
 int
