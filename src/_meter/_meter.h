@@ -261,6 +261,7 @@ typedef struct Meter {
     int stops;                 /* refusals and interrupts so far */
     char hard;                 /* has a ceiling */
     char landed;               /* a stop reached its code: an interrupt raised, a refusal */
+    uint64_t landed_at[NRES];  /* its counters when the first did: stop_landed() */
     char hard_chain;           /* it or an ancestor has a ceiling */
     char queued, state, rearm, quiet_machinery;
     char path;                 /* which path the hook takes for it: meter_path() */
@@ -446,6 +447,8 @@ int caller_ready(void);        /* 0: refusals are off on this build or platform 
 int deliver_setup(PyObject *cb, PyObject *itype, unsigned long ident);
 /* was m, or a scope inside it, stopped in code that started the running code since? */
 int started_by_stopped(Meter *m);
+/* stop.c: a stop reached m's code (an interrupt raised, a refusal made) */
+void stop_landed(Meter *m);
 
 void trip(Meter *m, int resource);
 void request_interrupt(Meter *m);

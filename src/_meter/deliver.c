@@ -42,8 +42,9 @@ static PyObject *deliver_cb;       /* Python callable taking a tripped scope */
 static PyObject *interrupt_type;   /* what an interrupt raises (a MemoryError) */
 static unsigned long main_ident;
 
-/* (scope, id of the context): set in the context of the code a scope's stop
- * lands in, as it is raised, so that a task the stopped code starts from then
+/* (address of the scope, of the context): set in the context of the code a
+ * scope's stop lands in, as it is raised (addresses, so that a context kept
+ * after its request keeps nothing of it alive), so that a task the stopped code starts from then
  * on (its close behind asyncio.shield) is known for its cleanup, while a sibling
  * started before the stop is not, nor the stopped code itself if it swallows
  * the stop and goes on (its context is the one named). */
@@ -76,11 +77,21 @@ started_by_stopped(Meter *m)
         return 0;
     }
     Py_DECREF(v);   /* the context holds a reference */
-    if (!PyTuple_CheckExact(v) || PyTuple_GET_SIZE(v) != 2) {
+    if (!PyTuple_CheckExact(v) || PyTuple_GET_SIZE(v) != 2 ||
+        PyLong_AsVoidPtr(PyTuple_GET_ITEM(v, 1)) == (void *)ts->context) {
         return 0;
     }
-    return PyLong_AsVoidPtr(PyTuple_GET_ITEM(v, 1)) != (void *)ts->context &&
-           in_scope_of((Meter *)PyTuple_GET_ITEM(v, 0), m);
+    /* the stopped scope is known by its address only: found among the running
+     * code's live scopes, at or inside m */
+    void *stopped = PyLong_AsVoidPtr(PyTuple_GET_ITEM(v, 0));
+    int seen = 0;
+    for (Meter *c = current_meter(); c != NULL; c = c->parent) {
+        seen |= (void *)c == stopped;
+        if (c == m) {
+            return seen;
+        }
+    }
+    return 0;
 }
 
 /* m's stop is being raised in the running code: say so in its context (with
@@ -89,9 +100,9 @@ static void
 mark_stopped(Meter *m)
 {
     PyObject *ctx = PyContext_CopyCurrent();   /* the current one made if none */
-    PyObject *v = ctx == NULL ? NULL : Py_BuildValue("(ON)", (PyObject *)m,
-                                                     PyLong_FromVoidPtr(
-                                                         PyThreadState_Get()->context));
+    PyObject *v = ctx == NULL ? NULL
+                              : Py_BuildValue("(NN)", PyLong_FromVoidPtr(m),
+                                              PyLong_FromVoidPtr(PyThreadState_Get()->context));
     Py_XDECREF(ctx);
     PyObject *token = v == NULL ? NULL : PyContextVar_Set(stopped_var, v);
     if (token == NULL) {
@@ -339,9 +350,7 @@ interrupt_here(void)
             m->rearm = 1;
         }
         if (go) {
-            settle();   /* its batch: from now on the general path */
-            m->landed = 1;
-            meter_path(m);
+            stop_landed(m);
             mark_stopped(m);
         }
         Py_DECREF(m);
@@ -433,9 +442,7 @@ interrupt_remote(void)
                  t->async_exc == NULL && aimed_here(t, &r) &&
                  !frames_importing(t) && context_in_scope(t->context, m);
         if (go) {
-            settle();
-            m->landed = 1;
-            meter_path(m);
+            stop_landed(m);
             PyThreadState_SetAsyncExc(ident, interrupt_type);
         }
         else if (m->state == S_ENTERED) {
