@@ -858,12 +858,12 @@ def print_row(row: Row) -> None:
 # Classes found and not fixed yet: their runs are made and reported like any other, but
 # a bad one fails the whole run only with --strict (docs/reliability.md says what each is).
 OPEN = {
-    "sqlalchemy+greenlet": "the TaskGroup's cancellation of a task whose stop already "
-                           "landed reaches the pool's reset of its connection (a rollback "
-                           "awaited in aiosqlite's thread): SQLAlchemy logs 'Exception "
-                           "during reset', and the SQLite write lock stays held ('database "
-                           "is locked' after the draws); asyncio.timeout at that instant "
-                           "does the same",
+    "sqlalchemy+greenlet": "'database is locked' after some draws: a cancellation "
+                           "leaves an SQLite write transaction open, with asyncio.timeout "
+                           "too and gotcha not imported (scripts/repro_sqlalchemy_timeout.py), "
+                           "and in the --soft baseline; and a first stop landing inside "
+                           "SQLAlchemy's own bookkeeping (an 'Exception ignored' from a "
+                           "weakref callback it left half made), as Ctrl-C there would",
 }
 
 
