@@ -451,7 +451,10 @@ async def test_server_rss_stays_bounded_over_200_hogs() -> None:
                         tg.start_soon(worker, w)
                 return codes
 
-            assert await hammer(40) == [503] * 40
+            # the warm-up is a whole round: what glibc's arenas keep is reached in it
+            # (CI once saw 96.4 MiB on 3.15 after a warm-up of 40), while a leak
+            # grows again in every round
+            assert await hammer(200) == [503] * 200
             before = vm_rss()
             assert await hammer(200) == [503] * 200
             after = vm_rss()
