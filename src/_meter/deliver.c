@@ -42,12 +42,12 @@ static PyObject *deliver_cb;       /* Python callable taking a tripped scope */
 static PyObject *interrupt_type;   /* what an interrupt raises (a MemoryError) */
 static unsigned long main_ident;
 
-/* (address of the scope, of the context): set in the context of the code a
- * scope's stop lands in, as it is raised (addresses, so that a context kept
- * after its request keeps nothing of it alive), so that a task the stopped code starts from then
- * on (its close behind asyncio.shield) is known for its cleanup, while a sibling
- * started before the stop is not, nor the stopped code itself if it swallows
- * the stop and goes on (its context is the one named). */
+/* (address of the scope, address of the context): set in the context of the
+ * code a scope's stop lands in, as it is raised, so that a task the stopped
+ * code starts from then on (its close behind asyncio.shield) is known for its
+ * cleanup, while a sibling started before the stop is not, nor the stopped
+ * code itself if it swallows the stop and goes on (its context is the one
+ * named). Addresses: a context kept after its request keeps nothing alive. */
 static PyObject *stopped_var;
 
 int
