@@ -735,9 +735,11 @@ def test_top_n_biggest_with_their_lines(pytester: pytest.Pytester) -> None:
     assert big[0][2] == 2.9 * 1024
     assert big[1][:2] == ("test_inner.py", 4)
     # 1 MB in ten 100 kB blocks, each above the sampling rate: recorded exactly (976.6
-    # KiB, and each block's object and the list: 992.9 KiB on 3.15, whose bytearray keeps
-    # its bytes in a bytes object of their own)
-    assert 970 <= big[1][2] <= 1000
+    # KiB; 992.9 KiB on 3.15, whose bytearray keeps its bytes in a bytes object of their
+    # own). The blocks' small objects and the list are sampled: almost always none of
+    # them is (976.6 in 30 of 30 runs here), but now and then one is, weighted by the
+    # rate (CI saw 1008.6 KiB once): at most one sample, of up to 64 KiB
+    assert 970 <= big[1][2] <= 993 + 64
     mid = sites_after(lines, "test_inner.py::test_failing_mid")
     assert mid[0][:2] == ("test_inner.py", 12)
     # the budget failure says where, too
