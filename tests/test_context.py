@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import pickle
 import threading
+import weakref
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -456,6 +460,53 @@ async def test_exception_in_exceeded_scope_becomes_the_cause() -> None:
         async with gotcha.move_on_limit(bytes=MB):
             big(2 * MB)
             raise KeyError("x")
+
+
+class Buffer(bytearray):
+    """A buffer a weak reference can follow to its end."""
+
+
+@pytest.mark.parametrize("how", ["cancelled", "raised", "swallowed", "refused", "moved on"])
+async def test_a_stopped_scopes_memory_is_freed_as_it_exits_not_by_the_collector(
+    how: str,
+) -> None:
+    # LimitExceeded's traceback holds the frames it passed through; a frame of ours that
+    # kept it in a local made a cycle, so the stopped code's frames, and what they held,
+    # lived on until the cyclic collector ran: a server's stopped requests (8 MiB each,
+    # held by their tracebacks) piled up by the hundred between collections
+    refs: list[weakref.ref[Buffer]] = []
+
+    async def body() -> None:
+        data = Buffer(MB // 2 if how == "refused" else 2 * MB)
+        refs.append(weakref.ref(data))
+        if how == "raised":
+            raise KeyError("the body's own error")
+        if how == "refused":
+            big(2 * MB)
+        if how == "swallowed":
+            with contextlib.suppress(anyio.get_cancelled_exc_class()):
+                await anyio.sleep(0)
+        await anyio.sleep(0)
+        pytest.fail("not stopped")
+
+    scope = (gotcha.move_on_limit(bytes=MB) if how == "moved on" else
+             gotcha.limit(bytes=MB, hard=how == "refused"))
+    gc.collect()
+    gc.disable()
+    try:
+        try:
+            async with scope:
+                await body()
+        except gotcha.LimitExceeded:
+            assert how != "moved on"
+        else:
+            assert how == "moved on" and scope.exceeded()
+        # the loop's step that threw the cancellation in holds it until the task's
+        # next wait
+        await anyio.lowlevel.checkpoint()
+        assert refs and refs[0]() is None, "the stopped body's buffer outlived the scope"
+    finally:
+        gc.enable()
 
 
 async def test_parent_exceeded_cancels_child_and_parent_raises() -> None:

@@ -555,9 +555,15 @@ class Context(_meter.Meter, anyio.CancelScope):
             return (swallowed or exc is None or _only_refusals(exc) or
                     (isinstance(exc, Exception) and self._stopped()))
         error = self._limit_exceeded(*broken)
-        if exc is None or swallowed:
-            raise error from None
-        raise error from exc
+        try:
+            if exc is None or swallowed:
+                raise error from None
+            raise error from exc
+        finally:
+            # the error's traceback holds this frame: kept in its locals, the error and
+            # what it was raised from (their frames, the buffers the stopped code held)
+            # would wait in a cycle for the collector instead of going with the error
+            del error, exc, tb
 
     # -- what it used ----------------------------------------------------------------
 

@@ -528,44 +528,50 @@ class LimitMiddleware(_web.Middleware):
                                guarded_send.status, scope.get("scheme"))
                 return
             error = None
-        breach = options.breach(ctx, plan, error)
-        status = guarded_send.status
-        answer: ASGIApp | None = None
-        if guarded_send.complete:
-            outcome = "completed"
-        elif guarded_send.started:
-            outcome = "aborted"
-        else:
-            outcome = "refused"
-            if error is not None:
-                answer = self._answer_for(error)
-                status = getattr(answer, "status_code", None) if answer else options.status_code
-        route = template if template is not None else self._route_after(scope, root_path)
-        name = route or glob or NO_ROUTE
-        scheme = scope.get("scheme")
-        if breach is None:
-            options.record(ctx, method, route, name, status, scheme)
-            return
-        await options.finish(
-            ctx, breach, outcome=outcome, status=status, method=method, path=path,
-            route=route, name=name, scheme=scheme,
-            client=_report.client_of(scope.get("client")), hook_target=scope,
-        )
-        if error is None:
-            return
-        if outcome == "aborted":
-            # The status line is gone already: dropping the connection is the only way
-            # left to tell the client that this response is not a success.
-            error._gotcha_reported = True  # type: ignore[attr-defined]
-            raise error
-        if outcome == "refused":
-            if answer is not None:
-                await answer(scope, receive, send)
+        try:
+            breach = options.breach(ctx, plan, error)
+            status = guarded_send.status
+            answer: ASGIApp | None = None
+            if guarded_send.complete:
+                outcome = "completed"
+            elif guarded_send.started:
+                outcome = "aborted"
+            else:
+                outcome = "refused"
+                if error is not None:
+                    answer = self._answer_for(error)
+                    status = getattr(answer, "status_code", None) if answer else options.status_code
+            route = template if template is not None else self._route_after(scope, root_path)
+            name = route or glob or NO_ROUTE
+            scheme = scope.get("scheme")
+            if breach is None:
+                options.record(ctx, method, route, name, status, scheme)
                 return
-            body = _web.plain_text(options.status_code, error.resource)
-            await send({"type": "http.response.start", "status": options.status_code,
-                        "headers": _error_headers(body)})
-            await send({"type": "http.response.body", "body": body})
+            await options.finish(
+                ctx, breach, outcome=outcome, status=status, method=method, path=path,
+                route=route, name=name, scheme=scheme,
+                client=_report.client_of(scope.get("client")), hook_target=scope,
+            )
+            if error is None:
+                return
+            if outcome == "aborted":
+                # The status line is gone already: dropping the connection is the only way
+                # left to tell the client that this response is not a success.
+                error._gotcha_reported = True  # type: ignore[attr-defined]
+                raise error
+            if outcome == "refused":
+                if answer is not None:
+                    await answer(scope, receive, send)
+                    return
+                body = _web.plain_text(options.status_code, error.resource)
+                await send({"type": "http.response.start", "status": options.status_code,
+                            "headers": _error_headers(body)})
+                await send({"type": "http.response.body", "body": body})
+        finally:
+            # the error's traceback holds this frame, and this frame the error: without this,
+            # they and the frames and buffers of the stopped request wait for the cyclic
+            # collector (a server's stopped requests piled up by the hundred between runs)
+            error = None
 
     def _answer_for(self, error: LimitExceeded) -> ASGIApp | None:
         """The application's answer to a request stopped before its response started:
@@ -635,36 +641,40 @@ class LimitMiddleware(_web.Middleware):
             if exc.context is not ctx:
                 raise
             error = exc
-        breach = options.breach(ctx, plan, error)
-        denial = "websocket.http.response" in (scope.get("extensions") or {})
-        if closed:
-            outcome, status = "completed", None
-        elif accepted:
-            outcome, status = "closed", None
-        elif denial:
-            outcome, status = "refused", options.status_code
-        else:
-            outcome, status = "denied", None
-        route = template if template is not None else self._route_after(scope, root_path)
-        await options.finish(
-            ctx, breach, outcome=outcome, status=status, method="WEBSOCKET", path=path,
-            route=route, name=route or glob or NO_ROUTE, scheme=scope.get("scheme"),
-            client=_report.client_of(scope.get("client")), hook_target=scope, record=False,
-        )
-        if error is None or closed:
-            return
-        if accepted:
-            # the reason must fit a control frame: 123 bytes
-            reason = f"{error.resource} limit exceeded"
-            try:
-                await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION,
-                            "reason": reason})
-            except OSError:
-                pass  # the client is gone already: nothing is left to close
-        elif denial:
-            body = _web.plain_text(options.status_code, error.resource)
-            await send({"type": "websocket.http.response.start",
-                        "status": options.status_code, "headers": _error_headers(body)})
-            await send({"type": "websocket.http.response.body", "body": body})
-        else:
-            await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION})
+        try:
+            breach = options.breach(ctx, plan, error)
+            denial = "websocket.http.response" in (scope.get("extensions") or {})
+            if closed:
+                outcome, status = "completed", None
+            elif accepted:
+                outcome, status = "closed", None
+            elif denial:
+                outcome, status = "refused", options.status_code
+            else:
+                outcome, status = "denied", None
+            route = template if template is not None else self._route_after(scope, root_path)
+            await options.finish(
+                ctx, breach, outcome=outcome, status=status, method="WEBSOCKET", path=path,
+                route=route, name=route or glob or NO_ROUTE, scheme=scope.get("scheme"),
+                client=_report.client_of(scope.get("client")), hook_target=scope, record=False,
+            )
+            if error is None or closed:
+                return
+            if accepted:
+                # the reason must fit a control frame: 123 bytes
+                reason = f"{error.resource} limit exceeded"
+                try:
+                    await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION,
+                                "reason": reason})
+                except OSError:
+                    pass  # the client is gone already: nothing is left to close
+            elif denial:
+                body = _web.plain_text(options.status_code, error.resource)
+                await send({"type": "websocket.http.response.start",
+                            "status": options.status_code, "headers": _error_headers(body)})
+                await send({"type": "websocket.http.response.body", "body": body})
+            else:
+                await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION})
+        finally:
+            # as in __call__: the error and this frame would hold each other
+            error = None
