@@ -858,12 +858,12 @@ def print_row(row: Row) -> None:
 # Classes found and not fixed yet: their runs are made and reported like any other, but
 # a bad one fails the whole run only with --strict (docs/reliability.md says what each is).
 OPEN = {
-    "sqlalchemy+greenlet": "a stop lands in one greenlet while the other handles "
-                           "an exception (the task awaits, for the session's greenlet, the "
-                           "rollback that greenlet's except runs); greenlet keeps exception "
-                           "state per greenlet, so the stop is not seen as cleanup: the "
-                           "session is left in a state its close() refuses, its connection "
-                           "checked out",
+    "sqlalchemy+greenlet": "'database is locked' after some draws: a cancellation "
+                           "leaves an SQLite write transaction open, with asyncio.timeout "
+                           "too and gotcha not imported (scripts/repro_sqlalchemy_timeout.py), "
+                           "and in the --soft baseline; and a first stop landing inside "
+                           "SQLAlchemy's own bookkeeping (an 'Exception ignored' from a "
+                           "weakref callback it left half made), as Ctrl-C there would",
 }
 
 

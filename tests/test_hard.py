@@ -25,6 +25,13 @@ def big(n: int) -> bytearray:
     return bytearray(n)
 
 
+def fill() -> None:
+    """Allocates in 1 KiB steps until it is stopped."""
+    keep = []
+    while True:
+        keep.append(big(KiB))
+
+
 def peak_rss() -> int:
     import resource  # Unix only: the one test that uses it is skipped elsewhere
 
@@ -195,11 +202,8 @@ async def test_a_stopped_scopes_cleanup_runs_to_its_end() -> None:
     with pytest.raises(gotcha.LimitExceeded):
         async with gotcha.limit(bytes=MiB, hard=True) as ctx:
             try:
-                keep = []
-                while True:
-                    keep.append(big(KiB))
+                fill()
             finally:
-                del keep
                 undo = [bytes(100) for _ in range(4_000)]  # 0.5 MB in small steps
                 cleaned.append(len(undo))
     assert cleaned == [4_000]
@@ -247,6 +251,78 @@ async def test_code_that_swallows_its_stop_is_stopped_again_past_the_grace() -> 
                 stops += 1  # and back to the loop, out of the handler
     assert stops == 3 and ctx.exceeded()
     assert ctx.used().bytes <= 2 * MiB  # each time stopped within the grace
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("budget", [MiB, 64 * KiB])
+async def test_a_close_the_stopped_code_starts_in_a_task_of_its_own_runs_to_its_end(
+    budget: int,
+) -> None:
+    # SQLAlchemy's AsyncSession closes behind asyncio.shield, in a new task with no
+    # exception in flight: stopped again in its first 64 KiB, it left the session's
+    # connection checked out ("Task exception was never retrieved")
+    import asyncio
+
+    closed: list[int] = []
+
+    async def close() -> None:
+        undo = [bytes(100) for _ in range(4_000)]  # 0.5 MB in small steps
+        await asyncio.sleep(0)
+        closed.append(len(undo))
+
+    tasks = []
+    async with gotcha.move_on_limit(bytes=budget, hard=True) as ctx:
+        try:
+            fill()
+        finally:
+            tasks.append(asyncio.ensure_future(close()))
+            await asyncio.shield(tasks[0])  # the scope's cancellation may end the wait
+    await tasks[0]  # its exception, if it was stopped
+    assert closed == [4_000]
+    assert ctx.exceeded()
+    # a ceiling's worth past the ceiling, and at least 4 MiB (a small budget's close
+    # was stopped at twice the ceiling), not further
+    assert ctx.used().bytes <= budget + max(budget, 4 * MiB) + 64 * KiB
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_loops_cancellation_work_is_not_charged_to_a_scope_past_its_limit() -> None:
+    # cancelling a scope, anyio re-cancels its task at every turn of the loop, and a
+    # TaskGroup waiting for a child's cleanup wakes and waits again each time: that was
+    # charged to the scope (about 180 MB a second), and with a ceiling it stopped the
+    # cleanup it was waiting for
+    import asyncio
+
+    turns = 3_000
+    released = asyncio.Event()
+    cleaning = asyncio.Event()
+
+    async def child() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cleaning.set()
+            await asyncio.shield(released.wait())
+
+    async def release_after_turns() -> None:
+        await cleaning.wait()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        released.set()
+
+    outside = asyncio.ensure_future(release_after_turns())  # made outside the scope
+    async with gotcha.move_on_limit(bytes=MiB) as ctx:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(child())
+            await asyncio.sleep(0)
+            before = ctx.used().bytes
+            keep = big(2 * MiB)  # past the limit: the scope is cancelled
+            await asyncio.sleep(3600)
+    await outside
+    assert released.is_set() and ctx.exceeded()
+    del keep
+    # the body's 2 MiB, and no more than 16 bytes a turn of the loop
+    assert ctx.used().bytes - before <= 2 * MiB + KiB + 16 * turns
 
 
 async def test_refusal_inside_a_shielded_section() -> None:

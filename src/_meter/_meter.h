@@ -260,6 +260,8 @@ typedef struct Meter {
     int tripped;               /* 1 + first resource that broke, 0 if none */
     int stops;                 /* refusals and interrupts so far */
     char hard;                 /* has a ceiling */
+    char landed;               /* a stop reached its code: an interrupt raised, a refusal */
+    uint64_t landed_at[NRES];  /* its counters when the first did: stop_landed() */
     char hard_chain;           /* it or an ancestor has a ceiling */
     char queued, state, rearm, quiet_machinery;
     char path;                 /* which path the hook takes for it: meter_path() */
@@ -299,10 +301,21 @@ typedef struct Meter {
  * charge it and count down to the next sample, or take the general path. */
 enum { P_PLAIN, P_SAMPLED, P_GENERAL };
 
+/* Is the machinery's work left out of the scope? In a loop's debug mode (its
+ * bookkeeping), and once the scope broke a limit or was stopped: cancelling
+ * it, anyio re-cancels its task at every turn of the loop until the task is
+ * done, and the task's TaskGroup, waiting for its children's cleanup, wakes
+ * and waits again each time (about 180 MB a second when it was charged). */
+static inline int
+meter_quiet(const struct Meter *m)
+{
+    return m->quiet_machinery || m->landed || m->tripped;
+}
+
 static inline void
 meter_path(struct Meter *m)
 {
-    m->path = m->quiet_machinery ? P_GENERAL
+    m->path = meter_quiet(m) ? P_GENERAL
               : m->held == NULL  ? P_PLAIN
               : m->held->rate    ? P_SAMPLED
                                  : P_GENERAL;
@@ -399,10 +412,12 @@ int code_line(PyCodeObject *code, int lasti);
 int stack_spilled(PyThreadState *ts);
 int code_is_machinery(PyCodeObject *code);
 int frame_runs_user_code(PyThreadState *ts);   /* the innermost frame is user code */
+/* machinery, or a throw passing through a coroutine that awaits: not its code's work */
+int machinery_now(PyThreadState *ts);
 int frames_stoppable(PyThreadState *ts);   /* no tracer, no finalizer running */
 int frame_is_user(PyThreadState *ts);   /* both: it may be stopped here */
 int frames_importing(PyThreadState *ts);   /* walks the whole stack: stops only */
-int frames_set_opcodes(int resume, int extended_arg, PyObject *jumps);
+int frames_set_opcodes(int resume, int extended_arg, PyObject *jumps, PyObject *awaiting);
 /* Would an exception raised in this frame now be caught where its code says?
  * May allocate (the bytecode as compiled): call with the hook paused. */
 int frame_interruptible(void *frame, PyCodeObject *code);
@@ -429,7 +444,11 @@ int caller_ready(void);        /* 0: refusals are off on this build or platform 
 
 /* at install: the Python callable taking a tripped scope, what an interrupt
  * raises (a MemoryError), the main thread's ident */
-void deliver_setup(PyObject *cb, PyObject *itype, unsigned long ident);
+int deliver_setup(PyObject *cb, PyObject *itype, unsigned long ident);
+/* was m, or a scope inside it, stopped in code that started the running code since? */
+int started_by_stopped(Meter *m);
+/* stop.c: a stop reached m's code (an interrupt raised, a refusal made) */
+void stop_landed(Meter *m);
 
 void trip(Meter *m, int resource);
 void request_interrupt(Meter *m);

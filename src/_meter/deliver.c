@@ -42,12 +42,74 @@ static PyObject *deliver_cb;       /* Python callable taking a tripped scope */
 static PyObject *interrupt_type;   /* what an interrupt raises (a MemoryError) */
 static unsigned long main_ident;
 
-void
+/* (address of the scope, address of the context): set in the context of the
+ * code a scope's stop lands in, as it is raised, so that a task the stopped
+ * code starts from then on (its close behind asyncio.shield) is known for its
+ * cleanup, while a sibling started before the stop is not, nor the stopped
+ * code itself if it swallows the stop and goes on (its context is the one
+ * named). Addresses: a context kept after its request keeps nothing alive. */
+static PyObject *stopped_var;
+
+int
 deliver_setup(PyObject *cb, PyObject *itype, unsigned long ident)
 {
+    if (stopped_var == NULL) {
+        stopped_var = PyContextVar_New("gotcha_async stopped", NULL);
+        if (stopped_var == NULL) {
+            return -1;
+        }
+    }
     Py_XSETREF(deliver_cb, Py_NewRef(cb));
     Py_XSETREF(interrupt_type, Py_NewRef(itype));
     main_ident = ident;
+    return 0;
+}
+
+/* Was m (or a scope inside it) stopped in code that started the running
+ * code since? From the hook: a lookup allocates nothing. */
+int
+started_by_stopped(Meter *m)
+{
+    PyThreadState *ts = tstate_unchecked();
+    PyObject *v = NULL;
+    if (stopped_var == NULL || ts == NULL ||
+        PyContextVar_Get(stopped_var, NULL, &v) < 0 || v == NULL) {
+        return 0;
+    }
+    Py_DECREF(v);   /* the context holds a reference */
+    if (!PyTuple_CheckExact(v) || PyTuple_GET_SIZE(v) != 2 ||
+        PyLong_AsVoidPtr(PyTuple_GET_ITEM(v, 1)) == (void *)ts->context) {
+        return 0;
+    }
+    /* the stopped scope is known by its address only: found among the running
+     * code's live scopes, at or inside m */
+    void *stopped = PyLong_AsVoidPtr(PyTuple_GET_ITEM(v, 0));
+    int seen = 0;
+    for (Meter *c = current_meter(); c != NULL; c = c->parent) {
+        seen |= (void *)c == stopped;
+        if (c == m) {
+            return seen;
+        }
+    }
+    return 0;
+}
+
+/* m's stop is being raised in the running code: say so in its context (with
+ * the hook paused; a failure only costs the cleanup its room). */
+static void
+mark_stopped(Meter *m)
+{
+    PyObject *ctx = PyContext_CopyCurrent();   /* the current one made if none */
+    PyObject *v = ctx == NULL ? NULL
+                              : Py_BuildValue("(NN)", PyLong_FromVoidPtr(m),
+                                              PyLong_FromVoidPtr(PyThreadState_Get()->context));
+    Py_XDECREF(ctx);
+    PyObject *token = v == NULL ? NULL : PyContextVar_Set(stopped_var, v);
+    if (token == NULL) {
+        PyErr_Clear();
+    }
+    Py_XDECREF(token);
+    Py_XDECREF(v);
 }
 
 static Meter *queue;           /* tripped scopes waiting for delivery */
@@ -132,6 +194,7 @@ trip(Meter *m, int resource)
         return;
     }
     m->tripped = resource + 1;
+    meter_path(m);
     if (!m->queued) {
         m->queued = 1;
         Py_INCREF(m);
@@ -286,6 +349,10 @@ interrupt_here(void)
             settle();
             m->rearm = 1;
         }
+        if (go) {
+            stop_landed(m);
+            mark_stopped(m);
+        }
         Py_DECREF(m);
         if (go) {
             /* made with the hook paused: the exception is not the scope's work, and
@@ -375,6 +442,7 @@ interrupt_remote(void)
                  t->async_exc == NULL && aimed_here(t, &r) &&
                  !frames_importing(t) && context_in_scope(t->context, m);
         if (go) {
+            stop_landed(m);
             PyThreadState_SetAsyncExc(ident, interrupt_type);
         }
         else if (m->state == S_ENTERED) {

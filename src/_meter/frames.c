@@ -451,6 +451,42 @@ frame_runs_user_code(PyThreadState *ts)
     return ts == NULL ? 0 : frame_user(top_frame(ts));
 }
 
+/* what a coroutine's frame is at while it is suspended in an await: 1 for a
+ * YIELD_VALUE, 2 for a RESUME, which is one only with a non-zero oparg (3.13
+ * points after the yield); each with its specialized and instrumented forms */
+static unsigned char awaiting_op[256];
+
+/* Is the frame suspended in an await (or a yield)? It is on top while a
+ * cancellation is thrown into the coroutines it awaits, before theirs are:
+ * what is made then is the thrower's. Reads the frame's own bytecode, where
+ * these instructions keep their oparg. */
+static int
+frame_awaiting(void *frame)
+{
+    PyCodeObject *code = frame_code(frame);
+    if (code == NULL) {
+        return 0;
+    }
+    int lasti = frame_lasti(frame, code);
+    if (lasti < 0 || lasti >= (int)(Py_SIZE(code))) {
+        return 0;
+    }
+    const unsigned char *unit = (const unsigned char *)code->co_code_adaptive + 2 * lasti;
+    int kind = awaiting_op[unit[0]];
+    return kind == 1 || (kind == 2 && (unit[1] & 3) != 0);
+}
+
+/* Is the thread running something other than user code's own bytecode: the
+ * machinery (a loop, anyio) or a throw into an awaiting coroutine? No when
+ * that cannot be told (no frame to read: an unchecked CPython), so that
+ * everything is charged. */
+int
+machinery_now(PyThreadState *ts)
+{
+    void *top = ts == NULL ? NULL : top_frame(ts);
+    return top != NULL && (!frame_user(top) || frame_awaiting(top));
+}
+
 int
 frame_is_user_code(void *frame)
 {
@@ -591,21 +627,33 @@ frame_is_user(PyThreadState *ts)
 static int op_resume = -1, op_extended_arg = -1;
 static unsigned char jump_back[256];   /* backward jumps: 1 + their inline caches */
 
-int
-frames_set_opcodes(int resume, int extended_arg, PyObject *jumps)
+/* table[op] = value + add for each (op, value) pair, value in [lo, hi] */
+static int
+read_pairs(PyObject *pairs, unsigned char *table, int lo, int hi, int add, const char *what)
 {
-    memset(jump_back, 0, sizeof(jump_back));
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(jumps); i++) {
-        PyObject *pair = PyTuple_GET_ITEM(jumps, i);
-        int op, caches;
-        if (!PyTuple_Check(pair) || !PyArg_ParseTuple(pair, "ii", &op, &caches) || op < 0 ||
-            op > 255 || caches < 0 || caches > 100) {
+    memset(table, 0, 256);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pairs); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(pairs, i);
+        int op, value;
+        if (!PyTuple_Check(pair) || !PyArg_ParseTuple(pair, "ii", &op, &value) || op < 0 ||
+            op > 255 || value < lo || value > hi) {
             if (!PyErr_Occurred()) {
-                PyErr_SetString(PyExc_ValueError, "jumps must be (opcode, caches) pairs");
+                PyErr_Format(PyExc_ValueError, "%s must be (opcode, %d to %d) pairs", what, lo,
+                             hi);
             }
             return -1;
         }
-        jump_back[op] = (unsigned char)(caches + 1);
+        table[op] = (unsigned char)(value + add);
+    }
+    return 0;
+}
+
+int
+frames_set_opcodes(int resume, int extended_arg, PyObject *jumps, PyObject *awaiting)
+{
+    if (read_pairs(awaiting, awaiting_op, 1, 2, 0, "awaiting") < 0 ||
+        read_pairs(jumps, jump_back, 0, 100, 1, "jumps") < 0) {
+        return -1;
     }
     op_resume = resume;
     op_extended_arg = extended_arg;

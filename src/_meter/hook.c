@@ -214,8 +214,8 @@ static Py_NO_INLINE void *
 metered_alloc(Domain *d, Meter *n, size_t nelem, size_t elsize, int zeroed)
 {
     size_t size = nelem * elsize;   /* on overflow the allocator refuses anyway */
-    if (n->quiet_machinery && !frame_runs_user_code(tstate_unchecked())) {
-        n = NULL;   /* the loop's debug bookkeeping is not the task's work */
+    if (UNLIKELY(meter_quiet(n)) && machinery_now(tstate_unchecked())) {
+        n = NULL;   /* the machinery's work, not the task's: meter_quiet() */
     }
     if (n != NULL && size >= REFUSE_MIN && n->hard_chain &&
         refuse(n, size, (uint64_t)d->is_obj, NULL, 0, 0)) {
@@ -440,7 +440,7 @@ forget_block(void *ptr)
 static Py_NO_INLINE void *
 metered_realloc(Domain *d, Meter *n, void *ptr, size_t size)
 {
-    if (n != NULL && n->quiet_machinery && !frame_runs_user_code(tstate_unchecked())) {
+    if (n != NULL && UNLIKELY(meter_quiet(n)) && machinery_now(tstate_unchecked())) {
         n = NULL;
     }
     if (n != NULL && size >= REFUSE_MIN && n->hard_chain) {

@@ -494,6 +494,8 @@ Meter_reset(Meter *m, PyObject *unused)
     }
     m->tripped = 0;
     m->stops = 0;
+    m->landed = 0;
+    meter_path(m);
     m->rearm = 0;
     if (m->held != NULL) {
         m->held->peak = m->held->current;

@@ -49,7 +49,9 @@ mod_install(PyObject *mod, PyObject *args)
         return NULL;
     }
     caller_init();
-    deliver_setup(cb, itype, ident);
+    if (deliver_setup(cb, itype, ident) < 0) {
+        return NULL;
+    }
     if (start_delivery() < 0) {
         PyErr_SetString(PyExc_RuntimeError, "cannot make the delivery thread's lock");
         return NULL;
@@ -60,17 +62,19 @@ mod_install(PyObject *mod, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* set_opcodes(RESUME, EXTENDED_ARG, ((backward jump, its inline caches), ...)) */
+/* set_opcodes(RESUME, EXTENDED_ARG, ((backward jump, its inline caches), ...),
+ *             ((an await's opcode, 1 yield or 2 resume), ...)) */
 static PyObject *
 mod_set_opcodes(PyObject *mod, PyObject *args)
 {
     (void)mod;
     int resume, extended_arg;
-    PyObject *jumps;
-    if (!PyArg_ParseTuple(args, "iiO!", &resume, &extended_arg, &PyTuple_Type, &jumps)) {
+    PyObject *jumps, *awaiting;
+    if (!PyArg_ParseTuple(args, "iiO!O!", &resume, &extended_arg, &PyTuple_Type, &jumps,
+                          &PyTuple_Type, &awaiting)) {
         return NULL;
     }
-    if (frames_set_opcodes(resume, extended_arg, jumps) < 0) {
+    if (frames_set_opcodes(resume, extended_arg, jumps, awaiting) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;

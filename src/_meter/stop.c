@@ -6,6 +6,9 @@
 #include "hook.h"
 
 const uint64_t grace[NRES] = {64 * 1024, 1000, 1000, 64 * 1024};
+/* the least room a stopped scope's cleanup gets past its first stop: three
+ * SQLAlchemy sessions closing in a TaskGroup take about a megabyte */
+static const uint64_t cleanup_floor[NRES] = {4 * 1024 * 1024, 50000, 50000, 4 * 1024 * 1024};
 
 /* ------------------------------------------------------------------------ */
 /* Stopping                                                                 */
@@ -28,6 +31,28 @@ raise_fences(Meter *m)
     }
 }
 
+static uint64_t
+now_of(Meter *m, int r)
+{
+    return r == R_MEMORY ? (m->held ? m->held->current : 0) : m->used[r];
+}
+
+/* A stop reached m's code (an interrupt raised, a refusal made): from here on
+ * its cleanup may take a ceiling's worth more (unwinding()), and its batch ends
+ * (the general path leaves the machinery out: meter_quiet()). */
+void
+stop_landed(Meter *m)
+{
+    settle();
+    if (!m->landed) {
+        for (int r = 0; r < NRES; r++) {
+            m->landed_at[r] = now_of(m, r);
+        }
+    }
+    m->landed = 1;
+    meter_path(m);
+}
+
 /* Is the calling thread handling an exception: in an except or finally block,
  * or an __exit__ called for one, here or in a coroutine that awaits this one? */
 static int
@@ -45,21 +70,36 @@ handling_exception(void)
 
 /* Once stopped, the scope's code unwinds: its except and finally blocks and
  * the __exit__s on the way (a session's rollback and close) must run to their
- * end, or what they hand back (a pooled connection) is lost. While the thread
- * handles an exception, a stopped scope is not stopped again until it reaches
- * twice its ceiling: code that swallows its stop and goes on is stopped as
- * soon as it leaves the handler. 1 if the stop is put off (the fences moved). */
+ * end, or what they hand back (a pooled connection) is lost. Cleanup is not
+ * always code handling an exception of the thread's: a library may run it in
+ * another greenlet (each keeps exception state of its own) or in a task of its
+ * own (a close behind asyncio.shield). So until a stopped scope is a ceiling's
+ * worth (at least cleanup_floor) past where its first stop landed, it is not
+ * stopped again in code that handles an exception or
+ * that the stopped code started since (started_by_stopped()); code that
+ * swallows its stop and goes on, and a sibling task the stop has not reached
+ * yet, are stopped as the first was. 1 if the stop is put off (the fences
+ * moved). */
 static int
 unwinding(Meter *m)
 {
-    if (m->stops == 0 || !handling_exception()) {
-        return 0;
+    if (!m->landed) {
+        return 0;   /* the first stop is still on its way: asked for again */
+    }
+    if (!handling_exception() && !started_by_stopped(m)) {
+        return 0;   /* code the stop has not reached yet (a sibling task) */
     }
     settle();
     uint64_t now[NRES];
     for (int r = 0; r < NRES; r++) {
-        now[r] = r == R_MEMORY ? (m->held ? m->held->current : 0) : m->used[r];
-        if (m->ceiling[r] != NONE && now[r] > sat_add(m->ceiling[r], m->ceiling[r])) {
+        now[r] = now_of(m, r);
+        /* a ceiling's worth (at least cleanup_floor) past where the first stop
+         * landed: from the ceiling, or from further when it landed late (the
+         * frame it was aimed at had returned before the interpreter's next
+         * check) */
+        uint64_t from = m->landed_at[r] > m->ceiling[r] ? m->landed_at[r] : m->ceiling[r];
+        uint64_t room = m->ceiling[r] > cleanup_floor[r] ? m->ceiling[r] : cleanup_floor[r];
+        if (m->ceiling[r] != NONE && now[r] > sat_add(from, room)) {
             return 0;
         }
     }
@@ -163,6 +203,7 @@ refuse(Meter *n, uint64_t bytes, uint64_t objects, Held *old_h, size_t old_size,
         if (!m->tripped) {
             trip(m, r);
         }
+        stop_landed(m);
         raise_fences(m);   /* the refusal is the stop: no interrupt as well */
         return 1;
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import contextvars
+import dis
 import functools
 import opcode  # with the package: installing at shutdown can import nothing
 import os
@@ -89,10 +90,15 @@ UNCHECKED = (
 )
 
 
-def _interrupt_opcodes() -> tuple[int, int, tuple[tuple[int, int], ...]]:
+def _interrupt_opcodes() -> tuple[
+    int, int, tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]
+]:
     """RESUME, EXTENDED_ARG and the backward jumps with their inline caches, as numbered
     by the running interpreter: the core reads a frame's bytecode to tell whether an
-    interrupt raised there would be caught by the handler around it."""
+    interrupt raised there would be caught by the handler around it. Then the
+    instructions a coroutine suspended in an await is at (1: a yield, 2: a resume,
+    with their specialized and instrumented forms), to tell a throw passing through
+    it from its own code."""
     # a list up to 3.12, a mapping after
     entries: Any = opcode._inline_cache_entries  # type: ignore[attr-defined]
     jumps = []
@@ -100,7 +106,17 @@ def _interrupt_opcodes() -> tuple[int, int, tuple[tuple[int, int], ...]]:
         if "JUMP_BACKWARD" in name and not name.startswith("INSTRUMENTED"):
             caches = entries[op] if isinstance(entries, list) else entries.get(name, 0)
             jumps.append((op, caches))
-    return opcode.opmap["RESUME"], opcode.opmap["EXTENDED_ARG"], tuple(jumps)
+    every: dict[str, int] = {}
+    every.update(getattr(opcode, "_specialized_opmap", None) or {})  # 3.13 on
+    every.update(getattr(dis, "_all_opmap", None) or {})  # 3.11, 3.12
+    every.update(opcode.opmap)
+    awaiting = tuple(
+        (op, 1 if "YIELD_VALUE" in name else 2)
+        for name, op in sorted(every.items())
+        if name in ("YIELD_VALUE", "INSTRUMENTED_YIELD_VALUE")
+        or (name.startswith(("RESUME", "INSTRUMENTED_RESUME")) and op < 256)
+    )
+    return opcode.opmap["RESUME"], opcode.opmap["EXTENDED_ARG"], tuple(jumps), awaiting
 
 
 def _deliver(ctx: Context) -> None:
