@@ -742,11 +742,12 @@ def test_top_n_biggest_with_their_lines(pytester: pytest.Pytester) -> None:
     assert 970 <= big[1][2] <= 993 + 64
     mid = sites_after(lines, "test_inner.py::test_failing_mid")
     assert mid[0][:2] == ("test_inner.py", 12)
-    # the budget failure says where, too
-    result.stdout.fnmatch_lines([
-        "Test was limited to 1,000,000 bytes but allocated 2,0*,* bytes",
-        "*- gotcha: where the memory held as the body returned was allocated -*",
-        "*1.9 MiB in 1 block at test_inner.py:12",
+    # the budget failure says where, too: the buffer, and now and then its small object
+    # as well, sampled (as above)
+    result.stdout.re_match_lines([
+        r"Test was limited to 1,000,000 bytes but allocated 2,0\d\d,\d\d\d bytes",
+        r".*- gotcha: where the memory held as the body returned was allocated -",
+        r".*1\.9 MiB in (1 block|2 blocks) at test_inner\.py:12$",
     ])
     # the others are measured, not listed, nor their lines
     assert "test_inner.py::test_small" not in lines
@@ -924,9 +925,12 @@ def test_xdist_every_option_rows_merged_on_the_controller(pytester: pytest.Pytes
     assert 50_000 <= tests["test_leaky"]["leaked"] < 51_000
     # the top 2 with their lines, printed by the controller
     assert [name for name, *_ in report_rows(result)] == ["test_big", "test_failing_mid"]
-    result.stdout.fnmatch_lines(
-        ["test_inner.py::test_big", "*2.9 MiB in 1 block at test_inner.py:9"]
-    )
+    # the buffer, and now and then its small object too: sampled, it makes a second
+    # block (CI saw "2 blocks" once)
+    result.stdout.re_match_lines([
+        r"test_inner\.py::test_big$",
+        r".*2\.9 MiB in (1 block|2 blocks) at test_inner\.py:9$",
+    ])
     # the budget failure and the leak, made on the workers, reported by the controller
     result.stdout.fnmatch_lines(["FAILED test_inner.py::test_failing_mid - Failed: Test was *"])
     result.stdout.fnmatch_lines([
