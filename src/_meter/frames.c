@@ -566,23 +566,46 @@ is_finalizer_call(void *frame, PyCodeObject *code)
            is_gc_phase(a1, frame_arg(frame, code, 2));
 }
 
-/* Does the thread run a finalizer, anywhere below its innermost frame (a
- * __del__ that calls a helper)? The walk stops at the loop's dispatch of the
- * task: a finalizer is never older than that. */
+/* Code that runs as a task: a coroutine's, a generator's (a generator-based
+ * coroutine, what a loop drives through one) or an async generator's frame. */
 static int
-in_finalizer(PyThreadState *ts)
+runs_as_task(PyCodeObject *code)
+{
+    return (code->co_flags & (CO_COROUTINE | CO_ITERABLE_COROUTINE | CO_GENERATOR |
+                              CO_ASYNC_GENERATOR)) != 0;
+}
+
+/* Does the thread run a finalizer, anywhere below its innermost frame (a
+ * __del__ that calls a helper), or a loop's callout: user code that the loop
+ * called outside any task's coroutine, whose exception goes back to the loop?
+ * The oldest user frame above the loop's dispatch tells: a task's coroutine, or
+ * a function. A function there is a call_soon callback, a protocol's
+ * data_received, or a Future subclass's add_done_callback or cancel called by a
+ * task's step after its coroutine yielded: asyncio hands what they raise to its
+ * exception handler, and a task whose add_done_callback failed is never woken
+ * (a hang); trio crashes on a run_sync_soon callback's exception. The walk stops
+ * at the dispatch: a finalizer is never older than that, and older frames are
+ * whoever started the loop. Without a dispatch (a thread's target, code that
+ * runs no loop) the exception goes back up to the code that called it. */
+static int
+in_finalizer_or_callout(PyThreadState *ts)
 {
     int depth = 0;
+    PyCodeObject *oldest_user = NULL;
     for (void *f = top_frame(ts); f != NULL && depth < 4096; f = older_frame(f), depth++) {
         PyCodeObject *code = frame_code(f);
         if (code == NULL) {
             continue;
         }
-        if (verdict(code) == DISPATCH) {
-            return 0;
+        int v = verdict(code);
+        if (v == DISPATCH) {
+            return oldest_user != NULL && !runs_as_task(oldest_user);
         }
         if (is_finalizer_call(f, code)) {
             return 1;
+        }
+        if (v == USER) {
+            oldest_user = code;
         }
     }
     return 0;
@@ -592,11 +615,12 @@ in_finalizer(PyThreadState *ts)
  * tracer, profiler or sys.monitoring callback runs (CPython unsets a tracer
  * that raises, and passes a callback's exception to the instruction that
  * fired it: both are the tool's machinery, whoever called it), nor in a
- * finalizer (see is_finalizer_call). */
+ * finalizer (see is_finalizer_call) or a loop's callout (see
+ * in_finalizer_or_callout). */
 int
 frames_stoppable(PyThreadState *ts)
 {
-    return ts != NULL && ts->tracing == 0 && !in_finalizer(ts);
+    return ts != NULL && ts->tracing == 0 && !in_finalizer_or_callout(ts);
 }
 
 /* May the thread's code be stopped here, by an interrupt or a refusal? Only
