@@ -1,14 +1,15 @@
 """Item 31/11: user code that a loop calls outside any task's coroutine, past a hard
 scope's ceiling.
 
-    loop_callouts.py future|pytask|callback|trio_token [SCOPES]
+    loop_callouts.py future|pytask|uvloop|callback|trio_token [SCOPES]
 
 An exception raised in such code does not go to the scope's code but to the loop:
 ``future``: a task awaits a Future subclass whose Python ``add_done_callback``
 allocates; the task's step calls it after the coroutine yielded, and an exception there
 is handed to the loop's exception handler while the task is left waiting forever
 (found by scripts/fault_inject.py, test_asyncio.test_tasks seed 3 on 3.14 and 3.15: a
-hang); ``pytask``: the same with asyncio's pure-Python Task; ``callback``: a
+hang); ``pytask``: the same with asyncio's pure-Python Task; ``uvloop``: the same on
+uvloop, whose loop runs callbacks from C (asyncio's runner is the dispatch); ``callback``: a
 ``call_soon`` callback (its exception is only logged); ``trio_token``: a callback of
 trio's ``run_sync_soon`` (its exception crashes trio's run). None of them may get the
 stop: the scope's own code, which allocates as much, is stopped instead. A round whose
@@ -96,6 +97,10 @@ def run_asyncio() -> tuple[int, int]:
             stopped += task.result()
         return stopped, hung
 
+    if mode == "uvloop":
+        import uvloop
+
+        return uvloop.run(main())  # type: ignore[no-any-return]
     return asyncio.run(main())
 
 
