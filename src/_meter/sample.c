@@ -267,6 +267,18 @@ hold_sampled(Meter *n, void *p, size_t size)
 void
 hold(Meter *n, void *p, size_t size)
 {
+    /* A hard scope's stop put back (rearm: the thread that ran its queued call was
+     * another, or it was not where it asked) asks again at the next block of any
+     * size, as one past a bytes fence does, not at the next sampled one: from 3.13
+     * the call is queued from the block that asks, and a native step (Pillow) that
+     * asked just before it released the GIL lost its call to the thread taking the
+     * GIL, step after step. A small block made from bytecode asks where the thread's
+     * next check comes before any release. */
+    for (Meter *m = n; m != NULL; m = m->parent) {
+        if (UNLIKELY(m->rearm) && m->hard) {
+            stop(m);
+        }
+    }
     const Held *inner = n->held;
     if (inner->rate == 0 || size >= inner->rate) {
         hold_block(n, p, size);

@@ -100,7 +100,7 @@ def run_asyncio() -> tuple[int, int]:
     if mode == "uvloop":
         import uvloop
 
-        return uvloop.run(main())  # type: ignore[no-any-return]
+        return uvloop.run(main())
     return asyncio.run(main())
 
 
