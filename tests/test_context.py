@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import gotcha_async as gotcha
@@ -142,6 +142,49 @@ def test_bad_parent_and_flags() -> None:
     with pytest.raises(TypeError, match="shield must be True or False, not 'yes'"):
         ctx.shield = "yes"  # type: ignore[assignment]
     assert ctx.shield is False  # nothing changed
+
+
+def _made(factory: Any, **kwargs: Any) -> tuple[Any, ...]:
+    """What a scope made with kwargs is, or the error its making raised."""
+    try:
+        ctx = factory(**kwargs)
+    except Exception as exc:
+        return (type(exc), str(exc))
+    return (ctx.limits(), ctx._limits, ctx._hard, ctx.memory())
+
+
+LIMIT_VALUES = st.one_of(
+    st.none(), st.integers(min_value=-3, max_value=2**64), st.booleans(),
+    st.floats(allow_nan=False), st.sampled_from(["64 MiB", "1k", "x", ""]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bytes=LIMIT_VALUES, memory=LIMIT_VALUES)
+@example(bytes=True, memory=None)
+@example(bytes=None, memory=1.0)
+@example(bytes=0.0, memory=1)
+def test_limit_and_move_on_limit_make_what_context_makes_every_time(
+    bytes: Any, memory: Any
+) -> None:
+    # limit() keeps the recipes of the scopes made most often: a kept one must be
+    # what a fresh check makes, and a bad value must be refused every time (also one
+    # equal to a kept int: True, 1.0)
+    for b, m in ((0, None), (1, None), (None, 0), (None, 1), (0, 1), (1, 1)):
+        gotcha.limit(bytes=b, memory=m)
+    fresh = _made(gotcha.Context, bytes=bytes, memory=memory)
+    for factory in (gotcha.limit, gotcha.move_on_limit, gotcha.limit):
+        assert _made(factory, bytes=bytes, memory=memory) == fresh
+
+
+def test_the_kept_recipes_are_bounded() -> None:
+    from gotcha_async import _context
+
+    for n in range(3 * _context._SIMPLE_MAX):
+        assert gotcha.limit(bytes=n).limits().bytes == n
+        assert gotcha.limit(bytes=n, memory=n + 1)._limits == (n, None, None, n + 1)
+    assert len(_context._SIMPLE) <= _context._SIMPLE_MAX
+    assert gotcha.limit().limits() == (None, None, None)
 
 
 def test_str_and_repr() -> None:

@@ -139,6 +139,61 @@ async def test_without_anyios_internals_every_scope_is_made_at_entry(force: Forc
         tg.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_a_lazy_scope_reads_its_host_where_asyncios_current_task_does() -> None:
+    # where current_task is 3.11's Python function, its dict is read instead
+    source = _foreign.current_task_source()
+    fn = asyncio.current_task
+    if getattr(fn, "__code__", None) is not None:
+        assert source is asyncio.tasks._current_tasks  # type: ignore[attr-defined]
+    else:
+        assert source is fn
+    await scopes_work()
+    hosts: list[tuple[Any, Any]] = []
+
+    async def in_a_task() -> None:
+        async with gotcha.limit() as ctx:
+            hosts.append((ctx._host, asyncio.current_task()))
+
+    async with gotcha.limit() as outer:
+        hosts.append((outer._host, asyncio.current_task()))
+        await asyncio.gather(in_a_task(), in_a_task())
+        await asyncio.create_task(in_a_task())
+    assert len(hosts) == 4
+    for host, task in hosts:
+        assert host is task and task is not None
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_a_replaced_current_task_is_called_as_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[Any] = []
+    real = asyncio.current_task
+
+    def current_task(loop: Any = None) -> Any:
+        asked.append(loop)
+        return real(loop)
+
+    monkeypatch.setattr(asyncio, "current_task", current_task)
+    _foreign.reset()
+    _context._forget_fast_paths()
+    try:
+        assert _foreign.current_task_source() is current_task
+        await scopes_work()
+        assert asked  # the fast path asks it
+        asked.clear()
+        async with gotcha.limit() as ctx:
+            assert ctx._host is real()
+        assert asked == [asyncio.get_running_loop()]
+    finally:
+        monkeypatch.undo()
+        _foreign.reset()
+        _context._forget_fast_paths()
+
+
 @pytest.mark.parametrize("missing", ["_task_states", "TaskState"])
 def test_lazy_scopes_need_the_backends_task_states(
     force: Force, missing: str

@@ -17,7 +17,9 @@ static PyObject *str_before_enter, *str_after_exit, *str_enter, *str_exit;
 static PyObject *fast_running_loop, *fast_scope_class;
 /* For lazy scopes: asyncio's current_task, and the dict under anyio's
  * _task_states (a WeakKeyDictionary: weak references to tasks -> TaskState).
- * NULL: every fast scope makes its cancel scope at entry. */
+ * NULL: every fast scope makes its cancel scope at entry. On 3.11, where
+ * current_task is Python's `_current_tasks.get(loop)`, the dict itself: a
+ * lookup instead of a frame at every entry. */
 static PyObject *fast_current_task, *fast_task_states;
 static PyObject *str_cancelling, *str_cancel_scope;
 
@@ -81,9 +83,19 @@ trio_waker(void)
 static int
 lazy_enter(Meter *m, PyObject *loop)
 {
-    PyObject *task = PyObject_CallOneArg(fast_current_task, loop);
-    if (task == NULL) {
-        return -1;
+    PyObject *task;
+    if (PyDict_CheckExact(fast_current_task)) {
+        task = PyDict_GetItemWithError(fast_current_task, loop);   /* borrowed */
+        if (task == NULL && PyErr_Occurred()) {
+            return -1;
+        }
+        task = Py_NewRef(task != NULL ? task : Py_None);
+    }
+    else {
+        task = PyObject_CallOneArg(fast_current_task, loop);
+        if (task == NULL) {
+            return -1;
+        }
     }
     if (task == Py_None) {
         Py_DECREF(task);

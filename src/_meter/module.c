@@ -142,10 +142,11 @@ mod_set_fast(PyObject *mod, PyObject *args)
         meter_set_fast(NULL, NULL, NULL, NULL);
     }
     else if (!PyCallable_Check(loop_fn) || !PyType_Check(cls) ||
-             (task_fn != Py_None && !PyCallable_Check(task_fn)) ||
+             (task_fn != Py_None && !PyCallable_Check(task_fn) && !PyDict_CheckExact(task_fn)) ||
              (states != Py_None && !PyDict_Check(states))) {
         PyErr_SetString(PyExc_TypeError,
-                        "set_fast(callable, type[, current_task, dict]) or set_fast(None, None)");
+                        "set_fast(callable, type[, current_task or its dict, dict]) or "
+                        "set_fast(None, None)");
         return NULL;
     }
     else {
@@ -342,7 +343,7 @@ static PyMethodDef mod_methods[] = {
     {"set_fast", mod_set_fast, METH_VARARGS,
      "set_fast(get_running_loop, scope_class[, current_task, task_states]): enter and "
      "leave without Python in the common case (None, None: never). With current_task "
-     "and anyio's task-state dict (the WeakKeyDictionary's data), a plain scope makes "
+     "(or the dict it reads: d.get(loop)) and anyio's task-state dict (the WeakKeyDictionary's data), a plain scope makes "
      "no cancel scope until something asks for a cancellation (a lazy scope)."},
     {"set_fast_trio", mod_set_fast_trio, METH_VARARGS,
      "set_fast_trio(run_context, CancelScope): on trio, enter and leave plain scopes "

@@ -195,7 +195,7 @@ def _enable_fast_path(cls: type) -> None:
         _meter.set_fast(_get_running_loop, cls)
     else:
         _lazy_class = cls
-        _meter.set_fast(_get_running_loop, cls, asyncio.current_task,
+        _meter.set_fast(_get_running_loop, cls, _foreign.current_task_source(),
                         _foreign.task_states(cls))
     _fast_path = True
 
@@ -322,6 +322,24 @@ def _recipe(
     rate = sampling_rate(limits[3], exact_memory) if track else 0
     setup = has_ceiling or track_memory or limits != _NO_LIMITS
     return (limits, has_ceiling, ceilings, track_memory, rate, setup)
+
+
+# limit(), limit(bytes=n), limit(memory=m) and both, the scopes made most often,
+# checked once: the recipe of each (bytes, memory) asked for (n alone for a scope without
+# memory=), up to _SIMPLE_MAX of them
+_SIMPLE: dict[Any, _Recipe] = {None: _PLAIN}
+_SIMPLE_MAX = 1024
+
+
+def _simple(key: Any, bytes: int | None, memory: int | None) -> _Recipe:
+    """The recipe of ``limit(bytes=bytes, memory=memory)`` for plain ints, kept for
+    the next time under ``key``."""
+    recipe = _recipe(bytes, None, None, memory, False, None, False, False)
+    if len(_SIMPLE) >= _SIMPLE_MAX:
+        _SIMPLE.clear()
+        _SIMPLE[None] = _PLAIN
+    _SIMPLE[key] = recipe
+    return recipe
 
 
 class Context(_meter.Meter, anyio.CancelScope):
@@ -844,8 +862,19 @@ def limit(
     ctx: Context = _new_meter(Context)
     if shield is not False and type(shield) is not bool:
         check_bool("shield", shield)
-    ctx._apply(_recipe(bytes, objects, calls, memory, hard, ceiling, track_memory, exact_memory),
-               None, shield, True)
+    if (
+        (bytes is None or type(bytes) is int) and (memory is None or type(memory) is int)
+        and objects is None and calls is None and hard is False and ceiling is None
+        and track_memory is False and exact_memory is False
+    ):
+        key = bytes if memory is None else (bytes, memory)
+        recipe = _SIMPLE.get(key)
+        if recipe is None:
+            recipe = _simple(key, bytes, memory)
+    else:
+        recipe = _recipe(bytes, objects, calls, memory, hard, ceiling, track_memory,
+                         exact_memory)
+    ctx._apply(recipe, None, shield, True)
     return ctx
 
 
@@ -869,8 +898,19 @@ def move_on_limit(
     ctx: Context = _new_meter(Context)
     if shield is not False and type(shield) is not bool:
         check_bool("shield", shield)
-    ctx._apply(_recipe(bytes, objects, calls, memory, hard, ceiling, track_memory, exact_memory),
-               None, shield, False)
+    if (
+        (bytes is None or type(bytes) is int) and (memory is None or type(memory) is int)
+        and objects is None and calls is None and hard is False and ceiling is None
+        and track_memory is False and exact_memory is False
+    ):
+        key = bytes if memory is None else (bytes, memory)
+        recipe = _SIMPLE.get(key)
+        if recipe is None:
+            recipe = _simple(key, bytes, memory)
+    else:
+        recipe = _recipe(bytes, objects, calls, memory, hard, ceiling, track_memory,
+                         exact_memory)
+    ctx._apply(recipe, None, shield, False)
     return ctx
 
 

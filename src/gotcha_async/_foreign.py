@@ -203,6 +203,28 @@ def lazy_possible(cls: type) -> bool:
     return found
 
 
+def current_task_source() -> Any:
+    """What the C half asks for a loop's current task on a lazy scope's entry.
+
+    ``asyncio.current_task`` itself, except where it is the pure-Python function of
+    3.11, ``_current_tasks.get(loop)``: then that dict (the C tasks' own, which
+    ``_asyncio`` keeps current), read without a frame at every entry.
+    """
+    fn = asyncio.current_task
+    tasks: Any = asyncio.tasks
+    current = getattr(tasks, "_current_tasks", None)
+    code = getattr(fn, "__code__", None)
+    if (
+        type(current) is dict
+        and code is not None
+        and getattr(fn, "__globals__", None) is vars(tasks)
+        and code.co_name == "current_task"
+        and "_current_tasks" in code.co_names
+    ):
+        return current
+    return fn
+
+
 def task_states(cls: type) -> dict[Any, Any]:
     """The dict under anyio's task states (weak references to tasks -> TaskState),
     which the C half reads on entry; only once :func:`lazy_possible` said yes."""
