@@ -2,6 +2,7 @@
 
     python bench/bench_asgi_instructions.py              # about five minutes on two cores
     python bench/bench_asgi_instructions.py --requests 1000
+    python bench/bench_asgi_instructions.py --loop asyncio --http h11   # pure Python
 
 bench_asgi.py's sides (the same Starlette app bare, in a bare anyio cancel scope, in a
 plain limit(), behind LimitMiddleware, and behind it with memory=), each served by
@@ -50,13 +51,14 @@ TARGETS = {
     "with memory=": ["--app-dir", str(HERE), "--factory", "bench_asgi:memory_app"],
 }
 
-# (side, baseline, goal as a minimum of baseline/side, or None for a reference row)
+# (side, baseline, goal as a minimum of baseline/side, or None for a reference row);
+# "with" / "without" takes its goal from the server's set-up (bench_asgi.BARE_GOALS)
 ROWS = [
+    ("with", "without", None),
     ("with", "cancel scope", bench_asgi.GOAL),
     ("limit()", "cancel scope", None),
     ("with", "limit()", None),
     ("with memory=", "with", bench_asgi.MEMORY_GOAL),
-    ("with", "without", None),
 ]
 
 
@@ -108,7 +110,8 @@ def collector(text: str) -> tuple[int, int]:
     return calls, cost
 
 
-def count(side: str, warmup: int, n: int, keep: str | None) -> tuple[float, float, int]:
+def count(side: str, warmup: int, n: int, keep: str | None, setup: tuple[str, str]
+          ) -> tuple[float, float, int]:
     """Instructions per request of one side's server, the same without the cycle
     collector's, and the number of collections."""
     port = bench_asgi.free_port()
@@ -117,7 +120,8 @@ def count(side: str, warmup: int, n: int, keep: str | None) -> tuple[float, floa
         proc = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
              sys.executable, "-m", "uvicorn", *TARGETS[side], "--host", bench_asgi.HOST,
-             "--port", str(port), "--log-level", "warning", "--no-access-log"],
+             "--port", str(port), "--log-level", "warning", "--no-access-log",
+             "--loop", setup[0], "--http", setup[1]],
             stdout=subprocess.DEVNULL, stderr=log,
             env={**os.environ, "PYTHONHASHSEED": "0"},
         )
@@ -162,7 +166,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--keep", metavar="DIR", help="keep each side's dump in DIR")
+    parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                        help="uvicorn's event loop (auto: uvloop if installed)")
+    parser.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
+                        help="uvicorn's HTTP parser (auto: httptools if installed)")
     args = parser.parse_args()
+    setup = bench_asgi.server_setup(args.loop, args.http)
     if not 100 <= args.requests <= 100_000 or not 0 <= args.warmup <= 100_000:
         parser.error("--requests: 100 to 100000; --warmup: 0 to 100000")
     for tool in ("valgrind", "callgrind_control"):
@@ -171,11 +180,13 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=max(1, min(3, os.cpu_count() or 1))) as pool:
         counted = dict(zip(TARGETS, pool.map(
-            lambda s: count(s, args.warmup, args.requests, args.keep), TARGETS), strict=True))
+            lambda s: count(s, args.warmup, args.requests, args.keep, setup), TARGETS),
+            strict=True))
     per = {side: c[0] for side, c in counted.items()}
     per_no_gc = {side: c[1] for side, c in counted.items()}
 
-    print(f"Instructions per request of the uvicorn server, examples/asgi_app.py `/`, "
+    print(f"Instructions per request of the uvicorn server ({setup[0]}, {setup[1]}), "
+          f"examples/asgi_app.py `/`, "
           f"{CONNECTIONS} keep-alive connections (callgrind: {args.requests} requests after "
           f"{args.warmup} of warm-up, CPython {sys.version.split()[0]})\n")
     print("| side | instructions per request | without the cycle collector | collections |")
@@ -190,6 +201,8 @@ def main() -> None:
     print(f"| {'ratio':<{width}} | value | without the collector | goal |")
     print(f"|{'-' * (width + 2)}|-------|-----------------------|------|")
     for side, base, goal in ROWS:
+        if (side, base) == ("with", "without"):
+            goal = bench_asgi.BARE_GOALS.get(setup)
         ratio = per[base] / per[side]
         ratio_no_gc = per_no_gc[base] / per_no_gc[side]
         mark = "(reference)" if goal is None else \

@@ -40,6 +40,22 @@ async def handler(body: str) -> str:
     return json.dumps({"total": total, "names": names})
 
 
+async def governed_handler(body: str) -> str:
+    """The same handler governing itself, as the examples write one: its own
+    ``limit(bytes=1 MiB)`` around its work, and no coroutine more than the bare one."""
+    async with gotcha.limit(bytes=gotcha.MiB):
+        items = json.loads(body)
+        total = sum(item["price"] for item in items)
+        names = [item["name"].upper() for item in items]
+        await asyncio.sleep(0)
+        answer = json.dumps({"total": total, "names": names})
+    return answer
+
+
+# serve()'s wrap for the handler that enters its scope itself
+SELF_GOVERNED = "self-governed"
+
+
 class NoScope:
     """An ``async with`` that does nothing: the coroutine every wrapped row adds, alone."""
 
@@ -131,16 +147,19 @@ async def handler_in(scope_factory: ScopeFactory, body: str) -> str:
         return await handler(body)
 
 
-async def serve(rounds: int, concurrency: int, wrap: ScopeFactory | None) -> None:
+async def serve(rounds: int, concurrency: int, wrap: ScopeFactory | str | None) -> None:
     for _ in range(rounds):
         if wrap is None:
             await asyncio.gather(*(handler(BODY) for _ in range(concurrency)))
+        elif wrap == SELF_GOVERNED:
+            await asyncio.gather(*(governed_handler(BODY) for _ in range(concurrency)))
         else:
+            assert not isinstance(wrap, str)
             await asyncio.gather(*(handler_in(wrap, BODY) for _ in range(concurrency)))
 
 
 def time_workload(
-    wrap: ScopeFactory | None,
+    wrap: ScopeFactory | str | None,
     rounds: int = 20,
     concurrency: int = 500,
     setup: Callable[[], object] | None = None,
@@ -289,7 +308,7 @@ def main() -> None:
 
     rows: list[tuple[str, float, str]] = []
     limited: dict[str, Any] = {"bytes": gotcha.MiB, "objects": 100_000, "calls": 100_000}
-    goals = ("bare", "wrapper", "CancelScope", "timeout", "limit", "bytes", "memory")
+    goals = ("bare", "wrapper", "CancelScope", "timeout", "limit", "bytes", "inside", "memory")
     variants: dict[str, Callable[[], float]] = {
         "bare": lambda: time_workload(None),
         "wrapper": lambda: time_workload(NoScope),
@@ -297,6 +316,7 @@ def main() -> None:
         "timeout": lambda: time_workload(TimeoutNoneOnly),
         "limit": lambda: time_workload(gotcha.limit),
         "bytes": lambda: time_workload(lambda: gotcha.limit(bytes=gotcha.MiB)),
+        "inside": lambda: time_workload(SELF_GOVERNED),
         "limited": lambda: time_workload(lambda: gotcha.limit(**limited)),
         "ceiling": lambda: time_workload(lambda: gotcha.limit(**limited, ceiling=2)),
         "hard": lambda: time_workload(lambda: gotcha.limit(**limited, hard=True)),
@@ -314,6 +334,8 @@ def main() -> None:
     rounds = side_by_side(variants, repeats)
     handler = "JSON handler, 500 in flight:"
     for variant, baseline, what, goal in (
+        ("inside", "bare", "limit(bytes=1 MiB) entered by the handler vs no scope",
+         "<= 1.05"),
         ("bytes", "bare", "limit(bytes=1 MiB) vs no scope", "<= 1.05"),
         ("limit", "bare", "limit() vs no scope", "<= 1.05"),
         ("limit", "CancelScope", "limit() vs a bare anyio.CancelScope()", "<= 1.00"),

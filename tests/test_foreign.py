@@ -150,6 +150,8 @@ async def test_a_lazy_scope_reads_its_host_where_asyncios_current_task_does() ->
     else:
         assert source is fn
     await scopes_work()
+    if _context._lazy_class is None:
+        pytest.skip("this anyio has no task states: no scope is lazy")
     hosts: list[tuple[Any, Any]] = []
 
     async def in_a_task() -> None:
@@ -183,6 +185,8 @@ async def test_a_replaced_current_task_is_called_as_it_is(
     try:
         assert _foreign.current_task_source() is current_task
         await scopes_work()
+        if _context._lazy_class is None:
+            pytest.skip("this anyio has no task states: no scope is lazy")
         assert asked  # the fast path asks it
         asked.clear()
         async with gotcha.limit() as ctx:
