@@ -260,6 +260,14 @@ _Recipe = tuple[tuple[Any, ...], bool, tuple[Any, ...], bool, int, bool]
 _PLAIN: _Recipe = (_NO_LIMITS, False, _NO_LIMITS, False, 0, False)
 
 
+# limit(), limit(bytes=n), limit(memory=m) and both, the scopes made most often: the
+# recipe of each (bytes, memory) of plain ints asked for (n alone without memory=), up
+# to _SIMPLE_MAX of them
+_SIMPLE: dict[Any, _Recipe] = {None: _PLAIN}
+_SIMPLE_MAX = 1024
+_NOT_SIMPLE = object()
+
+
 def _recipe(
     bytes: Limit,
     objects: Limit,
@@ -271,17 +279,22 @@ def _recipe(
     exact_memory: bool,
 ) -> _Recipe:
     """Check a scope's arguments once: the middlewares make every request's scope of a
-    route from one recipe.
+    route from one recipe, and limit(), limit(bytes=n) and limit(memory=m) with plain
+    ints are checked once each (_SIMPLE).
 
     :raises TypeError: for an argument of the wrong type
     :raises ValueError: for a bad limit or ceiling
     """
+    key: Any = _NOT_SIMPLE
     if (
-        bytes is None and objects is None and calls is None and memory is None
-        and hard is False and ceiling is None and track_memory is False
-        and exact_memory is False
+        (bytes is None or type(bytes) is int) and (memory is None or type(memory) is int)
+        and objects is None and calls is None and hard is False and ceiling is None
+        and track_memory is False and exact_memory is False
     ):
-        return _PLAIN  # limit(): a pure measurement
+        key = bytes if memory is None else (bytes, memory)
+        recipe = _SIMPLE.get(key)
+        if recipe is not None:
+            return recipe
     limits: tuple[int | None, ...] = (bytes, objects, calls, memory)  # type: ignore[assignment]
     # the common cases (None, a plain int in range) without a call each
     if not (
@@ -321,24 +334,12 @@ def _recipe(
     track = track_memory or limits[3] is not None
     rate = sampling_rate(limits[3], exact_memory) if track else 0
     setup = has_ceiling or track_memory or limits != _NO_LIMITS
-    return (limits, has_ceiling, ceilings, track_memory, rate, setup)
-
-
-# limit(), limit(bytes=n), limit(memory=m) and both, the scopes made most often,
-# checked once: the recipe of each (bytes, memory) asked for (n alone for a scope without
-# memory=), up to _SIMPLE_MAX of them
-_SIMPLE: dict[Any, _Recipe] = {None: _PLAIN}
-_SIMPLE_MAX = 1024
-
-
-def _simple(key: Any, bytes: int | None, memory: int | None) -> _Recipe:
-    """The recipe of ``limit(bytes=bytes, memory=memory)`` for plain ints, kept for
-    the next time under ``key``."""
-    recipe = _recipe(bytes, None, None, memory, False, None, False, False)
-    if len(_SIMPLE) >= _SIMPLE_MAX:
-        _SIMPLE.clear()
-        _SIMPLE[None] = _PLAIN
-    _SIMPLE[key] = recipe
+    recipe = (limits, has_ceiling, ceilings, track_memory, rate, setup)
+    if key is not _NOT_SIMPLE:
+        if len(_SIMPLE) >= _SIMPLE_MAX:
+            _SIMPLE.clear()
+            _SIMPLE[None] = _PLAIN
+        _SIMPLE[key] = recipe
     return recipe
 
 
@@ -862,19 +863,8 @@ def limit(
     ctx: Context = _new_meter(Context)
     if shield is not False and type(shield) is not bool:
         check_bool("shield", shield)
-    if (
-        (bytes is None or type(bytes) is int) and (memory is None or type(memory) is int)
-        and objects is None and calls is None and hard is False and ceiling is None
-        and track_memory is False and exact_memory is False
-    ):
-        key = bytes if memory is None else (bytes, memory)
-        recipe = _SIMPLE.get(key)
-        if recipe is None:
-            recipe = _simple(key, bytes, memory)
-    else:
-        recipe = _recipe(bytes, objects, calls, memory, hard, ceiling, track_memory,
-                         exact_memory)
-    ctx._apply(recipe, None, shield, True)
+    ctx._apply(_recipe(bytes, objects, calls, memory, hard, ceiling, track_memory, exact_memory),
+               None, shield, True)
     return ctx
 
 
@@ -898,19 +888,8 @@ def move_on_limit(
     ctx: Context = _new_meter(Context)
     if shield is not False and type(shield) is not bool:
         check_bool("shield", shield)
-    if (
-        (bytes is None or type(bytes) is int) and (memory is None or type(memory) is int)
-        and objects is None and calls is None and hard is False and ceiling is None
-        and track_memory is False and exact_memory is False
-    ):
-        key = bytes if memory is None else (bytes, memory)
-        recipe = _SIMPLE.get(key)
-        if recipe is None:
-            recipe = _simple(key, bytes, memory)
-    else:
-        recipe = _recipe(bytes, objects, calls, memory, hard, ceiling, track_memory,
-                         exact_memory)
-    ctx._apply(recipe, None, shield, False)
+    ctx._apply(_recipe(bytes, objects, calls, memory, hard, ceiling, track_memory, exact_memory),
+               None, shield, False)
     return ctx
 
 
