@@ -343,8 +343,9 @@ static PyMethodDef mod_methods[] = {
     {"set_fast", mod_set_fast, METH_VARARGS,
      "set_fast(get_running_loop, scope_class[, current_task, task_states]): enter and "
      "leave without Python in the common case (None, None: never). With current_task "
-     "(or the dict it reads: d.get(loop)) and anyio's task-state dict (the WeakKeyDictionary's data), a plain scope makes "
-     "no cancel scope until something asks for a cancellation (a lazy scope)."},
+     "(or the dict it reads: d.get(loop)) and anyio's task-state dict (the "
+     "WeakKeyDictionary's data), a plain scope makes no cancel scope until something "
+     "asks for a cancellation (a lazy scope)."},
     {"set_fast_trio", mod_set_fast_trio, METH_VARARGS,
      "set_fast_trio(run_context, CancelScope): on trio, enter and leave plain scopes "
      "without Python, around trio's own cancel scope (run_context: trio's thread-local "
